@@ -1,0 +1,18 @@
+"""Flax NNX decoder LM (Qwen3 / Qwen2 / Llama), sharding rules, HF and GGUF loaders, log-prob helpers.
+
+Contract used by the sampler and the trainer:
+
+    cfg = ModelConfig.tiny()
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    cache = init_cache(cfg, batch_size=N, max_len=S, dtype=jnp.float32)
+    logits_NxTxV, cache = model(tokens_NxT, positions_NxT, attn_mask_NxTxS, cache=cache, cache_index=i)
+"""
+from tsallis_jax.model.cache import KVCache, init_cache, make_attention_mask, make_positions
+from tsallis_jax.model.config import DEFAULT_SHARDING_RULES, ModelConfig
+from tsallis_jax.model.sharding import constrain, logical_to_spec, make_mesh, param_shardings
+from tsallis_jax.model.transformer import Transformer, abstract_model, create_model
+
+__all__ = [
+  "DEFAULT_SHARDING_RULES", "KVCache", "ModelConfig", "Transformer", "abstract_model", "constrain", "create_model",
+  "init_cache", "logical_to_spec", "make_attention_mask", "make_mesh", "make_positions", "param_shardings",
+]

@@ -1,0 +1,262 @@
+"""Decoder-only LM in Flax NNX covering Qwen3, Qwen2 and Llama (spec §1.7: the paper trains Qwen3-0.6B).
+
+Pre-RMSNorm blocks with grouped-query attention (optional per-head q/k RMSNorm, optional q/k/v biases), rotary
+embeddings in the split-halves (rotate-half) convention of Hugging Face, a SwiGLU MLP, and a tied or untied LM head.
+
+Weights are stored in einsum-friendly shapes, each with `logical_axes` metadata for sharding:
+
+| parameter | shape | logical axes |
+| --- | --- | --- |
+| `embed` | VxD | vocab, embed |
+| `q_proj` / `k_proj` / `v_proj` | DxHxE / DxKxE | embed, heads / kv_heads, head_dim |
+| `o_proj` | HxExD | heads, head_dim, embed |
+| `gate_proj`, `up_proj` / `down_proj` | DxF / FxD | embed, mlp / mlp, embed |
+| `lm_head` (untied only) | DxV | embed, vocab |
+
+Layers are a Python loop over an `nnx.List` (unrolled under jit). That keeps the parameter tree identical to the HF
+layout, one entry per layer; compile time grows with L, which is acceptable up to Qwen3-0.6B's 28 layers.
+With `cfg.remat` each block is rematerialised in the backward pass.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tsallis_jax.model.cache import KVCache
+from tsallis_jax.model.config import ModelConfig
+from tsallis_jax.model.sharding import constrain
+
+_INIT_STD = 0.02
+
+
+def _param(rngs: nnx.Rngs, shape: Sequence[int], axes: tuple[str, ...], dtype, init: str = "normal") -> nnx.Param:
+  if init == "normal":
+    value = _INIT_STD * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+  elif init == "ones":
+    value = jnp.ones(tuple(shape), jnp.float32)
+  else:
+    value = jnp.zeros(tuple(shape), jnp.float32)
+  return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """weight * x / rms(x) over the last axis, normalised in float32 and cast back to x's dtype (as HF does)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  weight = weight.astype(x.dtype).reshape((1,) * (x.ndim - 1) + weight.shape)
+  return weight * normed.astype(x.dtype)
+
+
+def rope(x_NxTxHxE: jax.Array, positions_NxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, split-halves convention: x * cos + rotate_half(x) * sin, angles in float32."""
+  e = x_NxTxHxE.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+  angle_NxTxE2 = positions_NxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+  cos_NxTx1xE = jnp.concatenate([jnp.cos(angle_NxTxE2)] * 2, axis=-1)[:, :, None, :]
+  sin_NxTx1xE = jnp.concatenate([jnp.sin(angle_NxTxE2)] * 2, axis=-1)[:, :, None, :]
+  x32 = x_NxTxHxE.astype(jnp.float32)
+  x1, x2 = x32[..., : e // 2], x32[..., e // 2:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos_NxTx1xE + rotated * sin_NxTx1xE).astype(x_NxTxHxE.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention; query head h reads kv head h // (H / K), without repeating k or v."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, k, e, pd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.weight_dtype
+    self.q_proj = _param(rngs, (d, h, e), ("embed", "heads", "head_dim"), pd)
+    self.k_proj = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), pd)
+    self.v_proj = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), pd)
+    self.o_proj = _param(rngs, (h, e, d), ("heads", "head_dim", "embed"), pd)
+    if cfg.qkv_bias:
+      self.q_bias = _param(rngs, (h, e), ("heads", "head_dim"), pd, "zeros")
+      self.k_bias = _param(rngs, (k, e), ("kv_heads", "head_dim"), pd, "zeros")
+      self.v_bias = _param(rngs, (k, e), ("kv_heads", "head_dim"), pd, "zeros")
+    if cfg.qk_norm:
+      self.q_norm = _param(rngs, (e,), ("norm",), pd, "ones")
+      self.k_norm = _param(rngs, (e,), ("norm",), pd, "ones")
+
+  def __call__(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    q_NxTxHxE = jnp.einsum("ntd,dhe->nthe", x_NxTxD, self.q_proj[...].astype(dt))
+    k_NxTxKxE = jnp.einsum("ntd,dke->ntke", x_NxTxD, self.k_proj[...].astype(dt))
+    v_NxTxKxE = jnp.einsum("ntd,dke->ntke", x_NxTxD, self.v_proj[...].astype(dt))
+    if cfg.qkv_bias:
+      q_NxTxHxE = q_NxTxHxE + self.q_bias[...].astype(dt)[None, None]
+      k_NxTxKxE = k_NxTxKxE + self.k_bias[...].astype(dt)[None, None]
+      v_NxTxKxE = v_NxTxKxE + self.v_bias[...].astype(dt)[None, None]
+    if cfg.qk_norm:
+      q_NxTxHxE = rms_norm(q_NxTxHxE, self.q_norm[...], cfg.norm_eps)
+      k_NxTxKxE = rms_norm(k_NxTxKxE, self.k_norm[...], cfg.norm_eps)
+    q_NxTxHxE = rope(q_NxTxHxE, positions_NxT, cfg.rope_theta)
+    k_NxTxKxE = rope(k_NxTxKxE, positions_NxT, cfg.rope_theta)
+    q_NxTxHxE = constrain(q_NxTxHxE, ("batch", "length", "heads", "head_dim"), cfg.sharding_rules)
+
+    if layer_cache is None:
+      k_NxSxKxE, v_NxSxKxE, new_layer_cache = k_NxTxKxE, v_NxTxKxE, None
+    else:
+      k_buf, v_buf, index = layer_cache
+      k_NxSxKxE = jax.lax.dynamic_update_slice(k_buf, k_NxTxKxE.astype(k_buf.dtype), (0, index, 0, 0))
+      v_NxSxKxE = jax.lax.dynamic_update_slice(v_buf, v_NxTxKxE.astype(v_buf.dtype), (0, index, 0, 0))
+      new_layer_cache = (k_NxSxKxE, v_NxSxKxE)
+      k_NxSxKxE, v_NxSxKxE = k_NxSxKxE.astype(dt), v_NxSxKxE.astype(dt)
+
+    n, t, h, e = q_NxTxHxE.shape
+    kv = cfg.num_kv_heads
+    # J = H / K query heads share one kv head (a local letter, not in the global legend).
+    q_NxTxKxJxE = q_NxTxHxE.reshape(n, t, kv, h // kv, e)
+    scores_NxKxJxTxS = jnp.einsum("ntkje,nske->nkjts", q_NxTxKxJxE, k_NxSxKxE,
+                                  preferred_element_type=jnp.float32) * (e ** -0.5)
+    mask_Nx1x1xTxS = attn_mask_NxTxS[:, None, None, :, :]
+    scores_NxKxJxTxS = jnp.where(mask_Nx1x1xTxS, scores_NxKxJxTxS, jnp.finfo(jnp.float32).min)
+    probs_NxKxJxTxS = jax.nn.softmax(scores_NxKxJxTxS, axis=-1).astype(dt)
+    out_NxTxKxJxE = jnp.einsum("nkjts,nske->ntkje", probs_NxKxJxTxS, v_NxSxKxE)
+    out_NxTxHxE = out_NxTxKxJxE.reshape(n, t, h, e)
+    out_NxTxD = jnp.einsum("nthe,hed->ntd", out_NxTxHxE, self.o_proj[...].astype(dt))
+    return out_NxTxD, new_layer_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, f, pd = cfg.embed_dim, cfg.mlp_dim, cfg.weight_dtype
+    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+
+  def __call__(self, x_NxTxD):
+    dt = self.cfg.compute_dtype
+    gate_NxTxF = jnp.einsum("ntd,df->ntf", x_NxTxD, self.gate_proj[...].astype(dt))
+    up_NxTxF = jnp.einsum("ntd,df->ntf", x_NxTxD, self.up_proj[...].astype(dt))
+    hidden_NxTxF = constrain(jax.nn.silu(gate_NxTxF) * up_NxTxF, ("batch", "length", "mlp"), self.cfg.sharding_rules)
+    return jnp.einsum("ntf,fd->ntd", hidden_NxTxF, self.down_proj[...].astype(dt))
+
+
+class Block(nnx.Module):
+  """x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.attn_norm = _param(rngs, (cfg.embed_dim,), ("norm",), cfg.weight_dtype, "ones")
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = _param(rngs, (cfg.embed_dim,), ("norm",), cfg.weight_dtype, "ones")
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache):
+    eps = self.cfg.norm_eps
+    attn_NxTxD, new_layer_cache = self.attn(rms_norm(x_NxTxD, self.attn_norm[...], eps), positions_NxT,
+                                            attn_mask_NxTxS, layer_cache)
+    x_NxTxD = x_NxTxD + attn_NxTxD
+    x_NxTxD = x_NxTxD + self.mlp(rms_norm(x_NxTxD, self.mlp_norm[...], eps))
+    x_NxTxD = constrain(x_NxTxD, ("batch", "length", "act_embed"), self.cfg.sharding_rules)
+    return x_NxTxD, new_layer_cache
+
+
+def _check_inputs(cfg: ModelConfig, tokens_NxT, positions_NxT, attn_mask_NxTxS, cache, cache_index):
+  if tokens_NxT.ndim != 2:
+    raise ValueError(f"tokens must be rank 2 (rows x tokens), got shape {tokens_NxT.shape}.")
+  n, t = tokens_NxT.shape
+  if positions_NxT.shape != (n, t):
+    raise ValueError(f"positions have shape {positions_NxT.shape}; expected {(n, t)} like the tokens.")
+  s = t if cache is None else cache.max_len
+  if attn_mask_NxTxS.shape != (n, t, s):
+    where = "T (no cache)" if cache is None else "the cache's max_len"
+    raise ValueError(f"attn_mask has shape {attn_mask_NxTxS.shape}; expected {(n, t, s)} with S = {where}.")
+  if cache is not None:
+    if cache_index is None:
+      raise ValueError("A cache was given without cache_index; pass the slot where the new tokens go (0 for prefill).")
+    if cache.batch_size != n:
+      raise ValueError(f"The cache holds {cache.batch_size} rows but the tokens have {n}.")
+    if len(cache.k) != cfg.num_layers:
+      raise ValueError(f"The cache has {len(cache.k)} layers, the model {cfg.num_layers}; build it with init_cache(cfg).")
+
+
+class Transformer(nnx.Module):
+  """The decoder LM: `model(tokens_NxT, positions_NxT, attn_mask_NxTxS, cache=None, cache_index=None)`.
+
+  Without a cache S == T and the call returns `(logits_NxTxV, None)`. With a cache the k/v of the T new tokens are
+  written at slots [cache_index, cache_index + T) of every row and the new tokens attend over all S cache slots
+  through `attn_mask_NxTxS`; the call returns `(logits_NxTxV, updated_cache)`. Logits are always float32.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.weight_dtype)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = _param(rngs, (cfg.embed_dim,), ("norm",), cfg.weight_dtype, "ones")
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
+
+  def hidden(self, tokens_NxT: jax.Array, positions_NxT: jax.Array, attn_mask_NxTxS: jax.Array, *,
+             cache: KVCache | None = None, cache_index: jax.Array | int | None = None
+             ) -> tuple[jax.Array, KVCache | None]:
+    """The final-normed hidden states (compute dtype) and the updated cache; `logits` maps them to the vocabulary."""
+    cfg = self.config
+    _check_inputs(cfg, tokens_NxT, positions_NxT, attn_mask_NxTxS, cache, cache_index)
+    x_NxTxD = jnp.take(self.embed[...], tokens_NxT, axis=0).astype(cfg.compute_dtype)
+    x_NxTxD = constrain(x_NxTxD, ("batch", "length", "act_embed"), cfg.sharding_rules)
+    attn_mask_NxTxS = attn_mask_NxTxS.astype(bool)
+    new_k, new_v = [], []
+    for i, block in enumerate(self.layers):
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i], jnp.asarray(cache_index, jnp.int32))
+      if cfg.remat:
+        x_NxTxD, new_layer_cache = nnx.remat(Block.__call__)(block, x_NxTxD, positions_NxT, attn_mask_NxTxS,
+                                                             layer_cache)
+      else:
+        x_NxTxD, new_layer_cache = block(x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache)
+      if new_layer_cache is not None:
+        new_k.append(new_layer_cache[0])
+        new_v.append(new_layer_cache[1])
+    hidden_NxTxD = rms_norm(x_NxTxD, self.final_norm[...], cfg.norm_eps)
+    new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+    return hidden_NxTxD, new_cache
+
+  def head_weight(self) -> jax.Array:
+    """The DxV output projection (the transposed embedding when tied)."""
+    return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+
+  def logits(self, hidden_NxTxD: jax.Array) -> jax.Array:
+    """float32 logits from hidden states (the matmul accumulates in float32 even with bfloat16 compute)."""
+    w_DxV = self.head_weight().astype(self.config.compute_dtype)
+    logits_NxTxV = jnp.einsum("ntd,dv->ntv", hidden_NxTxD, w_DxV, preferred_element_type=jnp.float32)
+    return constrain(logits_NxTxV, ("batch", "length", "act_vocab"), self.config.sharding_rules)
+
+  def __call__(self, tokens_NxT: jax.Array, positions_NxT: jax.Array, attn_mask_NxTxS: jax.Array, *,
+               cache: KVCache | None = None, cache_index: jax.Array | int | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+    hidden_NxTxD, new_cache = self.hidden(tokens_NxT, positions_NxT, attn_mask_NxTxS, cache=cache,
+                                          cache_index=cache_index)
+    return self.logits(hidden_NxTxD), new_cache
+
+
+def abstract_model(cfg: ModelConfig, *, seed: int = 0) -> Transformer:
+  """The model built by shape only (`nnx.eval_shape`): every parameter a ShapeDtypeStruct, nothing allocated."""
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+
+def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> Transformer:
+  """Random-initialised model; with a mesh each parameter is created directly on its sharding.
+
+  Builds by shape first, derives each parameter's NamedSharding from its logical axes and
+  `cfg.sharding_rules`, then runs the initialiser under jit with those `out_shardings`, so no parameter is ever
+  materialised whole on one device. Without a mesh this is `Transformer(cfg, rngs=nnx.Rngs(seed))`.
+  """
+  if mesh is None:
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+  from tsallis_jax.model.sharding import param_shardings
+  graphdef, abstract_state = nnx.split(abstract_model(cfg, seed=seed))
+  shardings = param_shardings(abstract_state, mesh, cfg.sharding_rules)
+
+  @jax.jit
+  def init():
+    return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+  state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
