@@ -1,0 +1,22 @@
+"""Gradient-flow theory of the J_Q family checked on toy models, built on `tsallis_jax.jq_loss` (spec 1.3, 1.5).
+
+Modules: `toys` (sigmoid model, softmax policy over K trajectories), `escape` (escape times: closed forms and ODE
+flow), `landscape` (escort minimiser, dispersion penalty), `noise` (label-noise toy), `bias` (estimator bias study),
+`sgd` (discrete-time, finite-sample escape with the estimators).
+"""
+from tsallis_jax.theory.escape import (
+  escape_integral,
+  escape_time,
+  escape_time_asymptotic,
+  log_log_slope,
+  sigmoid_escape_time,
+  simulate_escape_time,
+  simulate_sigmoid_escape_time,
+)
+from tsallis_jax.theory.toys import (
+  sigmoid_toy_init,
+  sigmoid_toy_log_success,
+  softmax_toy_init,
+  softmax_toy_log_success,
+  softmax_toy_score_scale,
+)
