@@ -1,0 +1,121 @@
+"""Spec section 3, facts 1-3: the q-logarithm, J_Q and the amplification P^-q."""
+import chex
+import hypothesis
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import _tabular
+from tsallis_jax import amplification, jq_loss, q_log, q_log_of_log, validate_q_schedule
+
+
+def _qlog_reference(u, q):
+  u = np.asarray(u, np.float64)
+  return np.log(u) if q == 1.0 else (u ** (1.0 - q) - 1.0) / (1.0 - q)
+
+
+class QLogTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_definition(self):
+    u = np.array([1e-6, 1e-3, 0.05, 0.3, 0.7, 0.99, 1.0], np.float32)
+    for q in (0.0, 0.25, 0.5, 0.75, 1.0):
+      got = self.variant(q_log)(u, q)
+      np.testing.assert_allclose(got, _qlog_reference(u, q), rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_traced_q(self):
+    u = np.array([0.01, 0.5], np.float32)
+    for q in (0.0, 0.3, 1.0):
+      got = self.variant(q_log)(u, jnp.float32(q))
+      np.testing.assert_allclose(got, _qlog_reference(u, q), rtol=1e-5)
+
+
+def test_fact1_limit_and_endpoints():
+  assert abs(float(q_log(0.3, 1.0 - 1e-6)) - np.log(0.3)) < 1e-5
+  for q in (1.0 - 1e-3, 1.0 - 1e-5, 1.0):
+    np.testing.assert_allclose(q_log(0.3, q), _qlog_reference(0.3, q), rtol=1e-6)
+  p = np.linspace(0.01, 1.0, 7, dtype=np.float32)
+  np.testing.assert_allclose(q_log(p, 0.0), p - 1.0, atol=1e-6)
+  for q in (0.0, 0.5, 1.0):
+    assert float(q_log(1.0, q)) == 0.0
+
+
+def test_fact1_neg_qlog_convex():
+  second = jax.vmap(jax.grad(jax.grad(lambda u, q: -q_log(u, q))), in_axes=(0, None))
+  u = jnp.linspace(0.02, 1.0, 25)
+  for q in (0.25, 0.5, 1.0):
+    assert np.all(np.asarray(second(u, q)) > 0)
+    np.testing.assert_allclose(second(u, q), q * np.asarray(u, np.float64) ** (-q - 1), rtol=1e-4)
+
+
+def test_fact2_derivative_and_gradient_ratios():
+  p = jnp.array([0.003, 0.2, 0.9])
+  for q in (0.0, 0.5, 1.0):
+    np.testing.assert_allclose(jax.vmap(jax.grad(q_log), in_axes=(0, None))(p, q), np.asarray(p) ** -q,
+                               rtol=1e-5)
+  params = _tabular.init_params(jax.random.key(3), 1, 5)
+  loss = lambda prm, q: jq_loss(_tabular.log_success(prm), q)
+  p_val = float(jnp.exp(_tabular.log_success(params))[0])
+  grad0 = jax.grad(loss)(params, 0.0)
+  grad1 = jax.grad(loss)(params, 1.0)
+  for q in (0.25, 0.75):
+    grad_q = jax.grad(loss)(params, q)
+    chex.assert_trees_all_close(grad_q, jax.tree.map(lambda g: g * p_val ** -q, grad0), rtol=1e-4, atol=1e-7)
+    chex.assert_trees_all_close(grad_q, jax.tree.map(lambda g: g * p_val ** (1 - q), grad1), rtol=1e-4,
+                                atol=1e-7)
+
+
+def test_fact3_per_example_amplification_ratio():
+  log_p = jnp.log(jnp.array([0.01, 0.5]))
+  amp = amplification(log_p, 0.75)
+  np.testing.assert_allclose(amp[0] / amp[1], 50 ** 0.75, rtol=1e-5)
+  assert abs(float(amp[0] / amp[1]) - 18.8) < 0.05
+  # Invariant to a global learning-rate rescaling: the ratio of per-example gradients of the loss in log P.
+  grad_B = jax.grad(lambda lp, q: jnp.sum(-q_log_of_log(lp, q)))(log_p, 0.75)
+  grad0_B = jax.grad(lambda lp, q: jnp.sum(-q_log_of_log(lp, q)))(log_p, 0.0)
+  for lr in (1e-3, 7.0):
+    ratio_B = (lr * grad_B) / (lr * grad0_B)
+    np.testing.assert_allclose(ratio_B[0] / ratio_B[1], 50 ** 0.75, rtol=1e-4)
+
+
+def test_jq_loss_tiny_and_zero_p():
+  log_p = jnp.array([np.log(1e-30), -1e4, -jnp.inf, 0.0], jnp.float32)
+  for q in (0.0, 0.5, 1.0 - 1e-7):
+    value, grad = jax.value_and_grad(jq_loss)(log_p, q)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    one_minus_q = 1.0 - float(np.float32(q))
+    reference = [np.expm1(one_minus_q * x) / one_minus_q for x in (np.log(1e-30), -1e4, -np.inf, 0.0)]
+    np.testing.assert_allclose(value, -np.mean(reference), rtol=1e-4)
+  value, grad = jax.value_and_grad(jq_loss)(log_p[:2], 1.0)
+  np.testing.assert_allclose(value, (np.log(1e30) + 1e4) / 2, rtol=1e-6)
+  np.testing.assert_allclose(grad, [-0.5, -0.5])
+  assert float(jq_loss(jnp.array([-jnp.inf]), 1.0)) == np.inf
+
+
+@pytest.mark.parametrize("bad_q", [-0.1, 1.01, float("nan"), np.float32(2.0)])
+def test_q_outside_unit_interval_raises(bad_q):
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    q_log(0.5, bad_q)
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    jq_loss(jnp.zeros(2), bad_q)
+
+
+def test_schedule_validation():
+  validate_q_schedule(lambda step: min(1.0, step / 10), range(20))
+  with pytest.raises(ValueError, match="step 11"):
+    validate_q_schedule(lambda step: step / 10, range(20))
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(
+    log_p=st.lists(st.one_of(st.floats(-1e30, 0.0), st.just(-np.inf)), min_size=4, max_size=4),
+    q=st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 1.0])))
+def test_property_no_nan(log_p, q):
+  log_p = jnp.asarray(log_p, jnp.float32)
+  value, grad = jax.value_and_grad(jq_loss)(log_p, q)
+  assert not np.isnan(value)
+  assert not np.any(np.isnan(grad))
+  assert not np.any(np.isnan(q_log(jnp.exp(log_p), q)))
