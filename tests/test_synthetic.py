@@ -1,0 +1,111 @@
+"""Synthetic chain tasks: gold answers recomputed independently, the p0 knob, the tokenizer round trip."""
+import math
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from tsallis_jax.data import prompts, synthetic
+
+
+def _recompute(question: str, modulus: int) -> list[int]:
+  # Independent re-implementation from the question words, not via synthetic.solve.
+  words = question.split()
+  assert words[1] == "start"
+  v, partials = int(words[2]), []
+  for op, x in zip(words[3::2], words[4::2]):
+    v = {"add": v + int(x), "sub": v - int(x), "mul": v * int(x)}[op] % modulus
+    partials.append(v)
+  return partials
+
+
+@pytest.mark.parametrize("p0", [1e-1, 1e-2, 1e-3, 1e-4])
+def test_target_task_p0_knob(p0):
+  task = synthetic.target_task(p0)
+  assert task.nominal_p0 == pytest.approx(p0)
+  assert task.answer_len == round(-math.log10(p0))
+  mapped = {task.map_value(v) for v in range(task.modulus)}
+  assert mapped == set(range(task.modulus)), "the answer map must be a permutation"
+  assert any(task.map_value(v) != v for v in range(task.modulus)), "the target map must differ from the source's"
+
+
+def test_records_answers_and_rationales_are_correct():
+  task = synthetic.ChainTask(name="target", modulus=7, num_steps=5, answer_len=2, answer_map=(3, 2))
+  records = synthetic.make_records(task, 40, seed=3)
+  assert len({r.id for r in records}) == 40
+  for r in records:
+    partials = _recompute(r.question, 7)
+    assert r.answer.split() == [str((3 * v + 2) % 7) for v in partials[-2:]]
+    assert [int(w) for w in r.rationale.split()[3::4]] == partials
+    assert r.rationale.split()[2::4] == ["="] * 5
+
+
+def test_records_are_deterministic_in_the_seed():
+  task = synthetic.target_task(1e-2)
+  assert synthetic.make_records(task, 5, 0) == synthetic.make_records(task, 5, 0)
+  assert synthetic.make_records(task, 5, 0) != synthetic.make_records(task, 5, 1)
+
+
+def test_pretraining_mix_hides_the_target_map():
+  target = synthetic.ChainTask(name="target", modulus=5, num_steps=4, answer_len=2, answer_map=(2, 1))
+  source = synthetic.source_task(target)
+  mix = synthetic.pretraining_records(source, target, 400, seed=0, target_fraction=0.5)
+  target_recs = [r for r in mix if r.question.startswith("target")]
+  source_recs = [r for r in mix if r.question.startswith("source")]
+  assert len(target_recs) == 200 and len(source_recs) == 200
+  for r in source_recs:
+    assert r.answer.split() == [str(v) for v in _recompute(r.question, 5)[-2:]]
+  # Random target answers: about 1/25 match the gold map by chance, far from all of them.
+  hits = sum(r.answer.split() == [str(target.map_value(v)) for v in _recompute(r.question, 5)[-2:]]
+             for r in target_recs)
+  assert hits < 30
+  assert len({r.answer for r in target_recs}) > 15  # spread over the 25 possible answers
+
+
+def test_sizes_are_tiny():
+  tok = synthetic.make_tokenizer()
+  task = synthetic.target_task(1e-3)
+  for r in synthetic.make_records(task, 20, 0):
+    ids, mask = prompts.sft_example(r, tok, style="cold")
+    n_prompt = len(ids) - sum(mask)
+    assert 10 <= n_prompt <= 30
+    assert 10 <= sum(mask) <= 30
+    assert 1 <= len(r.answer.split()) <= 3
+
+
+def test_tokenizer_round_trip(tmp_path):
+  tok = synthetic.make_tokenizer()
+  record = synthetic.make_records(synthetic.target_task(1e-2), 1, 0)[0]
+  text = f"{record.question} <think> {record.rationale} </think> {record.answer} <eos>"
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  assert tok.unk_token_id not in ids
+  assert len(ids) == len(text.split())
+  assert tok.decode(ids) == text
+  tok.save_pretrained(tmp_path)
+  loaded = AutoTokenizer.from_pretrained(tmp_path)
+  assert loaded(text, add_special_tokens=False)["input_ids"] == ids
+  for special in ("<pad>", "<eos>", "<think>", "</think>"):
+    assert len(loaded(special, add_special_tokens=False)["input_ids"]) == 1
+  assert loaded.eos_token == "<eos>" and loaded.pad_token == "<pad>"
+
+
+def test_bad_task_raises():
+  with pytest.raises(ValueError, match="coprime"):
+    synthetic.ChainTask(modulus=10, answer_map=(2, 1))
+  with pytest.raises(ValueError, match="vocabulary"):
+    synthetic.ChainTask(name="unknown")
+  with pytest.raises(ValueError, match="answer_len"):
+    synthetic.ChainTask(num_steps=2, answer_len=3)
+
+
+def test_warm_prompt_has_instructions_cold_has_none():
+  tok = synthetic.make_tokenizer()
+  r = synthetic.make_records(synthetic.target_task(1e-2), 1, 0)[0]
+  cold, _ = prompts.prompt_ids(r, tok, style="cold", max_prompt_tokens=64)
+  warm, _ = prompts.prompt_ids(r, tok, style="warm", max_prompt_tokens=64)
+  assert tok.decode(cold) == r.question + " <think>"
+  assert tok.decode(warm).endswith(r.question + " <think>") and len(warm) > len(cold)
+  assert tok.unk_token_id not in warm
+  answer = prompts.gold_answer_ids(r, tok)
+  assert tok.decode(answer) == r.answer + " <eos>"
+  assert np.all(np.array(answer[:-1]) != tok.eos_token_id)

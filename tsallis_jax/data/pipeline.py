@@ -1,0 +1,158 @@
+"""The grain pipeline that feeds prompts to the trainer (issue 6).
+
+`make_prompt_loader(records, tokenizer, ...)` returns a `PromptLoader`: a `grain.MapDataset` of global index batches,
+
+  range(n) -> shuffle(seed) -> repeat(num_epochs) -> batch(batch_size, drop_remainder=True) -> host slice -> tokens,
+
+so the order depends only on `seed` (every epoch is reshuffled: grain folds the epoch into the seed), every host
+computes the same global batches and keeps rows `[shard_index * b, (shard_index + 1) * b)` with
+`b = batch_size // shard_count`, and a batch is a pure function of its step number. Iterating gives a grain
+`DatasetIterator` whose `get_state()` / `set_state()` resume at the exact batch (store the state in the checkpoint).
+
+Each batch is a dict of numpy arrays (`b` rows):
+
+* `prompt_tokens_BxT` int32, left-padded with the pad id to `T` = the longest prompt of the batch rounded up to a
+  multiple of `pad_multiple` (capped at `max_prompt_tokens`): a few bucketed lengths, so few recompiles;
+* `prompt_mask_BxT` bool, True on real tokens;
+* `answer_tokens_BxA` int32, right-padded to `A = max_answer_tokens`: the teacher-forced gold answer, the tokens the
+  model emits after `</think>`, ending with EOS (`prompts.gold_answer_ids`);
+* `answer_mask_BxA` bool;
+* `index_B` int32: the record's index in `records` (for evaluation and error messages).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from tsallis_jax.data import prompts
+from tsallis_jax.data.records import Record
+
+log = logging.getLogger(__name__)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+  batch_size: int
+  seed: int
+  style: prompts.Style
+  max_prompt_tokens: int
+  max_answer_tokens: int
+  shard_index: int
+  shard_count: int
+  num_epochs: int | None
+  pad_multiple: int
+
+
+class PromptLoader:
+  """Seeded, sharded, resumable batches of prompts and gold answers (see the module docstring).
+
+  `loader[step]` is the batch at `step`; `iter(loader)` is a grain iterator with `get_state()` / `set_state()`.
+  """
+
+  def __init__(self, records: Sequence[Record], tokenizer: Any, config: LoaderConfig):
+    self.records = list(records)
+    self.tokenizer = tokenizer
+    self.config = config
+    self.per_host_batch = config.batch_size // config.shard_count
+    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts._eos_id(tokenizer)
+    self._cache: dict[int, tuple[list[int], list[int]]] = {}
+    self.truncated_count = 0
+    ds = grain.MapDataset.range(len(self.records)).shuffle(seed=config.seed).repeat(config.num_epochs)
+    ds = ds.batch(config.batch_size, drop_remainder=True)
+    self._dataset = ds.map(self._make_batch)
+
+  @property
+  def batches_per_epoch(self) -> int:
+    return len(self.records) // self.config.batch_size
+
+  def __len__(self) -> int:
+    return len(self._dataset)
+
+  def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+    return self._dataset[step]
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return self._dataset.to_iter_dataset().__iter__()
+
+  def tokens(self, index: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, gold answer ids) of record `index`, computed once."""
+    if index not in self._cache:
+      record = self.records[index]
+      c = self.config
+      p_ids, dropped = prompts.prompt_ids(record, self.tokenizer, style=c.style, max_prompt_tokens=c.max_prompt_tokens)
+      if dropped:
+        self.truncated_count += 1
+        log.debug("%s: %d context units dropped to fit %d prompt tokens", record.where(), dropped,
+                  c.max_prompt_tokens)
+      a_ids = prompts.gold_answer_ids(record, self.tokenizer, style=c.style)
+      if len(a_ids) > c.max_answer_tokens:
+        raise ValueError(f"{record.where()}: the gold answer has {len(a_ids)} tokens (EOS included), over "
+                         f"max_answer_tokens={c.max_answer_tokens}; raise max_answer_tokens.")
+      self._cache[index] = (p_ids, a_ids)
+    return self._cache[index]
+
+  def _make_batch(self, global_index_B: np.ndarray) -> dict[str, np.ndarray]:
+    c, b = self.config, self.per_host_batch
+    index_B = np.asarray(global_index_B[c.shard_index * b:(c.shard_index + 1) * b], np.int32)
+    pairs = [self.tokens(int(i)) for i in index_B]
+    longest = max(len(p) for p, _ in pairs)
+    t = min(_round_up(longest, c.pad_multiple), c.max_prompt_tokens)
+    prompt_tokens_BxT = np.full((b, t), self.pad_id, np.int32)
+    prompt_mask_BxT = np.zeros((b, t), bool)
+    answer_tokens_BxA = np.full((b, c.max_answer_tokens), self.pad_id, np.int32)
+    answer_mask_BxA = np.zeros((b, c.max_answer_tokens), bool)
+    for row, (p_ids, a_ids) in enumerate(pairs):
+      prompt_tokens_BxT[row, t - len(p_ids):] = p_ids
+      prompt_mask_BxT[row, t - len(p_ids):] = True
+      answer_tokens_BxA[row, :len(a_ids)] = a_ids
+      answer_mask_BxA[row, :len(a_ids)] = True
+    return dict(prompt_tokens_BxT=prompt_tokens_BxT, prompt_mask_BxT=prompt_mask_BxT,
+                answer_tokens_BxA=answer_tokens_BxA, answer_mask_BxA=answer_mask_BxA, index_B=index_B)
+
+
+def make_prompt_loader(records: Sequence[Record], tokenizer: Any, *, batch_size: int, seed: int,
+                       style: prompts.Style = "cold", max_prompt_tokens: int, max_answer_tokens: int = 32,
+                       shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
+                       pad_multiple: int = 32) -> PromptLoader:
+  """A `PromptLoader` over `records` (see the module docstring).
+
+  Args:
+    records: the split to iterate.
+    tokenizer: any HF tokenizer with an EOS and a single `</think>` token (chat template used if present).
+    batch_size: the *global* batch size; each of the `shard_count` hosts gets `batch_size // shard_count` rows.
+    seed: the shuffle seed.
+    style: "cold" or "warm" (prompts.py).
+    max_prompt_tokens: prompt budget; the context is truncated by context.py's rule.
+    max_answer_tokens: A, the fixed width of the gold-answer arrays; a longer answer raises.
+    shard_index, shard_count: this host's slice of the global batch.
+    num_epochs: passes over the data; None repeats forever.
+    pad_multiple: prompt lengths are rounded up to a multiple of it.
+  """
+  if style not in prompts.STYLES:
+    raise ValueError(f"style={style!r}: use 'cold' or 'warm'.")
+  if not records:
+    raise ValueError("make_prompt_loader got no records; check the split and the data folder.")
+  if batch_size < 1 or shard_count < 1 or batch_size % shard_count:
+    raise ValueError(f"batch_size={batch_size} must be a positive multiple of shard_count={shard_count} "
+                     "(the global batch is split evenly across hosts).")
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
+  if batch_size > len(records):
+    raise ValueError(f"batch_size={batch_size} exceeds the {len(records)} records; lower it.")
+  if max_prompt_tokens < 1 or max_answer_tokens < 1 or pad_multiple < 1:
+    raise ValueError("max_prompt_tokens, max_answer_tokens and pad_multiple must be positive.")
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f"num_epochs={num_epochs} must be >= 1, or None for endless repetition.")
+  prompts._check_think_token(tokenizer)
+  config = LoaderConfig(batch_size=batch_size, seed=seed, style=style, max_prompt_tokens=max_prompt_tokens,
+                        max_answer_tokens=max_answer_tokens, shard_index=shard_index, shard_count=shard_count,
+                        num_epochs=num_epochs, pad_multiple=pad_multiple)
+  return PromptLoader(records, tokenizer, config)

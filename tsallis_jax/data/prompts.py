@@ -1,0 +1,180 @@
+"""Cold- and warm-start prompts, the teacher-forced gold answer, and SFT examples (issue 6; spec 1.6, 1.7).
+
+Two prompt styles, as in the paper's experiments (spec 1.7):
+
+* **warm**: a task description and answer-format instructions, then the context and the question, as the user turn
+  of the model's chat template (Qwen3 thinking format: the model writes its rationale in `<think>...</think>`, then
+  the answer).
+* **cold**: the linearised input only (context, then question): no description, no format instructions. The gold
+  output is the bare answer string.
+
+Rendering. With a tokenizer that has a chat template, the user message goes through
+`apply_chat_template(..., add_generation_prompt=True, enable_thinking=True)`; the completion the model should write
+is `<think>\\n{rationale}\\n</think>\\n\\n{answer}` followed by the template's end of turn. Without a chat template
+(the synthetic word-level tokenizer), the prompt is the message followed by ` <think>` and the completion is
+` {rationale} </think> {answer}` followed by EOS.
+
+**The gold answer tokens** (`gold_answer_ids`) are the tokens after `</think>` in the tokenised full conversation,
+up to and including the first EOS (the chat template's end-of-turn token is the EOS of Qwen3 instruct tokenizers):
+exactly the sequence whose teacher-forced probability is the paper's weight w = p(y* | x, z) (spec 1.6, eq. 7).
+They are computed on the real rendering, so merges across the `</think>` boundary cannot differ from what the model
+emits. `</think>` must be a single token of the vocabulary.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from tsallis_jax.data import context as context_lib
+from tsallis_jax.data.records import Record
+
+Style = Literal["cold", "warm"]
+STYLES = ("cold", "warm")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+WARM_INSTRUCTIONS = {
+    "finqa": ("Answer the financial question using the report's text and table. Reason step by step "
+              "first, then write only the final answer on one line: a number (write percentages with "
+              "%, e.g. 12.5%) or yes/no, with no explanation."),
+    "hotpotqa": ("Answer the question using the paragraphs below; it may need facts from several of them. Reason "
+                 "step by step first, then write only the final answer on one line: a short "
+                 "phrase from the paragraphs, or yes/no, with no explanation."),
+    "musique": ("Answer the multi-hop question using the paragraphs below. Reason step by step "
+                "first, then write only the final answer on one line: a short phrase from the "
+                "paragraphs, with no explanation."),
+}
+
+
+def _dataset_key(record: Record) -> str:
+  return record.dataset.split("/")[0].lower()
+
+
+def _synthetic_instructions(record: Record) -> str:
+  # Synthetic questions read `<task> start <v> <op> <x> ...`; the instruction uses vocabulary words only.
+  num_values = len(record.answer.split())
+  return f"chain : write each step , then answer with {num_values} values . question"
+
+
+def user_message(record: Record, style: Style, context_text: str) -> str:
+  """The user turn: (warm) instructions, then context, then question; (cold) context then question."""
+  if style not in STYLES:
+    raise ValueError(f"style={style!r}: use 'cold' or 'warm'.")
+  key = _dataset_key(record)
+  if key == "synthetic":
+    parts = ([_synthetic_instructions(record)] if style == "warm" else []) + [record.question]
+    return " ".join(parts)
+  if style == "cold":
+    return "\n\n".join(p for p in (context_text, record.question) if p)
+  if key not in WARM_INSTRUCTIONS:
+    raise ValueError(f"{record.where()}: no warm-start instructions for dataset {record.dataset!r}; known: "
+                     f"{sorted(WARM_INSTRUCTIONS)} and synthetic/*.")
+  body = [WARM_INSTRUCTIONS[key]]
+  if context_text:
+    body.append(("Report:\n" if key == "finqa" else "Paragraphs:\n") + context_text)
+  body.append("Question: " + record.question)
+  return "\n\n".join(body)
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+  return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _check_think_token(tokenizer: Any) -> int:
+  ids = tokenizer.convert_tokens_to_ids([THINK_CLOSE])
+  tid = ids[0] if ids else None
+  if tid is None or tid == tokenizer.unk_token_id:
+    raise ValueError(f"the tokenizer has no single token {THINK_CLOSE!r}; add it with "
+                     f"tokenizer.add_special_tokens({{'additional_special_tokens': ['{THINK_OPEN}', '{THINK_CLOSE}']}})"
+                     " (and resize the model's embeddings).")
+  return tid
+
+
+def _eos_id(tokenizer: Any) -> int:
+  if tokenizer.eos_token_id is None:
+    raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token to the token that ends a completion.")
+  return tokenizer.eos_token_id
+
+
+def render_prompt(record: Record, tokenizer: Any, *, style: Style, context_text: str) -> str:
+  """The prompt text (everything before the model's first generated token)."""
+  message = user_message(record, style, context_text)
+  if has_chat_template(tokenizer):
+    return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=True)
+  return f"{message} {THINK_OPEN}"
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+  return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _conversation_ids(record: Record, tokenizer: Any, *, style: Style, context_text: str, rationale: str,
+                      answer: str) -> tuple[list[int], int]:
+  """Token ids of prompt + completion, and the number of prompt tokens."""
+  prompt = render_prompt(record, tokenizer, style=style, context_text=context_text)
+  if has_chat_template(tokenizer):
+    message = user_message(record, style, context_text)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": message},
+         {"role": "assistant", "content": f"{THINK_OPEN}\n{rationale}\n{THINK_CLOSE}\n\n{answer}"}],
+        tokenize=False, enable_thinking=True)
+    if not full.startswith(prompt):
+      raise ValueError("the chat template renders the conversation so that it does not start with the rendered "
+                       "prompt; prompt-plus-completion tokens would not match generation.")
+  else:
+    full = f"{prompt} {rationale} {THINK_CLOSE} {answer}"
+  prompt_ids = _encode(tokenizer, prompt)
+  full_ids = _encode(tokenizer, full)
+  if full_ids[:len(prompt_ids)] != prompt_ids:
+    raise ValueError(f"{record.where()}: tokenising the prompt alone and within the conversation disagree at the "
+                     "boundary; end the prompt with a special token (the chat template's assistant header does).")
+  return full_ids, len(prompt_ids)
+
+
+def _after_think(ids: list[int], tokenizer: Any, where: str) -> list[int]:
+  close_id, eos_id = _check_think_token(tokenizer), _eos_id(tokenizer)
+  positions = [i for i, t in enumerate(ids) if t == close_id]
+  if not positions:
+    raise ValueError(f"{where}: the rendered completion has no {THINK_CLOSE!r} token; the chat template must keep "
+                     "the rationale (Qwen3 thinking format).")
+  tail = ids[positions[-1] + 1:]
+  if eos_id in tail:
+    return tail[:tail.index(eos_id) + 1]
+  return tail + [eos_id]
+
+
+def gold_answer_ids(record: Record, tokenizer: Any, *, style: Style = "cold") -> list[int]:
+  """The tokens the model emits after `</think>` for the gold answer, ending with EOS (see the module docstring)."""
+  full_ids, _ = _conversation_ids(record, tokenizer, style=style, context_text="", rationale="r",
+                                  answer=record.answer)
+  return _after_think(full_ids, tokenizer, record.where())
+
+
+def prompt_ids(record: Record, tokenizer: Any, *, style: Style, max_prompt_tokens: int) -> tuple[list[int], int]:
+  """The prompt token ids with the context truncated to `max_prompt_tokens` (context.py's rule).
+
+  Returns (ids, number of context units dropped).
+  """
+  def count(ctx: str) -> int:
+    return len(_encode(tokenizer, render_prompt(record, tokenizer, style=style, context_text=ctx)))
+  ctx, dropped = context_lib.fit_context(record, count, max_prompt_tokens)
+  return _encode(tokenizer, render_prompt(record, tokenizer, style=style, context_text=ctx)), dropped
+
+
+def sft_example(record: Record, tokenizer: Any, *, style: Style = "cold",
+                max_prompt_tokens: int = 1 << 30) -> tuple[list[int], list[bool]]:
+  """Prompt + gold rationale + gold answer + EOS, with a loss mask that is True on the completion tokens.
+
+  For pretraining on records with a gold rationale (the synthetic tasks). Raises if the record has no rationale.
+  """
+  if record.rationale is None:
+    raise ValueError(f"{record.where()}: no gold rationale, so no SFT example; use records with a rationale "
+                     "(synthetic tasks) or supply one.")
+  ctx, _ = context_lib.fit_context(
+      record, lambda c: len(_encode(tokenizer, render_prompt(record, tokenizer, style=style, context_text=c))),
+      max_prompt_tokens)
+  full_ids, num_prompt = _conversation_ids(record, tokenizer, style=style, context_text=ctx,
+                                           rationale=record.rationale, answer=record.answer)
+  answer = _after_think(full_ids, tokenizer, record.where())
+  close_pos = max(i for i, t in enumerate(full_ids) if t == _check_think_token(tokenizer))
+  ids = full_ids[:close_pos + 1] + answer
+  return ids, [i >= num_prompt for i in range(len(ids))]

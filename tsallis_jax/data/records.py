@@ -1,0 +1,88 @@
+"""The common record every dataset in this package becomes (issue 6).
+
+One frozen `Record` per question, whatever its source: FinQA, HotPotQA, MuSiQue or a synthetic task. The gold answer
+`answer` is the string the paper's exact-match reward compares against (spec 1.7); `aliases` are further strings the
+official metrics accept (MuSiQue's `answer_aliases`). Optional fields carry what a dataset has and the others lack:
+FinQA's table and gold program, HotPotQA's supporting facts, MuSiQue's answerability, a synthetic task's rationale.
+
+`source` and `index` name the file and the position in it, so every error about a record can say where it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+class RecordError(ValueError):
+  """A record in an official file is malformed. The message names the file, the record and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+  """One titled passage: a HotPotQA / MuSiQue paragraph, or FinQA's text before / after the table."""
+  title: str
+  sentences: tuple[str, ...]
+
+  @property
+  def text(self) -> str:
+    return " ".join(s.strip() for s in self.sentences if s.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One question with its context and gold answer (see the module docstring)."""
+  id: str
+  question: str
+  answer: str
+  aliases: tuple[str, ...] = ()
+  context: tuple[Passage, ...] = ()
+  table: tuple[tuple[str, ...], ...] = ()
+  program: str | None = None
+  supporting_facts: tuple[tuple[str, int], ...] = ()
+  answerable: bool = True
+  rationale: str | None = None
+  dataset: str = ""
+  source: str = ""
+  index: int = -1
+
+  @property
+  def answers(self) -> tuple[str, ...]:
+    """The gold answer followed by its aliases, without duplicates (order kept)."""
+    return tuple(dict.fromkeys((self.answer,) + tuple(self.aliases)))
+
+  def where(self) -> str:
+    """`file, record INDEX (id ID)` for error messages."""
+    return f"{self.source or '<memory>'}, record {self.index} (id {self.id!r})"
+
+  def to_json(self) -> str:
+    """A JSON string that `Record.from_json` reads back to an equal record."""
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str | bytes) -> "Record":
+    if isinstance(text, bytes):
+      text = text.decode("utf-8")
+    d = json.loads(text)
+    d["aliases"] = tuple(d["aliases"])
+    d["context"] = tuple(Passage(p["title"], tuple(p["sentences"])) for p in d["context"])
+    d["table"] = tuple(tuple(row) for row in d["table"])
+    d["supporting_facts"] = tuple((str(t), int(i)) for t, i in d["supporting_facts"])
+    return cls(**d)
+
+
+def require(raw: dict[str, Any], field: str, *, source: str, index: int, types: type | tuple[type, ...]) -> Any:
+  """Returns `raw[field]`, or raises `RecordError` naming the file, the record index / id and the missing field."""
+  rid = raw.get("id", raw.get("_id", "?")) if isinstance(raw, dict) else "?"
+  if not isinstance(raw, dict):
+    raise RecordError(f"{source}, record {index}: expected a JSON object, got {type(raw).__name__}; "
+                      "is this the official release file?")
+  if field not in raw:
+    raise RecordError(f"{source}, record {index} (id {rid!r}): missing field {field!r}; "
+                      "the file does not follow the official schema (re-download it unchanged).")
+  value = raw[field]
+  if not isinstance(value, types):
+    want = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+    raise RecordError(f"{source}, record {index} (id {rid!r}): field {field!r} should be {want}, "
+                      f"got {type(value).__name__}.")
+  return value
