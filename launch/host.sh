@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# The idempotent host script: set up this host and run the training entry point. The same command runs on every
+# worker of a Cloud TPU slice (`python -m launch.tpu` calls it with `ssh --worker=all`), on a multi-GPU host, and
+# on a laptop. Re-running it is safe and is how a preempted run resumes: the venv is reused when the pinned
+# requirements did not change, and `experiments.train` resumes from the newest checkpoint in --workdir.
+#
+#   bash launch/host.sh --config NAME --workdir gs://BUCKET/runs/NAME [options] [-- args for experiments.train]
+#
+# Steps: 1. find Python >= 3.11 (install python3.11 with apt when missing); 2. create or reuse the venv;
+# 3. install requirements.txt + the accelerator's jax extra + launch/requirements-cloud.txt, then the package,
+# unless the venv's stamp says exactly these are installed; 4. export the multi-host variables that
+# tsallis_jax.distributed.maybe_initialize reads; 5. run `python -m experiments.train`, its output also appended to
+# the log file.
+#
+# Options:
+#   --config NAME            experiments/configs/NAME.py (required)
+#   --workdir DIR            checkpoints and metrics; gs://... on TPU slices (required)
+#   --accelerator KIND       tpu | gpu | cpu | auto (default auto: /dev/accel* or /dev/vfio -> tpu, nvidia-smi -> gpu)
+#   --venv DIR               virtual environment (default .venv in the repository)
+#   --skip-install           use the venv as it is (it must hold the dependencies and the package)
+#   --multihost auto         multi-host TPU slice: jax.distributed finds the other workers itself
+#   --coordinator HOST:PORT  multi-host GPU (or two local test processes): process 0's address ...
+#   --num-processes N        ... the process count ...
+#   --process-id I           ... and this process's id
+#   --log FILE               append all output here (default logs/host.log in the repository)
+#   --dry-run                print the commands this host would run, run none
+#   --print-stamp            print the install stamp for this accelerator and exit
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CONFIG="" WORKDIR="" ACCELERATOR="auto" VENV="" SKIP_INSTALL=0 MULTIHOST="" COORDINATOR="" NUM_PROCESSES=""
+PROCESS_ID="" LOG="" DRY_RUN=0 PRINT_STAMP=0
+TRAIN_ARGS=()
+
+die() { echo "host.sh: error: $*" >&2; exit 2; }
+need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
+    --workdir) need_value "$@"; WORKDIR="$2"; shift 2 ;;
+    --accelerator) need_value "$@"; ACCELERATOR="$2"; shift 2 ;;
+    --venv) need_value "$@"; VENV="$2"; shift 2 ;;
+    --skip-install) SKIP_INSTALL=1; shift ;;
+    --multihost) need_value "$@"; MULTIHOST="$2"; shift 2 ;;
+    --coordinator) need_value "$@"; COORDINATOR="$2"; shift 2 ;;
+    --num-processes) need_value "$@"; NUM_PROCESSES="$2"; shift 2 ;;
+    --process-id) need_value "$@"; PROCESS_ID="$2"; shift 2 ;;
+    --log) need_value "$@"; LOG="$2"; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --print-stamp) PRINT_STAMP=1; shift ;;
+    --) shift; TRAIN_ARGS=("$@"); break ;;
+    *) die "unknown option '$1' (arguments for experiments.train go after '--'; see the header of launch/host.sh)" ;;
+  esac
+done
+
+VENV="${VENV:-$REPO/.venv}"
+LOG="${LOG:-$REPO/logs/host.log}"
+
+# --- validate everything before doing anything -------------------------------------------------------------------
+if [[ "$ACCELERATOR" == auto ]]; then
+  if compgen -G "/dev/accel*" > /dev/null || compgen -G "/dev/vfio/[0-9]*" > /dev/null; then ACCELERATOR=tpu
+  elif command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L > /dev/null 2>&1; then ACCELERATOR=gpu
+  else ACCELERATOR=cpu; fi
+fi
+case "$ACCELERATOR" in
+  tpu|gpu|cpu) ;;
+  *) die "--accelerator '$ACCELERATOR' is not one of tpu, gpu, cpu, auto" ;;
+esac
+JAX_VERSION="$(sed -n 's/^jax==\([0-9.]*\).*/\1/p' "$REPO/requirements.txt")"
+[[ -n "$JAX_VERSION" ]] || die "requirements.txt pins no jax==VERSION"
+case "$ACCELERATOR" in
+  tpu) EXTRA=("jax[tpu]==$JAX_VERSION") ;;
+  gpu) EXTRA=("jax[cuda12]==$JAX_VERSION") ;;
+  cpu) EXTRA=() ;;
+esac
+
+stamp() {  # what the venv must have been installed from; a change re-runs the install
+  { cat "$REPO/requirements.txt" "$REPO/launch/requirements-cloud.txt" "$REPO/pyproject.toml"
+    echo "accelerator=$ACCELERATOR"; } | sha256sum | cut -d' ' -f1
+}
+if [[ $PRINT_STAMP == 1 ]]; then stamp; exit 0; fi
+
+[[ -n "$CONFIG" ]] || die "--config NAME is required (a file in experiments/configs/)"
+[[ -n "$WORKDIR" ]] || die "--workdir DIR is required (gs://BUCKET/PATH on a TPU slice)"
+[[ -f "$REPO/experiments/configs/$CONFIG.py" || -f "$REPO/experiments/configs/$CONFIG/__init__.py" ]] \
+  || die "no config experiments/configs/$CONFIG.py"
+if [[ -n "$MULTIHOST" && "$MULTIHOST" != auto ]]; then die "--multihost takes only 'auto'"; fi
+if [[ -n "$COORDINATOR$NUM_PROCESSES$PROCESS_ID" ]]; then
+  [[ -n "$COORDINATOR" && -n "$NUM_PROCESSES" && -n "$PROCESS_ID" ]] \
+    || die "--coordinator, --num-processes and --process-id go together"
+  [[ -z "$MULTIHOST" ]] || die "--multihost auto and --coordinator are exclusive"
+  [[ "$COORDINATOR" == *:* ]] || die "--coordinator needs HOST:PORT, e.g. 10.0.0.2:8476"
+  [[ "$NUM_PROCESSES" =~ ^[1-9][0-9]*$ && "$PROCESS_ID" =~ ^[0-9]+$ ]] \
+    || die "--num-processes and --process-id are whole numbers"
+  (( PROCESS_ID < NUM_PROCESSES )) || die "--process-id $PROCESS_ID must be < --num-processes $NUM_PROCESSES"
+fi
+if [[ "$ACCELERATOR" == tpu && "$WORKDIR" != gs://* ]]; then
+  echo "host.sh: warning: --workdir '$WORKDIR' is on this VM's disk, which is lost with the slice; use gs://..." >&2
+fi
+
+run() {  # print, then run unless --dry-run
+  printf '+'; printf ' %q' "$@"; printf '\n'
+  if [[ $DRY_RUN == 0 ]]; then "$@"; fi
+}
+
+cd "$REPO"
+if [[ $DRY_RUN == 0 ]]; then
+  mkdir -p "$(dirname "$LOG")"
+  exec > >(tee -a "$LOG") 2>&1
+  echo "=== host.sh $(date -u +%FT%TZ) on $(hostname): config=$CONFIG workdir=$WORKDIR accelerator=$ACCELERATOR"
+fi
+
+# --- 1-3. environment (idempotent) -------------------------------------------------------------------------------
+if [[ $SKIP_INSTALL == 0 ]]; then
+  PY=""
+  for candidate in "${PYTHON:-}" python3.12 python3.11 python3; do
+    if [[ -n "$candidate" ]] && command -v "$candidate" > /dev/null 2>&1 \
+      && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2> /dev/null; then
+      PY="$candidate"; break
+    fi
+  done
+  if [[ -z "$PY" ]]; then  # TPU VM images (Ubuntu 22.04) ship Python 3.10
+    command -v apt-get > /dev/null 2>&1 || die "no Python >= 3.11 found; install one or set PYTHON=/path/to/python3.11"
+    run sudo apt-get update -qq
+    run sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11 python3.11-venv
+    PY=python3.11
+  fi
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    run "$PY" -m venv "$VENV"
+  fi
+  WANT="$(stamp)"
+  HAVE="$(cat "$VENV/.tsallis_install_stamp" 2> /dev/null || true)"
+  if [[ "$WANT" != "$HAVE" ]]; then
+    run "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    run "$VENV/bin/python" -m pip install --quiet -r requirements.txt -r launch/requirements-cloud.txt "${EXTRA[@]}"
+    run "$VENV/bin/python" -m pip install --quiet --no-deps -e .
+    if [[ $DRY_RUN == 0 ]]; then echo "$WANT" > "$VENV/.tsallis_install_stamp"; fi
+  else
+    echo "# $VENV is up to date (stamp $WANT)"
+  fi
+fi
+[[ $DRY_RUN == 1 || -x "$VENV/bin/python" ]] || die "no venv at $VENV; drop --skip-install or pass --venv DIR"
+
+# --- 4. multi-host variables (read by tsallis_jax.distributed.maybe_initialize) -----------------------------------
+ENV_ARGS=()
+if [[ "$MULTIHOST" == auto ]]; then ENV_ARGS+=("TSALLIS_DISTRIBUTED=auto"); fi
+if [[ -n "$COORDINATOR" ]]; then
+  ENV_ARGS+=("TSALLIS_COORDINATOR=$COORDINATOR" "TSALLIS_NUM_PROCESSES=$NUM_PROCESSES" "TSALLIS_PROCESS_ID=$PROCESS_ID")
+fi
+if [[ "$ACCELERATOR" == cpu ]]; then ENV_ARGS+=("JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}"); fi
+
+# --- 5. train (resumes from the newest checkpoint in WORKDIR) ------------------------------------------------------
+run env "${ENV_ARGS[@]}" "$VENV/bin/python" -m experiments.train --config "$CONFIG" --workdir "$WORKDIR" \
+  "${TRAIN_ARGS[@]}"

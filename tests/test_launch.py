@@ -1,0 +1,248 @@
+"""launch/tpu.py (the gcloud wrapper) and launch/slices.py, without a TPU or a network.
+
+A fake `gcloud` on PATH records every call it receives, so the tests check both what a dry run prints and what a
+real run executes, and that bad arguments fail before any gcloud command runs.
+"""
+import os
+import shlex
+import sys
+import tempfile
+import types
+
+import pytest
+
+from launch import slices, tpu
+from tsallis_jax.train import config as train_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = "launch_sample"
+SLICE = ["--name", "garl-finqa", "--zone", "us-central2-b"]
+BUCKET = "gs://my-bucket/runs/garl-finqa"
+
+@pytest.fixture(autouse=True)
+def sample_config(monkeypatch):
+  """The sample config as a module the trainer's `load_config` imports (experiments.configs.<name>)."""
+  module = types.ModuleType(f"experiments.configs.{SAMPLE}")
+  module.get_config = lambda: train_config.TrainConfig(name=SAMPLE, model="qwen3_0_6b", batch_size=16)
+  monkeypatch.setitem(sys.modules, f"experiments.configs.{SAMPLE}", module)
+
+
+def _dry_run(capsys, *args: str) -> list[list[str]]:
+  """The commands a dry run prints, parsed back into argvs."""
+  assert tpu.main([*args, "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  return [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+
+
+def _remote_command(argv: list[str]) -> list[str]:
+  (command,) = [a[len("--command="):] for a in argv if a.startswith("--command=")]
+  return shlex.split(command)
+
+
+# --- slices -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, devices, hosts, runtime", [
+    ("v4-8", 4, 1, "tpu-ubuntu2204-base"),
+    ("v4-32", 16, 4, "tpu-ubuntu2204-base"),
+    ("v5litepod-8", 8, 1, "v2-alpha-tpuv5-lite"),
+    ("v5e-16", 16, 4, "v2-alpha-tpuv5-lite"),
+    ("v5p-16", 8, 2, "v2-alpha-tpuv5"),
+    ("v6e-8", 8, 1, "v2-alpha-tpuv6e"),
+    ("v3-32", 32, 4, "tpu-ubuntu2204-base"),
+])
+def test_parse_accelerator(name, devices, hosts, runtime):
+  acc = slices.parse_accelerator(name)
+  assert (acc.devices, acc.hosts, acc.runtime_version) == (devices, hosts, runtime)
+
+
+@pytest.mark.parametrize("name, match", [("v9-8", "unknown accelerator"), ("a100-8", "unknown accelerator"),
+                                         ("v4-12", "sizes"), ("v5litepod-2", "sizes")])
+def test_parse_accelerator_rejects_unknown(name, match):
+  with pytest.raises(ValueError, match=match):
+    slices.parse_accelerator(name)
+
+
+def test_every_suggestion_fits_its_slice():
+  for s in slices.SUGGESTIONS.values():
+    for acc_name, mesh_text in [(s.accelerator, s.mesh), tuple(s.alternative.split(" with "))]:
+      acc = slices.parse_accelerator(acc_name)
+      sizes = slices.check_mesh(slices.parse_mesh(mesh_text), acc)
+      # The train state, sharded over fsdp, must leave room on each device for activations and the KV cache.
+      per_device = slices.train_state_gib(s.params_b) / sizes["fsdp"]
+      assert per_device < 0.75 * acc.family.hbm_gib_per_device, (s.model, acc_name, per_device)
+
+
+# --- dry runs: the commands for a sample config ---------------------------------------------------------------------
+
+def test_up_dry_run_prints_create_sync_run(capsys):
+  cmds = _dry_run(capsys, "up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, "--spot", "--delete-when-done",
+                  "--set", "q=0.5")
+  verbs = [" ".join(c[:5]) for c in cmds]
+  assert verbs == ["gcloud compute tpus tpu-vm describe", "gcloud compute tpus tpu-vm create",
+                   "gcloud compute tpus tpu-vm scp", "gcloud compute tpus tpu-vm ssh",
+                   "gcloud compute tpus tpu-vm ssh", "gcloud compute tpus tpu-vm delete"]
+  describe, create, scp, unpack, run, delete = cmds
+  # The suggested slice for the sample's model (qwen3_0_6b) and its runtime.
+  assert {"garl-finqa", "--zone=us-central2-b", "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base",
+          "--spot"} <= set(create)
+  assert "--worker=all" in scp and "garl-finqa:tsallis_jax_src.tar.gz" in scp
+  assert "--worker=all" in unpack and "tar -xzf tsallis_jax_src.tar.gz -C tsallis_jax" in unpack[-1]
+  assert "--worker=all" in run
+  remote = _remote_command(run)
+  assert remote[:3] == ["cd", "tsallis_jax", "&&"]
+  host = remote[3:]
+  assert host[:4] == ["bash", "launch/host.sh", "--accelerator", "tpu"]
+  assert "--multihost" not in host  # v4-8 is one host
+  assert host[host.index("--config") + 1] == SAMPLE and host[host.index("--workdir") + 1] == BUCKET
+  train = host[host.index("--") + 1:]
+  assert train == ["--set", "mesh_data=4", "--set", "mesh_fsdp=1", "--set", "q=0.5"]
+  assert delete[-1] == "--quiet" and "garl-finqa" in delete
+
+
+def test_multihost_queued_dry_run(capsys):
+  cmds = _dry_run(capsys, "up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, "--accelerator", "v4-32",
+                  "--mesh", "data=-1,fsdp=4", "--queued", "--spot", "--env", "HF_HOME=/tmp/hf cache", "--detach")
+  create = next(c for c in cmds if "create" in c)
+  assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "garl-finqa"]
+  assert {"--node-id=garl-finqa", "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base",
+          "--spot"} <= set(create)
+  assert "queued-resources" in next(c for c in cmds if "describe" in c)
+  remote = _remote_command(cmds[-1])
+  assert remote[3] == "nohup" and remote[4] == "HF_HOME=/tmp/hf cache" and remote[-1] == "&"
+  host = remote[5:]
+  assert host[host.index("--multihost") + 1] == "auto"  # four workers: jax.distributed on every one
+  assert host[host.index("--") + 1:host.index("--") + 5] == ["--set", "mesh_data=4", "--set", "mesh_fsdp=4"]
+
+
+def test_delete_logs_status_dry_runs(capsys):
+  (delete,) = _dry_run(capsys, "delete", *SLICE)
+  assert delete == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "garl-finqa", "--zone=us-central2-b",
+                    "--quiet"]
+  (qdelete,) = _dry_run(capsys, "delete", *SLICE, "--queued", "--project", "my-proj")
+  assert qdelete[3:5] == ["queued-resources", "delete"] and {"--force", "--quiet", "--project=my-proj"} <= set(
+      qdelete)
+  (logs,) = _dry_run(capsys, "logs", *SLICE, "--worker", "0")
+  assert "--worker=0" in logs and _remote_command(logs)[:2] == ["tail", "-n"]
+  (status,) = _dry_run(capsys, "status", *SLICE)
+  assert status[4] == "describe"
+
+
+def test_local_dry_run_is_the_same_host_script(capsys):
+  (local,) = _dry_run(capsys, "local", "--config", SAMPLE, "--workdir", "/tmp/run", "--set", "q=1.0")
+  assert local[:4] == ["bash", "launch/host.sh", "--accelerator", "auto"]
+  assert local[local.index("--") + 1:] == ["--set", "q=1.0"]  # the config's own mesh: all local devices
+
+
+# --- a fake gcloud: what a real run executes equals what the dry run printed ----------------------------------------
+
+_FAKE_GCLOUD = """#!{python}
+import os, shlex, sys
+argv = sys.argv[1:]
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
+  f.write(shlex.join(["gcloud", *argv]) + "\\n")
+state = os.environ["FAKE_GCLOUD_STATE"]
+if "describe" in argv:
+  if not os.path.exists(state):
+    sys.exit(1)
+  print(open(state).read().strip())
+elif "create" in argv:
+  open(state, "w").write("READY")
+elif "delete" in argv and os.path.exists(state):
+  os.remove(state)
+elif "ssh" in argv and "host.sh" in argv[-1] and os.environ.get("FAKE_GCLOUD_PREEMPT_ONCE"):
+  os.environ.pop("FAKE_GCLOUD_PREEMPT_ONCE")
+  marker = state + ".preempted_once"
+  if not os.path.exists(marker):
+    open(marker, "w").close()
+    open(state, "w").write("PREEMPTED")
+    sys.exit(255)
+"""
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch, capsys):
+  """Runs the wrapper in this process with a recording `gcloud` first on PATH; returns (status, out, err, calls)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  script = bin_dir / "gcloud"
+  script.write_text(_FAKE_GCLOUD.format(python=sys.executable))
+  script.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setenv("FAKE_GCLOUD_LOG", str(tmp_path / "calls.txt"))
+  monkeypatch.setenv("FAKE_GCLOUD_STATE", str(tmp_path / "state"))
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the source archive is packed
+  monkeypatch.setattr(tpu.time, "sleep", lambda s: None)
+
+  def launch(*args: str, **extra_env: str):
+    for key, value in extra_env.items():
+      monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    status = tpu.main(list(args))
+    out, err = capsys.readouterr()
+    log = tmp_path / "calls.txt"
+    calls = log.read_text().splitlines() if log.exists() else []
+    if log.exists():
+      log.unlink()
+    return status, out, err, calls
+
+  return launch
+
+
+def test_real_run_executes_what_the_dry_run_prints(fake_gcloud):
+  args = ["up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, "--spot", "--delete-when-done"]
+  status, out, err, calls = fake_gcloud(*args, "--dry-run")
+  assert status == 0, err
+  assert calls == []  # a dry run runs nothing
+  printed = [line[2:] for line in out.splitlines() if line.startswith("+ ")]
+  status, out, err, calls = fake_gcloud(*args)
+  assert status == 0, err
+  # The real run also polls `describe` until the new slice is READY; otherwise the same commands in order.
+  without_describe = lambda cmds: [c for c in cmds if " describe " not in c]  # noqa: E731
+  assert without_describe(calls) == without_describe(printed)
+  assert any(" tpu-vm create " in c for c in calls) and calls[-1].startswith("gcloud compute tpus tpu-vm delete")
+
+
+def test_preempted_slice_is_recreated_and_the_run_repeated(fake_gcloud):
+  status, out, err, calls = fake_gcloud("up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, "--spot",
+                                        "--retries", "2", FAKE_GCLOUD_PREEMPT_ONCE="1")
+  assert status == 0, err
+  creates = [i for i, c in enumerate(calls) if " tpu-vm create " in c]
+  runs = [i for i, c in enumerate(calls) if "launch/host.sh" in c]
+  assert len(creates) == 2 and len(runs) == 2  # once, then again after the preemption
+  assert creates[0] < runs[0] < creates[1] < runs[1]
+  assert any(" tpu-vm delete " in c for c in calls[runs[0]:creates[1]])  # the dead slice is deleted first
+  assert calls[runs[0]] == calls[runs[1]]  # the same command: the trainer resumes from the bucket workdir
+
+
+# --- bad arguments fail before anything is created ------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, flags, message", [
+    ({}, ["--accelerator", "v9-8"], "unknown accelerator type 'v9-8'"),
+    ({}, ["--accelerator", "tpu-v4-8"], "unknown accelerator type"),
+    ({}, ["--accelerator", "v4-8", "--mesh", "data=3,fsdp=1"], "v4-8 has 4 devices"),
+    ({}, ["--accelerator", "v4-32", "--mesh", "data=-1,fsdp=3"], "does not divide the 16 devices"),
+    ({}, ["--accelerator", "v4-64"], "batch_size=16 does not split over the 32 devices"),
+    ({"--workdir": "/home/me/runs/garl"}, [], "not a bucket path"),
+    ({"--workdir": None}, [], "--workdir is required"),
+    ({"--workdir": "gs://My_Bucket/x"}, [], "gs://BUCKET/PATH"),
+    ({"--config": "no_such_config"}, [], "no config named 'no_such_config'"),
+    ({}, ["--set", "qq=0.5"], "did you mean 'q'"),
+    ({}, ["--set", "mesh_fsdp=2"], "--mesh data=D,fsdp=F"),
+    ({}, ["--spot", "--preemptible"], "exclusive"),
+    ({"--name": "Bad_Name"}, [], "TPU name"),
+    ({"--zone": None}, [], "--zone is required"),
+])
+def test_bad_arguments_fail_before_any_gcloud_call(fake_gcloud, changes, flags, message):
+  named = {"--name": "garl-finqa", "--zone": "us-central2-b", "--config": SAMPLE, "--workdir": BUCKET, **changes}
+  argv = ["up"] + [x for k, v in named.items() if v is not None for x in (k, v)] + flags
+  status, out, err, calls = fake_gcloud(*argv)
+  assert status == 2, (out, err)
+  assert message in err
+  assert calls == [] and "+ gcloud" not in out
+
+
+def test_the_fake_gcloud_does_record_calls(fake_gcloud):
+  """The control for the test above: the same arguments, valid, do reach gcloud."""
+  status, out, err, calls = fake_gcloud("create", *SLICE, "--accelerator", "v4-8")
+  assert status == 0, err
+  assert [c.split()[4] for c in calls] == ["describe", "create", "describe"]
