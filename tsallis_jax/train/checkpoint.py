@@ -1,0 +1,120 @@
+"""Orbax checkpoints that resume bit-exactly, with detection of damaged checkpoints.
+
+Layout of a run folder (`workdir`)::
+
+  workdir/checkpoints/<step>/state   params, optimizer state, step, PRNG key (StandardSave, sharded arrays)
+  workdir/checkpoints/<step>/meta    JSON: data-iterator position, best-so-far validation metric, config
+  workdir/best/<step>/...            the same two items for the checkpoint with the best validation maj@16
+  workdir/metrics.jsonl, workdir/tb/ written by `writers.py`
+
+What wins at start-up (the rule `train_and_evaluate` applies; also in the README):
+  1. `workdir/checkpoints` holds a readable checkpoint: resume from the newest readable one (everything restored:
+     params, optimizer, step, key, data position, best metric). `init_checkpoint` is ignored, with a log line.
+  2. otherwise `config.init_checkpoint` is set: start at step 0 from its params (fresh optimizer and key).
+  3. otherwise: the model's own initialisation (or the HF / GGUF weights named by `model_path`).
+
+Atomicity (verified on orbax-checkpoint 0.12.8, see tests/test_checkpoint.py): orbax writes each step into a
+temporary folder `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only after every item committed, and
+`max_to_keep` deletes old steps only after the new step is finalised; so nothing is overwritten or removed before
+a new checkpoint is complete, and a killed save leaves only a tmp folder that is never listed as a step.
+A step folder that exists but cannot be read (truncated or corrupt files) is detected at restore time: we warn,
+move it aside to `<step>.corrupt` (kept for inspection, never read again) and fall back to the previous step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CorruptCheckpointWarning(UserWarning):
+  """A checkpoint step could not be restored and an older one is used instead."""
+
+
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) that tell orbax where to place each restored array."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+  """The run's checkpoints: `latest` (resume, `max_to_keep`) and `best` (kept by validation metric)."""
+
+  def __init__(self, workdir: str, max_to_keep: int):
+    self.workdir = os.path.abspath(workdir)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True)
+    self.latest = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=options)
+    best_options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True)
+    self.best = ocp.CheckpointManager(os.path.join(self.workdir, "best"), options=best_options)
+
+  def save(self, step: int, state: Any, meta: dict[str, Any], best: bool = False) -> None:
+    """Writes `state` (a pytree of arrays) and `meta` (JSON) at `step`, into `best/` when `best`."""
+    manager = self.best if best else self.latest
+    if step in manager.all_steps():
+      return
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def restore(self, target: Any, best: bool = False) -> tuple[int, Any, dict[str, Any]] | None:
+    """Restores the newest readable step into the structure and shardings of `target`.
+
+    Returns (step, state, meta), or None when no checkpoint exists. A damaged newest step raises a
+    `CorruptCheckpointWarning`, is moved aside to `<step>.corrupt` and the previous step is tried.
+    """
+    manager = self.best if best else self.latest
+    abstract = _abstract(target)
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                            meta=ocp.args.JsonRestore()))
+        meta = out["meta"]
+        if not isinstance(meta, dict) or "step" not in meta or meta["step"] != step:
+          raise ValueError(f"meta item of step {step} is missing or does not name step {step}")
+        return step, out["state"], meta
+      except Exception as e:  # noqa: BLE001 (any read failure means the step is unusable)
+        path = os.path.join(str(manager.directory), str(step))
+        warnings.warn(
+            f"checkpoint step {step} in {manager.directory} is unreadable ({type(e).__name__}: {str(e)[:300]});"
+            f" moving it to {path}.corrupt and falling back to the previous checkpoint", CorruptCheckpointWarning,
+            stacklevel=2)
+        if jax.process_index() == 0 and os.path.isdir(path):
+          dest = path + ".corrupt"
+          if os.path.exists(dest):
+            shutil.rmtree(dest)
+          os.replace(path, dest)
+        _sync(f"corrupt_{step}")
+        manager.reload()
+    return None
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def save_params(path: str, params: Any) -> None:
+  """Writes a params-only checkpoint (e.g. the demo's pretrained model) usable as `init_checkpoint`."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(path), params, force=True)
+  checkpointer.wait_until_finished()
+
+
+def load_params(path: str, target: Any) -> Any:
+  """Reads a params-only checkpoint into the structure and shardings of `target`."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"init_checkpoint {path!r} does not exist; write one with save_params or clear the key")
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path), _abstract(target))

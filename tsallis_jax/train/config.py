@@ -1,0 +1,293 @@
+"""Training configuration: one frozen dataclass, validated at construction, overridable with `--set key=value`.
+
+Every experiment config under `experiments/configs/` returns a `TrainConfig`. Keys are flat (nanodo style) so that
+`--set q=0.5 --set estimator=paft` reads like the paper's tables. Unknown keys and impossible values raise a
+`ConfigError` (a `ValueError`) that names the key, the problem and the fix.
+
+Choices where the paper is silent (spec section 1.7, "Not found in v1") are documented next to their defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import math
+from typing import Any
+
+ESTIMATORS = ("grpo", "garl", "paft")
+Q_SCHEDULES = ("constant", "linear", "step", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+BASELINES = ("rloo", "none")
+WEIGHTS = ("likelihood", "reward")
+PROMPT_STYLES = ("cold", "warm")
+DTYPES = ("float32", "bfloat16")
+SCALE_REWARDS = ("group", "none")
+
+
+class ConfigError(ValueError):
+  """An unknown key or an impossible value in a `TrainConfig`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Every knob of `train_and_evaluate`; see each field's comment. Validated in `__post_init__`."""
+
+  name: str = "unnamed"
+  seed: int = 0
+
+  # -- model --------------------------------------------------------------------------------------------------
+  model: str = "tiny"  # ModelConfig preset (tiny, qwen3_0_6b, smollm2_135m), "hf" or "gguf" (then model_path)
+  model_path: str = ""  # HF folder (config.json + safetensors + tokenizer) or a .gguf file
+  model_overrides: str = ""  # "num_layers=2,embed_dim=64": dataclasses.replace on the ModelConfig preset
+  dtype: str = "float32"  # compute dtype; log-softmax is float32 regardless (CONTRIBUTING.md)
+  # Parameters to start from when the workdir holds no checkpoint (see `checkpoint.py` for the precedence rule):
+  # an orbax params folder written by `save_params` (e.g. the demo's pretrained model) or empty for the model's own
+  # initialisation (or the HF/GGUF weights when model is "hf"/"gguf").
+  init_checkpoint: str = ""
+
+  # -- task -----------------------------------------------------------------------------------------------------
+  task: str = "synthetic"  # "synthetic", "finqa", "hotpotqa", "musique", "fixture"
+  task_options: str = ""  # task-specific "k=v,k=v" (e.g. the synthetic task's name and p0 knob)
+  data_dir: str = ""  # manual-download folder for the real datasets
+  prompt_style: str = "cold"  # cold: linearised (x*, y*) without instructions; warm: task prompt (spec 1.7)
+  max_prompt_len: int = 32  # prompt tokens (left-padded)
+  rationale_budget: int = 16  # rationale tokens before `</think>` is forced (s1-style budget forcing)
+  max_answer_len: int = 8  # answer tokens (gold answer teacher-forced; sampled answer for GRPO/eval)
+
+  # -- estimator (spec 1.6, 2.2, 2.3, 2.6) ------------------------------------------------------------------------
+  estimator: str = "garl"  # grpo | garl | paft
+  q: float = 0.75  # commitment; start value of the schedule
+  q_schedule: str = "constant"  # constant | linear | step | cosine (from q to q_end over q_schedule_steps)
+  q_end: float = 0.0  # end value of a q schedule (1 -> 0 is the paper's reading of SFT-then-RL)
+  q_schedule_steps: int = 0  # steps over which q moves from q to q_end (0 = num_steps)
+  weights: str = "likelihood"  # GARL/PAFT weights: likelihood w = p(y*|x,z) (paper) or a 0/1 verifier reward
+  reward: str = "exact_match"  # reward name for GRPO and for `weights="reward"` (tsallis_jax.rewards.get_reward)
+  baseline: str = "rloo"  # GARL: rloo (eq. 12, Algorithm 1) or none (plug-in eq. 9)
+  normalize_mq: bool = True  # Algorithms 1-2 divide by M^q (equivalent to a q-dependent learning-rate rescaling)
+  paft_resamples: int = 0  # PAFT's K; 0 means K = M, as in the paper's experiments
+  num_samples: int = 8  # G = the paper's M, rationales per prompt in training (paper: 32)
+  # GRPO (spec 2.6). The paper gives no clip or KL; we run one on-policy step per batch, so the PPO ratio is 1
+  # and the clip is inactive; KL to the initial policy is logged always and added to the loss only if kl_coef > 0.
+  grpo_scale_rewards: str = "group"  # group: divide advantages by the group std (GRPO); none: Dr.GRPO
+  grpo_clip_eps: float = 0.2
+  kl_coef: float = 0.0
+  log_ref_kl: bool = True  # keep the initial params to log kl/ref (one extra forward per step); forced on by kl_coef
+
+  # -- sampling ------------------------------------------------------------------------------------------------
+  temperature: float = 1.0  # training rollouts sample the policy itself: the estimators assume z ~ p_theta
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0
+  eval_num_samples: int = 16  # p@1, pass@16, maj@16 (spec 1.7)
+  eval_temperature: float = 1.0
+  eval_top_k: int = 0
+  eval_top_p: float = 1.0
+  eval_every: int = 0  # steps between validation evaluations (0 = only at the end)
+  eval_max_prompts: int = 0  # cap on validation/test prompts (0 = the whole split)
+  eval_batch_size: int = 8  # prompts per evaluation rollout
+
+  # -- optimisation ------------------------------------------------------------------------------------------
+  batch_size: int = 4  # B, prompts per step (global, over all processes)
+  num_steps: int = 100
+  learning_rate: float = 1e-3
+  lr_schedule: str = "constant"  # after linear warm-up: constant | cosine | linear decay to 0
+  warmup_steps: int = 0
+  weight_decay: float = 0.0  # AdamW
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+  grad_clip: float = 1.0  # global-norm clip (0 = off)
+
+  # -- mesh (tsallis_jax.distributed) ------------------------------------------------------------------------
+  mesh_data: int = -1  # devices along the data axis (-1 = all devices not used by fsdp)
+  mesh_fsdp: int = 1  # devices along the fsdp (parameter-sharding) axis
+
+  # -- bookkeeping ---------------------------------------------------------------------------------------------
+  log_every: int = 1  # metrics are computed every step; this is the JSONL/TensorBoard write period
+  checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
+  max_to_keep: int = 3  # latest checkpoints kept (the best-by-validation checkpoint is kept separately)
+  progress_bar: str = "auto"  # auto (only on a TTY) | on | off
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    _validate(self)
+
+  # -- derived ---------------------------------------------------------------------------------------------------
+  @property
+  def resamples(self) -> int:
+    """PAFT's K (spec 2.3); the paper's experiments use K = M."""
+    return self.paft_resamples or self.num_samples
+
+  @property
+  def rollout_len(self) -> int:
+    """Tokens generated per rollout: rationale budget, the forced `</think>`, then the answer."""
+    return self.rationale_budget + 1 + self.max_answer_len
+
+  @property
+  def total_len(self) -> int:
+    """Length of a full sequence [prompt, rationale, `</think>`, answer] (fixed buffers, one shape bucket)."""
+    return self.max_prompt_len + self.rollout_len
+
+  def replace(self, **changes: Any) -> "TrainConfig":
+    """A copy with `changes` applied (validated; unknown keys rejected)."""
+    _check_keys(changes)
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_keys(keys) -> None:
+  unknown = [k for k in keys if k not in FIELDS]
+  if unknown:
+    hints = {k: difflib.get_close_matches(k, FIELDS, n=1) for k in unknown}
+    hint = "; ".join(f"{k!r}: did you mean {v[0]!r}?" for k, v in hints.items() if v)
+    raise ConfigError(
+        f"unknown config key(s) {unknown}. {hint + '. ' if hint else ''}Valid keys: {sorted(FIELDS)}")
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _choice(cfg: TrainConfig, key: str, choices) -> None:
+  value = getattr(cfg, key)
+  _require(value in choices, f"{key}={value!r} is not one of {list(choices)}; set {key} to one of them")
+
+
+def parse_options(text: str) -> dict[str, str]:
+  """Parses "k=v,k=v" (used by `model_overrides` and `task_options`) into a dict of strings."""
+  out = {}
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    _require("=" in item, f"option {item!r} in {text!r} is not of the form key=value")
+    k, v = item.split("=", 1)
+    out[k.strip()] = v.strip()
+  return out
+
+
+def _validate(cfg: TrainConfig) -> None:
+  # Types first, so that `--set` mistakes read clearly.
+  for name, f in FIELDS.items():
+    value = getattr(cfg, name)
+    want = {"int": int, "float": (int, float), "str": str, "bool": bool}[f.type]
+    ok = isinstance(value, want) and not (f.type in ("int", "float") and isinstance(value, bool))
+    _require(ok, f"{name}={value!r} has type {type(value).__name__}; expected {f.type}")
+  _choice(cfg, "estimator", ESTIMATORS)
+  _choice(cfg, "q_schedule", Q_SCHEDULES)
+  _choice(cfg, "lr_schedule", LR_SCHEDULES)
+  _choice(cfg, "baseline", BASELINES)
+  _choice(cfg, "weights", WEIGHTS)
+  _choice(cfg, "prompt_style", PROMPT_STYLES)
+  _choice(cfg, "dtype", DTYPES)
+  _choice(cfg, "grpo_scale_rewards", SCALE_REWARDS)
+  _choice(cfg, "progress_bar", ("auto", "on", "off"))
+  for key in ("q", "q_end"):
+    v = getattr(cfg, key)
+    _require(math.isfinite(v) and 0.0 <= v <= 1.0, f"{key}={v} is outside [0, 1]; commitment q lies in [0, 1]")
+  _require(cfg.num_samples >= 1, f"num_samples={cfg.num_samples} must be >= 1")
+  needs_two = cfg.estimator == "grpo" or (cfg.estimator == "garl" and cfg.baseline == "rloo")
+  _require(not needs_two or cfg.num_samples >= 2,
+           f"num_samples={cfg.num_samples} < 2 with estimator={cfg.estimator!r}"
+           f"{' and baseline=rloo' if cfg.estimator == 'garl' else ''}: a leave-one-out or group baseline needs"
+           " at least 2 samples per prompt; set num_samples >= 2 or baseline=none")
+  _require(cfg.eval_num_samples >= 1, f"eval_num_samples={cfg.eval_num_samples} must be >= 1")
+  for key in ("batch_size", "num_steps", "max_prompt_len", "max_answer_len", "eval_batch_size"):
+    _require(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)} must be >= 1")
+  _require(cfg.rationale_budget >= 0, f"rationale_budget={cfg.rationale_budget} must be >= 0")
+  for key in ("paft_resamples", "q_schedule_steps", "warmup_steps", "eval_every", "eval_max_prompts",
+              "checkpoint_every", "top_k", "eval_top_k"):
+    _require(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0")
+  _require(cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1")
+  _require(cfg.max_to_keep >= 1, f"max_to_keep={cfg.max_to_keep} must be >= 1 (the resume checkpoint)")
+  for key in ("temperature", "eval_temperature"):
+    v = getattr(cfg, key)
+    _require(v > 0, f"{key}={v} must be > 0 (use a small value such as 1e-4 for near-greedy sampling)")
+  for key in ("top_p", "eval_top_p"):
+    v = getattr(cfg, key)
+    _require(0.0 < v <= 1.0, f"{key}={v} must lie in (0, 1]")
+  _require(cfg.learning_rate > 0, f"learning_rate={cfg.learning_rate} must be > 0")
+  _require(cfg.warmup_steps <= cfg.num_steps,
+           f"warmup_steps={cfg.warmup_steps} exceeds num_steps={cfg.num_steps}; lower warmup_steps")
+  _require(0 <= cfg.adam_b1 < 1 and 0 <= cfg.adam_b2 < 1, "adam_b1 and adam_b2 must lie in [0, 1)")
+  _require(cfg.weight_decay >= 0 and cfg.grad_clip >= 0 and cfg.kl_coef >= 0,
+           "weight_decay, grad_clip and kl_coef must be >= 0")
+  _require(cfg.grpo_clip_eps > 0, f"grpo_clip_eps={cfg.grpo_clip_eps} must be > 0")
+  _require(cfg.mesh_fsdp >= 1 and (cfg.mesh_data == -1 or cfg.mesh_data >= 1),
+           f"mesh_data={cfg.mesh_data}, mesh_fsdp={cfg.mesh_fsdp}: sizes are >= 1 (mesh_data may be -1 = fill)")
+  _require(cfg.model in ("hf", "gguf") or not cfg.model_path,
+           f"model_path={cfg.model_path!r} is only read when model is 'hf' or 'gguf' (model={cfg.model!r})")
+  _require(cfg.model not in ("hf", "gguf") or bool(cfg.model_path),
+           f"model={cfg.model!r} needs model_path (an HF folder or a .gguf file)")
+  parse_options(cfg.model_overrides)
+  parse_options(cfg.task_options)
+
+
+def check_fits(cfg: TrainConfig, max_seq_len: int | None) -> None:
+  """Rejects budgets that do not fit the model's maximum length (spec 1.7: budget + answer within the window)."""
+  if max_seq_len is not None and cfg.total_len > max_seq_len:
+    raise ConfigError(
+        f"max_prompt_len + rationale_budget + 1 + max_answer_len = {cfg.total_len} exceeds the model's maximum"
+        f" length {max_seq_len}; lower rationale_budget (the paper reserves 128 tokens for the answer) or the"
+        " prompt length")
+
+
+def check_mesh(cfg: TrainConfig, num_devices: int) -> tuple[int, int]:
+  """Returns (data, fsdp) axis sizes, or raises when they do not divide the devices or the batch."""
+  if num_devices % cfg.mesh_fsdp:
+    raise ConfigError(f"mesh_fsdp={cfg.mesh_fsdp} does not divide the {num_devices} devices; choose a divisor")
+  data = num_devices // cfg.mesh_fsdp if cfg.mesh_data == -1 else cfg.mesh_data
+  if data * cfg.mesh_fsdp != num_devices:
+    raise ConfigError(f"mesh_data={cfg.mesh_data} x mesh_fsdp={cfg.mesh_fsdp} = {data * cfg.mesh_fsdp} does not"
+                      f" equal the {num_devices} devices; set mesh_data=-1 to fill")
+  for key in ("batch_size", "eval_batch_size"):
+    if getattr(cfg, key) % num_devices:
+      raise ConfigError(f"{key}={getattr(cfg, key)} is not divisible by the {num_devices} devices the batch is split"
+                        " over (data x fsdp); make it a multiple")
+  return data, cfg.mesh_fsdp
+
+
+def _parse_value(key: str, text: str) -> Any:
+  kind = FIELDS[key].type
+  try:
+    if kind == "bool":
+      low = text.strip().lower()
+      if low not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+      return low in ("true", "1", "yes")
+    if kind == "int":
+      return int(text)
+    if kind == "float":
+      return float(text)
+    return text
+  except ValueError:
+    raise ConfigError(f"--set {key}={text!r}: cannot parse {text!r} as {kind}") from None
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+  """Applies `["key=value", ...]` (the CLI's `--set`); unknown keys raise with the valid ones listed."""
+  changes = {}
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"--set {item!r} is not of the form key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    _check_keys([key])
+    changes[key] = _parse_value(key, text)
+  return cfg.replace(**changes)
+
+
+def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+  """Loads `experiments/configs/<name>.py`'s `get_config()` and applies `overrides`."""
+  try:
+    module = importlib.import_module(f"experiments.configs.{name}")
+  except ModuleNotFoundError as e:
+    if e.name and e.name.startswith("experiments.configs"):
+      raise ConfigError(f"no config named {name!r}; configs live in experiments/configs/<name>.py") from None
+    raise
+  cfg = module.get_config()
+  if not isinstance(cfg, TrainConfig):
+    raise ConfigError(f"experiments.configs.{name}.get_config() returned {type(cfg).__name__}, not TrainConfig")
+  return apply_overrides(cfg, overrides)

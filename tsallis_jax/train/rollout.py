@@ -1,0 +1,94 @@
+"""Rollouts for training and evaluation, and the sequences the train step scores (spec 1.6, 1.7).
+
+* `sampling_config` maps a `TrainConfig` onto the sampler's static `SamplingConfig` (budget forcing with
+  `</think>`: the rationale budget, the forced tag, then the answer budget).
+* `teacher_forced_completion` builds, inside jit, the completion [rationale, `</think>`, gold answer] from a sampled
+  rationale: one forward over [prompt, that completion] gives log p(z|x) on the rationale tokens and
+  log w = log p(y*|x, z) on the gold-answer tokens (spec eq. 7), with the pathwise gradient.
+* `exact_match_reward` is the training reward of GRPO (spec 1.7: exact match against the gold answer), computed on
+  token ids inside jit (the sampled answer segment, stop token included, equals the gold answer's ids).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tsallis_jax.sampler import Rollout, SamplingConfig
+from tsallis_jax.train.config import TrainConfig
+
+
+def sampling_config(cfg: TrainConfig, *, stop_ids: tuple[int, ...], pad_id: int, close_tag_ids: tuple[int, ...],
+                    evaluation: bool = False) -> SamplingConfig:
+  """The sampler settings of training rollouts or (with `evaluation`) of evaluation rollouts."""
+  if not close_tag_ids:
+    raise ValueError("close_tag_ids is empty: training needs the rationale's closing tag (`</think>`) to separate"
+                     " the rationale from the answer; use a tokenizer that has it")
+  if evaluation:
+    temperature, top_k, top_p, samples = cfg.eval_temperature, cfg.eval_top_k, cfg.eval_top_p, cfg.eval_num_samples
+  else:
+    temperature, top_k, top_p, samples = cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples
+  return SamplingConfig(num_samples=samples, max_new_tokens=cfg.rollout_len, temperature=float(temperature),
+                        top_k=int(top_k), top_p=float(top_p), stop_ids=tuple(int(t) for t in stop_ids),
+                        pad_id=int(pad_id), close_tag_ids=tuple(int(t) for t in close_tag_ids),
+                        rationale_budget=max(cfg.rationale_budget, 1), answer_budget=cfg.max_answer_len)
+
+
+def rationale_extent(rollout: Rollout, stop_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """(keep_N, closed_N): how many leading completion tokens form the rationale kept for teacher forcing.
+
+  A closed row keeps its rationale and closing tag (`answer_start_N` tokens). A row that ended inside its rationale
+  (it sampled a stop token before `</think>`) keeps its rationale without the stop token; the tag is then inserted.
+  """
+  closed_N = rollout.closed_N
+  last_N = jnp.take_along_axis(rollout.tokens_NxT, jnp.maximum(rollout.lengths_N - 1, 0)[:, None], axis=1)[:, 0]
+  stop_C = jnp.asarray(stop_ids or (-1,), jnp.int32)
+  ended_on_stop_N = (rollout.lengths_N > 0) & jnp.any(last_N[:, None] == stop_C[None, :], axis=1)
+  keep_N = jnp.where(closed_N, rollout.answer_start_N, rollout.lengths_N - ended_on_stop_N.astype(jnp.int32))
+  return keep_N, closed_N
+
+
+def teacher_forced_completion(rollout: Rollout, gold_NxA: jax.Array, gold_mask_NxA: jax.Array,
+                              close_tag_ids: tuple[int, ...], stop_ids: tuple[int, ...], pad_id: int):
+  """[rationale, `</think>`, gold answer] per row in the completion buffer (length T of the rollout).
+
+  Returns (tokens_NxT, z_mask_NxT, y_mask_NxT, valid_mask_NxT): z_mask marks the sampled rationale tokens scored by
+  log p(z|x) (forced tokens excluded: they were not drawn), y_mask the gold-answer tokens scored by log w. Gold
+  answers are assumed left-aligned in `gold_NxA` (real tokens first, stop token included).
+  """
+  N, T = rollout.tokens_NxT.shape
+  A = gold_NxA.shape[1]
+  tag_C = jnp.asarray(close_tag_ids, jnp.int32)
+  C = tag_C.shape[0]
+  keep_N, closed_N = rationale_extent(rollout, stop_ids)
+  tag_len_N = jnp.where(closed_N, 0, C)
+  slots_T = jnp.arange(T, dtype=jnp.int32)[None, :]
+  in_rationale_NxT = slots_T < keep_N[:, None]
+  tag_pos_NxT = slots_T - keep_N[:, None]
+  in_tag_NxT = (tag_pos_NxT >= 0) & (tag_pos_NxT < tag_len_N[:, None])
+  answer_pos_NxT = slots_T - (keep_N + tag_len_N)[:, None]
+  gold_len_N = jnp.sum(gold_mask_NxA.astype(jnp.int32), axis=1)
+  in_answer_NxT = (answer_pos_NxT >= 0) & (answer_pos_NxT < gold_len_N[:, None])
+  tag_tok_NxT = tag_C[jnp.clip(tag_pos_NxT, 0, C - 1)]
+  gold_tok_NxT = jnp.take_along_axis(gold_NxA.astype(jnp.int32), jnp.clip(answer_pos_NxT, 0, A - 1), axis=1)
+  tokens_NxT = jnp.where(in_rationale_NxT, rollout.tokens_NxT,
+                         jnp.where(in_tag_NxT, tag_tok_NxT, jnp.where(in_answer_NxT, gold_tok_NxT, pad_id)))
+  z_mask_NxT = in_rationale_NxT & ~rollout.forced_mask_NxT & rollout.rationale_mask_NxT
+  y_mask_NxT = in_answer_NxT
+  valid_NxT = in_rationale_NxT | in_tag_NxT | in_answer_NxT
+  return tokens_NxT, z_mask_NxT, y_mask_NxT, valid_NxT
+
+
+def exact_match_reward(rollout: Rollout, gold_NxA: jax.Array, gold_mask_NxA: jax.Array) -> jax.Array:
+  """1.0 where the sampled answer segment equals the gold answer token for token (stop token included), else 0.
+
+  Rows that never closed their rationale have no answer and score 0.
+  """
+  A = gold_NxA.shape[1]
+  idx_NxA = jnp.clip(rollout.answer_start_N[:, None] + jnp.arange(A, dtype=jnp.int32)[None, :], 0,
+                     rollout.tokens_NxT.shape[1] - 1)
+  got_NxA = jnp.take_along_axis(rollout.tokens_NxT, idx_NxA, axis=1)
+  gold_mask_NxA = gold_mask_NxA.astype(bool)
+  same_N = jnp.all((got_NxA == gold_NxA) | ~gold_mask_NxA, axis=1)
+  answer_len_N = jnp.sum(rollout.answer_mask_NxT.astype(jnp.int32), axis=1)
+  same_len_N = answer_len_N == jnp.sum(gold_mask_NxA.astype(jnp.int32), axis=1)
+  return (same_N & same_len_N & rollout.closed_N).astype(jnp.float32)

@@ -1,0 +1,74 @@
+"""Schedules evaluated from the step inside jit: the commitment q (spec 1.5, "SFT-then-RL" as q: 1 -> 0) and the
+learning rate (linear warm-up, then constant / cosine / linear decay).
+
+Both take the step as a traced int32 and return a float32 scalar, so one compiled train step serves every q value
+and every point of the schedule.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tsallis_jax.train.config import TrainConfig
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def q_schedule(kind: str, q_start: jax.Array | float, q_end: jax.Array | float, num_steps: int) -> Schedule:
+  """q(step) for `kind` in constant | linear | step | cosine.
+
+  linear and cosine move from q_start to q_end over `num_steps` and then hold q_end; step holds q_start for the
+  first half and q_end afterwards (the paper's v2 reading of SFT-then-RL as a stepwise q = 1 -> 0 schedule).
+  q_start and q_end may be traced (the demo passes q as an argument so runs share one compiled step).
+  """
+  if num_steps < 1 and kind != "constant":
+    raise ValueError(f"q schedule {kind!r} needs num_steps >= 1, got {num_steps}")
+
+  def fn(step: jax.Array) -> jax.Array:
+    q0 = jnp.asarray(q_start, jnp.float32)
+    q1 = jnp.asarray(q_end, jnp.float32)
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(num_steps, 1), 0.0, 1.0)
+    if kind == "constant":
+      return q0
+    if kind == "linear":
+      return q0 + (q1 - q0) * frac
+    if kind == "cosine":
+      return q1 + (q0 - q1) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    if kind == "step":
+      return jnp.where(frac < 0.5, q0, q1)
+    raise ValueError(f"unknown q schedule {kind!r}; use constant, linear, step or cosine")
+
+  return fn
+
+
+def q_schedule_from_config(cfg: TrainConfig, q_start=None, q_end=None) -> Schedule:
+  """The config's q schedule; `q_start`/`q_end` (possibly traced) override the config's values."""
+  return q_schedule(cfg.q_schedule, cfg.q if q_start is None else q_start, cfg.q_end if q_end is None else q_end,
+                    cfg.q_schedule_steps or cfg.num_steps)
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warm-up from learning_rate / warmup_steps over `warmup_steps`, then constant, cosine or linear decay to 0 at `num_steps`."""
+  decay_steps = max(cfg.num_steps - cfg.warmup_steps, 1)
+  if cfg.lr_schedule == "constant":
+    after = optax.constant_schedule(cfg.learning_rate)
+  elif cfg.lr_schedule == "cosine":
+    after = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps)
+  else:
+    after = optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)
+  if cfg.warmup_steps == 0:
+    return after
+  warm = optax.linear_schedule(cfg.learning_rate / cfg.warmup_steps, cfg.learning_rate, cfg.warmup_steps)
+  return optax.join_schedules([warm, after], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping and the learning-rate schedule (the paper names no optimiser)."""
+  adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                      weight_decay=cfg.weight_decay)
+  if cfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+  return adamw

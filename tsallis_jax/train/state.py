@@ -1,0 +1,68 @@
+"""The train state and its sharded construction (STYLE.md point 5: shapes first, then shardings, then build).
+
+`TrainState` is a pytree of arrays only, so orbax saves it whole and the train step donates it whole:
+
+  step        int32 scalar, updates applied so far
+  params      nnx.State of the policy's parameters
+  opt_state   optax state (mirrors params)
+  key         uint32 raw PRNG key data; per-step keys are fold_in(key, step), so the key never changes
+  ref_params  nnx.State of the initial policy (KL to the initial policy), or None when not needed
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tsallis_jax.model import param_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  key: jax.Array
+  ref_params: Any = None
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, rules,
+                    with_ref: bool) -> TrainState:
+  """NamedShardings for every leaf of the state: params by the model's logical-axis rules, optimizer moments like
+  their params (`optax.tree_map_params`), everything else replicated."""
+  shardings = param_shardings(abstract_params, mesh, rules)
+  shardings = jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, shardings,
+                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  abstract_opt = jax.eval_shape(tx.init, pure(abstract_params))
+  opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, shardings,
+                                        transform_non_params=lambda _: replicated(mesh),
+                                        is_leaf=lambda x: isinstance(x, NamedSharding))
+  return TrainState(step=replicated(mesh), params=shardings, opt_state=opt_shardings, key=replicated(mesh),
+                    ref_params=shardings if with_ref else None)
+
+
+def pure(state: Any) -> Any:
+  """The same nnx.State with each Variable replaced by its value (plain arrays / ShapeDtypeStructs): the form the
+  train state, the optimizer, orbax and `nnx.merge` all accept, whose tree matches a tree of shardings."""
+  return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int, shardings: TrainState,
+               with_ref: bool) -> TrainState:
+  """Builds the state on its shardings from (possibly unsharded) params: one jitted call with out_shardings."""
+
+  def build(p):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                      key=jax.random.key_data(jax.random.key(seed)), ref_params=p if with_ref else None)
+
+  return jax.jit(build, out_shardings=shardings)(params)

@@ -1,0 +1,80 @@
+"""The task a run trains on: tokenizer, train / validation / test records, and the special token ids.
+
+`task` names the source; `task_options` ("k=v,k=v") its knobs:
+
+* `synthetic` (`tsallis_jax.data.synthetic`): the target chain task with the p0 knob. Options: p0 (0.01), steps (4),
+  modulus (10), train (2000), val (64), test (128). Splits are drawn from fixed data seeds (1, 2, 3), independent of
+  the run's seed, so every run of the demo is evaluated on the same held-out prompts.
+* `finqa`, `hotpotqa`, `musique`: the paper's datasets from `data_dir` (the official files; see tsallis_jax/data).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tsallis_jax.data.records import Record
+from tsallis_jax.train.config import ConfigError, TrainConfig, parse_options
+
+SYNTHETIC_DEFAULTS = {"p0": 0.01, "steps": 4, "modulus": 10, "train": 2000, "val": 64, "test": 128}
+DATA_SEEDS = {"train": 1, "val": 2, "test": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  tokenizer: Any
+  train: list[Record]
+  val: list[Record]
+  test: list[Record]
+  info: dict[str, Any]
+
+  @property
+  def pad_id(self) -> int:
+    pad = self.tokenizer.pad_token_id
+    return int(self.tokenizer.eos_token_id if pad is None else pad)
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return (int(self.tokenizer.eos_token_id),)
+
+  @property
+  def close_tag_ids(self) -> tuple[int, ...]:
+    tid = self.tokenizer.convert_tokens_to_ids("</think>")
+    if tid is None or tid == self.tokenizer.unk_token_id:
+      raise ConfigError("the tokenizer has no `</think>` token; budget forcing and the teacher-forced weight need it")
+    return (int(tid),)
+
+
+def _options(cfg: TrainConfig, defaults: dict[str, Any]) -> dict[str, Any]:
+  given = parse_options(cfg.task_options)
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ConfigError(f"task_options {unknown} are unknown for task={cfg.task!r}; valid: {sorted(defaults)}")
+  return {k: type(defaults[k])(given.get(k, defaults[k])) for k in defaults}
+
+
+def synthetic_target(cfg: TrainConfig):
+  """The target `ChainTask` of a synthetic config (the demo pretrains on its source task)."""
+  from tsallis_jax.data import synthetic
+  opts = _options(cfg, SYNTHETIC_DEFAULTS)
+  return synthetic.target_task(opts["p0"], num_steps=opts["steps"], modulus=opts["modulus"]), opts
+
+
+def build_task(cfg: TrainConfig, tokenizer: Any = None) -> Task:
+  """Tokenizer and splits of `cfg.task` (a tokenizer passed in, e.g. the model's, takes precedence)."""
+  if cfg.task == "synthetic":
+    from tsallis_jax.data import synthetic
+    target, opts = synthetic_target(cfg)
+    tok = tokenizer or synthetic.make_tokenizer()
+    splits = {name: synthetic.make_records(target, opts[name], DATA_SEEDS[name]) for name in ("train", "val", "test")}
+    return Task(tok, splits["train"], splits["val"], splits["test"],
+                {"task": "synthetic", "nominal_p0": target.nominal_p0, **opts})
+  if cfg.task in ("finqa", "hotpotqa", "musique"):
+    try:
+      from tsallis_jax.data import splits as splits_lib  # written by the data engineer (issue 6)
+    except ImportError as e:
+      raise ConfigError(f"task={cfg.task!r} needs tsallis_jax.data.splits, which is not available ({e})") from None
+    if tokenizer is None:
+      raise ConfigError(f"task={cfg.task!r} needs the model's tokenizer (model=hf with model_path)")
+    parts = {name: splits_lib.load_split(cfg.task, name, data_dir=cfg.data_dir) for name in ("train", "val", "test")}
+    return Task(tokenizer, parts["train"], parts["val"], parts["test"], {"task": cfg.task})
+  raise ConfigError(f"task={cfg.task!r} is unknown; use synthetic, finqa, hotpotqa or musique")
