@@ -1,0 +1,343 @@
+"""Tests for the KV-cached rollout sampler (`tsallis_jax.sampler`, issue 5; spec §1.6-§1.7)."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+from flax import nnx
+
+from tsallis_jax import sampler as sampler_lib
+from tsallis_jax.model import ModelConfig, Transformer, make_attention_mask, make_positions
+from tsallis_jax.sampler import SamplingConfig
+
+PAD = 0
+
+
+def _model(seed: int = 0, logit_scale: float = 4.0) -> Transformer:
+  """The tiny preset with its (tied) embedding scaled up, so next-token distributions are peaked, not ~uniform."""
+  model = Transformer(ModelConfig.tiny(), rngs=nnx.Rngs(seed))
+  model.embed[...] = model.embed[...] * logit_scale
+  return model
+
+
+@pytest.fixture(scope="module")
+def model():
+  return _model()
+
+
+def _prompts(rng: np.random.Generator, lengths, vocab: int = 128):
+  return [rng.integers(2, vocab, size=n).tolist() for n in lengths]
+
+
+@jax.jit
+def _forward(graphdef, params, tokens_NxU, mask_NxU):
+  logits_NxUxV, _ = nnx.merge(graphdef, params)(tokens_NxU, make_positions(mask_NxU), make_attention_mask(mask_NxU))
+  return logits_NxUxV
+
+
+def _teacher_forced_logits(model, rollout):
+  """Uncached forward over prompt + completion; returns the logits that predict each completion slot."""
+  tokens_NxU = jnp.concatenate([rollout.prompt_tokens_NxP, rollout.tokens_NxT], axis=1)
+  mask_NxU = jnp.concatenate([rollout.prompt_mask_NxP, rollout.mask_NxT], axis=1)
+  logits_NxUxV = _forward(*nnx.split(model), tokens_NxU, mask_NxU)
+  P = rollout.prompt_tokens_NxP.shape[1]
+  return logits_NxUxV[:, P - 1:-1]
+
+
+def _generate(model, tokens_BxP, mask_BxP, key, config):
+  graphdef, params = nnx.split(model)
+  return sampler_lib.generate(graphdef, params, jnp.asarray(tokens_BxP), jnp.asarray(mask_BxP), key, config)
+
+
+# ------------------------------------------------------------------------------------------------ config and helpers
+
+
+@pytest.mark.parametrize("kwargs, match", [
+  (dict(temperature=-1.0), "temperature"),
+  (dict(top_k=-2), "top_k"),
+  (dict(top_p=0.0), "top_p"),
+  (dict(num_samples=0), "num_samples"),
+  (dict(stop_ids=[1]), "stop_ids"),
+  (dict(close_tag_ids=(5,)), "rationale_budget"),
+  (dict(rationale_budget=8), "close_tag_ids"),
+  (dict(cache_dtype="int8"), "cache_dtype"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    SamplingConfig(**kwargs)
+
+
+def test_pad_prompts_buckets_and_sides():
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts([[5, 6, 7], [8]], PAD, buckets=(2, 4, 8), side="left")
+  np.testing.assert_array_equal(tokens_BxP, [[0, 5, 6, 7], [0, 0, 0, 8]])
+  np.testing.assert_array_equal(mask_BxP, tokens_BxP != 0)
+  tokens_BxP, _ = sampler_lib.pad_prompts([[5, 6, 7], [8]], PAD, buckets=(2, 4, 8), side="right")
+  np.testing.assert_array_equal(tokens_BxP, [[5, 6, 7, 0], [8, 0, 0, 0]])
+  with pytest.raises(ValueError, match="largest bucket"):
+    sampler_lib.pad_prompts([[1] * 9], PAD, buckets=(4, 8))
+  with pytest.raises(ValueError, match="empty"):
+    sampler_lib.pad_prompts([[1], []], PAD)
+
+
+# ------------------------------------------------------------------------------------------------ token selection
+
+
+def _filtered_probs(logits_V: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+  """Reference filter in float64 numpy, written independently of the sampler: sort, cut, renormalise."""
+  scaled = logits_V.astype(np.float64) / temperature
+  order = np.argsort(-scaled, kind="stable")
+  keep = np.zeros_like(scaled, dtype=bool)
+  keep[order[:top_k] if top_k else order] = True
+  probs = np.where(keep, np.exp(scaled - scaled.max()), 0.0)
+  probs /= probs.sum()
+  if top_p < 1.0:
+    sorted_probs = probs[order]
+    kept = np.searchsorted(np.cumsum(sorted_probs), top_p) + 1  # smallest prefix with mass >= top_p
+    keep_p = np.zeros_like(keep)
+    keep_p[order[:kept]] = True
+    probs = np.where(keep_p, probs, 0.0)
+    probs /= probs.sum()
+  return probs
+
+
+def _chisquare_pvalue(counts_V, probs_V):
+  """Goodness of fit of sampled counts to `probs_V`; 0 if a token outside its support was sampled."""
+  support = probs_V > 0
+  if counts_V[~support].sum():
+    return 0.0
+  expected = probs_V[support] * counts_V.sum()
+  assert expected.min() >= 5, "too few samples for the chi-square approximation"
+  return scipy.stats.chisquare(counts_V[support], expected).pvalue
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.5, 0, 0.8), (1.0, 8, 0.9)])
+def test_sampled_distribution_matches_filtered_softmax(temperature, top_k, top_p):
+  V, N = 12, 40_000
+  logits_V = np.random.default_rng(1).normal(size=V).astype(np.float32) * 1.5
+  config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+  select = jax.jit(sampler_lib.sample_from_logits, static_argnames="config")
+  token_N, logp_N, log_z_N = select(jax.random.key(0), jnp.broadcast_to(logits_V, (N, V)), config)
+  token_N = np.asarray(token_N)
+  counts_V = np.bincount(token_N, minlength=V)
+  probs_V = _filtered_probs(logits_V, temperature, top_k, top_p)
+  assert _chisquare_pvalue(counts_V, probs_V) > 1e-3
+  # The same counts reject the distribution at a wrong temperature (the test has power).
+  wrong_V = _filtered_probs(logits_V, temperature * 1.3, top_k, top_p)
+  assert _chisquare_pvalue(counts_V, wrong_V) < 1e-3
+  # Returned log-probs are those of the filtered distribution; log_z normalises the unfiltered tempered softmax.
+  np.testing.assert_allclose(np.asarray(logp_N), np.log(probs_V[token_N]), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(log_z_N), np.log(np.exp(logits_V.astype(np.float64) / temperature).sum()),
+                             atol=1e-5)
+
+
+def test_greedy_selection_is_argmax_with_zero_logp():
+  logits_NxV = jax.random.normal(jax.random.key(3), (16, 40))
+  token_N, logp_N, _ = sampler_lib.sample_from_logits(jax.random.key(0), logits_NxV, SamplingConfig(temperature=0.0))
+  np.testing.assert_array_equal(token_N, jnp.argmax(logits_NxV, axis=-1))
+  np.testing.assert_array_equal(logp_N, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def test_greedy_equals_uncached_argmax_and_padding_side_does_not_matter(model):
+  prompts = _prompts(np.random.default_rng(0), [3, 7, 1, 5])
+  config = SamplingConfig(num_samples=2, max_new_tokens=10, temperature=0.0)
+  left_BxP, left_mask_BxP = sampler_lib.pad_prompts(prompts, PAD, buckets=(8,), side="left")
+  right_BxP, right_mask_BxP = sampler_lib.pad_prompts(prompts, PAD, buckets=(8,), side="right")
+  rollout = _generate(model, left_BxP, left_mask_BxP, jax.random.key(0), config)
+  chex.assert_shape(rollout.tokens_NxT, (8, 10))
+  chex.assert_trees_all_equal(rollout.tokens_NxT[0::2], rollout.tokens_NxT[1::2])  # greedy: G copies agree
+  logits_NxTxV = _teacher_forced_logits(model, rollout)
+  np.testing.assert_array_equal(rollout.tokens_NxT, jnp.argmax(logits_NxTxV, axis=-1))
+  right = _generate(model, right_BxP, right_mask_BxP, jax.random.key(0), config)
+  np.testing.assert_array_equal(right.tokens_NxT, rollout.tokens_NxT)
+  np.testing.assert_array_equal(right.prompt_tokens_NxP, rollout.prompt_tokens_NxP)
+
+
+def test_logps_equal_teacher_forced_logps(model):
+  prompts = _prompts(np.random.default_rng(1), [4, 8, 2])
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(prompts, PAD, buckets=(8,), side="right")
+  for config in (SamplingConfig(num_samples=3, max_new_tokens=12, temperature=0.7, stop_ids=(2, 3)),
+                 SamplingConfig(num_samples=3, max_new_tokens=12, temperature=1.3, top_k=6)):
+    rollout = _generate(model, tokens_BxP, mask_BxP, jax.random.key(4), config)
+    chex.assert_tree_all_finite(rollout.logp_NxT)
+    logits_NxTxV = _teacher_forced_logits(model, rollout) / config.temperature
+    recomputed_NxT = jnp.take_along_axis(jax.nn.log_softmax(logits_NxTxV, axis=-1), rollout.tokens_NxT[..., None],
+                                         axis=-1)[..., 0]
+    recomputed_NxT = jnp.where(rollout.mask_NxT, recomputed_NxT, 0.0)
+    np.testing.assert_allclose(rollout.model_logp_NxT, recomputed_NxT, atol=1e-4)
+    if config.filtered:  # renormalised over the top k: at least the unfiltered log-prob
+      assert bool(jnp.all(rollout.logp_NxT >= rollout.model_logp_NxT - 1e-5))
+      assert bool(jnp.any(rollout.logp_NxT > rollout.model_logp_NxT + 1e-3))
+    else:
+      np.testing.assert_allclose(rollout.logp_NxT, rollout.model_logp_NxT, atol=1e-6)
+
+
+def test_first_token_distribution_of_the_sampler():
+  """The whole pipeline (prefill, cache repeat, first decode step) samples from the filtered model softmax."""
+  model = _model(logit_scale=3.0)  # flatter than the fixture, so every kept token gets enough expected counts
+  prompts = _prompts(np.random.default_rng(2), [6])
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(prompts, PAD, buckets=(8,))
+  config = SamplingConfig(num_samples=6000, max_new_tokens=1, temperature=0.8, top_k=6)
+  rollout = _generate(model, tokens_BxP, mask_BxP, jax.random.key(5), config)
+  logits_V = np.asarray(_teacher_forced_logits(model, rollout)[0, 0])
+  counts_V = np.bincount(np.asarray(rollout.tokens_NxT[:, 0]), minlength=logits_V.shape[0])
+  probs_V = _filtered_probs(logits_V, 0.8, 6, 1.0)
+  assert _chisquare_pvalue(counts_V, probs_V) > 1e-3
+  assert _chisquare_pvalue(counts_V, _filtered_probs(logits_V, 1.2, 6, 1.0)) < 1e-3
+
+
+def test_same_key_same_samples_and_group_samples_differ(model):
+  prompts = _prompts(np.random.default_rng(3), [5, 2])
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(prompts, PAD, buckets=(8,))
+  config = SamplingConfig(num_samples=4, max_new_tokens=8, temperature=1.0)
+  a = _generate(model, tokens_BxP, mask_BxP, jax.random.key(7), config)
+  b = _generate(model, tokens_BxP, mask_BxP, jax.random.key(7), config)
+  c = _generate(model, tokens_BxP, mask_BxP, jax.random.key(8), config)
+  chex.assert_trees_all_equal(a, b)
+  assert not np.array_equal(a.tokens_NxT, c.tokens_NxT)
+  for g in range(1, 4):  # the 4 samples of prompt 0 (rows 0..3) are not copies of each other
+    assert not np.array_equal(a.tokens_NxT[0], a.tokens_NxT[g])
+  np.testing.assert_array_equal(a.prompt_tokens_NxP[:4], jnp.broadcast_to(a.prompt_tokens_NxP[0], (4, 8)))
+
+
+def test_prefill_runs_once_per_prompt_not_per_sample(model, monkeypatch):
+  calls = []
+  original = Transformer.hidden
+
+  def spy(self, tokens_NxT, *args, **kwargs):
+    calls.append(tokens_NxT.shape)
+    return original(self, tokens_NxT, *args, **kwargs)
+
+  monkeypatch.setattr(Transformer, "hidden", spy)
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(_prompts(np.random.default_rng(4), [5, 3, 8]), PAD, buckets=(8,))
+  config = SamplingConfig(num_samples=5, max_new_tokens=4, temperature=1.0)
+  graphdef, params = nnx.split(model)
+  jax.make_jaxpr(lambda p, t, m, k: sampler_lib.generate_impl(graphdef, p, t, m, k, config))(
+    params, jnp.asarray(tokens_BxP), jnp.asarray(mask_BxP), jax.random.key(0))
+  assert calls == [(3, 7), (15, 1)]  # one prefill of the B prompts, then one token per row per decode step
+
+
+def test_stop_tokens_end_sequences_and_mask_the_rest(model):
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(_prompts(np.random.default_rng(5), [4, 6, 2, 7]), PAD, buckets=(8,))
+  stop_ids = tuple(range(2, 40))  # about a third of the vocabulary: every row stops within a few tokens
+  config = SamplingConfig(num_samples=4, max_new_tokens=64, temperature=1.0, stop_ids=stop_ids, pad_id=PAD)
+  rollout = _generate(model, tokens_BxP, mask_BxP, jax.random.key(9), config)
+  tokens_NxT = np.asarray(rollout.tokens_NxT)
+  is_stop_NxT = np.isin(tokens_NxT, stop_ids)
+  assert is_stop_NxT.any(axis=1).all()
+  first_stop_N = is_stop_NxT.argmax(axis=1)
+  np.testing.assert_array_equal(rollout.lengths_N, first_stop_N + 1)
+  slots_T = np.arange(64)
+  np.testing.assert_array_equal(rollout.mask_NxT, slots_T[None] <= first_stop_N[:, None])
+  assert (tokens_NxT[~np.asarray(rollout.mask_NxT)] == PAD).all()
+  assert (np.asarray(rollout.logp_NxT)[~np.asarray(rollout.mask_NxT)] == 0).all()
+  assert not np.asarray(rollout.truncated_N).any()
+  assert int(rollout.num_steps) == int(first_stop_N.max()) + 1 < 64  # the loop stopped early
+  np.testing.assert_array_equal(rollout.answer_mask_NxT, rollout.mask_NxT)  # no budget forcing: all answer
+  truncated = _generate(model, tokens_BxP, mask_BxP, jax.random.key(9), SamplingConfig(
+    num_samples=4, max_new_tokens=6, temperature=1.0, stop_ids=(1,)))
+  assert np.asarray(truncated.truncated_N).all() and (np.asarray(truncated.lengths_N) == 6).all()
+
+
+def test_budget_forcing_inserts_the_tag_at_the_budget(model):
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(_prompts(np.random.default_rng(6), [4, 6]), PAD, buckets=(8,))
+  tag = (1, 0)  # a pair this model does not sample in the first 5 steps with this key (so every row is forced)
+  budget, answer = 5, 4
+  config = SamplingConfig(num_samples=3, temperature=1.0, close_tag_ids=tag, rationale_budget=budget,
+                          answer_budget=answer)
+  rollout = _generate(model, tokens_BxP, mask_BxP, jax.random.key(11), config)
+  chex.assert_shape(rollout.tokens_NxT, (6, budget + len(tag) + answer))
+  tokens_NxT = np.asarray(rollout.tokens_NxT)
+  forced_N = np.asarray(rollout.forced_N)
+  assert forced_N.all()
+  np.testing.assert_array_equal(tokens_NxT[:, budget:budget + 2], np.broadcast_to(tag, (6, 2)))
+  expected_forced_NxT = np.zeros(tokens_NxT.shape, bool)
+  expected_forced_NxT[:, budget:budget + 2] = True
+  np.testing.assert_array_equal(rollout.forced_mask_NxT, expected_forced_NxT)
+  assert (np.asarray(rollout.logp_NxT)[expected_forced_NxT] == 0).all()
+  assert (np.asarray(rollout.model_logp_NxT)[expected_forced_NxT] < 0).all()  # the model's own log-prob of the tag
+  np.testing.assert_array_equal(rollout.answer_start_N, budget + 2)
+  mask_NxT = np.asarray(rollout.mask_NxT)
+  np.testing.assert_array_equal(np.asarray(rollout.rationale_mask_NxT), mask_NxT & (np.arange(11) < budget + 2))
+  np.testing.assert_array_equal(np.asarray(rollout.answer_mask_NxT), mask_NxT & (np.arange(11) >= budget + 2))
+  np.testing.assert_array_equal(rollout.lengths_N, budget + 2 + answer)  # the answer budget ends every row
+  assert np.asarray(rollout.truncated_N).all() and np.asarray(rollout.closed_N).all()
+
+
+def test_budget_forcing_lets_the_model_close_the_rationale_itself(model):
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(_prompts(np.random.default_rng(7), [5]), PAD, buckets=(8,))
+  greedy = _generate(model, tokens_BxP, mask_BxP, jax.random.key(0),
+                     SamplingConfig(max_new_tokens=8, temperature=0.0))
+  row = np.asarray(greedy.tokens_NxT[0]).tolist()
+  tag = (row[1], row[2])  # the model emits this pair at steps 1-2 (or earlier if it occurs at 0-1)
+  closes_at = next(i for i in range(1, 8) if (row[i - 1], row[i]) == tag) + 1
+  budget, answer = 6, 3
+  rollout = _generate(model, tokens_BxP, mask_BxP, jax.random.key(0), SamplingConfig(
+    temperature=0.0, close_tag_ids=tag, rationale_budget=budget, answer_budget=answer))
+  assert not bool(rollout.forced_N[0]) and bool(rollout.closed_N[0])
+  assert int(rollout.answer_start_N[0]) == closes_at
+  assert int(rollout.lengths_N[0]) == closes_at + answer
+  np.testing.assert_array_equal(rollout.tokens_NxT[0, :closes_at + answer], row[:closes_at + answer])
+  assert (np.asarray(rollout.tokens_NxT[0, closes_at + answer:]) == PAD).all()
+  assert not np.asarray(rollout.forced_mask_NxT).any()
+
+
+def test_data_sharded_batch_on_eight_devices(model):
+  assert jax.device_count() == 8
+  from tsallis_jax.model import make_mesh
+  mesh = make_mesh((8,), ("data",))
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(_prompts(np.random.default_rng(8), [3, 5, 8, 1, 2, 6, 7, 4]), PAD,
+                                                 buckets=(8,))
+  config = SamplingConfig(num_samples=2, max_new_tokens=6, temperature=1.0, top_p=0.9)
+  expected = _generate(model, tokens_BxP, mask_BxP, jax.random.key(2), config)
+  graphdef, params = nnx.split(model)
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  with jax.set_mesh(mesh):
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    rollout = sampler_lib.generate(graphdef, params, jax.device_put(jnp.asarray(tokens_BxP), batch_sharding),
+                                   jax.device_put(jnp.asarray(mask_BxP), batch_sharding), jax.random.key(2), config)
+  assert not rollout.tokens_NxT.sharding.is_fully_replicated
+  np.testing.assert_array_equal(rollout.tokens_NxT, expected.tokens_NxT)
+  np.testing.assert_allclose(rollout.logp_NxT, expected.logp_NxT, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ text level
+
+
+def _word_tokenizer(vocab: int = 128):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  words = {"<pad>": 0, "<eos>": 1, **{f"t{i}": i for i in range(2, vocab)}}
+  backend = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  backend.add_special_tokens(["<pad>", "<eos>"])
+  return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_text_sampler_round_trip_and_one_compile_per_bucket(model):
+  tokenizer = _word_tokenizer()
+  config = SamplingConfig(num_samples=2, max_new_tokens=5, temperature=1.0, stop_ids=(1,), pad_id=0)
+  sampler = sampler_lib.Sampler(model, tokenizer, config, prompt_buckets=(8, 16))
+  out = sampler(["t5 t6 t7", "t9 t10 t11 t12 t13"], jax.random.key(0))
+  assert [len(c) for c in out.completions] == [2, 2]
+  for n, text in enumerate(sum(out.completions, [])):
+    ids = np.asarray(out.rollout.tokens_NxT[n, :int(out.rollout.lengths_N[n])])
+    assert text.split() == [f"t{i}" for i in ids if i > 1]
+  np.testing.assert_array_equal(out.rollout.prompt_tokens_NxP[0, -3:], [5, 6, 7])
+  sampler(["t3", "t4 t5 t6 t7 t8 t9 t10"], jax.random.key(1))  # another length in the same bucket
+  assert sampler._generate._cache_size() == 1
+  sampler(["t3 " * 12], jax.random.key(1))  # the next bucket
+  assert sampler._generate._cache_size() == 2
+
+
+def test_text_sampler_applies_the_chat_template(model):
+  tokenizer = _word_tokenizer()
+  tokenizer.chat_template = ("{% for m in messages %}t2 {{ m['content'] }} t3 {% endfor %}"
+                             "{% if add_generation_prompt %}t4{% endif %}")
+  sampler = sampler_lib.Sampler(model, tokenizer, SamplingConfig(max_new_tokens=2), chat_template=True)
+  assert sampler.encode(["t9 t10"]) == [[2, 9, 10, 3, 4]]
+  with pytest.raises(ValueError, match="list of prompt strings"):
+    sampler("t9 t10", jax.random.key(0))
