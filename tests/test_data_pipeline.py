@@ -164,3 +164,30 @@ def test_tokenizer_without_think_token_raises(records):
       {"<unk>": 0, "<eos>": 1}, unk_token="<unk>")), unk_token="<unk>", eos_token="<eos>")
   with pytest.raises(ValueError, match="</think>"):
     pipeline.make_prompt_loader(records, plain, batch_size=2, seed=0, max_prompt_tokens=64)
+
+
+def test_finqa_linearization_order():
+  from tsallis_jax.data import official
+  r = official.read_official("finqa", "tests/fixtures/finqa/train.json")[0]
+  lines = context.linearize(r).split("\n")
+  assert lines[0] == "the following table shows selected results of the widget segment . amounts are in millions ."
+  assert lines[1:4] == [" | 2016 | 2015", "net revenue | $ 1,250 | $ 1,000", "operating income | $ 300 | $ 250"]
+  assert lines[4].startswith("revenue grew")
+  assert context.linearize(r) == context.linearize(official.read_official("finqa", "tests/fixtures/finqa/train.json")[0])
+
+
+@pytest.mark.parametrize("dataset, name", [("finqa", "dev.json"), ("hotpotqa", "hotpot_dev_distractor_v1.json"),
+                                           ("musique", "musique_ans_v1.0_dev.jsonl")])
+@pytest.mark.parametrize("style", ["cold", "warm"])
+def test_loader_on_fixture_records(dataset, name, style):
+  from tsallis_jax.data import official
+  tok = qwen3_like_tokenizer()
+  recs = official.read_official(dataset, f"tests/fixtures/{dataset}/{name}")
+  loader = pipeline.make_prompt_loader(recs, tok, batch_size=2, seed=0, style=style, max_prompt_tokens=512,
+                                       max_answer_tokens=16)
+  batch = loader[0]
+  for row, idx in enumerate(batch["index_B"]):
+    text = tok.decode(batch["prompt_tokens_BxT"][row][batch["prompt_mask_BxT"][row]])
+    assert recs[idx].question in text and (("Question: " in text) == (style == "warm"))
+    answer = tok.decode(batch["answer_tokens_BxA"][row][batch["answer_mask_BxA"][row]])
+    assert answer == f"\n\n{recs[idx].answer}<|im_end|>"

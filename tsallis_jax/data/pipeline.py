@@ -49,6 +49,7 @@ class LoaderConfig:
   shard_count: int
   num_epochs: int | None
   pad_multiple: int
+  prefetch_batches: int
 
 
 class PromptLoader:
@@ -80,7 +81,11 @@ class PromptLoader:
     return self._dataset[step]
 
   def __iter__(self) -> grain.DatasetIterator:
-    return self._dataset.to_iter_dataset().__iter__()
+    # One worker thread tokenises `prefetch_batches` ahead (grain's default would read 500 elements ahead on 16
+    # threads); the iterator's state is still the next batch position.
+    options = grain.ReadOptions(num_threads=1 if self.config.prefetch_batches else 0,
+                                prefetch_buffer_size=self.config.prefetch_batches)
+    return self._dataset.to_iter_dataset(options).__iter__()
 
   def tokens(self, index: int) -> tuple[list[int], list[int]]:
     """(prompt ids, gold answer ids) of record `index`, computed once."""
@@ -121,7 +126,7 @@ class PromptLoader:
 def make_prompt_loader(records: Sequence[Record], tokenizer: Any, *, batch_size: int, seed: int,
                        style: prompts.Style = "cold", max_prompt_tokens: int, max_answer_tokens: int = 32,
                        shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
-                       pad_multiple: int = 32) -> PromptLoader:
+                       pad_multiple: int = 32, prefetch_batches: int = 2) -> PromptLoader:
   """A `PromptLoader` over `records` (see the module docstring).
 
   Args:
@@ -135,6 +140,7 @@ def make_prompt_loader(records: Sequence[Record], tokenizer: Any, *, batch_size:
     shard_index, shard_count: this host's slice of the global batch.
     num_epochs: passes over the data; None repeats forever.
     pad_multiple: prompt lengths are rounded up to a multiple of it.
+    prefetch_batches: batches a background thread prepares ahead of the iterator (0: none).
   """
   if style not in prompts.STYLES:
     raise ValueError(f"style={style!r}: use 'cold' or 'warm'.")
@@ -147,12 +153,12 @@ def make_prompt_loader(records: Sequence[Record], tokenizer: Any, *, batch_size:
     raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
   if batch_size > len(records):
     raise ValueError(f"batch_size={batch_size} exceeds the {len(records)} records; lower it.")
-  if max_prompt_tokens < 1 or max_answer_tokens < 1 or pad_multiple < 1:
-    raise ValueError("max_prompt_tokens, max_answer_tokens and pad_multiple must be positive.")
+  if max_prompt_tokens < 1 or max_answer_tokens < 1 or pad_multiple < 1 or prefetch_batches < 0:
+    raise ValueError("max_prompt_tokens, max_answer_tokens and pad_multiple must be positive, prefetch_batches >= 0.")
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs={num_epochs} must be >= 1, or None for endless repetition.")
   prompts._check_think_token(tokenizer)
   config = LoaderConfig(batch_size=batch_size, seed=seed, style=style, max_prompt_tokens=max_prompt_tokens,
                         max_answer_tokens=max_answer_tokens, shard_index=shard_index, shard_count=shard_count,
-                        num_epochs=num_epochs, pad_multiple=pad_multiple)
+                        num_epochs=num_epochs, pad_multiple=pad_multiple, prefetch_batches=prefetch_batches)
   return PromptLoader(records, tokenizer, config)
