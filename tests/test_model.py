@@ -1,0 +1,207 @@
+"""The Transformer: shapes, padding, KV cache, bfloat16, remat, sharding over 8 fake CPU devices, abstract build."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tsallis_jax.model import (KVCache, ModelConfig, Transformer, abstract_model, create_model, init_cache,
+                               make_attention_mask, make_mesh, make_positions, param_shardings)
+
+ARCH_CONFIGS = {
+  "qwen3": ModelConfig.tiny(),
+  "qwen2": ModelConfig.tiny(arch="qwen2", qkv_bias=True, qk_norm=False, tie_embeddings=False),
+  "llama": ModelConfig.tiny(arch="llama", qk_norm=False, num_kv_heads=1),
+}
+
+
+def _random_params(model: Transformer, seed: int = 1) -> Transformer:
+  """Norm weights and biases are 1 / 0 at init, which hides layout bugs: give every parameter random values."""
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  rng = np.random.default_rng(seed)
+  leaves = [jnp.asarray((1.0 if x.ndim == 1 else 0.0) + 0.3 * rng.standard_normal(x.shape), jnp.float32)
+            for x in leaves]
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def _left_padded_batch():
+  tokens_NxT = jnp.array([[5, 9, 3, 7, 11, 2], [0, 0, 4, 8, 6, 10], [0, 0, 0, 0, 12, 13]], jnp.int32)
+  return tokens_NxT, tokens_NxT != 0
+
+
+@nnx.jit
+def _forward(model, tokens_NxT, pad_mask_NxT):
+  logits_NxTxV, cache = model(tokens_NxT, make_positions(pad_mask_NxT), make_attention_mask(pad_mask_NxT))
+  assert cache is None
+  return logits_NxTxV
+
+
+def test_masks_and_positions_match_loops():
+  _, pad_NxT = _left_padded_batch()
+  mask_NxTxT, pos_NxT = np.asarray(make_attention_mask(pad_NxT)), np.asarray(make_positions(pad_NxT))
+  pad = np.asarray(pad_NxT)
+  for n in range(pad.shape[0]):
+    real_so_far = 0
+    for t in range(pad.shape[1]):
+      real_so_far += int(pad[n, t])
+      assert pos_NxT[n, t] == max(real_so_far - 1, 0)
+      for s in range(pad.shape[1]):
+        assert mask_NxTxT[n, t, s] == (s <= t and pad[n, s])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+def test_forward_shapes_dtype_and_padding_invariance(arch):
+  cfg = ARCH_CONFIGS[arch]
+  model = _random_params(Transformer(cfg, rngs=nnx.Rngs(0)))
+  tokens_NxT, pad_NxT = _left_padded_batch()
+  logits_NxTxV = _forward(model, tokens_NxT, pad_NxT)
+  chex.assert_shape(logits_NxTxV, (3, 6, cfg.vocab_size))
+  assert logits_NxTxV.dtype == jnp.float32
+  chex.assert_tree_all_finite(logits_NxTxV)
+  # A left-padded row gives the same logits on its real tokens as the same row without padding.
+  for n in (1, 2):
+    real = np.asarray(pad_NxT[n])
+    alone_1xT = tokens_NxT[n:n + 1, real]
+    alone_logits = _forward(model, alone_1xT, jnp.ones_like(alone_1xT, bool))
+    np.testing.assert_allclose(logits_NxTxV[n, real], alone_logits[0], atol=1e-5)
+  # Causality: changing the last token leaves the earlier logits of real tokens unchanged.
+  changed_NxT = tokens_NxT.at[:, -1].set(1)
+  earlier = np.asarray(pad_NxT[:, :-1])
+  np.testing.assert_allclose(np.asarray(_forward(model, changed_NxT, pad_NxT))[:, :-1][earlier],
+                             np.asarray(logits_NxTxV)[:, :-1][earlier], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch, use_jit", [("qwen3", True), ("qwen2", True), ("llama", True)])
+def test_cached_prefill_and_decode_match_full_forward(arch, use_jit):
+  cfg = ARCH_CONFIGS[arch]
+  model = _random_params(Transformer(cfg, rngs=nnx.Rngs(0)))
+  tokens_NxT, pad_NxT = _left_padded_batch()
+  full_logits_NxTxV = _forward(model, tokens_NxT, pad_NxT)
+  graphdef, params = nnx.split(model)
+  n, t = tokens_NxT.shape
+  max_len, prompt_len = 8, 3
+  positions_NxT = make_positions(pad_NxT)
+
+  def step(params, cache, tokens_NxU, positions_NxU, mask_NxUxS, index):
+    return nnx.merge(graphdef, params)(tokens_NxU, positions_NxU, mask_NxUxS, cache=cache, cache_index=index)
+  step = jax.jit(step) if use_jit else step
+
+  cache = init_cache(cfg, batch_size=n, max_len=max_len, dtype=jnp.float32)
+  assert isinstance(cache, KVCache) and len(cache.k) == cfg.num_layers
+  chex.assert_shape(cache.k[0], (n, max_len, cfg.num_kv_heads, cfg.head_dim))
+  slot_pad_NxS = jnp.zeros((n, max_len), bool).at[:, :t].set(pad_NxT)
+  causal_SxS = jnp.tril(jnp.ones((max_len, max_len), bool))
+  mask_NxSxS = causal_SxS[None] & slot_pad_NxS[:, None, :]
+  # Prefill the first prompt_len tokens, then decode the rest one token at a time.
+  logits, cache = step(params, cache, tokens_NxT[:, :prompt_len], positions_NxT[:, :prompt_len],
+                       mask_NxSxS[:, :prompt_len], jnp.int32(0))
+  got = [logits]
+  for i in range(prompt_len, t):
+    logits, cache = step(params, cache, tokens_NxT[:, i:i + 1], positions_NxT[:, i:i + 1], mask_NxSxS[:, i:i + 1],
+                         jnp.int32(i))
+    got.append(logits)
+  cached_logits_NxTxV = jnp.concatenate(got, axis=1)
+  real = np.asarray(pad_NxT)
+  np.testing.assert_allclose(np.asarray(cached_logits_NxTxV)[real], np.asarray(full_logits_NxTxV)[real], atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_logits_close():
+  cfg = ModelConfig.tiny()
+  model32 = _random_params(Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(model32)
+  model16 = nnx.merge(nnx.split(Transformer(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(0)))[0], params)
+  tokens_NxT, pad_NxT = _left_padded_batch()
+  logits32, logits16 = _forward(model32, tokens_NxT, pad_NxT), _forward(model16, tokens_NxT, pad_NxT)
+  assert logits16.dtype == jnp.float32
+  real = np.asarray(pad_NxT)
+  err = np.abs(np.asarray(logits16 - logits32))[real].max()
+  scale = np.abs(np.asarray(logits32))[real].max()
+  assert 0 < err < 0.05 * scale  # bfloat16 differs, but not by much
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  cfg = ModelConfig.tiny()
+  tokens_NxT, pad_NxT = _left_padded_batch()
+  graphdef, params = nnx.split(_random_params(Transformer(cfg, rngs=nnx.Rngs(0))))
+  graphdef_remat = nnx.split(Transformer(cfg.replace(remat=True), rngs=nnx.Rngs(0)))[0]
+
+  def loss(params, graphdef):
+    logits = _forward(nnx.merge(graphdef, params), tokens_NxT, pad_NxT)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 3] * pad_NxT)
+
+  value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, graphdef)
+  value_r, grads_r = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, graphdef_remat)
+  np.testing.assert_allclose(value, value_r, rtol=1e-6)
+  chex.assert_trees_all_close(grads, grads_r, atol=1e-5)
+
+
+def test_sharded_build_and_forward_match_unsharded():
+  assert jax.device_count() == 8
+  cfg = ModelConfig.tiny(num_kv_heads=4)
+  mesh = make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+  sharded = create_model(cfg, seed=0, mesh=mesh)
+  plain = create_model(cfg, seed=0)
+  chex.assert_trees_all_close(nnx.state(sharded), nnx.state(plain), atol=0)
+  # Parameters are really split: e.g. the MLP kernel over fsdp x tensor, the embedding over tensor x fsdp.
+  gate = sharded.layers[0].mlp.gate_proj[...]
+  assert gate.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert gate.addressable_shards[0].data.shape == (cfg.embed_dim // 2, cfg.mlp_dim // 2)
+  assert sharded.embed[...].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  q = sharded.layers[0].attn.q_proj[...]
+  assert q.addressable_shards[0].data.shape == (cfg.embed_dim // 2, cfg.num_heads // 2, cfg.head_dim)
+
+  tokens_NxT, pad_NxT = _left_padded_batch()
+  tokens_NxT, pad_NxT = jnp.concatenate([tokens_NxT, tokens_NxT[:1]]), jnp.concatenate([pad_NxT, pad_NxT[:1]])
+  graphdef, params = nnx.split(sharded)
+
+  @jax.jit
+  def forward(params, tokens_NxT, pad_NxT):
+    return _forward(nnx.merge(graphdef, params), tokens_NxT, pad_NxT)
+
+  with jax.set_mesh(mesh):
+    sharded_logits = forward(params, tokens_NxT, pad_NxT)
+  plain_logits = forward(nnx.state(plain), tokens_NxT, pad_NxT)
+  np.testing.assert_allclose(sharded_logits, plain_logits, atol=1e-5)
+
+
+def test_sharding_rules_drop_indivisible_and_missing_axes():
+  cfg = ModelConfig.tiny()  # 2 kv heads cannot split over a tensor axis of 4
+  mesh = make_mesh((2, 4), ("fsdp", "tensor"))
+  shardings = param_shardings(nnx.split(abstract_model(cfg))[1], mesh, cfg.sharding_rules)
+  k_spec = shardings["layers"][0]["attn"]["k_proj"].spec
+  assert k_spec == jax.sharding.PartitionSpec("fsdp", None, None)
+  norm_spec = shardings["final_norm"].spec
+  assert norm_spec == jax.sharding.PartitionSpec(None)
+
+
+def test_abstract_qwen3_0_6b_allocates_nothing_and_counts_params():
+  cfg = ModelConfig.qwen3_0_6b()
+  state = nnx.state(abstract_model(cfg))
+  leaves = jax.tree.leaves(state)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  d, f, h, k, e = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  per_layer = d * h * e + 2 * d * k * e + h * e * d + 3 * d * f + 2 * d + 2 * e
+  expected = cfg.vocab_size * d + cfg.num_layers * per_layer + d
+  assert sum(int(np.prod(x.shape)) for x in leaves) == expected
+  assert 0.59e9 < expected < 0.61e9  # "0.6B" with tied embeddings
+
+
+def test_bad_inputs_raise_clear_errors():
+  cfg = ModelConfig.tiny()
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  tokens_NxT, pad_NxT = _left_padded_batch()
+  with pytest.raises(ValueError, match="attn_mask"):
+    model(tokens_NxT, make_positions(pad_NxT), jnp.ones((3, 6, 5), bool))
+  with pytest.raises(ValueError, match="cache_index"):
+    model(tokens_NxT, make_positions(pad_NxT), jnp.ones((3, 6, 8), bool), cache=init_cache(cfg, 3, 8))
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    ModelConfig.tiny(num_kv_heads=3)
+  with pytest.raises(ValueError, match="model_type"):
+    ModelConfig.from_hf_config({"model_type": "gpt2"})
+
+
+def test_hf_config_round_trip():
+  for cfg in [*ARCH_CONFIGS.values(), ModelConfig.qwen3_0_6b(), ModelConfig.smollm2_135m()]:
+    assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
