@@ -164,3 +164,15 @@ def test_tfds_builder_round_trip_without_tensorflow(tmp_path, dataset):
 def test_tfds_builder_missing_folder_raises(tmp_path):
   with pytest.raises(FileNotFoundError, match="train.json"):
     builders.prepare("finqa", str(tmp_path), str(tmp_path / "out"))
+
+
+def test_load_split_by_name(tmp_path):
+  # The paper's sizes need the full files; with the fixtures the request is too large and says so.
+  with pytest.raises(ValueError, match="6145 records requested"):
+    splits.load_split("finqa", "train", data_dir=os.path.join(FIXTURES, "finqa"))
+  with pytest.raises(ValueError, match="unknown split"):
+    splits.load_split("finqa", "holdout", data_dir=os.path.join(FIXTURES, "finqa"))
+  folder = os.path.join(FIXTURES, "musique")
+  want = splits.paper_splits("musique", folder, seed=3, sizes=SMALL["musique"])
+  for name, split in [("train", "train"), ("val", "validation"), ("test", "test")]:
+    assert splits.load_split("musique", name, data_dir=folder, seed=3, sizes=SMALL["musique"]) == want[split]

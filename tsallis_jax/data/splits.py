@@ -14,6 +14,7 @@ take the first `n` (validation) and the next `n` (test). Same files and seed, sa
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import zlib
@@ -101,3 +102,24 @@ def paper_splits(dataset: str, folder: str, *, seed: int = 0, sizes: Mapping[str
                        "not the full official release, or pass smaller `sizes`.")
     out[split], by_file[file_name] = pool[:n], pool[n:]
   return out
+
+
+SPLIT_ALIASES = {"val": "validation", "dev": "validation"}
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_splits(dataset: str, folder: str, seed: int, sizes: tuple) -> dict[str, tuple[Record, ...]]:
+  return {k: tuple(v) for k, v in paper_splits(dataset, folder, seed=seed, sizes=dict(sizes) or None).items()}
+
+
+def load_split(dataset: str, split: str, *, data_dir: str, seed: int = 0,
+               sizes: Mapping[str, int | None] | None = None) -> list[Record]:
+  """One subset of `paper_splits` (the paper's sizes unless `sizes`), the files read once per process.
+
+  `split` is "train", "validation" (or "val" / "dev") or "test"; `data_dir` is the folder of the official files.
+  """
+  split = SPLIT_ALIASES.get(split, split)
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; use one of {SPLITS} (or 'val').")
+  folder = os.path.abspath(os.path.expanduser(data_dir))
+  return list(_cached_splits(dataset, folder, seed, tuple(sorted((sizes or {}).items())))[split])
