@@ -13,6 +13,23 @@ from tsallis_jax.theory.escape import (
   simulate_escape_time,
   simulate_sigmoid_escape_time,
 )
+from tsallis_jax.theory.landscape import (
+  categorical_qloss,
+  dispersion_penalty,
+  dispersion_second_order,
+  escort_minimiser,
+)
+from tsallis_jax.theory.noise import (
+  noise_drift,
+  noise_equilibrium,
+  noise_equilibrium_numerical,
+  noise_objective,
+  noise_time_asymptotic,
+  noise_time_scale,
+  noise_time_to_contamination,
+  simulate_noise_flow,
+  simulate_noise_time,
+)
 from tsallis_jax.theory.toys import (
   sigmoid_toy_init,
   sigmoid_toy_log_success,
