@@ -1,0 +1,181 @@
+"""HF checkpoint loading: parity with transformers' PyTorch models, sharded loading, round trip, errors, workload."""
+import importlib.util
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tsallis_jax.model import (CheckpointError, load_hf_checkpoint, load_tokenizer, make_attention_mask, make_mesh,
+                               make_positions, save_hf_checkpoint)
+
+BENCH_SCRIPT = pathlib.Path("/work/shared/bench/make_workload.py")
+# Logits at the last position for ids [5, 6, 7], ids 0..4, from /work/shared/bench/README.md.
+BENCH_LOGITS = [-0.0088225, -0.0161941, -0.4281750, -0.0194368, -0.3160955]
+
+TOKENS_NxT = np.array([[3, 4, 5, 6, 7, 8, 9], [0, 0, 0, 5, 6, 7, 8], [0, 10, 11, 12, 13, 14, 15]])
+
+
+@nnx.jit
+def _forward(model, tokens_NxT, pad_mask_NxT):
+  return model(tokens_NxT, make_positions(pad_mask_NxT), make_attention_mask(pad_mask_NxT))[0]
+
+
+def _hf_model(arch: str, folder: pathlib.Path, *, tie: bool, max_shard_size=None):
+  """A tiny random transformers model of `arch`, saved with save_pretrained; returns the torch model."""
+  torch = pytest.importorskip("torch")
+  import transformers
+  classes = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+             "llama": ("LlamaConfig", "LlamaForCausalLM")}
+  config_cls, model_cls = (getattr(transformers, name) for name in classes[arch])
+  config = config_cls(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=5000.0,
+                      tie_word_embeddings=tie)
+  torch.manual_seed(0)
+  model = model_cls(config).eval()
+  with torch.no_grad():  # every parameter random (norm weights and biases included) so layouts are exercised
+    for param in model.parameters():
+      param.normal_(0.0, 0.1)
+  kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+  model.save_pretrained(folder, **kwargs)
+  return model
+
+
+def _torch_logits(model, tokens_NxT, pad_NxT):
+  import torch
+  positions = np.maximum(np.cumsum(pad_NxT, axis=1) - 1, 0)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(tokens_NxT), attention_mask=torch.tensor(pad_NxT.astype(np.int64)),
+                position_ids=torch.tensor(positions))
+  return out.logits.float().numpy()
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("arch, tie", [("qwen3", True), ("qwen2", False), ("llama", False)])
+def test_logits_match_transformers_with_and_without_padding(tmp_path, arch, tie):
+  torch_model = _hf_model(arch, tmp_path, tie=tie)
+  model = load_hf_checkpoint(tmp_path)
+  assert model.config.arch == arch and model.config.tie_embeddings == tie
+  pad_NxT = TOKENS_NxT != 0
+  ref_NxTxV = _torch_logits(torch_model, TOKENS_NxT, pad_NxT)
+  got_NxTxV = np.asarray(_forward(model, jnp.asarray(TOKENS_NxT), jnp.asarray(pad_NxT)))
+  np.testing.assert_allclose(got_NxTxV[pad_NxT], ref_NxTxV[pad_NxT], atol=1e-4)
+  # The unpadded row alone as well.
+  ref_1xTxV = _torch_logits(torch_model, TOKENS_NxT[:1], pad_NxT[:1])
+  got_1xTxV = np.asarray(_forward(model, jnp.asarray(TOKENS_NxT[:1]), jnp.ones((1, 7), bool)))
+  np.testing.assert_allclose(got_1xTxV, ref_1xTxV, atol=1e-4)
+
+
+@pytest.mark.torch
+def test_sharded_index_loads_sharded_over_8_devices_and_round_trips(tmp_path):
+  original = tmp_path / "hf"
+  _hf_model("qwen2", original, tie=False, max_shard_size="20KB")
+  assert (original / "model.safetensors.index.json").is_file()
+  plain = load_hf_checkpoint(original)
+  mesh = make_mesh((1, 2, 4), ("data", "fsdp", "tensor"))
+  sharded = load_hf_checkpoint(original, mesh=mesh)
+  gate = sharded.layers[1].mlp.gate_proj[...]
+  assert gate.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert gate.addressable_shards[0].data.shape == (32 // 2, 48 // 4)
+  pad_NxT = jnp.asarray(TOKENS_NxT != 0)
+  with jax.set_mesh(mesh):
+    sharded_logits = _forward(sharded, jnp.asarray(TOKENS_NxT), pad_NxT)
+  np.testing.assert_allclose(sharded_logits, _forward(plain, jnp.asarray(TOKENS_NxT), pad_NxT), atol=1e-5)
+
+  # save -> load is the identity on the tensors of the original checkpoint.
+  from safetensors.numpy import load_file
+  saved = save_hf_checkpoint(sharded, tmp_path / "saved")
+  written = load_file(saved / "model.safetensors")
+  index = json.loads((original / "model.safetensors.index.json").read_text())["weight_map"]
+  originals = {}
+  for file in set(index.values()):
+    originals.update(load_file(original / file))
+  assert set(written) == set(originals)
+  for name, array in originals.items():
+    np.testing.assert_array_equal(written[name], array, err_msg=name)
+  reloaded = load_hf_checkpoint(saved)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(reloaded), nnx.state(plain))
+
+
+@pytest.mark.torch
+def test_tied_checkpoint_with_or_without_lm_head_and_tokenizer_offline(tmp_path):
+  _hf_model("qwen3", tmp_path, tie=True)
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(tmp_path / "model.safetensors")
+  baseline = _forward(load_hf_checkpoint(tmp_path), jnp.asarray(TOKENS_NxT), jnp.asarray(TOKENS_NxT != 0))
+  # A stray lm_head.weight in a tied checkpoint is ignored: the head stays the embedding.
+  tensors["lm_head.weight"] = np.zeros_like(tensors["model.embed_tokens.weight"])
+  save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  with_head = _forward(load_hf_checkpoint(tmp_path), jnp.asarray(TOKENS_NxT), jnp.asarray(TOKENS_NxT != 0))
+  np.testing.assert_array_equal(with_head, baseline)
+
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  word = Tokenizer(models.WordLevel({"<pad>": 0, "hello": 1, "world": 2}, unk_token="<pad>"))
+  word.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  PreTrainedTokenizerFast(tokenizer_object=word, pad_token="<pad>").save_pretrained(tmp_path)
+  assert load_tokenizer(tmp_path)("hello world")["input_ids"] == [1, 2]
+
+
+def _write_tiny_checkpoint(folder: pathlib.Path, *, model_type="llama", drop=None, reshape=None):
+  """A small random checkpoint written with numpy only (no torch), optionally broken on purpose."""
+  from tsallis_jax.model import ModelConfig, create_model
+  cfg = ModelConfig.tiny(arch="llama", qk_norm=False, num_layers=1)
+  save_hf_checkpoint(create_model(cfg), folder)
+  config = json.loads((folder / "config.json").read_text())
+  config["model_type"] = model_type
+  (folder / "config.json").write_text(json.dumps(config))
+  if drop or reshape:
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(folder / "model.safetensors")
+    if drop:
+      del tensors[drop]
+    if reshape:
+      tensors[reshape] = tensors[reshape][:-1]
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+def test_loading_errors_name_the_problem(tmp_path):
+  with pytest.raises(CheckpointError, match="config.json"):
+    load_hf_checkpoint(tmp_path / "nowhere")
+  folder = tmp_path / "ok"
+  _write_tiny_checkpoint(folder)
+  load_hf_checkpoint(folder)  # the unbroken checkpoint loads
+  (folder / "model.safetensors").unlink()
+  with pytest.raises(CheckpointError, match="model.safetensors"):
+    load_hf_checkpoint(folder)
+  _write_tiny_checkpoint(tmp_path / "bad_type", model_type="gpt_neox")
+  with pytest.raises(ValueError, match="gpt_neox"):
+    load_hf_checkpoint(tmp_path / "bad_type")
+  _write_tiny_checkpoint(tmp_path / "missing", drop="model.layers.0.mlp.up_proj.weight")
+  with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*missing"):
+    load_hf_checkpoint(tmp_path / "missing")
+  _write_tiny_checkpoint(tmp_path / "shape", reshape="model.layers.0.self_attn.k_proj.weight")
+  with pytest.raises(CheckpointError, match=r"self_attn\.k_proj\.weight.*shape \(31, 64\)"):
+    load_hf_checkpoint(tmp_path / "shape")
+  untied = tmp_path / "untied"
+  _write_tiny_checkpoint(untied)
+  config = json.loads((untied / "config.json").read_text())
+  (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+  with pytest.raises(CheckpointError, match=r"lm_head\.weight.*missing"):
+    load_hf_checkpoint(untied)
+
+
+def test_shared_benchmark_workload_logits(tmp_path):
+  if not BENCH_SCRIPT.is_file():
+    pytest.skip(f"{BENCH_SCRIPT} is absent")
+  spec = importlib.util.spec_from_file_location("make_workload", BENCH_SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.build(str(tmp_path))
+  model = load_hf_checkpoint(tmp_path)
+  assert model.config.qkv_bias and model.config.tie_embeddings
+  tokens_1xT = jnp.asarray([[5, 6, 7]])
+  logits = _forward(model, tokens_1xT, jnp.ones_like(tokens_1xT, bool))
+  np.testing.assert_allclose(np.asarray(logits[0, -1, :5]), BENCH_LOGITS, atol=1e-5)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
+  assert n_params == 591_232
