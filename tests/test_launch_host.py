@@ -1,0 +1,140 @@
+"""launch/host.sh: its dry run, its argument checks, and a real two-host training job on 127.0.0.1.
+
+The two-host test runs the host script twice (process ids 0 and 1, 2 fake CPU devices each), exactly as every TPU
+worker runs it, so the job goes through `python -m experiments.train`, `tsallis_jax.distributed.maybe_initialize`,
+the global mesh over 4 devices and a multi-process orbax checkpoint.
+"""
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST = os.path.join(REPO, "launch", "host.sh")
+CONFIG = "smoke"  # experiments/configs/smoke.py: tiny model, synthetic task
+
+
+def _host(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+  return subprocess.run(["bash", HOST, *args], capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+def _printed(out: str) -> list[list[str]]:
+  return [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+
+
+def _fake_venv(path) -> None:
+  (path / "bin").mkdir(parents=True)
+  (path / "bin" / "python").symlink_to(sys.executable)
+
+
+def test_dry_run_sets_up_a_fresh_venv_then_trains(tmp_path):
+  venv = tmp_path / "venv"
+  result = _host("--dry-run", "--accelerator", "tpu", "--multihost", "auto", "--venv", str(venv), "--config", CONFIG,
+                 "--workdir", "gs://my-bucket/run", "--", "--set", "q=0.5")
+  assert result.returncode == 0, result.stderr
+  cmds = _printed(result.stdout)
+  assert any(c[1:3] == ["-m", "venv"] and c[3] == str(venv) for c in cmds)
+  (install,) = [c for c in cmds if "-r" in c]
+  jax_pin = next(line for line in open(os.path.join(REPO, "requirements.txt")) if line.startswith("jax=="))
+  assert install[0] == f"{venv}/bin/python" and f"jax[tpu]=={jax_pin.strip()[5:]}" in install
+  assert {"requirements.txt", "launch/requirements-cloud.txt"} <= set(install)
+  assert any(c[-3:] == ["--no-deps", "-e", "."] for c in cmds)
+  train = cmds[-1]
+  assert train[:2] == ["env", "TSALLIS_DISTRIBUTED=auto"]
+  assert train[2:] == [f"{venv}/bin/python", "-m", "experiments.train", "--config", CONFIG, "--workdir",
+                       "gs://my-bucket/run", "--set", "q=0.5"]
+  assert not venv.exists()  # a dry run creates nothing
+
+
+def test_rerun_with_an_up_to_date_venv_skips_the_install(tmp_path):
+  venv = tmp_path / "venv"
+  _fake_venv(venv)
+  stamp = _host("--print-stamp", "--accelerator", "gpu")
+  assert stamp.returncode == 0 and len(stamp.stdout.strip()) == 64
+  (venv / ".tsallis_install_stamp").write_text(stamp.stdout)
+  args = ["--dry-run", "--venv", str(venv), "--config", CONFIG, "--workdir", str(tmp_path / "run")]
+  result = _host(*args, "--accelerator", "gpu", "--coordinator", "10.0.0.2:8476", "--num-processes", "2",
+                 "--process-id", "1")
+  assert result.returncode == 0, result.stderr
+  cmds = _printed(result.stdout)
+  assert len(cmds) == 1 and "up to date" in result.stdout
+  assert cmds[0][1:4] == ["TSALLIS_COORDINATOR=10.0.0.2:8476", "TSALLIS_NUM_PROCESSES=2", "TSALLIS_PROCESS_ID=1"]
+  # Another accelerator needs another jax wheel: the stamp no longer matches, so the install runs again.
+  other = _host(*args, "--accelerator", "tpu")
+  assert any("jax[tpu]" in " ".join(c) for c in _printed(other.stdout))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workdir", "/tmp/x"], "--config NAME is required"),
+    (["--config", CONFIG], "--workdir DIR is required"),
+    (["--config", "no_such_config", "--workdir", "/tmp/x"], "no config experiments/configs/no_such_config.py"),
+    (["--config", CONFIG, "--workdir", "/tmp/x", "--accelerator", "v4-8"], "not one of tpu, gpu, cpu, auto"),
+    (["--config", CONFIG, "--workdir", "/tmp/x", "--coordinator", "h:1"], "go together"),
+    (["--config", CONFIG, "--workdir", "/tmp/x", "--coordinator", "h", "--num-processes", "2", "--process-id", "0"],
+     "HOST:PORT"),
+    (["--config", CONFIG, "--workdir", "/tmp/x", "--coordinator", "h:1", "--num-processes", "2", "--process-id",
+      "2"], "must be < --num-processes 2"),
+    (["--config", CONFIG, "--workdir", "/tmp/x", "--multihost", "yes"], "only 'auto'"),
+    (["--config", CONFIG, "--workdir", "/tmp/x", "--q", "0.5"], "unknown option '--q'"),
+])
+def test_bad_arguments_fail_before_anything_runs(tmp_path, args, message):
+  venv, log = tmp_path / "venv", tmp_path / "logs" / "host.log"
+  result = _host("--venv", str(venv), "--log", str(log), *args)
+  assert result.returncode == 2, (result.stdout, result.stderr)
+  assert message in result.stderr
+  assert not venv.exists() and not log.exists() and "+ " not in result.stdout
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_fake_hosts_run_one_training_job(tmp_path):
+  """Both processes finish; process 0 alone writes metrics; both wrote their shards of every checkpoint."""
+  workdir = tmp_path / "run"
+  port = _free_port()
+  train_args = ["--", "--set", "num_steps=2", "--set", "checkpoint_every=1", "--set", "eval_every=0",
+                "--set", "tensorboard=false"]
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen(
+      ["bash", HOST, "--accelerator", "cpu", "--venv", os.path.dirname(os.path.dirname(sys.executable)),
+       "--skip-install", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid),
+       "--log", str(tmp_path / f"host{pid}.log"), "--config", CONFIG, "--workdir", str(workdir), *train_args],
+      cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for pid in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=240)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+
+  for pid, out in enumerate(outs):
+    assert f"TSALLIS_PROCESS_ID={pid}" in out and "TSALLIS_NUM_PROCESSES=2" in out
+  # Only process 0 prints the results (and logs at INFO); process 1 prints no results.
+  assert '"test/p@1"' in outs[0] and '"test/p@1"' not in outs[1]
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["steps"] == 2
+  # One writer: every step appears exactly once in metrics.jsonl (two writers would append each step twice).
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train_steps = [r["step"] for r in rows if "loss" in r]
+  assert train_steps == [1, 2]
+  # Both processes took part in every checkpoint: each wrote its own shards at the same steps.
+  steps = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
+  assert steps == [1, 2]
+  for step in steps:
+    state = workdir / "checkpoints" / str(step) / "state"
+    assert (state / "commit_success.txt").exists()
+    assert {d.name for d in state.iterdir() if d.name.startswith("ocdbt.process_")} == {
+        "ocdbt.process_0", "ocdbt.process_1"}
