@@ -109,3 +109,20 @@ def test_warm_prompt_has_instructions_cold_has_none():
   answer = prompts.gold_answer_ids(r, tok)
   assert tok.decode(answer) == r.answer + " <eos>"
   assert np.all(np.array(answer[:-1]) != tok.eos_token_id)
+
+
+def test_sft_arrays_for_pretraining():
+  from tsallis_jax.data import pipeline
+  tok = synthetic.make_tokenizer()
+  target = synthetic.target_task(1e-2)
+  recs = synthetic.pretraining_records(synthetic.source_task(target), target, 6, seed=0)
+  arrays = pipeline.sft_arrays(recs, tok, seq_len=48)
+  assert arrays["tokens_NxT"].shape == (6, 48)
+  for row, r in enumerate(recs):
+    ids = arrays["tokens_NxT"][row][arrays["mask_NxT"][row]]
+    assert tok.decode(ids) == f"{r.question} <think> {r.rationale} </think> {r.answer} <eos>"
+    completion = arrays["tokens_NxT"][row][arrays["loss_mask_NxT"][row]]
+    assert tok.decode(completion) == f"{r.rationale} </think> {r.answer} <eos>"
+  assert not np.any(arrays["loss_mask_NxT"] & ~arrays["mask_NxT"])
+  with pytest.raises(ValueError, match="seq_len"):
+    pipeline.sft_arrays(recs, tok, seq_len=20)

@@ -63,7 +63,7 @@ class PromptLoader:
     self.tokenizer = tokenizer
     self.config = config
     self.per_host_batch = config.batch_size // config.shard_count
-    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts._eos_id(tokenizer)
+    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts.eos_id(tokenizer)
     self._cache: dict[int, tuple[list[int], list[int]]] = {}
     self.truncated_count = 0
     ds = grain.MapDataset.range(len(self.records)).shuffle(seed=config.seed).repeat(config.num_epochs)
@@ -157,8 +157,34 @@ def make_prompt_loader(records: Sequence[Record], tokenizer: Any, *, batch_size:
     raise ValueError("max_prompt_tokens, max_answer_tokens and pad_multiple must be positive, prefetch_batches >= 0.")
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs={num_epochs} must be >= 1, or None for endless repetition.")
-  prompts._check_think_token(tokenizer)
+  prompts.think_close_id(tokenizer)
   config = LoaderConfig(batch_size=batch_size, seed=seed, style=style, max_prompt_tokens=max_prompt_tokens,
                         max_answer_tokens=max_answer_tokens, shard_index=shard_index, shard_count=shard_count,
                         num_epochs=num_epochs, pad_multiple=pad_multiple, prefetch_batches=prefetch_batches)
   return PromptLoader(records, tokenizer, config)
+
+
+def sft_arrays(records: Sequence[Record], tokenizer: Any, *, style: prompts.Style = "cold", seq_len: int,
+               max_prompt_tokens: int | None = None) -> dict[str, np.ndarray]:
+  """Teacher-forcing arrays for pretraining on gold rationales (the synthetic source task, synthetic.py).
+
+  Each row is prompt + gold rationale + `</think>` + gold answer + EOS (`prompts.sft_example`), right-padded to
+  `seq_len`: `tokens_NxT` int32, `mask_NxT` (real tokens) and `loss_mask_NxT` (the completion tokens, the ones a
+  next-token loss should score). A row longer than `seq_len` raises.
+  """
+  if not records:
+    raise ValueError("sft_arrays got no records.")
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prompts.eos_id(tokenizer)
+  n = len(records)
+  tokens_NxT = np.full((n, seq_len), pad_id, np.int32)
+  mask_NxT = np.zeros((n, seq_len), bool)
+  loss_mask_NxT = np.zeros((n, seq_len), bool)
+  for row, record in enumerate(records):
+    ids, loss = prompts.sft_example(record, tokenizer, style=style, max_prompt_tokens=max_prompt_tokens or seq_len)
+    if len(ids) > seq_len:
+      raise ValueError(f"{record.where()}: the SFT sequence has {len(ids)} tokens, over seq_len={seq_len}; "
+                       "raise seq_len.")
+    tokens_NxT[row, :len(ids)] = ids
+    mask_NxT[row, :len(ids)] = True
+    loss_mask_NxT[row, :len(ids)] = loss
+  return dict(tokens_NxT=tokens_NxT, mask_NxT=mask_NxT, loss_mask_NxT=loss_mask_NxT)

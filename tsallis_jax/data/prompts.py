@@ -78,7 +78,7 @@ def has_chat_template(tokenizer: Any) -> bool:
   return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _check_think_token(tokenizer: Any) -> int:
+def think_close_id(tokenizer: Any) -> int:
   ids = tokenizer.convert_tokens_to_ids([THINK_CLOSE])
   tid = ids[0] if ids else None
   if tid is None or tid == tokenizer.unk_token_id:
@@ -88,7 +88,7 @@ def _check_think_token(tokenizer: Any) -> int:
   return tid
 
 
-def _eos_id(tokenizer: Any) -> int:
+def eos_id(tokenizer: Any) -> int:
   if tokenizer.eos_token_id is None:
     raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token to the token that ends a completion.")
   return tokenizer.eos_token_id
@@ -131,15 +131,15 @@ def _conversation_ids(record: Record, tokenizer: Any, *, style: Style, context_t
 
 
 def _after_think(ids: list[int], tokenizer: Any, where: str) -> list[int]:
-  close_id, eos_id = _check_think_token(tokenizer), _eos_id(tokenizer)
+  close_id, end_id = think_close_id(tokenizer), eos_id(tokenizer)
   positions = [i for i, t in enumerate(ids) if t == close_id]
   if not positions:
     raise ValueError(f"{where}: the rendered completion has no {THINK_CLOSE!r} token; the chat template must keep "
                      "the rationale (Qwen3 thinking format).")
   tail = ids[positions[-1] + 1:]
-  if eos_id in tail:
-    return tail[:tail.index(eos_id) + 1]
-  return tail + [eos_id]
+  if end_id in tail:
+    return tail[:tail.index(end_id) + 1]
+  return tail + [end_id]
 
 
 def gold_answer_ids(record: Record, tokenizer: Any, *, style: Style = "cold") -> list[int]:
@@ -175,6 +175,6 @@ def sft_example(record: Record, tokenizer: Any, *, style: Style = "cold",
   full_ids, num_prompt = _conversation_ids(record, tokenizer, style=style, context_text=ctx,
                                            rationale=record.rationale, answer=record.answer)
   answer = _after_think(full_ids, tokenizer, record.where())
-  close_pos = max(i for i, t in enumerate(full_ids) if t == _check_think_token(tokenizer))
+  close_pos = max(i for i, t in enumerate(full_ids) if t == think_close_id(tokenizer))
   ids = full_ids[:close_pos + 1] + answer
   return ids, [i >= num_prompt for i in range(len(ids))]
