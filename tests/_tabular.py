@@ -90,3 +90,20 @@ def grpo_factor(num_samples: int, p: float) -> float:
 
 def num_multisets(num_traj: int, num_samples: int) -> int:
   return math.comb(num_traj + num_samples - 1, num_samples)
+
+
+def init_shared_params(key, num_traj: int) -> dict[str, jax.Array]:
+  """Parameters shared by every prompt, as in a real model (the sharding tests replicate them)."""
+  k1, k2 = jax.random.split(key)
+  return {"logits_K": jax.random.normal(k1, (num_traj,)), "phi_K": jax.random.normal(k2, (num_traj,))}
+
+
+def shared_logprob_fn(params, batch):
+  """The contract with shared params: prompt b's logits are params + batch['offset_BxK'] (per-prompt data)."""
+  logits_BxK = params["logits_K"][None, :] + batch["offset_BxK"]
+  logpi_BxK = jax.nn.log_softmax(logits_BxK.astype(jnp.float32), axis=-1)
+  logw_BxK = jax.nn.log_sigmoid(params["phi_K"][None, :] + batch["phi_offset_BxK"])
+  if "reward_BxK" in batch:
+    logw_BxK = jnp.where(batch["reward_BxK"] > 0, 0.0, -jnp.inf)
+  idx_BxG = batch["idx_BxG"]
+  return jnp.take_along_axis(logpi_BxK, idx_BxG, axis=1), jnp.take_along_axis(logw_BxK, idx_BxG, axis=1)
