@@ -24,26 +24,26 @@ from tsallis_jax.data.records import Record
 
 def context_units(record: Record) -> list[tuple[int, str]]:
   """The context as (block, text) units in document order; units of one block are joined with spaces."""
-  units: list[tuple[int, str]] = []
-  block = 0
-  passages = list(record.context)
-  table_after = 1 if record.table else None  # FinQA: passages[0] is pre_text, passages[1] is post_text
-  for pi, passage in enumerate(passages):
-    if table_after is not None and pi == table_after:
-      for row in record.table:
-        units.append((block, " | ".join(c.strip() for c in row)))
-        block += 1
-    title = f"{passage.title}: " if passage.title and table_after is None else ""
+  blocks: list[list[str]] = []
+
+  def add_passage(passage, titled: bool) -> None:
     sentences = [s.strip() for s in passage.sentences if s.strip()]
-    for si, sentence in enumerate(sentences):
-      units.append((block, (title if si == 0 else "") + sentence))
     if sentences:
-      block += 1
-  if table_after is not None and len(passages) <= table_after:
-    for row in record.table:
-      units.append((block, " | ".join(c.strip() for c in row)))
-      block += 1
-  return units
+      if titled and passage.title:
+        sentences[0] = f"{passage.title}: {sentences[0]}"
+      blocks.append(sentences)
+
+  if record.table:  # FinQA: text before the table, the table one row per block, text after the table
+    passages = list(record.context)
+    if passages:
+      add_passage(passages[0], titled=False)
+    blocks.extend([" | ".join(cell.strip() for cell in row)] for row in record.table)
+    for passage in passages[1:]:
+      add_passage(passage, titled=False)
+  else:
+    for passage in record.context:
+      add_passage(passage, titled=True)
+  return [(b, unit) for b, block in enumerate(blocks) for unit in block]
 
 
 def join_units(units: Sequence[tuple[int, str]]) -> str:
