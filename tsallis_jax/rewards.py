@@ -83,6 +83,8 @@ def _f1(prediction: str, gold: str, *, yes_no_rule: bool) -> float:
       and pred_norm != gold_norm:
     return 0.0
   pred_tokens, gold_tokens = pred_norm.split(), gold_norm.split()
+  if not yes_no_rule and (not pred_tokens or not gold_tokens):  # SQuAD's rule for empty token lists
+    return float(pred_tokens == gold_tokens)
   common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
   num_same = sum(common.values())
   if num_same == 0:
