@@ -75,10 +75,12 @@ def user_message(record: Record, style: Style, context_text: str) -> str:
 
 
 def has_chat_template(tokenizer: Any) -> bool:
+  """Whether prompts go through `tokenizer.apply_chat_template` (else the plain format of the module docstring)."""
   return bool(getattr(tokenizer, "chat_template", None))
 
 
 def think_close_id(tokenizer: Any) -> int:
+  """The id of the single `</think>` token; raises `ValueError` (with the fix) when the vocabulary lacks it."""
   ids = tokenizer.convert_tokens_to_ids([THINK_CLOSE])
   tid = ids[0] if ids else None
   if tid is None or tid == tokenizer.unk_token_id:
@@ -89,6 +91,7 @@ def think_close_id(tokenizer: Any) -> int:
 
 
 def eos_id(tokenizer: Any) -> int:
+  """The EOS id that ends a completion; raises `ValueError` when the tokenizer has none."""
   if tokenizer.eos_token_id is None:
     raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token to the token that ends a completion.")
   return tokenizer.eos_token_id
@@ -143,7 +146,11 @@ def _after_think(ids: list[int], tokenizer: Any, where: str) -> list[int]:
 
 
 def gold_answer_ids(record: Record, tokenizer: Any, *, style: Style = "cold") -> list[int]:
-  """The tokens the model emits after `</think>` for the gold answer, ending with EOS (see the module docstring)."""
+  """The tokens the model emits after `</think>` for the gold answer, ending with EOS (see the module docstring).
+
+  They do not depend on the rationale or the context (`</think>` is a single token, so tokenisation restarts after
+  it), so a one-token placeholder rationale and no context are rendered.
+  """
   full_ids, _ = _conversation_ids(record, tokenizer, style=style, context_text="", rationale="r",
                                   answer=record.answer)
   return _after_think(full_ids, tokenizer, record.where())
