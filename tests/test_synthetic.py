@@ -29,6 +29,11 @@ def test_target_task_p0_knob(p0):
   assert any(task.map_value(v) != v for v in range(task.modulus)), "the target map must differ from the source's"
 
 
+def test_p0_1e4_with_three_answer_words():
+  task = synthetic.target_task(1e-4, modulus=22)
+  assert task.answer_len == 3 and task.nominal_p0 == pytest.approx(22.0 ** -3)
+
+
 def test_records_answers_and_rationales_are_correct():
   task = synthetic.ChainTask(name="target", modulus=7, num_steps=5, answer_len=2, answer_map=(3, 2))
   records = synthetic.make_records(task, 40, seed=3)

@@ -96,7 +96,11 @@ class ChainTask:
 
 def target_task(p0: float = 1e-2, *, name: str = "target", num_steps: int = 4, modulus: int = 10,
                 answer_map: tuple[int, int] = (3, 7)) -> ChainTask:
-  """A target task whose nominal p0 = modulus ** -answer_len is the closest to `p0` (see the module docstring)."""
+  """A target task whose nominal p0 = modulus ** -answer_len is the closest to `p0` (see the module docstring).
+
+  With modulus 10 the answer has log10(1/p0) values: 1e-1 ... 1e-3 in 1 to 3 answer words, 1e-4 in 4. To reach about
+  1e-4 with 3 answer words use `modulus=22` (nominal p0 = 22**-3 = 9.4e-5).
+  """
   if not 0.0 < p0 < 1.0:
     raise ValueError(f"p0={p0} must be in (0, 1).")
   answer_len = max(1, round(math.log(1.0 / p0) / math.log(modulus)))
