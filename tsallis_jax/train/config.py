@@ -61,7 +61,9 @@ class TrainConfig:
   q_end: float = 0.0  # end value of a q schedule (1 -> 0 is the paper's reading of SFT-then-RL)
   q_schedule_steps: int = 0  # steps over which q moves from q to q_end (0 = num_steps)
   weights: str = "likelihood"  # GARL/PAFT weights: likelihood w = p(y*|x,z) (paper) or a 0/1 verifier reward
-  reward: str = "exact_match"  # reward name for GRPO and for `weights="reward"` (tsallis_jax.rewards.get_reward)
+  # Training reward (GRPO, and GARL/PAFT with weights="reward"): exact match of the sampled answer tokens (stop token
+  # included) against the gold answer's tokens, computed inside jit; see rollout.exact_match_reward.
+  reward: str = "exact_match"
   baseline: str = "rloo"  # GARL: rloo (eq. 12, Algorithm 1) or none (plug-in eq. 9)
   normalize_mq: bool = True  # Algorithms 1-2 divide by M^q (equivalent to a q-dependent learning-rate rescaling)
   paft_resamples: int = 0  # PAFT's K; 0 means K = M, as in the paper's experiments
@@ -81,6 +83,7 @@ class TrainConfig:
   eval_temperature: float = 1.0
   eval_top_k: int = 0
   eval_top_p: float = 1.0
+  eval_reward: str = "substring_match"  # evaluation scorer (tsallis_jax.rewards); the paper uses substring match
   eval_every: int = 0  # steps between validation evaluations (0 = only at the end)
   eval_max_prompts: int = 0  # cap on validation/test prompts (0 = the whole split)
   eval_batch_size: int = 8  # prompts per evaluation rollout
@@ -184,6 +187,9 @@ def _validate(cfg: TrainConfig) -> None:
   _choice(cfg, "dtype", DTYPES)
   _choice(cfg, "grpo_scale_rewards", SCALE_REWARDS)
   _choice(cfg, "progress_bar", ("auto", "on", "off"))
+  _choice(cfg, "reward", ("exact_match",))
+  from tsallis_jax import rewards as rewards_lib
+  _choice(cfg, "eval_reward", tuple(rewards_lib.REWARDS))
   for key in ("q", "q_end"):
     v = getattr(cfg, key)
     _require(math.isfinite(v) and 0.0 <= v <= 1.0, f"{key}={v} is outside [0, 1]; commitment q lies in [0, 1]")

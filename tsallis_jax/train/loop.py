@@ -270,7 +270,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, task: Task | None = No
     metrics, _ = eval_lib.evaluate(
         programs.eval_rollout, params, records, task.tokenizer, style=cfg.prompt_style,
         max_prompt_len=cfg.max_prompt_len, pad_id=ids.pad_id, batch_size=cfg.eval_batch_size,
-        num_samples=cfg.eval_num_samples, key=jax.random.fold_in(eval_key, step), put=eval_put)
+        num_samples=cfg.eval_num_samples, key=jax.random.fold_in(eval_key, step), put=eval_put,
+        reward_name=cfg.eval_reward)
     return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
   def checkpoint_meta(step: int) -> dict[str, Any]:

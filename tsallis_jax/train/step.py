@@ -169,8 +169,8 @@ def make_train_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.Gradient
     grads, metrics = loss_and_metrics(state.params, state.ref_params, graphdef, cfg, ids, batch, key, q)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["update_norm"] = optax.global_norm(updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["update_norm"] = optax.tree.norm(updates)
     metrics["learning_rate"] = jnp.asarray(lr_fn(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
