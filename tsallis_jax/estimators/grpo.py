@@ -64,6 +64,7 @@ def grpo_advantages(rewards_BxG: jax.Array, *, scale_rewards: str = "group", std
 
 def _as_sequence(log_probs) -> SequenceLogProbs:
   if isinstance(log_probs, SequenceLogProbs):
+    log_probs.check_shapes()
     return log_probs
   if isinstance(log_probs, (tuple, list)) and len(log_probs) == 2:
     logp_z_BxG = jnp.asarray(log_probs[0], jnp.float32)

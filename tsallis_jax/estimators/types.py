@@ -38,7 +38,8 @@ class SequenceLogProbs:
   old_logp_z_BxGxT: jax.Array | None = None
   ref_logp_z_BxGxT: jax.Array | None = None
 
-  def __post_init__(self):
+  def check_shapes(self) -> None:
+    """Raises ValueError on inconsistent shapes; the estimators call it (not __init__, so pytree maps work)."""
     if self.logp_z_BxGxT.ndim != 3 or self.logp_z_BxGxT.shape != self.mask_z_BxGxT.shape:
       raise ValueError(
           f"SequenceLogProbs: logp_z_BxGxT {self.logp_z_BxGxT.shape} and mask_z_BxGxT {self.mask_z_BxGxT.shape} "
@@ -77,6 +78,7 @@ LogProbs = Any  # a (logp_z_BxG, logw_BxG) pair or a SequenceLogProbs
 def as_pair(log_probs: LogProbs) -> tuple[jax.Array, jax.Array]:
   """Reduces a `logprob_fn` output to the pair form (logp_z_BxG, logw_BxG), float32."""
   if isinstance(log_probs, SequenceLogProbs):
+    log_probs.check_shapes()
     return log_probs.sequence_logp_z(), log_probs.sequence_logw()
   if isinstance(log_probs, (tuple, list)) and len(log_probs) == 2:
     logp_z_BxG, logw_BxG = log_probs
