@@ -23,13 +23,18 @@
 #   --num-processes N        ... the process count ...
 #   --process-id I           ... and this process's id
 #   --log FILE               append all output here (default logs/host.log in the repository)
+#   --sync-workdir           one host only: train in a local mirror of the gs:// --workdir, downloaded before the
+#                            run and uploaded with `gcloud storage rsync` every --sync-every seconds and at exit
+#                            (for a trainer that cannot write gs:// itself; see launch/TPU.md)
+#   --mirror DIR             the local mirror (default ~/tsallis_runs/<hash of --workdir>)
+#   --sync-every S           seconds between uploads (default 600)
 #   --dry-run                print the commands this host would run, run none
 #   --print-stamp            print the install stamp for this accelerator and exit
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CONFIG="" WORKDIR="" ACCELERATOR="auto" VENV="" SKIP_INSTALL=0 MULTIHOST="" COORDINATOR="" NUM_PROCESSES=""
-PROCESS_ID="" LOG="" DRY_RUN=0 PRINT_STAMP=0
+PROCESS_ID="" LOG="" DRY_RUN=0 PRINT_STAMP=0 SYNC_WORKDIR=0 MIRROR="" SYNC_EVERY=600
 TRAIN_ARGS=()
 
 die() { echo "host.sh: error: $*" >&2; exit 2; }
@@ -48,6 +53,9 @@ while [[ $# -gt 0 ]]; do
     --process-id) need_value "$@"; PROCESS_ID="$2"; shift 2 ;;
     --log) need_value "$@"; LOG="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --sync-workdir) SYNC_WORKDIR=1; shift ;;
+    --mirror) need_value "$@"; MIRROR="$2"; shift 2 ;;
+    --sync-every) need_value "$@"; SYNC_EVERY="$2"; shift 2 ;;
     --print-stamp) PRINT_STAMP=1; shift ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
     *) die "unknown option '$1' (arguments for experiments.train go after '--'; see the header of launch/host.sh)" ;;
@@ -94,6 +102,16 @@ if [[ -n "$COORDINATOR$NUM_PROCESSES$PROCESS_ID" ]]; then
   [[ "$NUM_PROCESSES" =~ ^[1-9][0-9]*$ && "$PROCESS_ID" =~ ^[0-9]+$ ]] \
     || die "--num-processes and --process-id are whole numbers"
   (( PROCESS_ID < NUM_PROCESSES )) || die "--process-id $PROCESS_ID must be < --num-processes $NUM_PROCESSES"
+fi
+TRAIN_WORKDIR="$WORKDIR"
+if [[ $SYNC_WORKDIR == 1 ]]; then
+  [[ "$WORKDIR" == gs://* ]] || die "--sync-workdir mirrors a gs:// --workdir; '$WORKDIR' is local already"
+  [[ -z "$MULTIHOST$COORDINATOR" ]] \
+    || die "--sync-workdir works on one host only: a multi-host checkpoint needs the shared gs:// workdir itself"
+  [[ "$SYNC_EVERY" =~ ^[1-9][0-9]*$ ]] || die "--sync-every takes a whole number of seconds"
+  TRAIN_WORKDIR="${MIRROR:-$HOME/tsallis_runs/$(printf %s "$WORKDIR" | sha256sum | cut -c1-16)}"
+elif [[ -n "$MIRROR" ]]; then
+  die "--mirror goes with --sync-workdir"
 fi
 if [[ "$ACCELERATOR" == tpu && "$WORKDIR" != gs://* ]]; then
   echo "host.sh: warning: --workdir '$WORKDIR' is on this VM's disk, which is lost with the slice; use gs://..." >&2
@@ -150,6 +168,42 @@ if [[ -n "$COORDINATOR" ]]; then
 fi
 if [[ "$ACCELERATOR" == cpu ]]; then ENV_ARGS+=("JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}"); fi
 
-# --- 5. train (resumes from the newest checkpoint in WORKDIR) ------------------------------------------------------
-run env "${ENV_ARGS[@]}" "$VENV/bin/python" -m experiments.train --config "$CONFIG" --workdir "$WORKDIR" \
-  "${TRAIN_ARGS[@]}"
+# --- 5. train (resumes from the newest checkpoint in the workdir) -------------------------------------------------
+TRAIN=(env "${ENV_ARGS[@]}" "$VENV/bin/python" -m experiments.train --config "$CONFIG" --workdir "$TRAIN_WORKDIR"
+       "${TRAIN_ARGS[@]}")
+if [[ $SYNC_WORKDIR == 0 ]]; then
+  run "${TRAIN[@]}"
+  exit 0
+fi
+
+# --sync-workdir: download the bucket's run (the resume point), train locally, upload periodically and at exit.
+# Uploads never delete objects in the bucket, so a failed download can never wipe a previous run there.
+echo "# training in the local mirror $TRAIN_WORKDIR of $WORKDIR"
+run mkdir -p "$TRAIN_WORKDIR"
+if [[ $DRY_RUN == 1 ]]; then
+  run gcloud storage rsync --recursive "$WORKDIR" "$TRAIN_WORKDIR"
+elif listing="$(gcloud storage ls "$WORKDIR" 2>&1)"; then
+  run gcloud storage rsync --recursive "$WORKDIR" "$TRAIN_WORKDIR"
+elif grep -qi "matched no objects" <<< "$listing"; then
+  echo "# $WORKDIR is empty: a fresh run"
+else
+  die "cannot read $WORKDIR (so cannot resume from it): $listing"
+fi
+upload() { run gcloud storage rsync --recursive "$TRAIN_WORKDIR" "$WORKDIR"; }
+UPLOADER=""
+if [[ $DRY_RUN == 0 ]]; then
+  (  # killed after training; the trap also ends the sleep, which would otherwise hold the output pipe open
+    trap 'kill "$NAP" 2> /dev/null; exit 0' TERM
+    while true; do
+      sleep "$SYNC_EVERY" & NAP=$!
+      wait "$NAP"
+      upload || echo "host.sh: warning: upload to $WORKDIR failed; retrying later"
+    done
+  ) &
+  UPLOADER=$!
+fi
+status=0
+run "${TRAIN[@]}" || status=$?
+if [[ -n "$UPLOADER" ]]; then kill "$UPLOADER" 2> /dev/null || true; wait "$UPLOADER" 2> /dev/null || true; fi
+upload
+exit "$status"

@@ -63,6 +63,7 @@ class Plan:
   detach: bool
   delete_when_done: bool
   worker: str
+  sync_workdir: bool
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
@@ -154,6 +155,9 @@ def validate(args: argparse.Namespace) -> Plan:
                         f"{model!r} in launch/slices.py; see launch/TPU.md.")
     accelerator = slices.parse_accelerator(name)
   mesh, pass_mesh = _choose_mesh(args.mesh, cfg, suggestion, accelerator)
+  if args.sync_workdir and accelerator is not None and accelerator.multi_host:
+    raise LaunchError(f"--sync-workdir mirrors the workdir on one host; {accelerator.name} has {accelerator.hosts} "
+                      "hosts, whose checkpoint must be written to the gs:// workdir directly.")
   if accelerator is not None:  # pass the resolved sizes: the log then shows the mesh the job really has
     mesh = slices.check_mesh(mesh, accelerator, getattr(cfg, "batch_size", None))
   return Plan(action=action, name=args.name or "", zone=args.zone or "", project=args.project or "",
@@ -161,7 +165,7 @@ def validate(args: argparse.Namespace) -> Plan:
               mesh=mesh if pass_mesh else None,
               overrides=tuple(args.set), train_args=tuple(args.train_args), env=tuple(args.env), spot=args.spot,
               preemptible=args.preemptible, queued=args.queued, retries=args.retries, detach=args.detach,
-              delete_when_done=args.delete_when_done, worker=args.worker)
+              delete_when_done=args.delete_when_done, worker=args.worker, sync_workdir=args.sync_workdir)
 
 
 # --- command lines --------------------------------------------------------------------------------------------------
@@ -213,6 +217,8 @@ def host_command(plan: Plan, accelerator_kind: str) -> list[str]:
   argv = ["bash", "launch/host.sh", "--accelerator", accelerator_kind]
   if plan.accelerator is not None and plan.accelerator.multi_host:
     argv += ["--multihost", "auto"]
+  if plan.sync_workdir:
+    argv += ["--sync-workdir"]
   argv += ["--config", plan.config, "--workdir", plan.workdir, "--"]
   if plan.mesh is not None:
     argv += ["--set", f"mesh_data={plan.mesh['data']}", "--set", f"mesh_fsdp={plan.mesh['fsdp']}"]
@@ -357,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "preemption")
   parser.add_argument("--detach", action="store_true", help="run under nohup; follow with the `logs` action")
   parser.add_argument("--delete-when-done", action="store_true", help="up: delete the slice after a clean finish")
+  parser.add_argument("--sync-workdir", action="store_true", help="single-host slices: train in a local mirror "
+                      "of the gs:// workdir, uploaded periodically (launch/host.sh)")
   parser.add_argument("--worker", default="0", help="logs: which worker's log to follow")
   parser.add_argument("--dry-run", action="store_true", help="print every command, run none")
   args = parser.parse_args(argv)

@@ -246,3 +246,12 @@ def test_the_fake_gcloud_does_record_calls(fake_gcloud):
   status, out, err, calls = fake_gcloud("create", *SLICE, "--accelerator", "v4-8")
   assert status == 0, err
   assert [c.split()[4] for c in calls] == ["describe", "create", "describe"]
+
+
+def test_sync_workdir_is_passed_to_the_host_script_on_one_host(capsys, fake_gcloud):
+  cmds = _dry_run(capsys, "up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, "--sync-workdir")
+  host = _remote_command(cmds[-1])[3:]
+  assert "--sync-workdir" in host[:host.index("--")]
+  status, out, err, calls = fake_gcloud("up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, "--accelerator",
+                                        "v4-32", "--sync-workdir")
+  assert status == 2 and "v4-32 has 4 hosts" in err and calls == []

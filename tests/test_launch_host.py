@@ -138,3 +138,83 @@ def test_two_fake_hosts_run_one_training_job(tmp_path):
     assert (state / "commit_success.txt").exists()
     assert {d.name for d in state.iterdir() if d.name.startswith("ocdbt.process_")} == {
         "ocdbt.process_0", "ocdbt.process_1"}
+
+
+# --- --sync-workdir: a local mirror of the gs:// workdir --------------------------------------------------------------
+
+_FAKE_GCLOUD_STORAGE = """#!{python}
+# `gcloud storage ls|rsync` over a folder standing in for GCS: gs://BUCKET/PATH -> $FAKE_GCS/BUCKET/PATH.
+import os, shutil, sys
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+local = lambda p: os.path.join(os.environ["FAKE_GCS"], p[5:]) if p.startswith("gs://") else p
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
+  f.write(" ".join(sys.argv[1:]) + "\\n")
+if args[:2] == ["storage", "ls"]:
+  if not os.path.exists(local(args[2])):
+    sys.exit("ERROR: (gcloud.storage.ls) One or more URLs matched no objects.")
+elif args[:2] == ["storage", "rsync"]:
+  shutil.copytree(local(args[2]), local(args[3]), dirs_exist_ok=True)
+else:
+  sys.exit("fake gcloud: unexpected " + " ".join(sys.argv[1:]))
+"""
+
+
+def test_sync_workdir_dry_run(tmp_path):
+  mirror = tmp_path / "mirror"
+  result = _host("--dry-run", "--skip-install", "--sync-workdir", "--mirror", str(mirror), "--config", CONFIG,
+                 "--workdir", "gs://my-bucket/run")
+  assert result.returncode == 0, result.stderr
+  cmds = _printed(result.stdout)
+  train = next(c for c in cmds if "experiments.train" in c)
+  assert train[train.index("--workdir") + 1] == str(mirror)
+  rsyncs = [c for c in cmds if c[:3] == ["gcloud", "storage", "rsync"]]
+  assert [c[-2:] for c in rsyncs] == [["gs://my-bucket/run", str(mirror)], [str(mirror), "gs://my-bucket/run"]]
+  assert cmds.index(rsyncs[0]) < cmds.index(train) < cmds.index(rsyncs[1])  # download, train, upload
+  assert not any("--delete-unmatched-destination-objects" in c for c in rsyncs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workdir", "/tmp/run"], "is local already"),
+    (["--workdir", "gs://b/run", "--multihost", "auto"], "one host only"),
+    (["--workdir", "gs://b/run", "--sync-every", "soon"], "whole number"),
+])
+def test_sync_workdir_bad_arguments(tmp_path, args, message):
+  result = _host("--sync-workdir", "--skip-install", "--venv", str(tmp_path / "venv"), "--config", CONFIG, *args)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_sync_workdir_restores_from_and_uploads_to_the_bucket(tmp_path):
+  gcs, mirror = tmp_path / "gcs", tmp_path / "mirror"
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(_FAKE_GCLOUD_STORAGE.format(python=sys.executable))
+  (bin_dir / "gcloud").chmod(0o755)
+  (gcs / "my-bucket" / "run" / "checkpoints" / "3").mkdir(parents=True)  # a previous, preempted run
+  (gcs / "my-bucket" / "run" / "checkpoints" / "3" / "state").write_text("step 3")
+  mirror.mkdir()
+  (mirror / "metrics.jsonl").write_text('{"step": 4}\n')  # stands in for what this run writes locally
+  env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_GCS": str(gcs),
+         "FAKE_GCLOUD_LOG": str(tmp_path / "calls.txt"), "JAX_PLATFORMS": "cpu"}
+  # --print-config goes through the real entry point (and its config loading) but trains nothing.
+  result = _host("--skip-install", "--venv", os.path.dirname(os.path.dirname(sys.executable)), "--accelerator",
+                 "cpu", "--log", str(tmp_path / "host.log"), "--sync-workdir", "--mirror", str(mirror),
+                 "--config", CONFIG, "--workdir", "gs://my-bucket/run", "--", "--print-config", env=env, timeout=120)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])["name"] == CONFIG
+  assert (mirror / "checkpoints" / "3" / "state").read_text() == "step 3"  # downloaded before training
+  assert (gcs / "my-bucket" / "run" / "metrics.jsonl").read_text() == '{"step": 4}\n'  # uploaded at exit
+  calls = (tmp_path / "calls.txt").read_text().splitlines()
+  assert [c.split()[1] for c in calls] == ["ls", "rsync", "rsync"]
+
+
+def test_sync_workdir_refuses_an_unreadable_bucket(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(f"#!{sys.executable}\nimport sys\nsys.exit('ERROR: 403 permission denied')\n")
+  (bin_dir / "gcloud").chmod(0o755)
+  result = _host("--skip-install", "--venv", os.path.dirname(os.path.dirname(sys.executable)), "--accelerator",
+                 "cpu", "--log", str(tmp_path / "host.log"), "--sync-workdir", "--mirror", str(tmp_path / "m"),
+                 "--config", CONFIG, "--workdir", "gs://my-bucket/run", env={
+                     "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+  assert result.returncode == 2 and "cannot read gs://my-bucket/run" in result.stdout + result.stderr
+  assert "experiments.train" not in result.stdout  # no fresh run over a bucket we could not read
