@@ -64,3 +64,33 @@ def test_eval_metrics_hand_computed():
   assert out == pytest.approx({"eval/p@1": 0.25, "eval/pass@2": 5 / 12, "eval/maj@2": 0.5})
   with pytest.raises(ValueError, match="fewer than k"):
     metrics.eval_metrics(completions, recs, k=16)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["a", "A", "b", "c", ""]), min_size=1, max_size=12))
+def test_majority_vote_property(answers):
+  voted = metrics.majority_vote(answers, str.lower)
+  keys = [a.lower() for a in answers if a]
+  if not keys:
+    assert voted is None
+    return
+  top = max(keys.count(k) for k in keys)
+  assert keys.count(voted.lower()) == top  # a most frequent key
+  earliest = next(a for a in answers if a and keys.count(a.lower()) == top)
+  assert voted == earliest  # the first answer whose key has the top count
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n), st.integers(1, n))))
+def test_pass_at_k_monotone(nck):
+  n, c, k = nck
+  value = metrics.pass_at_k(n, c, k)
+  assert 0.0 <= value <= 1.0
+  if k < n:
+    assert metrics.pass_at_k(n, c, k + 1) >= value - 1e-12
+  if c < n:
+    assert metrics.pass_at_k(n, c + 1, k) >= value - 1e-12
+  assert metrics.pass_at_k(n, c, 1) == pytest.approx(c / n)
