@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from tsallis_jax import metrics, rewards
 from tsallis_jax.data.records import Record
@@ -64,9 +65,6 @@ def test_eval_metrics_hand_computed():
   assert out == pytest.approx({"eval/p@1": 0.25, "eval/pass@2": 5 / 12, "eval/maj@2": 0.5})
   with pytest.raises(ValueError, match="fewer than k"):
     metrics.eval_metrics(completions, recs, k=16)
-
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @settings(max_examples=60, deadline=None)
