@@ -5,11 +5,11 @@
   range(n) -> shuffle(seed) -> repeat(num_epochs) -> batch(batch_size, drop_remainder=True) -> host slice -> tokens,
 
 so the order depends only on `seed` (every epoch is reshuffled: grain folds the epoch into the seed; a batch may
-straddle two epochs, since batching comes after repetition, and the only records left out are those of a last partial
-batch when `num_epochs` is finite), every host
-computes the same global batches and keeps rows `[shard_index * b, (shard_index + 1) * b)` with
-`b = batch_size // shard_count`, and a batch is a pure function of its step number. Iterating gives a grain
-`DatasetIterator` whose `get_state()` / `set_state()` resume at the exact batch (store the state in the checkpoint).
+straddle two epochs, since batching comes after repetition, and the only records left out are those of a last
+partial batch when `num_epochs` is finite), every host computes the same global batches and keeps rows
+`[shard_index * b, (shard_index + 1) * b)` with `b = batch_size // shard_count`, and a batch is a pure function of
+its step number. Iterating gives a grain `DatasetIterator` whose `get_state()` / `set_state()` resume at the exact
+batch (store the state in the checkpoint).
 
 Each batch is a dict of numpy arrays (`b` rows):
 
