@@ -64,6 +64,7 @@ class Plan:
   delete_when_done: bool
   worker: str
   sync_workdir: bool
+  data_from: str
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
@@ -155,6 +156,11 @@ def validate(args: argparse.Namespace) -> Plan:
                         f"{model!r} in launch/slices.py; see launch/TPU.md.")
     accelerator = slices.parse_accelerator(name)
   mesh, pass_mesh = _choose_mesh(args.mesh, cfg, suggestion, accelerator)
+  if args.data_from and not _BUCKET_PATH.fullmatch(args.data_from):
+    raise LaunchError(f"--data-from {args.data_from!r}: give the gs://BUCKET/PATH holding the dataset's official "
+                      "files (copy them once with `gcloud storage cp -r DIR gs://BUCKET/data/`).")
+  if args.data_from and "data_dir" in {item.split("=", 1)[0].strip() for item in args.set}:
+    raise LaunchError("--data-from sets data_dir on the workers; drop --set data_dir=...")
   if args.sync_workdir and accelerator is not None and accelerator.multi_host:
     raise LaunchError(f"--sync-workdir mirrors the workdir on one host; {accelerator.name} has {accelerator.hosts} "
                       "hosts, whose checkpoint must be written to the gs:// workdir directly.")
@@ -165,7 +171,8 @@ def validate(args: argparse.Namespace) -> Plan:
               mesh=mesh if pass_mesh else None,
               overrides=tuple(args.set), train_args=tuple(args.train_args), env=tuple(args.env), spot=args.spot,
               preemptible=args.preemptible, queued=args.queued, retries=args.retries, detach=args.detach,
-              delete_when_done=args.delete_when_done, worker=args.worker, sync_workdir=args.sync_workdir)
+              delete_when_done=args.delete_when_done, worker=args.worker, sync_workdir=args.sync_workdir,
+              data_from=args.data_from or "")
 
 
 # --- command lines --------------------------------------------------------------------------------------------------
@@ -219,6 +226,8 @@ def host_command(plan: Plan, accelerator_kind: str) -> list[str]:
     argv += ["--multihost", "auto"]
   if plan.sync_workdir:
     argv += ["--sync-workdir"]
+  if plan.data_from:
+    argv += ["--data-from", plan.data_from]
   argv += ["--config", plan.config, "--workdir", plan.workdir, "--"]
   if plan.mesh is not None:
     argv += ["--set", f"mesh_data={plan.mesh['data']}", "--set", f"mesh_fsdp={plan.mesh['fsdp']}"]
@@ -365,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--delete-when-done", action="store_true", help="up: delete the slice after a clean finish")
   parser.add_argument("--sync-workdir", action="store_true", help="single-host slices: train in a local mirror "
                       "of the gs:// workdir, uploaded periodically (launch/host.sh)")
+  parser.add_argument("--data-from", metavar="gs://BUCKET/PATH", help="the dataset's official files; every worker "
+                      "downloads them and trains with data_dir set to its copy")
   parser.add_argument("--worker", default="0", help="logs: which worker's log to follow")
   parser.add_argument("--dry-run", action="store_true", help="print every command, run none")
   args = parser.parse_args(argv)

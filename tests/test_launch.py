@@ -255,3 +255,14 @@ def test_sync_workdir_is_passed_to_the_host_script_on_one_host(capsys, fake_gclo
   status, out, err, calls = fake_gcloud("up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, "--accelerator",
                                         "v4-32", "--sync-workdir")
   assert status == 2 and "v4-32 has 4 hosts" in err and calls == []
+
+
+def test_data_from_goes_to_every_worker(capsys, fake_gcloud):
+  cmds = _dry_run(capsys, "up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, "--data-from",
+                  "gs://my-bucket/data/finqa")
+  host = _remote_command(cmds[-1])[3:]
+  assert host[host.index("--data-from") + 1] == "gs://my-bucket/data/finqa"
+  for bad, message in [(["--data-from", "/home/me/finqa"], "--data-from '/home/me/finqa'"),
+                       (["--data-from", "gs://my-bucket/d", "--set", "data_dir=/x"], "drop --set data_dir")]:
+    status, out, err, calls = fake_gcloud("up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, *bad)
+    assert status == 2 and message in err and calls == []

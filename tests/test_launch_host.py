@@ -218,3 +218,15 @@ def test_sync_workdir_refuses_an_unreadable_bucket(tmp_path):
                      "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
   assert result.returncode == 2 and "cannot read gs://my-bucket/run" in result.stdout + result.stderr
   assert "experiments.train" not in result.stdout  # no fresh run over a bucket we could not read
+
+
+def test_data_from_downloads_the_dataset_then_points_data_dir_at_it(tmp_path):
+  result = _host("--dry-run", "--skip-install", "--config", CONFIG, "--workdir", "gs://my-bucket/run",
+                 "--data-from", "gs://my-bucket/data/finqa", "--", "--set", "q=1.0", env={"HOME": str(tmp_path)})
+  assert result.returncode == 0, result.stderr
+  cmds = _printed(result.stdout)
+  local = f"{tmp_path}/tsallis_data/finqa"
+  assert ["gcloud", "storage", "rsync", "--recursive", "gs://my-bucket/data/finqa", local] in cmds
+  assert cmds[-1][-4:] == ["--set", f"data_dir={local}", "--set", "q=1.0"]
+  bad = _host("--config", CONFIG, "--workdir", "gs://b/run", "--data-from", "/data/finqa")
+  assert bad.returncode == 2 and "gs://BUCKET/PATH" in bad.stderr
