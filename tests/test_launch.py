@@ -266,3 +266,13 @@ def test_data_from_goes_to_every_worker(capsys, fake_gcloud):
                        (["--data-from", "gs://my-bucket/d", "--set", "data_dir=/x"], "drop --set data_dir")]:
     status, out, err, calls = fake_gcloud("up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, *bad)
     assert status == 2 and message in err and calls == []
+
+
+def test_tpu_md_table_matches_the_suggestions():
+  """The README snippet's slice table names the same slice for each model as launch/slices.py."""
+  text = open(os.path.join(REPO, "launch", "TPU.md"), encoding="utf-8").read()
+  for s in slices.SUGGESTIONS.values():
+    size = s.model.split("_", 1)[1].replace("_", ".").upper()  # qwen3_0_6b -> 0.6B
+    (row,) = [line for line in text.splitlines() if line.startswith(f"| Qwen3-{size}")]
+    assert f"| {s.accelerator}" in row, row
+    assert s.alternative.split(" with ")[0] in row, row
