@@ -118,7 +118,8 @@ elif [[ -n "$MIRROR" ]]; then
 fi
 DATA_DIR=""
 if [[ -n "$DATA_FROM" ]]; then
-  [[ "$DATA_FROM" == gs://?*/?* ]] || die "--data-from takes gs://BUCKET/PATH; for a local folder pass -- --set data_dir=DIR"
+  [[ "$DATA_FROM" == gs://?*/?* ]] \
+    || die "--data-from takes gs://BUCKET/PATH; for a local folder pass -- --set data_dir=DIR"
   DATA_DIR="$HOME/tsallis_data/$(basename "$DATA_FROM")"
 fi
 if [[ "$ACCELERATOR" == tpu && "$WORKDIR" != gs://* ]]; then
