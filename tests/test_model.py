@@ -73,8 +73,8 @@ def test_forward_shapes_dtype_and_padding_invariance(arch):
                              np.asarray(logits_NxTxV)[:, :-1][earlier], atol=1e-6)
 
 
-@pytest.mark.parametrize("arch, use_jit", [("qwen3", True), ("qwen2", True), ("llama", True)])
-def test_cached_prefill_and_decode_match_full_forward(arch, use_jit):
+@pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
+def test_cached_prefill_and_decode_match_full_forward(arch):
   cfg = ARCH_CONFIGS[arch]
   model = _random_params(Transformer(cfg, rngs=nnx.Rngs(0)))
   tokens_NxT, pad_NxT = _left_padded_batch()
@@ -84,9 +84,9 @@ def test_cached_prefill_and_decode_match_full_forward(arch, use_jit):
   max_len, prompt_len = 8, 3
   positions_NxT = make_positions(pad_NxT)
 
+  @jax.jit
   def step(params, cache, tokens_NxU, positions_NxU, mask_NxUxS, index):
     return nnx.merge(graphdef, params)(tokens_NxU, positions_NxU, mask_NxUxS, cache=cache, cache_index=index)
-  step = jax.jit(step) if use_jit else step
 
   cache = init_cache(cfg, batch_size=n, max_len=max_len, dtype=jnp.float32)
   assert isinstance(cache, KVCache) and len(cache.k) == cfg.num_layers
