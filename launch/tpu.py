@@ -276,9 +276,20 @@ class Runner:
 
 
 def pack_source(archive: str, repo: str = REPO_ROOT) -> int:
-  """Packs the files git tracks (and untracked, not ignored ones) into a .tar.gz; returns the file count."""
-  listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
-                          capture_output=True, check=True).stdout.decode().split("\0")
+  """Packs the files git tracks (and untracked, not ignored ones) into a .tar.gz; returns the file count.
+
+  Outside a git clone (e.g. an unpacked release), packs the tree without venvs, caches, logs and VCS folders.
+  """
+  listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                           capture_output=True, check=False)
+  if listing.returncode == 0:
+    listed = listing.stdout.decode().split("\0")
+  else:
+    skip = {".git", ".venv", "venv", "__pycache__", "logs", ".pytest_cache", ".hypothesis"}
+    listed = []
+    for root, dirs, names in os.walk(repo):
+      dirs[:] = [d for d in dirs if d not in skip]
+      listed += [os.path.relpath(os.path.join(root, n), repo) for n in names]
   files = [f for f in listed if f and os.path.isfile(os.path.join(repo, f))]
   with tarfile.open(archive, "w:gz") as tar:
     for f in files:

@@ -276,3 +276,13 @@ def test_tpu_md_table_matches_the_suggestions():
     (row,) = [line for line in text.splitlines() if line.startswith(f"| Qwen3-{size}")]
     assert f"| {s.accelerator}" in row, row
     assert s.alternative.split(" with ")[0] in row, row
+
+
+def test_pack_source_holds_the_code_and_not_the_venv(tmp_path):
+  import tarfile
+  archive = tmp_path / "src.tar.gz"
+  count = tpu.pack_source(str(archive))
+  names = tarfile.open(archive).getnames()
+  assert len(names) == count
+  assert {"launch/host.sh", "tsallis_jax/distributed.py", "requirements.txt", "pyproject.toml"} <= set(names)
+  assert not any(n.startswith((".venv/", ".git/")) or "__pycache__" in n for n in names)
