@@ -1,0 +1,60 @@
+"""Model FLOPs of one benchmark step, counted from the shapes (the numerator of the FLOP utilisation).
+
+The count is of the work the workload defines, the same for every system (so a system that skips work, e.g. this
+project's sampler prefilling each prompt once instead of G times, gets no credit for the skipped FLOPs, and one that
+recomputes gets none for the extra):
+
+  rollout         prefill N rows x P prompt tokens (no LM head) + max_new decode steps of N rows (LM head each step),
+                  attending over the tokens so far
+  reference       one forward of N x (P + T) tokens, the LM head only at the T completion positions (beta > 0)
+  policy          forward + backward = 3 x one such forward
+
+Per token and layer a forward costs 2 (D E (2H + 2K) + 3 D F) matmul FLOPs plus 4 H E c for attention over c keys;
+the LM head costs 2 D V. Norms, softmax, RoPE and the optimizer are not counted (they are O(params), not O(tokens x
+params)).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+
+def _shapes(hf: Mapping[str, Any]) -> dict[str, int]:
+  heads = hf["num_attention_heads"]
+  return dict(L=hf["num_hidden_layers"], D=hf["hidden_size"], F=hf["intermediate_size"], H=heads,
+              K=hf.get("num_key_value_heads") or heads, E=hf.get("head_dim") or hf["hidden_size"] // heads,
+              V=hf["vocab_size"])
+
+
+def token_flops(hf: Mapping[str, Any], context: float, lm_head: bool) -> float:
+  """Forward FLOPs of one token that attends over `context` keys, with or without the LM head."""
+  s = _shapes(hf)
+  per_layer = 2 * s["D"] * s["E"] * (2 * s["H"] + 2 * s["K"]) + 6 * s["D"] * s["F"] + 4 * s["H"] * s["E"] * context
+  return s["L"] * per_layer + (2 * s["D"] * s["V"] if lm_head else 0.0)
+
+
+def sequence_forward_flops(hf: Mapping[str, Any], length: int, head_positions: int) -> float:
+  """Forward FLOPs of one causal sequence of `length` tokens with the LM head at `head_positions` of them."""
+  s = _shapes(hf)
+  body = sum(token_flops(hf, t + 1, lm_head=False) for t in range(length))
+  return body + head_positions * 2 * s["D"] * s["V"]
+
+
+def step_flops(hf: Mapping[str, Any], *, num_sequences: int, prompt_len: int, max_new: int,
+               beta: float) -> dict[str, float]:
+  """FLOPs of one GRPO step by phase: {'rollout', 'reference', 'policy', 'update', 'total'} (update = ref + policy)."""
+  if min(num_sequences, prompt_len, max_new) <= 0:
+    raise ValueError(f"step_flops needs positive sizes, got N={num_sequences}, P={prompt_len}, T={max_new}.")
+  n, p, t = num_sequences, prompt_len, max_new
+  prefill = n * sum(token_flops(hf, i + 1, lm_head=False) for i in range(p - 1))
+  decode = n * sum(token_flops(hf, p + i, lm_head=True) for i in range(t))
+  forward = n * sequence_forward_flops(hf, p + t, head_positions=t)
+  out = {"rollout": prefill + decode, "reference": forward if beta > 0 else 0.0, "policy": 3 * forward}
+  out["update"] = out["reference"] + out["policy"]
+  out["total"] = out["rollout"] + out["update"]
+  return out
+
+
+def sample_flops(hf: Mapping[str, Any], *, batch: int, prompt_len: int, max_new: int) -> float:
+  """FLOPs of one sampler call: prefill `batch` rows, then `max_new` decode steps."""
+  prefill = batch * sum(token_flops(hf, i + 1, lm_head=False) for i in range(prompt_len - 1))
+  return prefill + batch * sum(token_flops(hf, prompt_len + i, lm_head=True) for i in range(max_new))

@@ -1,0 +1,176 @@
+"""Turns the runs of one benchmark session into results.json and a markdown table with the targets (issue 9).
+
+Per (workload, system, mode) the reported time is the median over QUIET runs (foreign load below `QUIET_CORES`) of
+each run's warm-step median; when no run was quiet, the median over all runs, marked "loaded". Ratios compare
+numbers from the same session only.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any, Iterable, Mapping, Sequence
+
+QUIET_CORES = 0.25  # a run is quiet when other processes used less than this many cores on average
+GRPO_MODES = ("grpo", "garl", "paft")
+SAMPLE_MODES = ("sample", "sample_g1")
+PEERS = ("tunix", "trl")
+LABELS = {("ours", "grpo"): "this project, GRPO", ("ours", "garl"): "this project, GARL q=0.75",
+          ("ours", "paft"): "this project, PAFT q=0.75", ("tunix", "grpo"): "tunix GRPOLearner",
+          ("trl", "grpo"): "TRL GRPOTrainer", ("ours", "sample"): "this project, Sampler (8 prompts x G)",
+          ("ours", "sample_g1"): "this project, Sampler (batch rows, G=1)",
+          ("tunix", "sample"): "tunix vanilla Sampler", ("trl", "sample"): "transformers generate"}
+
+
+def aggregate(runs: Iterable[Mapping[str, Any]], quiet_cores: float = QUIET_CORES) -> dict[tuple, dict[str, Any]]:
+  """{(workload, system, mode): summary} over the successful runs; see the module docstring."""
+  groups: dict[tuple, list] = {}
+  for r in runs:
+    if r.get("ok") and r.get("system") != "matmul":
+      groups.setdefault((r["workload"], r["system"], r["mode"]), []).append(r)
+  out = {}
+  for key, rs in groups.items():
+    quiet = [r for r in rs if r["foreign_cores"] < quiet_cores]
+    use = quiet or rs
+    phases = {}
+    for name in rs[0].get("phases_median_s", {}):
+      values = [r["phases_median_s"][name] for r in use if name in r.get("phases_median_s", {})]
+      if values:
+        phases[name] = statistics.median(values)
+    out[key] = {
+      "median_s": statistics.median(r["median_s"] for r in use),
+      "first_s": statistics.median(r["first_s"] for r in use),
+      "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+      "tokens_per_step": rs[0]["tokens_per_step"],
+      "runs": len(rs), "quiet_runs": len(quiet), "loaded": not quiet,
+      "foreign_cores": [r["foreign_cores"] for r in rs],
+      "run_medians_s": [r["median_s"] for r in rs],
+      "phases_median_s": phases, "version": rs[0].get("version", ""),
+      "sanity_logits": rs[0].get("sanity_logits"),
+    }
+    out[key]["tokens_per_s"] = out[key]["tokens_per_step"] / out[key]["median_s"]
+  return out
+
+
+def matmul_peak(runs: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+  """The median float32 matmul peak over the session's peak runs (GFLOP/s), with the per-run values."""
+  peaks = [r for r in runs if r.get("ok") and r.get("system") == "matmul"]
+  if not peaks:
+    return None
+  return {"peak_gflops": statistics.median(r["extra"]["peak_gflops"] for r in peaks),
+          "jax_peak_gflops": statistics.median(r["extra"]["jax_peak_gflops"] for r in peaks),
+          "runs": [r["extra"] for r in peaks], "foreign_cores": [r["foreign_cores"] for r in peaks]}
+
+
+def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[str, float]],
+            peak: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+  """The issue's four targets as measured ratios: [{'target', 'workload', 'value', 'goal', 'met'}]."""
+  rows = []
+  workloads = sorted({k[0] for k in agg})
+  for w in workloads:
+    ours = agg.get((w, "ours", "grpo"))
+    peers = [agg[(w, p, "grpo")] for p in PEERS if (w, p, "grpo") in agg]
+    if ours and peers:
+      fastest = min(p["median_s"] for p in peers)
+      rows.append({"target": "GRPO step / fastest peer's", "workload": w, "value": ours["median_s"] / fastest,
+                   "goal": "<= 0.5", "met": ours["median_s"] / fastest <= 0.5})
+    speak = [agg[(w, p, "sample")] for p in PEERS if (w, p, "sample") in agg]
+    for mode in SAMPLE_MODES:
+      mine = agg.get((w, "ours", mode))
+      if mine and speak:
+        best = max(p["tokens_per_s"] for p in speak)
+        rows.append({"target": f"sampler tokens/s / fastest peer's ({mode})", "workload": w,
+                     "value": mine["tokens_per_s"] / best, "goal": ">= 2", "met": mine["tokens_per_s"] / best >= 2})
+    for mode in ("garl", "paft"):
+      mine = agg.get((w, "ours", mode))
+      if mine and ours:
+        rows.append({"target": f"{mode.upper()} step / this project's GRPO step", "workload": w,
+                     "value": mine["median_s"] / ours["median_s"], "goal": "<= 1.05",
+                     "met": mine["median_s"] / ours["median_s"] <= 1.05})
+    if ours and peak and w in flops and w != "tiny":
+      whole = flops[w]["total"] / ours["median_s"] / 1e9 / peak["peak_gflops"]
+      rows.append({"target": "GRPO step model FLOP/s / matmul peak", "workload": w, "value": whole,
+                   "goal": ">= 0.5", "met": whole >= 0.5})
+      upd = next((v for k, v in ours["phases_median_s"].items() if k.startswith("update")), None)
+      if upd:
+        frac = flops[w]["update"] / upd / 1e9 / peak["peak_gflops"]
+        rows.append({"target": "train update (ref fwd + fwd/bwd + AdamW) FLOP/s / matmul peak", "workload": w,
+                     "value": frac, "goal": ">= 0.5", "met": frac >= 0.5})
+  return rows
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+  return f"{x:.{digits}g}" if x < 100 else f"{x:.0f}"
+
+
+def markdown(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[str, float]],
+             peak: Mapping[str, Any] | None, header: Sequence[str] = ()) -> str:
+  """The results page: GRPO steps, sampler, targets, profile notes."""
+  lines = list(header)
+  peak_g = peak["peak_gflops"] if peak else None
+  if peak:
+    lines += [f"float32 matmul peak, measured in this run: **{peak_g:.1f} GFLOP/s** (best of JAX and numpy, "
+              f"sizes 1024/2048; JAX alone {peak['jax_peak_gflops']:.1f})", ""]
+  for w in sorted({k[0] for k in agg}):
+    lines += [f"### Workload `{w}`: GRPO step (rollout + log-probs + update)", ""]
+    if w in flops:
+      f = flops[w]
+      lines += [f"Model FLOPs per step: {f['total'] / 1e9:.1f} G (rollout {f['rollout'] / 1e9:.1f}, reference "
+                f"{f['reference'] / 1e9:.1f}, policy fwd+bwd {f['policy'] / 1e9:.1f}).", ""]
+    lines += ["| system | s/step | tokens/s | first step (compile) s | peak RSS MB | GFLOP/s (% peak) | runs "
+              "(quiet) | foreign cores |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for system, mode in [("ours", "grpo"), ("ours", "garl"), ("ours", "paft"), ("tunix", "grpo"), ("trl", "grpo")]:
+      a = agg.get((w, system, mode))
+      if not a:
+        continue
+      rate = ""
+      if w in flops:
+        g = flops[w]["total"] / a["median_s"] / 1e9
+        rate = f"{g:.1f}" + (f" ({100 * g / peak_g:.0f}%)" if peak_g else "")
+      loaded = " (loaded)" if a["loaded"] else ""
+      lines.append(f"| {LABELS[(system, mode)]} | {_fmt(a['median_s'])}{loaded} | {a['tokens_per_s']:.0f} | "
+                   f"{a['first_s']:.1f} | {a['peak_rss_mb']:.0f} | {rate} | {a['runs']} ({a['quiet_runs']}) | "
+                   f"{', '.join(f'{x:.2f}' for x in a['foreign_cores'])} |")
+    sample_rows = [(s, m) for s, m in [("ours", "sample"), ("ours", "sample_g1"), ("tunix", "sample"),
+                                       ("trl", "sample")] if (w, s, m) in agg]
+    if sample_rows:
+      lines += ["", f"### Workload `{w}`: sampler (text in, text out)", "",
+                "| system | s/call | tokens/s | first call (compile) s | peak RSS MB | runs (quiet) | foreign cores |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+      for system, mode in sample_rows:
+        a = agg[(w, system, mode)]
+        loaded = " (loaded)" if a["loaded"] else ""
+        lines.append(f"| {LABELS[(system, mode)]} | {_fmt(a['median_s'])}{loaded} | {a['tokens_per_s']:.0f} | "
+                     f"{a['first_s']:.1f} | {a['peak_rss_mb']:.0f} | {a['runs']} ({a['quiet_runs']}) | "
+                     f"{', '.join(f'{x:.2f}' for x in a['foreign_cores'])} |")
+    lines += ["", "Per-phase medians (profile):", ""]
+    for (ww, system, mode), a in sorted(agg.items()):
+      if ww == w and a["phases_median_s"]:
+        parts = ", ".join(f"{k} {v:.3g} s" for k, v in a["phases_median_s"].items())
+        extra = ""
+        upd = next((v for k, v in a["phases_median_s"].items() if k.startswith("update")), None)
+        if system == "ours" and upd and w in flops and peak_g:
+          extra = f" (update at {flops[w]['update'] / upd / 1e9:.1f} GFLOP/s = " \
+                  f"{100 * flops[w]['update'] / upd / 1e9 / peak_g:.0f}% of peak)"
+        lines.append(f"- {LABELS.get((system, mode), system + ' ' + mode)}: {parts}{extra}")
+    sanity = {f"{s}/{m}": a["sanity_logits"] for (ww, s, m), a in agg.items() if ww == w and a["sanity_logits"]}
+    if len(sanity) > 1:
+      vals = list(sanity.values())
+      spread = max(max(abs(x - y) for x, y in zip(v, vals[0])) for v in vals)
+      lines += ["", f"Same weights check: last-position logits for ids [5, 6, 7] agree across all runs to "
+                f"{spread:.1e} (max abs difference of ids 0..4)."]
+    lines.append("")
+  rows = targets(agg, flops, peak)
+  if rows:
+    lines += ["### Targets (ratios from this run)", "", "| target | workload | measured | goal | met |",
+              "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+      lines.append(f"| {r['target']} | {r['workload']} | {r['value']:.2f} | {r['goal']} | "
+                   f"{'yes' if r['met'] else '**no**'} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def to_json(runs: Sequence[Mapping[str, Any]], agg, flops, peak, meta: Mapping[str, Any]) -> dict[str, Any]:
+  return {"meta": dict(meta), "matmul_peak": peak, "model_flops_per_step": flops,
+          "summary": [{"workload": w, "system": s, "mode": m, **a} for (w, s, m), a in sorted(agg.items())],
+          "targets": targets(agg, flops, peak), "runs": list(runs)}

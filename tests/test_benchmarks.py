@@ -1,0 +1,129 @@
+"""Cheap checks of the benchmark harness (experiments/benchmarks): no timings are asserted, only plumbing.
+
+- the harness runs a command, parses its BENCH_RESULT line and records load and peak memory; failures are reported,
+  not raised;
+- the report keeps quiet runs, drops loaded ones, and computes the issue's target ratios from the inputs;
+- the FLOP count of a token equals twice the matmul parameters read from the checkpoint file;
+- the rebuilt reference workload reproduces the published sanity logits through this project's loader;
+- this project's benchmark step runs end to end on a shrunken reference workload.
+"""
+import dataclasses
+import json
+import sys
+
+import chex
+import numpy as np
+import pytest
+
+from experiments.benchmarks import flops, harness, report, run, workloads
+from experiments.benchmarks.peers import common
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+  return workloads.build_tiny(tmp_path_factory.mktemp("wl") / "tiny")
+
+
+def _fake_run(system, mode, median, foreign, workload="w", phases=None, tokens=100):
+  return {"ok": True, "system": system, "mode": mode, "workload": workload, "median_s": median, "first_s": 1.0,
+          "peak_rss_mb": 10.0, "tokens_per_step": tokens, "foreign_cores": foreign,
+          "phases_median_s": phases or {}, "sanity_logits": [0.0] * 5}
+
+
+def test_harness_runs_command_and_parses_result(tmp_path):
+  payload = {"system": "x", "median_s": 0.5}
+  code = f"import json; print('noise'); print({common.RESULT_PREFIX!r} + json.dumps({payload!r}))"
+  result = harness.run([sys.executable, "-c", code], str(tmp_path / "a.log"))
+  assert result["ok"] and result["rc"] == 0
+  assert result["median_s"] == 0.5 and result["system"] == "x"
+  assert result["peak_rss_mb"] > 1.0 and result["foreign_cores"] >= 0.0 and result["wall_s"] > 0.0
+
+
+def test_harness_reports_failure_without_raising(tmp_path):
+  result = harness.run([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], str(tmp_path / "b.log"))
+  assert not result["ok"] and result["rc"] == 3 and "boom" in result["log_tail"]
+  result = harness.run([sys.executable, "-c", "import time; time.sleep(30)"], str(tmp_path / "c.log"), timeout_s=0.5)
+  assert not result["ok"] and result["timed_out"]
+
+
+def test_parse_result_rejects_malformed_line():
+  with pytest.raises(ValueError, match="Malformed"):
+    harness.parse_result(common.RESULT_PREFIX + "{not json")
+  assert harness.parse_result("no result here") is None
+
+
+def test_report_keeps_quiet_runs_and_computes_targets():
+  runs = [_fake_run("ours", "grpo", 0.2, 0.0), _fake_run("ours", "grpo", 9.0, 1.5),  # loaded run: dropped
+          _fake_run("ours", "garl", 0.21, 0.1), _fake_run("ours", "paft", 0.3, 0.1),
+          _fake_run("tunix", "grpo", 0.6, 0.0), _fake_run("trl", "grpo", 0.7, 0.0),
+          _fake_run("ours", "sample", 0.1, 0.0), _fake_run("tunix", "sample", 0.25, 0.0),
+          _fake_run("trl", "sample", 0.3, 0.0), {"ok": False, "system": "trl", "mode": "grpo", "workload": "w"}]
+  agg = report.aggregate(runs)
+  assert agg[("w", "ours", "grpo")]["median_s"] == 0.2 and agg[("w", "ours", "grpo")]["quiet_runs"] == 1
+  rows = {r["target"]: r for r in report.targets(agg, {}, None)}
+  chex.assert_trees_all_close(rows["GRPO step / fastest peer's"]["value"], 0.2 / 0.6)
+  assert rows["GRPO step / fastest peer's"]["met"]
+  chex.assert_trees_all_close(rows["sampler tokens/s / fastest peer's (sample)"]["value"], 0.25 / 0.1)
+  assert rows["GARL step / this project's GRPO step"]["met"]
+  assert not rows["PAFT step / this project's GRPO step"]["met"]
+  text = report.markdown(agg, {}, None)
+  assert "| this project, GRPO | 0.2 |" in text and "**no**" in text
+
+
+def test_report_flags_workload_with_only_loaded_runs():
+  agg = report.aggregate([_fake_run("tunix", "grpo", 2.0, 1.0), _fake_run("tunix", "grpo", 4.0, 0.9)])
+  assert agg[("w", "tunix", "grpo")]["loaded"] and agg[("w", "tunix", "grpo")]["median_s"] == 3.0
+
+
+def test_flop_rate_target_uses_update_phase_and_peak():
+  runs = [_fake_run("ours", "grpo", 2.0, 0.0, workload="big", phases={"rollout": 1.0, "update (x)": 1.0})]
+  runs.append({"ok": True, "system": "matmul", "foreign_cores": 0.0,
+               "extra": {"peak_gflops": 100.0, "jax_peak_gflops": 90.0}})
+  model_flops = {"big": {"total": 100e9, "update": 80e9}}
+  rows = report.targets(report.aggregate(runs), model_flops, report.matmul_peak(runs))
+  by_name = {r["target"].split(" ")[0]: r["value"] for r in rows}
+  chex.assert_trees_all_close(by_name["GRPO"], 100e9 / 2.0 / 1e9 / 100.0)
+  chex.assert_trees_all_close(by_name["train"], 80e9 / 1.0 / 1e9 / 100.0)
+
+
+def test_plan_alternates_systems_between_rounds():
+  rounds = run.plan(2, ["tiny"], ["ours", "tunix", "trl"], ["tiny"])
+  first = [j for j in rounds[0] if j[2] in ("grpo", "garl", "paft")]
+  second = [j for j in rounds[1] if j[2] in ("grpo", "garl", "paft")]
+  assert sorted(first) == sorted(second) and first != second
+  assert all(r[0] == ("matmul", "machine", "peak") for r in rounds)
+
+
+def test_token_flops_is_twice_the_matmul_parameters(tiny_folder):
+  from safetensors.numpy import load_file
+  tensors = load_file(str(tiny_folder / "model.safetensors"))
+  matmul_params = sum(v.size for k, v in tensors.items() if v.ndim == 2)  # tied: the embedding is the LM head
+  hf = json.loads((tiny_folder / "config.json").read_text())
+  assert flops.token_flops(hf, context=0, lm_head=True) == 2 * matmul_params
+  step = flops.step_flops(hf, num_sequences=4, prompt_len=3, max_new=2, beta=0.0)
+  assert step["reference"] == 0.0 and step["total"] == step["rollout"] + step["policy"]
+  with pytest.raises(ValueError, match="positive sizes"):
+    flops.step_flops(hf, num_sequences=0, prompt_len=3, max_new=2, beta=0.0)
+
+
+def test_tiny_workload_matches_the_reference_logits(tiny_folder):
+  from experiments.benchmarks import ours_grpo
+  spec, model, _, prompt_tokens_BxP, _ = ours_grpo.load_workload(str(tiny_folder))
+  assert spec == workloads.TINY and prompt_tokens_BxP.shape == (8, 16)
+  np.testing.assert_allclose(ours_grpo.sanity_logits(model), workloads.TINY_SANITY_LOGITS, atol=1e-6)
+
+
+def test_read_spec_names_the_fix(tmp_path):
+  with pytest.raises(ValueError, match="build the workloads"):
+    workloads.read_spec(tmp_path)
+
+
+def test_ours_step_runs_on_a_shrunken_workload(tmp_path, capsys):
+  from experiments.benchmarks import ours_grpo
+  spec = dataclasses.replace(workloads.TINY, num_prompts=2, group_size=2, prompt_len=4, max_new=3, sample_batch=4)
+  folder = workloads.build_tiny(tmp_path / "mini", spec)
+  result = ours_grpo.run_train(str(folder), "garl", steps=2, phase_steps=0)
+  assert len(result["times_s"]) == 2 and np.all(np.isfinite(result["times_s"]))
+  assert result["tokens_per_step"] == 2 * 2 * 3 and result["extra"]["q"] == 0.75
+  assert all(r in (0.0, 1.0, 2.0, 3.0, 4.0) for r in result["extra"]["rewards_per_step"])
+  assert harness.parse_result(capsys.readouterr().out)["mode"] == "garl"
