@@ -115,6 +115,9 @@ def validate(args: argparse.Namespace) -> Plan:
       raise LaunchError("--zone is required, e.g. --zone us-central2-b (v4) or us-west4-a (v5e); see launch/TPU.md.")
   if args.spot and args.preemptible:
     raise LaunchError("--spot and --preemptible are exclusive; use --spot (the newer kind, no 24 h limit).")
+  if args.detach and (args.retries or args.delete_when_done):
+    raise LaunchError("--detach returns at once, so it cannot watch for preemption (--retries) or the end of the "
+                      "run (--delete-when-done); drop --detach, or delete the slice yourself later.")
   if args.queued and args.preemptible:
     raise LaunchError("queued resources take --spot, not --preemptible.")
   for item in args.env:
@@ -344,7 +347,7 @@ def up(plan: Plan, runner: Runner) -> int:
     (argv,) = run_commands(plan)
     status = runner.call(argv).returncode
     if status == 0:
-      if plan.delete_when_done and not plan.detach:
+      if plan.delete_when_done:
         runner.check(delete_command(plan))
       return 0
     state = slice_state(plan, runner)

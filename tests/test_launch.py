@@ -6,6 +6,7 @@ real run executes, and that bad arguments fail before any gcloud command runs.
 import os
 import shlex
 import sys
+import tarfile
 import tempfile
 import types
 
@@ -229,6 +230,7 @@ def test_preempted_slice_is_recreated_and_the_run_repeated(fake_gcloud):
     ({}, ["--set", "qq=0.5"], "did you mean 'q'"),
     ({}, ["--set", "mesh_fsdp=2"], "--mesh data=D,fsdp=F"),
     ({}, ["--spot", "--preemptible"], "exclusive"),
+    ({}, ["--detach", "--retries", "3"], "cannot watch for preemption"),
     ({"--name": "Bad_Name"}, [], "TPU name"),
     ({"--zone": None}, [], "--zone is required"),
 ])
@@ -279,7 +281,6 @@ def test_tpu_md_table_matches_the_suggestions():
 
 
 def test_pack_source_holds_the_code_and_not_the_venv(tmp_path):
-  import tarfile
   archive = tmp_path / "src.tar.gz"
   count = tpu.pack_source(str(archive))
   names = tarfile.open(archive).getnames()
