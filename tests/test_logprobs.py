@@ -92,3 +92,24 @@ def test_sequence_logprobs_match_prefix_by_prefix_forwards_and_gradients_flow():
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and sum(norms) > 0
     assert float(jnp.linalg.norm(grads["layers"][0]["mlp"]["up_proj"][...])) > 0
+
+
+def test_chunked_logprobs_from_hidden_match_full_logits_and_their_gradients():
+  model = Transformer(ModelConfig.tiny(num_layers=1, tie_embeddings=False), rngs=nnx.Rngs(4))
+  tokens_NxT, pad_NxT, rationale_NxT, answer_NxT = _batch()
+  segments = {"rationale": jnp.asarray(rationale_NxT), "answer": jnp.asarray(answer_NxT)}
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def both(params):
+    m = nnx.merge(graphdef, params)
+    full = sequence_logprobs(m, jnp.asarray(tokens_NxT), jnp.asarray(pad_NxT), segments, temperature=0.8)
+    chunked = sequence_logprobs(m, jnp.asarray(tokens_NxT), jnp.asarray(pad_NxT), segments, temperature=0.8,
+                                chunk_size=4)  # 9 scored positions: 3 chunks, the last one padded
+    return full, chunked
+
+  (full_sums, full_logp), (chunk_sums, chunk_logp) = both(params)
+  np.testing.assert_allclose(chunk_logp, full_logp, atol=1e-5)
+  grad_full = jax.jit(jax.grad(lambda p: both(p)[0][0]["answer"].sum()))(params)
+  grad_chunk = jax.jit(jax.grad(lambda p: both(p)[1][0]["answer"].sum()))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grad_chunk, grad_full)

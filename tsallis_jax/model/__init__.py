@@ -11,7 +11,8 @@ from tsallis_jax.model.cache import KVCache, init_cache, make_attention_mask, ma
 from tsallis_jax.model.config import DEFAULT_SHARDING_RULES, ModelConfig
 from tsallis_jax.model.sharding import constrain, logical_to_spec, make_mesh, param_shardings
 from tsallis_jax.model.transformer import Transformer, abstract_model, create_model
-from tsallis_jax.model.logprobs import segment_logprob, sequence_logprobs, token_logprobs
+from tsallis_jax.model.logprobs import (segment_logprob, sequence_logprobs, token_logprobs,
+                                        token_logprobs_from_hidden)
 from tsallis_jax.model.hf_io import CheckpointError, load_hf_checkpoint, load_tokenizer, save_hf_checkpoint
 from tsallis_jax.model.gguf_io import load_gguf, load_smollm2
 
@@ -19,5 +20,5 @@ __all__ = [
   "DEFAULT_SHARDING_RULES", "CheckpointError", "KVCache", "ModelConfig", "Transformer", "abstract_model",
   "constrain", "create_model", "init_cache", "load_gguf", "load_hf_checkpoint", "load_smollm2", "load_tokenizer",
   "logical_to_spec", "make_attention_mask", "make_mesh", "make_positions", "param_shardings", "save_hf_checkpoint",
-  "segment_logprob", "sequence_logprobs", "token_logprobs",
+  "segment_logprob", "sequence_logprobs", "token_logprobs", "token_logprobs_from_hidden",
 ]

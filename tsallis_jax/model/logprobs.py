@@ -4,6 +4,8 @@ teacher-forced log p(z, y*|x)).
 One forward pass over [prompt, rationale, answer] gives both log p(z|x) (the rationale segment) and
 log p(y*|x, z) (the answer segment after it): each is a masked sum of the same per-token log-probs.
 
+The segment masks must not include a row's first real token (it has no prefix to be scored against).
+
 Alignment: `logp_NxT[:, t] = log p(tokens[:, t] | tokens[:, <t])`, with `logp_NxT[:, 0] = 0` (the first token has
 no prefix inside the sequence). A segment mask therefore marks the tokens *being scored*.
 """
@@ -37,6 +39,41 @@ def token_logprobs(logits_NxTxV: jax.Array, tokens_NxT: jax.Array, *, temperatur
   return jnp.pad(logp_NxTm, ((0, 0), (1, 0)))
 
 
+def token_logprobs_from_hidden(model, hidden_NxTxD: jax.Array, tokens_NxT: jax.Array, *, temperature: float = 1.0,
+                               chunk_size: int = 256) -> jax.Array:
+  """`token_logprobs(model.logits(hidden), tokens)` without materialising the NxTxV logits.
+
+  The time axis is cut into chunks of `chunk_size`; each chunk's float32 logits are built, reduced to the gathered
+  logit minus the logsumexp, and rematerialised in the backward pass (`jax.checkpoint`), so peak memory holds one
+  NxCxV chunk instead of NxTxV (Qwen3's V is 151,936).
+  """
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}.")
+  if chunk_size <= 0:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+  n, t = tokens_NxT.shape
+  if hidden_NxTxD.shape[:2] != (n, t):
+    raise ValueError(f"hidden states {hidden_NxTxD.shape} do not match tokens {tokens_NxT.shape}.")
+  w_DxV = model.head_weight().astype(hidden_NxTxD.dtype)
+  prev_NxTmxD, next_NxTm = hidden_NxTxD[:, :-1], tokens_NxT[:, 1:].astype(jnp.int32)
+  chunks = -(-(t - 1) // chunk_size)
+  pad = chunks * chunk_size - (t - 1)
+  prev_NxPxD = jnp.pad(prev_NxTmxD, ((0, 0), (0, pad), (0, 0)))
+  next_NxP = jnp.pad(next_NxTm, ((0, 0), (0, pad)))
+  prev_CxNxUxD = prev_NxPxD.reshape(n, chunks, chunk_size, -1).transpose(1, 0, 2, 3)
+  next_CxNxU = next_NxP.reshape(n, chunks, chunk_size).transpose(1, 0, 2)
+
+  @jax.checkpoint
+  def chunk_logp(w_DxV, h_NxUxD, y_NxU):
+    logits_NxUxV = jnp.einsum("nud,dv->nuv", h_NxUxD, w_DxV, preferred_element_type=jnp.float32) / temperature
+    picked_NxU = jnp.take_along_axis(logits_NxUxV, y_NxU[:, :, None], axis=-1)[:, :, 0]
+    return picked_NxU - jax.nn.logsumexp(logits_NxUxV, axis=-1)
+
+  logp_CxNxU = jax.lax.map(lambda xs: chunk_logp(w_DxV, *xs), (prev_CxNxUxD, next_CxNxU))
+  logp_NxTm = logp_CxNxU.transpose(1, 0, 2).reshape(n, chunks * chunk_size)[:, : t - 1]
+  return jnp.pad(logp_NxTm, ((0, 0), (1, 0)))
+
+
 def segment_logprob(logp_NxT: jax.Array, mask_NxT: jax.Array) -> jax.Array:
   """Sum of the per-token log-probs over a segment: log p(segment | everything before it), one value per row."""
   if logp_NxT.shape != mask_NxT.shape:
@@ -45,7 +82,8 @@ def segment_logprob(logp_NxT: jax.Array, mask_NxT: jax.Array) -> jax.Array:
 
 
 def sequence_logprobs(model, tokens_NxT: jax.Array, pad_mask_NxT: jax.Array, segments: Mapping[str, jax.Array], *,
-                      temperature: float = 1.0) -> tuple[dict[str, jax.Array], jax.Array]:
+                      temperature: float = 1.0, chunk_size: int | None = None
+                      ) -> tuple[dict[str, jax.Array], jax.Array]:
   """One forward pass, then the summed log-prob of each named segment (e.g. {"rationale": ..., "answer": ...}).
 
   Args:
@@ -54,12 +92,20 @@ def sequence_logprobs(model, tokens_NxT: jax.Array, pad_mask_NxT: jax.Array, seg
     pad_mask_NxT: True on real tokens.
     segments: name -> bool mask of the tokens each segment scores; must lie inside `pad_mask_NxT`.
     temperature: the sampler's temperature, so trainer and sampler log-probs agree.
+    chunk_size: if set, score through `token_logprobs_from_hidden` in chunks of this many positions (no full
+      logits); None computes the full logits once.
 
   Returns:
     ({name: logp_N}, logp_NxT): the per-segment sums and the per-token log-probs (zero off the pad mask).
   """
   positions_NxT = make_positions(pad_mask_NxT)
-  logits_NxTxV, _ = model(tokens_NxT, positions_NxT, make_attention_mask(pad_mask_NxT))
-  logp_NxT = token_logprobs(logits_NxTxV, tokens_NxT, temperature=temperature)
+  attn_mask_NxTxT = make_attention_mask(pad_mask_NxT)
+  if chunk_size is None:
+    logits_NxTxV, _ = model(tokens_NxT, positions_NxT, attn_mask_NxTxT)
+    logp_NxT = token_logprobs(logits_NxTxV, tokens_NxT, temperature=temperature)
+  else:
+    hidden_NxTxD, _ = model.hidden(tokens_NxT, positions_NxT, attn_mask_NxTxT)
+    logp_NxT = token_logprobs_from_hidden(model, hidden_NxTxD, tokens_NxT, temperature=temperature,
+                                          chunk_size=chunk_size)
   logp_NxT = jnp.where(pad_mask_NxT.astype(bool), logp_NxT, 0.0)
   return {name: segment_logprob(logp_NxT, mask_NxT) for name, mask_NxT in segments.items()}, logp_NxT
