@@ -28,16 +28,17 @@
 #                            (for a trainer that cannot write gs:// itself; see launch/TPU.md)
 #   --mirror DIR             the local mirror (default ~/tsallis_runs/<hash of --workdir>)
 #   --sync-every S           seconds between uploads (default 600)
-#   --data-from gs://B/P     download the dataset's official files (once, rsync) to ~/tsallis_data/<last part of P>
-#                            and pass --set data_dir=<that folder> (the loaders read local folders)
+#   --fetch KEY=gs://B/P     copy a folder or file from the bucket to ~/tsallis_fetch/KEY/<last part of P> (files
+#                            already there are kept) and pass --set KEY=<that path>; KEY is data_dir (the dataset's
+#                            official files), model_path (HF folder or .gguf) or init_checkpoint. Repeatable.
 #   --dry-run                print the commands this host would run, run none
 #   --print-stamp            print the install stamp for this accelerator and exit
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CONFIG="" WORKDIR="" ACCELERATOR="auto" VENV="" SKIP_INSTALL=0 MULTIHOST="" COORDINATOR="" NUM_PROCESSES=""
-PROCESS_ID="" LOG="" DRY_RUN=0 PRINT_STAMP=0 SYNC_WORKDIR=0 MIRROR="" SYNC_EVERY=600 DATA_FROM=""
-TRAIN_ARGS=()
+PROCESS_ID="" LOG="" DRY_RUN=0 PRINT_STAMP=0 SYNC_WORKDIR=0 MIRROR="" SYNC_EVERY=600
+TRAIN_ARGS=() FETCH=()
 
 die() { echo "host.sh: error: $*" >&2; exit 2; }
 need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
@@ -58,7 +59,7 @@ while [[ $# -gt 0 ]]; do
     --sync-workdir) SYNC_WORKDIR=1; shift ;;
     --mirror) need_value "$@"; MIRROR="$2"; shift 2 ;;
     --sync-every) need_value "$@"; SYNC_EVERY="$2"; shift 2 ;;
-    --data-from) need_value "$@"; DATA_FROM="$2"; shift 2 ;;
+    --fetch) need_value "$@"; FETCH+=("$2"); shift 2 ;;
     --print-stamp) PRINT_STAMP=1; shift ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
     *) die "unknown option '$1' (arguments for experiments.train go after '--'; see the header of launch/host.sh)" ;;
@@ -116,12 +117,16 @@ if [[ $SYNC_WORKDIR == 1 ]]; then
 elif [[ -n "$MIRROR" ]]; then
   die "--mirror goes with --sync-workdir"
 fi
-DATA_DIR=""
-if [[ -n "$DATA_FROM" ]]; then
-  [[ "$DATA_FROM" == gs://?*/?* ]] \
-    || die "--data-from takes gs://BUCKET/PATH; for a local folder pass -- --set data_dir=DIR"
-  DATA_DIR="$HOME/tsallis_data/$(basename "$DATA_FROM")"
-fi
+FETCH_SETS=()  # "KEY=LOCAL" for experiments.train, in the order of --fetch
+for item in "${FETCH[@]}"; do
+  key="${item%%=*}" src="${item#*=}"
+  [[ "$item" == *=* && "$key" =~ ^(data_dir|model_path|init_checkpoint)$ ]] \
+    || die "--fetch '$item': write KEY=gs://BUCKET/PATH with KEY one of data_dir, model_path, init_checkpoint"
+  src="${src%/}"
+  [[ "$src" == gs://?*/?* ]] || die "--fetch '$item': the source must be gs://BUCKET/PATH; for a local path pass \
+-- --set $key=PATH"
+  FETCH_SETS+=("$key=$HOME/tsallis_fetch/$key/$(basename "$src")")
+done
 if [[ "$ACCELERATOR" == tpu && "$WORKDIR" != gs://* ]]; then
   echo "host.sh: warning: --workdir '$WORKDIR' is on this VM's disk, which is lost with the slice; use gs://..." >&2
 fi
@@ -177,12 +182,13 @@ if [[ -n "$COORDINATOR" ]]; then
 fi
 if [[ "$ACCELERATOR" == cpu ]]; then ENV_ARGS+=("JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}"); fi
 
-# --- 5. data, then train (resumes from the newest checkpoint in the workdir) ---------------------------------------
-if [[ -n "$DATA_DIR" ]]; then
-  run mkdir -p "$DATA_DIR"
-  run gcloud storage rsync --recursive "$DATA_FROM" "$DATA_DIR"
-  TRAIN_ARGS=(--set "data_dir=$DATA_DIR" "${TRAIN_ARGS[@]}")
-fi
+# --- 5. fetched inputs, then train (resumes from the newest checkpoint in the workdir) ---------------------------------------
+for i in "${!FETCH[@]}"; do
+  key="${FETCH[$i]%%=*}" src="${FETCH[$i]#*=}"
+  run mkdir -p "$HOME/tsallis_fetch/$key"
+  run gcloud storage cp --recursive --no-clobber "${src%/}" "$HOME/tsallis_fetch/$key/"
+  TRAIN_ARGS=(--set "${FETCH_SETS[$i]}" "${TRAIN_ARGS[@]}")
+done
 TRAIN=(env "${ENV_ARGS[@]}" "$VENV/bin/python" -m experiments.train --config "$CONFIG" --workdir "$TRAIN_WORKDIR"
        "${TRAIN_ARGS[@]}")
 if [[ $SYNC_WORKDIR == 0 ]]; then

@@ -143,6 +143,16 @@ SUGGESTIONS: dict[str, Suggestion] = {s.model: s for s in (
 )}
 
 
+def model_key(model: str, model_path: str = "") -> str:
+  """The suggestion key of a config's model: the preset name, or for "hf"/"gguf" the weights' folder or file name
+  normalised ("/models/Qwen3-0.6B" -> "qwen3_0_6b")."""
+  if model in ("hf", "gguf") and model_path:
+    name = model_path.rstrip("/").rsplit("/", 1)[-1]
+    name = re.sub(r"\.gguf$", "", name, flags=re.IGNORECASE)
+    return re.sub(r"[-.]", "_", name).lower()
+  return model
+
+
 def suggest(model: str) -> Suggestion:
   """The suggested slice and mesh for a model preset name (the trainer's `model` key)."""
   if model not in SUGGESTIONS:

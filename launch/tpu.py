@@ -36,6 +36,7 @@ ACTIONS = ("up", "create", "sync", "run", "logs", "status", "delete", "local")
 # States after which a slice cannot run again and must be deleted and recreated (spot / preemptible slices).
 DEAD_STATES = {"PREEMPTED", "TERMINATED", "FAILED", "SUSPENDED", "SUSPENDING"}
 READY_STATES = {"READY", "ACTIVE"}
+FETCH_KEYS = ("data_dir", "model_path", "init_checkpoint")  # config keys naming inputs the workers must copy
 
 
 class LaunchError(ValueError):
@@ -64,7 +65,7 @@ class Plan:
   delete_when_done: bool
   worker: str
   sync_workdir: bool
-  data_from: str
+  fetch: tuple[str, ...]
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
@@ -149,7 +150,10 @@ def validate(args: argparse.Namespace) -> Plan:
                         "letters, digits, '-', '_' or '.'.")
     cfg = _load_train_config(args.config, args.set)
 
-  model = getattr(cfg, "model", None)
+  model = None
+  if cfg is not None:
+    fetched = dict(item.partition("=")[::2] for item in args.fetch)
+    model = slices.model_key(cfg.model, fetched.get("model_path", cfg.model_path))
   suggestion = slices.SUGGESTIONS.get(model) if model else None
   accelerator = None
   if action in ("up", "create", "run"):
@@ -159,11 +163,14 @@ def validate(args: argparse.Namespace) -> Plan:
                         f"{model!r} in launch/slices.py; see launch/TPU.md.")
     accelerator = slices.parse_accelerator(name)
   mesh, pass_mesh = _choose_mesh(args.mesh, cfg, suggestion, accelerator)
-  if args.data_from and not _BUCKET_PATH.fullmatch(args.data_from):
-    raise LaunchError(f"--data-from {args.data_from!r}: give the gs://BUCKET/PATH holding the dataset's official "
-                      "files (copy them once with `gcloud storage cp -r DIR gs://BUCKET/data/`).")
-  if args.data_from and "data_dir" in {item.split("=", 1)[0].strip() for item in args.set}:
-    raise LaunchError("--data-from sets data_dir on the workers; drop --set data_dir=...")
+  set_keys = {item.split("=", 1)[0].strip() for item in args.set}
+  for item in args.fetch:
+    key, _, src = item.partition("=")
+    if key not in FETCH_KEYS or not _BUCKET_PATH.fullmatch(src):
+      raise LaunchError(f"--fetch {item!r}: write KEY=gs://BUCKET/PATH with KEY one of {', '.join(FETCH_KEYS)} "
+                        "(copy the files there once with `gcloud storage cp -r DIR gs://BUCKET/...`).")
+    if key in set_keys:
+      raise LaunchError(f"--fetch {item!r} sets {key} on the workers; drop --set {key}=...")
   if args.sync_workdir and accelerator is not None and accelerator.multi_host:
     raise LaunchError(f"--sync-workdir mirrors the workdir on one host; {accelerator.name} has {accelerator.hosts} "
                       "hosts, whose checkpoint must be written to the gs:// workdir directly.")
@@ -175,7 +182,7 @@ def validate(args: argparse.Namespace) -> Plan:
               overrides=tuple(args.set), train_args=tuple(args.train_args), env=tuple(args.env), spot=args.spot,
               preemptible=args.preemptible, queued=args.queued, retries=args.retries, detach=args.detach,
               delete_when_done=args.delete_when_done, worker=args.worker, sync_workdir=args.sync_workdir,
-              data_from=args.data_from or "")
+              fetch=tuple(args.fetch))
 
 
 # --- command lines --------------------------------------------------------------------------------------------------
@@ -229,8 +236,8 @@ def host_command(plan: Plan, accelerator_kind: str) -> list[str]:
     argv += ["--multihost", "auto"]
   if plan.sync_workdir:
     argv += ["--sync-workdir"]
-  if plan.data_from:
-    argv += ["--data-from", plan.data_from]
+  for item in plan.fetch:
+    argv += ["--fetch", item]
   argv += ["--config", plan.config, "--workdir", plan.workdir, "--"]
   if plan.mesh is not None:
     argv += ["--set", f"mesh_data={plan.mesh['data']}", "--set", f"mesh_fsdp={plan.mesh['fsdp']}"]
@@ -388,8 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--delete-when-done", action="store_true", help="up: delete the slice after a clean finish")
   parser.add_argument("--sync-workdir", action="store_true", help="single-host slices: train in a local mirror "
                       "of the gs:// workdir, uploaded periodically (launch/host.sh)")
-  parser.add_argument("--data-from", metavar="gs://BUCKET/PATH", help="the dataset's official files; every worker "
-                      "downloads them and trains with data_dir set to its copy")
+  parser.add_argument("--fetch", action="append", default=[], metavar="KEY=gs://BUCKET/PATH", help="every worker "
+                      "copies this (the dataset's official files, HF weights, ...) and trains with KEY set to its copy")
   parser.add_argument("--worker", default="0", help="logs: which worker's log to follow")
   parser.add_argument("--dry-run", action="store_true", help="print every command, run none")
   args = parser.parse_args(argv)

@@ -259,13 +259,14 @@ def test_sync_workdir_is_passed_to_the_host_script_on_one_host(capsys, fake_gclo
   assert status == 2 and "v4-32 has 4 hosts" in err and calls == []
 
 
-def test_data_from_goes_to_every_worker(capsys, fake_gcloud):
-  cmds = _dry_run(capsys, "up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, "--data-from",
-                  "gs://my-bucket/data/finqa")
+def test_fetch_goes_to_every_worker(capsys, fake_gcloud):
+  cmds = _dry_run(capsys, "up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, "--fetch",
+                  "data_dir=gs://my-bucket/data/finqa")
   host = _remote_command(cmds[-1])[3:]
-  assert host[host.index("--data-from") + 1] == "gs://my-bucket/data/finqa"
-  for bad, message in [(["--data-from", "/home/me/finqa"], "--data-from '/home/me/finqa'"),
-                       (["--data-from", "gs://my-bucket/d", "--set", "data_dir=/x"], "drop --set data_dir")]:
+  assert host[host.index("--fetch") + 1] == "data_dir=gs://my-bucket/data/finqa"
+  for bad, message in [(["--fetch", "data_dir=/home/me/finqa"], "KEY=gs://BUCKET/PATH"),
+                       (["--fetch", "q=gs://my-bucket/q"], "KEY=gs://BUCKET/PATH"),
+                       (["--fetch", "data_dir=gs://my-bucket/d", "--set", "data_dir=/x"], "drop --set data_dir")]:
     status, out, err, calls = fake_gcloud("up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, *bad)
     assert status == 2 and message in err and calls == []
 
@@ -287,3 +288,23 @@ def test_pack_source_holds_the_code_and_not_the_venv(tmp_path):
   assert len(names) == count
   assert {"launch/host.sh", "tsallis_jax/distributed.py", "requirements.txt", "pyproject.toml"} <= set(names)
   assert not any(n.startswith((".venv/", ".git/")) or "__pycache__" in n for n in names)
+
+
+@pytest.mark.parametrize("model, path, key", [
+    ("qwen3_0_6b", "", "qwen3_0_6b"),
+    ("hf", "/models/Qwen3-0.6B/", "qwen3_0_6b"),
+    ("gguf", "gs://b/m/Qwen3-1.7B.gguf", "qwen3_1_7b"),
+    ("tiny", "", "tiny"),
+])
+def test_model_key(model, path, key):
+  assert slices.model_key(model, path) == key
+
+
+def test_hf_weights_fetched_from_the_bucket_pick_the_suggested_slice(capsys, monkeypatch):
+  module = types.ModuleType("experiments.configs.hf_sample")
+  module.get_config = lambda: train_config.TrainConfig(name="hf_sample", model="hf", model_path="/local/weights",
+                                                       batch_size=16)
+  monkeypatch.setitem(sys.modules, "experiments.configs.hf_sample", module)
+  cmds = _dry_run(capsys, "up", *SLICE, "--config", "hf_sample", "--workdir", BUCKET, "--fetch",
+                  "model_path=gs://my-bucket/models/Qwen3-0.6B")
+  assert "--accelerator-type=v4-8" in next(c for c in cmds if "create" in c)

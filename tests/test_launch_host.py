@@ -220,13 +220,26 @@ def test_sync_workdir_refuses_an_unreadable_bucket(tmp_path):
   assert "experiments.train" not in result.stdout  # no fresh run over a bucket we could not read
 
 
-def test_data_from_downloads_the_dataset_then_points_data_dir_at_it(tmp_path):
+def test_fetch_copies_inputs_then_points_the_config_at_them(tmp_path):
   result = _host("--dry-run", "--skip-install", "--config", CONFIG, "--workdir", "gs://my-bucket/run",
-                 "--data-from", "gs://my-bucket/data/finqa", "--", "--set", "q=1.0", env={"HOME": str(tmp_path)})
+                 "--fetch", "data_dir=gs://my-bucket/data/finqa/", "--fetch", "model_path=gs://my-bucket/m/Qwen3-0.6B",
+                 "--", "--set", "q=1.0", env={"HOME": str(tmp_path)})
   assert result.returncode == 0, result.stderr
   cmds = _printed(result.stdout)
-  local = f"{tmp_path}/tsallis_data/finqa"
-  assert ["gcloud", "storage", "rsync", "--recursive", "gs://my-bucket/data/finqa", local] in cmds
-  assert cmds[-1][-4:] == ["--set", f"data_dir={local}", "--set", "q=1.0"]
-  bad = _host("--config", CONFIG, "--workdir", "gs://b/run", "--data-from", "/data/finqa")
-  assert bad.returncode == 2 and "gs://BUCKET/PATH" in bad.stderr
+  for key, src in [("data_dir", "gs://my-bucket/data/finqa"), ("model_path", "gs://my-bucket/m/Qwen3-0.6B")]:
+    assert ["gcloud", "storage", "cp", "--recursive", "--no-clobber", src, f"{tmp_path}/tsallis_fetch/{key}/"] in cmds
+  train = cmds[-1]
+  sets = [train[i + 1] for i, a in enumerate(train) if a == "--set"]
+  assert sets == [f"model_path={tmp_path}/tsallis_fetch/model_path/Qwen3-0.6B",
+                  f"data_dir={tmp_path}/tsallis_fetch/data_dir/finqa", "q=1.0"]
+
+
+@pytest.mark.parametrize("item, message", [
+    ("data_dir=/data/finqa", "must be gs://BUCKET/PATH"),
+    ("tokenizer=gs://b/t", "KEY one of data_dir, model_path, init_checkpoint"),
+    ("gs://b/data", "KEY one of"),
+])
+def test_fetch_bad_arguments(tmp_path, item, message):
+  result = _host("--venv", str(tmp_path / "venv"), "--config", CONFIG, "--workdir", "gs://b/run", "--fetch", item)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+  assert not (tmp_path / "venv").exists()
