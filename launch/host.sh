@@ -182,15 +182,16 @@ if [[ -n "$COORDINATOR" ]]; then
 fi
 if [[ "$ACCELERATOR" == cpu ]]; then ENV_ARGS+=("JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}"); fi
 
-# --- 5. fetched inputs, then train (resumes from the newest checkpoint in the workdir) ---------------------------------------
+# --- 5. fetched inputs, then train (resumes from the newest checkpoint in the workdir) ---------------------------
+FETCHED_ARGS=()
 for i in "${!FETCH[@]}"; do
   key="${FETCH[$i]%%=*}" src="${FETCH[$i]#*=}"
   run mkdir -p "$HOME/tsallis_fetch/$key"
   run gcloud storage cp --recursive --no-clobber "${src%/}" "$HOME/tsallis_fetch/$key/"
-  TRAIN_ARGS=(--set "${FETCH_SETS[$i]}" "${TRAIN_ARGS[@]}")
+  FETCHED_ARGS+=(--set "${FETCH_SETS[$i]}")
 done
 TRAIN=(env "${ENV_ARGS[@]}" "$VENV/bin/python" -m experiments.train --config "$CONFIG" --workdir "$TRAIN_WORKDIR"
-       "${TRAIN_ARGS[@]}")
+       "${FETCHED_ARGS[@]}" "${TRAIN_ARGS[@]}")
 if [[ $SYNC_WORKDIR == 0 ]]; then
   run "${TRAIN[@]}"
   exit 0

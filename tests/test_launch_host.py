@@ -230,8 +230,8 @@ def test_fetch_copies_inputs_then_points_the_config_at_them(tmp_path):
     assert ["gcloud", "storage", "cp", "--recursive", "--no-clobber", src, f"{tmp_path}/tsallis_fetch/{key}/"] in cmds
   train = cmds[-1]
   sets = [train[i + 1] for i, a in enumerate(train) if a == "--set"]
-  assert sets == [f"model_path={tmp_path}/tsallis_fetch/model_path/Qwen3-0.6B",
-                  f"data_dir={tmp_path}/tsallis_fetch/data_dir/finqa", "q=1.0"]
+  assert sets == [f"data_dir={tmp_path}/tsallis_fetch/data_dir/finqa",
+                  f"model_path={tmp_path}/tsallis_fetch/model_path/Qwen3-0.6B", "q=1.0"]
 
 
 @pytest.mark.parametrize("item, message", [
