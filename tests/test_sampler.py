@@ -239,7 +239,10 @@ def test_stop_tokens_end_sequences_and_mask_the_rest(model):
   np.testing.assert_array_equal(rollout.answer_mask_NxT, rollout.mask_NxT)  # no budget forcing: all answer
   truncated = _generate(model, tokens_BxP, mask_BxP, jax.random.key(9), SamplingConfig(
     num_samples=4, max_new_tokens=6, temperature=1.0, stop_ids=(1,)))
-  assert np.asarray(truncated.truncated_N).all() and (np.asarray(truncated.lengths_N) == 6).all()
+  stopped_N = np.isin(np.asarray(truncated.tokens_NxT), (1,)).any(axis=1)
+  assert (~stopped_N).any()
+  np.testing.assert_array_equal(truncated.truncated_N, ~stopped_N)
+  assert (np.asarray(truncated.lengths_N)[~stopped_N] == 6).all()
 
 
 def test_budget_forcing_inserts_the_tag_at_the_budget(model):

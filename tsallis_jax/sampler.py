@@ -166,6 +166,21 @@ class Rollout:
 # ------------------------------------------------------------------------------------------------ token selection
 
 
+def _inverse_cdf_sample(key: Array, scaled_NxC: Array) -> tuple[Array, Array]:
+  """One draw per row from softmax(scaled_NxC) by inverting its CDF with one uniform per row.
+
+  Returns `(index_N, log_z_N)` with log_z = log-sum-exp(scaled_NxC). Index t is drawn iff cdf[t-1] < u <= cdf[t] with
+  u uniform on (0, total], so zero-weight (filtered, -inf) entries are never drawn. One uniform per row instead of
+  one Gumbel per vocabulary entry: on CPU the random bits, not the arithmetic, dominate `jax.random.categorical`.
+  """
+  max_Nx1 = jnp.max(scaled_NxC, axis=-1, keepdims=True)
+  cdf_NxC = jnp.cumsum(jnp.exp(scaled_NxC - max_Nx1), axis=-1)
+  total_Nx1 = cdf_NxC[:, -1:]
+  u_Nx1 = (1.0 - jax.random.uniform(key, total_Nx1.shape, jnp.float32)) * total_Nx1
+  index_N = jnp.sum(cdf_NxC < u_Nx1, axis=-1, dtype=jnp.int32)
+  return index_N, max_Nx1[:, 0] + jnp.log(total_Nx1[:, 0])
+
+
 def sample_from_logits(key: Array, logits_NxV: Array, config: SamplingConfig) -> tuple[Array, Array, Array]:
   """Draws one token per row from softmax(logits / T) after top-k / top-p filtering.
 
@@ -178,11 +193,11 @@ def sample_from_logits(key: Array, logits_NxV: Array, config: SamplingConfig) ->
     token_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
     return token_N, jnp.zeros(token_N.shape, jnp.float32), jax.nn.logsumexp(logits_NxV, axis=-1)
   scaled_NxV = logits_NxV / config.temperature
-  log_z_N = jax.nn.logsumexp(scaled_NxV, axis=-1)
   if not config.filtered:
-    token_N = jax.random.categorical(key, scaled_NxV, axis=-1).astype(jnp.int32)
+    token_N, log_z_N = _inverse_cdf_sample(key, scaled_NxV)
     logp_N = jnp.take_along_axis(scaled_NxV, token_N[:, None], axis=-1)[:, 0] - log_z_N
     return token_N, logp_N, log_z_N
+  log_z_N = jax.nn.logsumexp(scaled_NxV, axis=-1)
   # Candidates sorted by decreasing logit: the top k, or the whole vocabulary when only top-p is on.
   num_candidates = min(config.top_k, scaled_NxV.shape[-1]) if config.top_k else scaled_NxV.shape[-1]
   cand_NxC, cand_ids_NxC = jax.lax.top_k(scaled_NxV, num_candidates)
@@ -190,10 +205,9 @@ def sample_from_logits(key: Array, logits_NxV: Array, config: SamplingConfig) ->
     probs_NxC = jax.nn.softmax(cand_NxC, axis=-1)
     mass_before_NxC = jnp.cumsum(probs_NxC, axis=-1) - probs_NxC
     cand_NxC = jnp.where(mass_before_NxC < config.top_p, cand_NxC, -jnp.inf)
-  index_N = jax.random.categorical(key, cand_NxC, axis=-1)
+  index_N, log_kept_N = _inverse_cdf_sample(key, cand_NxC)
   token_N = jnp.take_along_axis(cand_ids_NxC, index_N[:, None], axis=-1)[:, 0].astype(jnp.int32)
-  logp_N = (jnp.take_along_axis(cand_NxC, index_N[:, None], axis=-1)[:, 0]
-            - jax.nn.logsumexp(cand_NxC, axis=-1))
+  logp_N = jnp.take_along_axis(cand_NxC, index_N[:, None], axis=-1)[:, 0] - log_kept_N
   return token_N, logp_N, log_z_N
 
 
