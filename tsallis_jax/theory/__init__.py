@@ -4,6 +4,12 @@ Modules: `toys` (sigmoid model, softmax policy over K trajectories), `escape` (e
 flow), `landscape` (escort minimiser, dispersion penalty), `noise` (label-noise toy), `bias` (estimator bias study),
 `sgd` (discrete-time, finite-sample escape with the estimators).
 """
+from tsallis_jax.theory.bias import (
+  binary_shrinkage,
+  delta_method_shrinkage,
+  likelihood_bias_coefficient,
+  measure_bias,
+)
 from tsallis_jax.theory.escape import (
   escape_integral,
   escape_time,
@@ -31,6 +37,12 @@ from tsallis_jax.theory.noise import (
   simulate_noise_time,
 )
 from tsallis_jax.theory.toys import (
+  binary_toy_log_success,
+  binary_toy_logprob_fn,
+  binary_toy_params,
+  likelihood_toy_init,
+  likelihood_toy_log_success,
+  likelihood_toy_logprob_fn,
   sigmoid_toy_init,
   sigmoid_toy_log_success,
   softmax_toy_init,
