@@ -308,3 +308,17 @@ def test_hf_weights_fetched_from_the_bucket_pick_the_suggested_slice(capsys, mon
   cmds = _dry_run(capsys, "up", *SLICE, "--config", "hf_sample", "--workdir", BUCKET, "--fetch",
                   "model_path=gs://my-bucket/models/Qwen3-0.6B")
   assert "--accelerator-type=v4-8" in next(c for c in cmds if "create" in c)
+
+
+def test_tpu_md_shows_the_real_dry_run_output(capsys, monkeypatch):
+  """The recipe's printed commands are what `up --dry-run` prints today for a qwen3_0_6b config named CONFIG."""
+  module = types.ModuleType("experiments.configs.CONFIG")
+  module.get_config = lambda: train_config.TrainConfig(name="CONFIG", model="qwen3_0_6b", batch_size=16)
+  monkeypatch.setitem(sys.modules, "experiments.configs.CONFIG", module)
+  monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+  assert tpu.main(["up", "--name", "garl-finqa", "--zone", "us-central2-b", "--config", "CONFIG", "--workdir",
+                   "gs://my-bucket/runs/garl-finqa", "--fetch", "data_dir=gs://my-bucket/data/finqa", "--spot",
+                   "--retries", "5", "--delete-when-done", "--dry-run"]) == 0
+  printed = capsys.readouterr().out.replace(tpu.REPO_ROOT, "/path/to/clone").splitlines()[1:]
+  doc = open(os.path.join(REPO, "launch", "TPU.md"), encoding="utf-8").read().splitlines()
+  assert printed and all(line in doc for line in printed), [line for line in printed if line not in doc]
