@@ -148,3 +148,18 @@ def test_global_batch_from_local_shards_rows_over_data():
   assert {s.data.shape for s in global_batch["tokens_BxT"].addressable_shards} == {(2, 3)}
   total = jax.jit(lambda b: jnp.sum(b["tokens_BxT"]))(global_batch)
   assert int(total) == int(rows.sum())
+
+
+def test_maybe_initialize_lets_jax_detect_a_tpu_pod(monkeypatch):
+  calls = []
+  for name in ("TSALLIS_COORDINATOR", "TSALLIS_NUM_PROCESSES", "TSALLIS_PROCESS_ID"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1w0,t1w1")
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  monkeypatch.setattr(jax.config, "update", lambda *a: calls.append(("config", a)))
+  info = distributed.maybe_initialize()
+  assert info.initialized and info.method == "auto"
+  # No addresses passed (JAX's cluster detection fills them in), and no gloo switch off CPU.
+  assert calls == [((), {"initialization_timeout": 300})]
