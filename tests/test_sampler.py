@@ -344,3 +344,38 @@ def test_text_sampler_applies_the_chat_template(model):
   assert sampler.encode(["t9 t10"]) == [[2, 9, 10, 3, 4]]
   with pytest.raises(ValueError, match="list of prompt strings"):
     sampler("t9 t10", jax.random.key(0))
+
+
+# ------------------------------------------------------------------------------------------------ transformers parity
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_greedy_equals_transformers_generate(family, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from tsallis_jax.model import hf_io
+  sizes = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=10_000.0,
+               initializer_range=0.2, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+  if family == "qwen3":
+    hf_config = transformers.Qwen3Config(tie_word_embeddings=True, **sizes)
+    hf_model = transformers.Qwen3ForCausalLM(hf_config)
+  else:
+    hf_config = transformers.LlamaConfig(tie_word_embeddings=False, **sizes)
+    hf_model = transformers.LlamaForCausalLM(hf_config)
+  torch.manual_seed(0)
+  hf_model.apply(hf_model._init_weights)
+  hf_model.eval().save_pretrained(tmp_path)
+  model = hf_io.load_hf_checkpoint(tmp_path)
+
+  prompts = _prompts(np.random.default_rng(10), [5, 8, 3], vocab=96)
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(prompts, PAD, buckets=(8,), side="left")
+  new = 8
+  rollout = _generate(model, tokens_BxP, mask_BxP, jax.random.key(0),
+                      SamplingConfig(max_new_tokens=new, temperature=0.0))
+  with torch.no_grad():
+    expected = hf_model.generate(torch.tensor(tokens_BxP, dtype=torch.long),
+                                 attention_mask=torch.tensor(mask_BxP, dtype=torch.long), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, pad_token_id=PAD)
+  np.testing.assert_array_equal(np.asarray(rollout.tokens_NxT), expected[:, tokens_BxP.shape[1]:].numpy())
