@@ -36,6 +36,7 @@ from tsallis_jax.theory.noise import (
   simulate_noise_flow,
   simulate_noise_time,
 )
+from tsallis_jax.theory.sgd import init_toy, sgd_escape_steps
 from tsallis_jax.theory.toys import (
   binary_toy_log_success,
   binary_toy_logprob_fn,
