@@ -179,3 +179,26 @@ def test_shared_benchmark_workload_logits(tmp_path):
   np.testing.assert_allclose(np.asarray(logits[0, -1, :5]), BENCH_LOGITS, atol=1e-5)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
   assert n_params == 591_232
+
+
+@pytest.mark.torch
+def test_bfloat16_checkpoint_loads_and_saves_back_bit_exact(tmp_path):
+  import torch
+  torch_model = _hf_model("qwen3", tmp_path / "f32", tie=True)
+  torch_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+  from tsallis_jax.model.safetensors_np import SafetensorsFile
+  original = SafetensorsFile(tmp_path / "bf16" / "model.safetensors")
+  assert original.get("model.embed_tokens.weight").dtype == jnp.bfloat16
+
+  upcast = load_hf_checkpoint(tmp_path / "bf16")  # float32 parameters from bfloat16 tensors
+  want = torch_model.model.embed_tokens.weight.detach().float().numpy()
+  np.testing.assert_array_equal(np.asarray(upcast.embed[...]), want)
+
+  model = load_hf_checkpoint(tmp_path / "bf16", dtype="bfloat16", param_dtype="bfloat16")
+  assert model.embed[...].dtype == jnp.bfloat16
+  logits = _forward(model, jnp.asarray(TOKENS_NxT), jnp.asarray(TOKENS_NxT != 0))
+  assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+  written = SafetensorsFile(save_hf_checkpoint(model, tmp_path / "out") / "model.safetensors")
+  assert set(written.keys()) == set(original.keys())
+  for name in original.keys():
+    np.testing.assert_array_equal(written.get(name).view(np.uint16), original.get(name).view(np.uint16), name)

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from tsallis_jax.model import safetensors_np
 from tsallis_jax.model.config import ModelConfig
 from tsallis_jax.model.hf_io import CheckpointError, build_from_tensors, load_hf_checkpoint, load_tokenizer
 from tsallis_jax.model.transformer import Transformer
@@ -202,7 +203,6 @@ def load_gguf(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.shar
 def convert_gguf_to_hf(path: str | os.PathLike, out: str | os.PathLike) -> pathlib.Path:
   """Writes a GGUF file as a Hugging Face folder (config.json, model.safetensors, tokenizer files), atomically."""
   import gguf
-  from safetensors.numpy import save_file
   reader = gguf.GGUFReader(str(path))
   hf_config = gguf_config(reader)
   ModelConfig.from_hf_config(hf_config)  # validates before any writing
@@ -211,7 +211,7 @@ def convert_gguf_to_hf(path: str | os.PathLike, out: str | os.PathLike) -> pathl
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
   try:
     tensors = {name: load() for name, load in gguf_tensors(reader, hf_config).items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    safetensors_np.save(tensors, tmp / "model.safetensors")
     del tensors
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     gguf_tokenizer(reader).save_pretrained(str(tmp))

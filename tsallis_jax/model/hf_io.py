@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tsallis_jax.model import safetensors_np
 from tsallis_jax.model.config import ModelConfig
+from tsallis_jax.model.safetensors_np import SafetensorsFile
 from tsallis_jax.model.sharding import param_shardings
 from tsallis_jax.model.transformer import Transformer, abstract_model
 
@@ -108,29 +110,26 @@ def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
         raise CheckpointError(f"{file} is listed in {index_path} but missing.")
     return files
   if single_path.is_file():
-    from safetensors import safe_open
-    with safe_open(single_path, framework="numpy") as reader:
-      return {name: single_path for name in reader.keys()}
+    return {name: single_path for name in SafetensorsFile(single_path).keys()}
   raise CheckpointError(f"No weights in {folder}: expected {WEIGHTS_FILE} or {INDEX_FILE} (PyTorch .bin files are "
                         "not read; re-save them with save_pretrained(safe_serialization=True)).")
 
 
 class _LazyTensors:
-  """Opens each safetensors file once and reads tensors on demand (numpy; bfloat16 comes back as ml_dtypes)."""
+  """Memory-maps each safetensors file once and reads tensors on demand (bfloat16 as `ml_dtypes.bfloat16`)."""
 
   def __init__(self, files: dict[str, pathlib.Path]):
     self._files = files
-    self._readers: dict[pathlib.Path, Any] = {}
+    self._readers: dict[pathlib.Path, SafetensorsFile] = {}
 
   def __contains__(self, name: str) -> bool:
     return name in self._files
 
   def get(self, name: str) -> np.ndarray:
-    from safetensors import safe_open
     file = self._files[name]
     if file not in self._readers:
-      self._readers[file] = safe_open(file, framework="numpy")
-    return self._readers[file].get_tensor(name)
+      self._readers[file] = SafetensorsFile(file)
+    return self._readers[file].get(name)
 
 
 def _place(array: np.ndarray, sharding) -> jax.Array:
@@ -206,16 +205,17 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def save_hf_checkpoint(model: Transformer, path: str | os.PathLike) -> pathlib.Path:
-  """Writes `config.json` and `model.safetensors` (HF names and layout) into `path`; returns the folder.
+  """Writes `config.json` and `model.safetensors` (HF names and layout, the parameters' dtype) into `path`.
+
+  Returns the folder. Parameters are gathered to the host one by one (single-host).
 
   Files are written to temporary names and renamed, so a crash never leaves a half-written checkpoint.
   """
-  from safetensors.numpy import save_file
   folder = pathlib.Path(path)
   folder.mkdir(parents=True, exist_ok=True)
   tensors = dict(hf_tensors(model))
   tmp_weights = folder / (WEIGHTS_FILE + ".tmp")
-  save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+  safetensors_np.save(tensors, tmp_weights)
   tmp_config = folder / (CONFIG_FILE + ".tmp")
   tmp_config.write_text(json.dumps(model.config.to_hf_config(), indent=2))
   os.replace(tmp_weights, folder / WEIGHTS_FILE)
