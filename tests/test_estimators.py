@@ -251,6 +251,28 @@ def test_fact13_effective_reward_at_most_Mq():
     np.testing.assert_allclose(_weights.weight_metrics(single_BxG, q)["jq/max_c_over_Mq"], 1.0, rtol=1e-5)
 
 
+def test_weight_metrics_against_numpy():
+  w_BxG = np.array([[0.1, 0.4, 0.05, 0.7], [0.0, 0.0, 0.0, 0.0], [1e-3, 0.0, 0.0, 2e-3]])
+  q = 0.75
+  aux = _weights.weight_metrics(jnp.log(jnp.asarray(w_BxG, jnp.float32)), q)
+  wbar_B = w_BxG.mean(1)
+  success = wbar_B > 0
+  amp_B = wbar_B[success] ** -q
+  ess_B = w_BxG[success].sum(1) ** 2 / (w_BxG[success] ** 2).sum(1)
+  np.testing.assert_allclose(aux["weight/mean"], wbar_B.mean(), rtol=1e-5)
+  np.testing.assert_allclose(aux["jq/amp_mean"], amp_B.mean(), rtol=1e-5)
+  np.testing.assert_allclose(aux["jq/amp_max"], amp_B.max(), rtol=1e-5)
+  np.testing.assert_allclose(aux["jq/log_amp_mean"], np.log(amp_B).mean(), rtol=1e-5)
+  np.testing.assert_allclose(aux["jq/weight_ess"], ess_B.mean(), rtol=1e-5)
+  np.testing.assert_allclose(aux["groups/frac_zero_success"], 1 / 3)
+  max_c_B = np.where(success, w_BxG.max(1) / np.where(success, wbar_B, 1) ** q / 4 ** q, 0.0)
+  np.testing.assert_allclose(aux["jq/max_c_over_Mq"], max_c_B.mean(), rtol=1e-5)
+  # P-hat far below float32's range: the amplification saturates instead of overflowing.
+  huge = _weights.weight_metrics(jnp.full((2, 4), -400.0), 1.0)
+  chex.assert_tree_all_finite(huge)
+  np.testing.assert_allclose(huge["jq/log_amp_mean"], 400.0, rtol=1e-6)
+
+
 # Fact 14: zero-success groups.
 
 

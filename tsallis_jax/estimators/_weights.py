@@ -114,8 +114,9 @@ def weight_metrics(logw_BxG: jax.Array, q) -> dict[str, jax.Array]:
   """What a researcher watches (ECOSYSTEM.md names), all finite scalars.
 
   weight/mean: the batch mean of P-hat = w-bar_M. jq/amp_mean, jq/amp_max: P-hat^-q over groups with a success
-  (0 when there is none). jq/weight_ess: the effective sample size (sum w)^2 / sum w^2, in [1, G], averaged over
-  groups with a success. groups/frac_zero_success: the fraction of all-zero groups. jq/max_c_over_Mq: the batch
+  (0 when there is none; saturating at the largest float32); jq/log_amp_mean: the mean of -q log P-hat over the
+  same groups. jq/weight_ess: the effective sample size (sum w)^2 / sum w^2, in [1, G], averaged over groups with
+  a success. groups/frac_zero_success: the fraction of all-zero groups. jq/max_c_over_Mq: the batch
   mean of the per-group max effective reward w_m / w-bar^q / M^q, in [0, 1] (spec fact 13, the paper's Fig. 3).
   """
   q = jnp.asarray(q, jnp.float32)
@@ -125,7 +126,15 @@ def weight_metrics(logw_BxG: jax.Array, q) -> dict[str, jax.Array]:
   safe_log_wbar_B = jnp.where(zero_B, 0.0, log_wbar_B)
   has_success_B = (~zero_B).astype(jnp.float32)
   num_success = jnp.maximum(jnp.sum(has_success_B), 1.0)
-  amp_B = jnp.where(zero_B, 0.0, jnp.exp(-q * safe_log_wbar_B))
+  # Amplification in log space: P-hat^-q overflows float32 for P-hat below ~1e-38, so the mean is formed with
+  # log-sum-exp and both saturate at the largest float32 instead of becoming inf.
+  log_amp_B = jnp.where(zero_B, -jnp.inf, -q * safe_log_wbar_B)
+  any_success = ~jnp.all(zero_B)
+  float_max = jnp.finfo(jnp.float32).max
+  saturate = lambda log_x: jnp.where(any_success, jnp.minimum(jnp.exp(jnp.where(any_success, log_x, 0.0)),
+                                                              float_max), 0.0)
+  amp_mean = saturate(jax.nn.logsumexp(log_amp_B) - jnp.log(num_success))
+  amp_max = saturate(jnp.max(log_amp_B))
   log_sum_sq_B = log_mean_w(2.0 * logw_BxG)
   safe_log_sum_sq_B = jnp.where(zero_B, 0.0, log_sum_sq_B)
   ess_B = jnp.where(zero_B, 0.0, num_samples * jnp.exp(2.0 * safe_log_wbar_B - safe_log_sum_sq_B))
@@ -136,8 +145,9 @@ def weight_metrics(logw_BxG: jax.Array, q) -> dict[str, jax.Array]:
   return {
     "jq/q": q,
     "weight/mean": jnp.mean(jnp.exp(log_wbar_B)),
-    "jq/amp_mean": jnp.sum(amp_B) / num_success,
-    "jq/amp_max": jnp.max(amp_B),
+    "jq/amp_mean": amp_mean,
+    "jq/amp_max": amp_max,
+    "jq/log_amp_mean": jnp.sum(jnp.where(zero_B, 0.0, log_amp_B)) / num_success,
     "jq/weight_ess": jnp.sum(ess_B) / num_success,
     "groups/frac_zero_success": jnp.mean(zero_B.astype(jnp.float32)),
     "jq/max_c_over_Mq": jnp.mean(max_c_B),
