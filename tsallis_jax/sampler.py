@@ -166,35 +166,31 @@ class Rollout:
 # ------------------------------------------------------------------------------------------------ token selection
 
 
-def _inverse_cdf_sample(key: Array, scaled_NxC: Array) -> tuple[Array, Array]:
-  """One draw per row from softmax(scaled_NxC) by inverting its CDF with one uniform per row.
+def _inverse_cdf_sample(u_N: Array, scaled_NxC: Array) -> tuple[Array, Array]:
+  """One draw per row from softmax(scaled_NxC) by inverting its CDF at a uniform u_N in [0, 1).
 
-  Returns `(index_N, log_z_N)` with log_z = log-sum-exp(scaled_NxC). Index t is drawn iff cdf[t-1] < u <= cdf[t] with
-  u uniform on (0, total], so zero-weight (filtered, -inf) entries are never drawn. One uniform per row instead of
-  one Gumbel per vocabulary entry: on CPU the random bits, not the arithmetic, dominate `jax.random.categorical`.
+  Returns `(index_N, log_z_N)` with log_z = log-sum-exp(scaled_NxC). Index t is drawn iff cdf[t-1] < v <= cdf[t]
+  with v = (1 - u) * total uniform on (0, total], so zero-weight (filtered, -inf) entries are never drawn. One uniform
+  per row instead of one Gumbel per vocabulary entry: on CPU the random bits, not the arithmetic, dominate
+  `jax.random.categorical`.
   """
   max_Nx1 = jnp.max(scaled_NxC, axis=-1, keepdims=True)
   cdf_NxC = jnp.cumsum(jnp.exp(scaled_NxC - max_Nx1), axis=-1)
   total_Nx1 = cdf_NxC[:, -1:]
-  u_Nx1 = (1.0 - jax.random.uniform(key, total_Nx1.shape, jnp.float32)) * total_Nx1
-  index_N = jnp.sum(cdf_NxC < u_Nx1, axis=-1, dtype=jnp.int32)
+  v_Nx1 = (1.0 - u_N[:, None]) * total_Nx1
+  index_N = jnp.sum(cdf_NxC < v_Nx1, axis=-1, dtype=jnp.int32)
   return index_N, max_Nx1[:, 0] + jnp.log(total_Nx1[:, 0])
 
 
-def sample_from_logits(key: Array, logits_NxV: Array, config: SamplingConfig) -> tuple[Array, Array, Array]:
-  """Draws one token per row from softmax(logits / T) after top-k / top-p filtering.
-
-  Returns `(token_N, logp_N, log_z_N)`: the token, its log-prob under the filtered, renormalised distribution it was
-  drawn from (0 under greedy), and log-sum-exp(logits / T) over the full vocabulary (T = 1 under greedy), so that
-  `logits / T - log_z` is the unfiltered log-softmax at the sampling temperature.
-  """
+def select_tokens(u_N: Array, logits_NxV: Array, config: SamplingConfig) -> tuple[Array, Array, Array]:
+  """`sample_from_logits` with the row's uniform draw u_N in [0, 1) given (the decode loop draws them up front)."""
   logits_NxV = logits_NxV.astype(jnp.float32)
   if config.temperature == 0.0:
     token_N = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
     return token_N, jnp.zeros(token_N.shape, jnp.float32), jax.nn.logsumexp(logits_NxV, axis=-1)
   scaled_NxV = logits_NxV / config.temperature
   if not config.filtered:
-    token_N, log_z_N = _inverse_cdf_sample(key, scaled_NxV)
+    token_N, log_z_N = _inverse_cdf_sample(u_N, scaled_NxV)
     logp_N = jnp.take_along_axis(scaled_NxV, token_N[:, None], axis=-1)[:, 0] - log_z_N
     return token_N, logp_N, log_z_N
   log_z_N = jax.nn.logsumexp(scaled_NxV, axis=-1)
@@ -205,10 +201,20 @@ def sample_from_logits(key: Array, logits_NxV: Array, config: SamplingConfig) ->
     probs_NxC = jax.nn.softmax(cand_NxC, axis=-1)
     mass_before_NxC = jnp.cumsum(probs_NxC, axis=-1) - probs_NxC
     cand_NxC = jnp.where(mass_before_NxC < config.top_p, cand_NxC, -jnp.inf)
-  index_N, log_kept_N = _inverse_cdf_sample(key, cand_NxC)
+  index_N, log_kept_N = _inverse_cdf_sample(u_N, cand_NxC)
   token_N = jnp.take_along_axis(cand_ids_NxC, index_N[:, None], axis=-1)[:, 0].astype(jnp.int32)
   logp_N = jnp.take_along_axis(cand_NxC, index_N[:, None], axis=-1)[:, 0] - log_kept_N
   return token_N, logp_N, log_z_N
+
+
+def sample_from_logits(key: Array, logits_NxV: Array, config: SamplingConfig) -> tuple[Array, Array, Array]:
+  """Draws one token per row from softmax(logits / T) after top-k / top-p filtering.
+
+  Returns `(token_N, logp_N, log_z_N)`: the token, its log-prob under the filtered, renormalised distribution it was
+  drawn from (0 under greedy), and log-sum-exp(logits / T) over the full vocabulary (T = 1 under greedy), so that
+  `logits / T - log_z` is the unfiltered log-softmax at the sampling temperature.
+  """
+  return select_tokens(jax.random.uniform(key, logits_NxV.shape[:1], jnp.float32), logits_NxV, config)
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -294,6 +300,8 @@ def generate_impl(graphdef: nnx.GraphDef, params: Any, prompt_tokens_BxP: Array,
   stop_ids_C = jnp.asarray(config.stop_ids or (-1,), jnp.int32)
   tag_C = jnp.asarray(config.close_tag_ids or (-1,), jnp.int32)
   slots_T = jnp.arange(T, dtype=jnp.int32)
+  # All the randomness up front, one uniform per row and step: no random-bit generation inside the loop.
+  uniforms_TxN = jax.random.uniform(key, (T, N), jnp.float32)
 
   def cond(state: _DecodeState) -> Array:
     return (state.step < T) & ~jnp.all(state.done_N)
@@ -306,7 +314,7 @@ def generate_impl(graphdef: nnx.GraphDef, params: Any, prompt_tokens_BxP: Array,
     logits_Nx1xV, cache = model(state.fed_N[:, None], positions_Nx1, attn_Nx1xS, cache=state.cache,
                                 cache_index=P - 1 + i)
     logits_NxV = logits_Nx1xV[:, 0].astype(jnp.float32)
-    token_N, logp_N, log_z_N = sample_from_logits(jax.random.fold_in(key, i), logits_NxV, config)
+    token_N, logp_N, log_z_N = select_tokens(uniforms_TxN[i], logits_NxV, config)
 
     forced_N = jnp.zeros((N,), bool)
     if config.budget_forcing:
