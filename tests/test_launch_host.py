@@ -96,19 +96,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_fake_hosts_run_one_training_job(tmp_path):
-  """Both processes finish; process 0 alone writes metrics; both wrote their shards of every checkpoint."""
-  workdir = tmp_path / "run"
+def _two_hosts(tmp_path, workdir, *train_args: str) -> list[str]:
+  """Runs the host script as processes 0 and 1 of one job on 127.0.0.1; returns their outputs."""
   port = _free_port()
-  train_args = ["--", "--set", "num_steps=2", "--set", "checkpoint_every=1", "--set", "eval_every=0",
-                "--set", "tensorboard=false"]
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  venv = os.path.dirname(os.path.dirname(sys.executable))
   procs = [subprocess.Popen(
-      ["bash", HOST, "--accelerator", "cpu", "--venv", os.path.dirname(os.path.dirname(sys.executable)),
-       "--skip-install", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid),
-       "--log", str(tmp_path / f"host{pid}.log"), "--config", CONFIG, "--workdir", str(workdir), *train_args],
-      cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for pid in range(2)]
+      ["bash", HOST, "--accelerator", "cpu", "--venv", venv, "--skip-install", "--coordinator", f"127.0.0.1:{port}",
+       "--num-processes", "2", "--process-id", str(pid), "--log", str(tmp_path / f"host{pid}.log"),
+       "--config", CONFIG, "--workdir", str(workdir), "--", *train_args],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
   outs = []
   try:
     for p in procs:
@@ -119,17 +116,28 @@ def test_two_fake_hosts_run_one_training_job(tmp_path):
         p.kill()
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
+  return outs
 
+
+_SHORT = ("--set", "checkpoint_every=1", "--set", "eval_every=0", "--set", "tensorboard=false")
+
+
+def _train_rows(workdir) -> list[dict]:
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r for r in rows if "loss" in r]
+
+
+def test_two_fake_hosts_run_one_training_job(tmp_path):
+  """Both processes finish; process 0 alone writes metrics; both wrote their shards of every checkpoint."""
+  workdir = tmp_path / "run"
+  outs = _two_hosts(tmp_path, workdir, "--set", "num_steps=2", *_SHORT)
   for pid, out in enumerate(outs):
     assert f"TSALLIS_PROCESS_ID={pid}" in out and "TSALLIS_NUM_PROCESSES=2" in out
   # Only process 0 prints the results (and logs at INFO); process 1 prints no results.
   assert '"test/p@1"' in outs[0] and '"test/p@1"' not in outs[1]
-  results = json.loads((workdir / "results.json").read_text())
-  assert results["steps"] == 2
+  assert json.loads((workdir / "results.json").read_text())["steps"] == 2
   # One writer: every step appears exactly once in metrics.jsonl (two writers would append each step twice).
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  train_steps = [r["step"] for r in rows if "loss" in r]
-  assert train_steps == [1, 2]
+  assert [r["step"] for r in _train_rows(workdir)] == [1, 2]
   # Both processes took part in every checkpoint: each wrote its own shards at the same steps.
   steps = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
   assert steps == [1, 2]
@@ -138,6 +146,22 @@ def test_two_fake_hosts_run_one_training_job(tmp_path):
     assert (state / "commit_success.txt").exists()
     assert {d.name for d in state.iterdir() if d.name.startswith("ocdbt.process_")} == {
         "ocdbt.process_0", "ocdbt.process_1"}
+
+
+@pytest.mark.slow
+def test_two_fake_hosts_resume_when_the_same_command_runs_again(tmp_path):
+  """After a stop at step 1, the same two-host command continues from the shared workdir instead of restarting.
+
+  The second run uses another learning rate: a restart would rewrite step 1's row with it, a resume keeps it.
+  """
+  workdir = tmp_path / "run"
+  _two_hosts(tmp_path, workdir, "--set", "num_steps=1", "--set", "learning_rate=0.001", *_SHORT)
+  first = _train_rows(workdir)
+  _two_hosts(tmp_path, workdir, "--set", "num_steps=2", "--set", "learning_rate=0.002", *_SHORT)
+  rows = _train_rows(workdir)
+  assert [r["step"] for r in rows] == [1, 2]
+  assert rows[0] == first[0]
+  assert rows[1]["learning_rate"] == pytest.approx(0.002)
 
 
 # --- --sync-workdir: a local mirror of the gs:// workdir --------------------------------------------------------------
