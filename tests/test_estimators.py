@@ -176,7 +176,7 @@ def _pool(num_samples, seed=0):
 def test_fact11_paft_given_pool_is_garl_plugin(q):
   params, batch = _pool(8)
   garl = _flat(garl_grad(_tabular.logprob_fn, params, batch, q=q, baseline="none")[0])
-  keys = jax.random.split(jax.random.key(1), 4000)
+  keys = jax.random.split(jax.random.key(1), 2000)
   paft_RxD = jax.vmap(lambda k: ravel_pytree(paft_grad(_tabular.logprob_fn, params, batch, k, q=q)[0])[0])(keys)
   paft_RxD = np.asarray(paft_RxD, np.float64)
   stderr = paft_RxD.std(axis=0) / np.sqrt(len(keys))
@@ -219,19 +219,25 @@ def _per_sample_neg_joint_grads(params, batch):
   return f_GxD, w_G
 
 
-def test_fact12_endpoints():
-  params, batch = _pool(6, seed=3)
-  f_GxD, w_G = _per_sample_neg_joint_grads(params, batch)
-  garl = lambda q: _flat(garl_grad(_tabular.logprob_fn, params, batch, q=q, baseline="none",
-                                   normalize_by_Mq=False)[0])
-  np.testing.assert_allclose(garl(0.0), (w_G[:, None] * f_GxD).mean(0), atol=1e-6)
-  np.testing.assert_allclose(garl(1.0), (w_G[:, None] * f_GxD).sum(0) / w_G.sum(), atol=1e-6)
-  key = jax.random.key(9)
-  counts_G = np.asarray(resample_counts(key, jnp.log(jnp.asarray(w_G))[None], 6)[0], np.float64)
-  sft = counts_G @ f_GxD / counts_G.sum()
-  paft = lambda q: _flat(paft_grad(_tabular.logprob_fn, params, batch, key, q=q, normalize_by_Mq=False)[0])
-  np.testing.assert_allclose(paft(1.0), sft, atol=1e-6)
-  np.testing.assert_allclose(paft(0.0), w_G.mean() * sft, atol=1e-6)
+class EndpointTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_fact12_endpoints(self):
+    params, batch = _pool(6, seed=3)
+    f_GxD, w_G = _per_sample_neg_joint_grads(params, batch)
+    garl_fn = self.variant(lambda prm, b, q: garl_grad(_tabular.logprob_fn, prm, b, q=q, baseline="none",
+                                                       normalize_by_Mq=False)[0])
+    garl = lambda q: _flat(garl_fn(params, batch, jnp.float32(q)))
+    np.testing.assert_allclose(garl(0.0), (w_G[:, None] * f_GxD).mean(0), atol=1e-6)
+    np.testing.assert_allclose(garl(1.0), (w_G[:, None] * f_GxD).sum(0) / w_G.sum(), atol=1e-6)
+    key = jax.random.key(9)
+    counts_G = np.asarray(resample_counts(key, jnp.log(jnp.asarray(w_G))[None], 6)[0], np.float64)
+    sft = counts_G @ f_GxD / counts_G.sum()
+    paft_fn = self.variant(lambda prm, b, k, q: paft_grad(_tabular.logprob_fn, prm, b, k, q=q,
+                                                          normalize_by_Mq=False)[0])
+    paft = lambda q: _flat(paft_fn(params, batch, key, jnp.float32(q)))
+    np.testing.assert_allclose(paft(1.0), sft, atol=1e-6)
+    np.testing.assert_allclose(paft(0.0), w_G.mean() * sft, atol=1e-6)
 
 
 # Fact 13: effective reward.

@@ -194,7 +194,7 @@ def _all_estimators(logp_z_BxG, logw_BxG, rewards_BxG, key, q):
 _log_weight = st.one_of(st.floats(-1e4, 0.0), st.just(-np.inf), st.just(0.0), st.floats(-80.0, -60.0))
 
 
-@hypothesis.settings(max_examples=50, deadline=None)
+@hypothesis.settings(max_examples=30, deadline=None)
 @hypothesis.given(
     logw=st.lists(_log_weight, min_size=8, max_size=8),
     logp=st.lists(st.floats(-1e3, 0.0), min_size=8, max_size=8),

@@ -35,13 +35,13 @@ def setup():
 QS = (0.0, 0.5, 1.0)
 
 
-def _estimators():
-  """Each estimator as f(params, batch, rewards_BxG, keys_B, q) -> grads; q is traced (one compilation)."""
+def _all_grads(p, b, r, k, q):
+  """Every estimator's gradients in one dict (one compilation per test mode); q is traced."""
   return {
-    "garl_rloo": lambda p, b, r, k, q: garl_grad(_tabular.shared_logprob_fn, p, b, q=q, baseline="rloo")[0],
-    "garl_plugin": lambda p, b, r, k, q: garl_grad(_tabular.shared_logprob_fn, p, b, q=q, baseline="none")[0],
-    "paft": lambda p, b, r, k, q: paft_grad(_tabular.shared_logprob_fn, p, b, k, q=q)[0],
-    "grpo": lambda p, b, r, k, q: grpo_grad(_tabular.shared_logprob_fn, p, b, rewards_BxG=r)[0],
+    "garl_rloo": garl_grad(_tabular.shared_logprob_fn, p, b, q=q, baseline="rloo")[0],
+    "garl_plugin": garl_grad(_tabular.shared_logprob_fn, p, b, q=q, baseline="none")[0],
+    "paft": paft_grad(_tabular.shared_logprob_fn, p, b, k, q=q)[0],
+    "grpo": grpo_grad(_tabular.shared_logprob_fn, p, b, rewards_BxG=r)[0],
   }
 
 
@@ -52,42 +52,40 @@ def test_jit_named_sharding_matches_single_device(setup):
   args = jax.device_put((params, batch, rewards_BxG, keys_B),
                         (replicated, batch_sharding, batch_sharding, batch_sharding))
   assert len(args[1]["idx_BxG"].sharding.device_set) == NUM_DEVICES
-  for name, fn in _estimators().items():
-    single = jax.jit(fn)
-    sharded = jax.jit(fn, in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding, replicated),
-                      out_shardings=replicated)
-    for q in QS:
-      q = jnp.float32(q)
-      reference = single(params, batch, rewards_BxG, keys_B, q)
-      chex.assert_tree_all_finite(reference)
-      chex.assert_trees_all_close(sharded(*args, q), reference, rtol=1e-5, atol=1e-7,
-                                  custom_message=f"{name} q={q}")
+  single = jax.jit(_all_grads)
+  sharded = jax.jit(_all_grads, in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding,
+                                              replicated), out_shardings=replicated)
+  for q in QS:
+    q = jnp.float32(q)
+    reference = single(params, batch, rewards_BxG, keys_B, q)
+    chex.assert_tree_all_finite(reference)
+    chex.assert_trees_all_close(sharded(*args, q), reference, rtol=1e-5, atol=1e-7, custom_message=f"q={q}")
 
 
 def test_shard_map_and_pmap_with_cross_device_mean(setup):
   params, batch, rewards_BxG, keys_B, mesh = setup
   specs = (P(), P("data"), P("data"), P("data"), P())
   split = lambda x: x.reshape((NUM_DEVICES, x.shape[0] // NUM_DEVICES) + x.shape[1:])
-  for name, fn in _estimators().items():
-    single = jax.jit(fn)
+  single = jax.jit(_all_grads)
 
-    def per_device(p, b, r, k, q, fn=fn):
-      return jax.lax.pmean(fn(p, b, r, k, q), "data")  # equal shards: the mean of shard means is the global mean
+  def per_device(p, b, r, k, q):
+    return jax.lax.pmean(_all_grads(p, b, r, k, q), "data")  # equal shards: mean of shard means = global mean
 
-    # check_vma=False: each device differentiates its own shard's mean loss, then an explicit pmean (pmap style).
-    mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))
-    # check_vma=True (the default): the gradient of a replicated parameter is already summed over the axis by
-    # autodiff, so each device's mean loss yields the sum of the shard means; divide by the axis size.
-    summed = jax.jit(jax.shard_map(lambda p, b, r, k, q, fn=fn: jax.tree.map(
-        lambda g: g / jax.lax.axis_size("data"), fn(p, b, r, k, q)), mesh=mesh, in_specs=specs, out_specs=P()))
-    pmapped = jax.pmap(per_device, axis_name="data", in_axes=(None, 0, 0, 0, None))
-    for q in (0.0, 1.0):
-      q = jnp.float32(q)
-      reference = single(params, batch, rewards_BxG, keys_B, q)
-      chex.assert_trees_all_close(mapped(params, batch, rewards_BxG, keys_B, q), reference, rtol=1e-5, atol=1e-7,
-                                  custom_message=f"shard_map {name} q={q}")
-      chex.assert_trees_all_close(summed(params, batch, rewards_BxG, keys_B, q), reference, rtol=1e-5, atol=1e-7,
-                                  custom_message=f"shard_map (vma) {name} q={q}")
-      out = pmapped(params, jax.tree.map(split, batch), split(rewards_BxG), split(keys_B), q)
-      chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], out), reference, rtol=1e-5, atol=1e-7,
-                                  custom_message=f"pmap {name} q={q}")
+  # check_vma=False: each device differentiates its own shard's mean loss, then an explicit pmean (pmap style).
+  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))
+  # check_vma=True (the default): the gradient of a replicated parameter is already summed over the axis by
+  # autodiff, so each device's mean loss yields the sum of the shard means; divide by the axis size.
+  summed = jax.jit(jax.shard_map(lambda p, b, r, k, q: jax.tree.map(
+      lambda g: g / jax.lax.axis_size("data"), _all_grads(p, b, r, k, q)), mesh=mesh, in_specs=specs,
+      out_specs=P()))
+  pmapped = jax.pmap(per_device, axis_name="data", in_axes=(None, 0, 0, 0, None))
+  for q in (0.0, 1.0):
+    q = jnp.float32(q)
+    reference = single(params, batch, rewards_BxG, keys_B, q)
+    chex.assert_trees_all_close(mapped(params, batch, rewards_BxG, keys_B, q), reference, rtol=1e-5, atol=1e-7,
+                                custom_message=f"shard_map q={q}")
+    chex.assert_trees_all_close(summed(params, batch, rewards_BxG, keys_B, q), reference, rtol=1e-5, atol=1e-7,
+                                custom_message=f"shard_map (vma) q={q}")
+    out = pmapped(params, jax.tree.map(split, batch), split(rewards_BxG), split(keys_B), q)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], out), reference, rtol=1e-5, atol=1e-7,
+                                custom_message=f"pmap q={q}")
