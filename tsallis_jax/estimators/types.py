@@ -9,16 +9,21 @@ log w = log p(y*|x, z) (a 0/1 verifier is log w in {0, -inf}). Models return eit
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 __all__ = ["SequenceLogProbs", "as_pair", "LogProbs"]
 
 
-@flax.struct.dataclass
+_FIELDS = ("logp_z_BxGxT", "mask_z_BxGxT", "logp_y_BxGxT", "mask_y_BxGxT", "old_logp_z_BxGxT", "ref_logp_z_BxGxT")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=list(_FIELDS), meta_fields=[])
+@dataclasses.dataclass(frozen=True)
 class SequenceLogProbs:
   """Per-token log-probs of G sampled rationales per prompt, with optional answer tokens and PPO / KL references.
 
@@ -37,6 +42,10 @@ class SequenceLogProbs:
   mask_y_BxGxT: jax.Array | None = None
   old_logp_z_BxGxT: jax.Array | None = None
   ref_logp_z_BxGxT: jax.Array | None = None
+
+  def replace(self, **changes) -> "SequenceLogProbs":
+    """A copy with some fields changed (frozen dataclass)."""
+    return dataclasses.replace(self, **changes)
 
   def check_shapes(self) -> None:
     """Raises ValueError on inconsistent shapes; the estimators call it (not __init__, so pytree maps work)."""
