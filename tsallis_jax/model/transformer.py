@@ -32,9 +32,10 @@ from tsallis_jax.model.sharding import constrain
 _INIT_STD = 0.02
 
 
-def _param(rngs: nnx.Rngs, shape: Sequence[int], axes: tuple[str, ...], dtype, init: str = "normal") -> nnx.Param:
+def _param(key: jax.Array | None, shape: Sequence[int], axes: tuple[str, ...], dtype, init: str = "normal"
+           ) -> nnx.Param:
   if init == "normal":
-    value = _INIT_STD * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+    value = _INIT_STD * jax.random.normal(key, tuple(shape), jnp.float32)
   elif init == "ones":
     value = jnp.ones(tuple(shape), jnp.float32)
   else:
@@ -66,20 +67,21 @@ def rope(x_NxTxHxE: jax.Array, positions_NxT: jax.Array, theta: float) -> jax.Ar
 class Attention(nnx.Module):
   """Grouped-query attention; query head h reads kv head h // (H / K), without repeating k or v."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, key: jax.Array):
     self.cfg = cfg
     d, h, k, e, pd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.weight_dtype
-    self.q_proj = _param(rngs, (d, h, e), ("embed", "heads", "head_dim"), pd)
-    self.k_proj = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), pd)
-    self.v_proj = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), pd)
-    self.o_proj = _param(rngs, (h, e, d), ("heads", "head_dim", "embed"), pd)
+    q_key, k_key, v_key, o_key = jax.random.split(key, 4)
+    self.q_proj = _param(q_key, (d, h, e), ("embed", "heads", "head_dim"), pd)
+    self.k_proj = _param(k_key, (d, k, e), ("embed", "kv_heads", "head_dim"), pd)
+    self.v_proj = _param(v_key, (d, k, e), ("embed", "kv_heads", "head_dim"), pd)
+    self.o_proj = _param(o_key, (h, e, d), ("heads", "head_dim", "embed"), pd)
     if cfg.qkv_bias:
-      self.q_bias = _param(rngs, (h, e), ("heads", "head_dim"), pd, "zeros")
-      self.k_bias = _param(rngs, (k, e), ("kv_heads", "head_dim"), pd, "zeros")
-      self.v_bias = _param(rngs, (k, e), ("kv_heads", "head_dim"), pd, "zeros")
+      self.q_bias = _param(None, (h, e), ("heads", "head_dim"), pd, "zeros")
+      self.k_bias = _param(None, (k, e), ("kv_heads", "head_dim"), pd, "zeros")
+      self.v_bias = _param(None, (k, e), ("kv_heads", "head_dim"), pd, "zeros")
     if cfg.qk_norm:
-      self.q_norm = _param(rngs, (e,), ("norm",), pd, "ones")
-      self.k_norm = _param(rngs, (e,), ("norm",), pd, "ones")
+      self.q_norm = _param(None, (e,), ("norm",), pd, "ones")
+      self.k_norm = _param(None, (e,), ("norm",), pd, "ones")
 
   def __call__(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache):
     cfg, dt = self.cfg, self.cfg.compute_dtype
@@ -124,12 +126,13 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, key: jax.Array):
     self.cfg = cfg
     d, f, pd = cfg.embed_dim, cfg.mlp_dim, cfg.weight_dtype
-    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
-    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
-    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+    gate_key, up_key, down_key = jax.random.split(key, 3)
+    self.gate_proj = _param(gate_key, (d, f), ("embed", "mlp"), pd)
+    self.up_proj = _param(up_key, (d, f), ("embed", "mlp"), pd)
+    self.down_proj = _param(down_key, (f, d), ("mlp", "embed"), pd)
 
   def __call__(self, x_NxTxD):
     dt = self.cfg.compute_dtype
@@ -142,12 +145,13 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, key: jax.Array):
     self.cfg = cfg
-    self.attn_norm = _param(rngs, (cfg.embed_dim,), ("norm",), cfg.weight_dtype, "ones")
-    self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = _param(rngs, (cfg.embed_dim,), ("norm",), cfg.weight_dtype, "ones")
-    self.mlp = MLP(cfg, rngs=rngs)
+    attn_key, mlp_key = jax.random.split(key)
+    self.attn_norm = _param(None, (cfg.embed_dim,), ("norm",), cfg.weight_dtype, "ones")
+    self.attn = Attention(cfg, key=attn_key)
+    self.mlp_norm = _param(None, (cfg.embed_dim,), ("norm",), cfg.weight_dtype, "ones")
+    self.mlp = MLP(cfg, key=mlp_key)
 
   def __call__(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache):
     eps = self.cfg.norm_eps
@@ -188,11 +192,14 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.config = cfg
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.weight_dtype)
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = _param(rngs, (cfg.embed_dim,), ("norm",), cfg.weight_dtype, "ones")
+    # One draw from `rngs`, split explicitly: every `rngs.params()` call under `nnx.eval_shape` costs time that grows
+    # with the traced program, which made abstract builds of 30-layer models take seconds.
+    embed_key, head_key, *layer_keys = jax.random.split(rngs.params(), cfg.num_layers + 2)
+    self.embed = _param(embed_key, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.weight_dtype)
+    self.layers = nnx.List([Block(cfg, key=key) for key in layer_keys])
+    self.final_norm = _param(None, (cfg.embed_dim,), ("norm",), cfg.weight_dtype, "ones")
     if not cfg.tie_embeddings:
-      self.lm_head = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
+      self.lm_head = _param(head_key, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
 
   def hidden(self, tokens_NxT: jax.Array, positions_NxT: jax.Array, attn_mask_NxTxS: jax.Array, *,
              cache: KVCache | None = None, cache_index: jax.Array | int | None = None
