@@ -179,7 +179,8 @@ def _check_inputs(cfg: ModelConfig, tokens_NxT, positions_NxT, attn_mask_NxTxS, 
     if cache.batch_size != n:
       raise ValueError(f"The cache holds {cache.batch_size} rows but the tokens have {n}.")
     if len(cache.k) != cfg.num_layers:
-      raise ValueError(f"The cache has {len(cache.k)} layers, the model {cfg.num_layers}; build it with init_cache(cfg).")
+      raise ValueError(f"The cache has {len(cache.k)} layers, the model {cfg.num_layers}; build it with "
+                       "init_cache(cfg, ...).")
 
 
 class Transformer(nnx.Module):
@@ -188,6 +189,8 @@ class Transformer(nnx.Module):
   Without a cache S == T and the call returns `(logits_NxTxV, None)`. With a cache the k/v of the T new tokens are
   written at slots [cache_index, cache_index + T) of every row and the new tokens attend over all S cache slots
   through `attn_mask_NxTxS`; the call returns `(logits_NxTxV, updated_cache)`. Logits are always float32.
+  `cache_index + T` must not exceed the cache's max_len: `lax.dynamic_update_slice` would clamp the write
+  silently (a traced index cannot be checked).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
