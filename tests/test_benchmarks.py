@@ -127,3 +127,13 @@ def test_ours_step_runs_on_a_shrunken_workload(tmp_path, capsys):
   assert result["tokens_per_step"] == 2 * 2 * 3 and result["extra"]["q"] == 0.75
   assert all(r in (0.0, 1.0, 2.0, 3.0, 4.0) for r in result["extra"]["rewards_per_step"])
   assert harness.parse_result(capsys.readouterr().out)["mode"] == "garl"
+
+
+def test_sampler_result_is_split_into_shared_and_flat_rows():
+  result = {"ok": True, "system": "tsallis_jax", "mode": "sample", "median_s": 0.4, "first_s": 5.0,
+            "tokens_per_s": 5120.0, "times_s": [5.0, 0.4, 0.4],
+            "extra": {"grouped": {"times_s": [3.0, 0.1, 0.1], "median_s": 0.1, "tokens_per_s": 20480.0}}}
+  shared, flat = run.split_sampler_result(result)
+  assert (shared["system"], shared["mode"], shared["median_s"], shared["first_s"]) == ("ours", "sample", 0.1, 3.0)
+  assert (flat["system"], flat["mode"], flat["median_s"]) == ("ours", "sample_g1", 0.4)
+  assert run.split_sampler_result({"ok": False, "system": "tsallis_jax"})[0]["mode"] == "sample_g1"

@@ -1,6 +1,8 @@
-"""This project's GRPO / GARL / PAFT step and sampler on a benchmark workload (runs in the project venv).
+"""This project's GRPO / GARL / PAFT step on a benchmark workload (runs in the project venv).
 
-  python -m experiments.benchmarks.ours_grpo --workload DIR --mode grpo|garl|paft|sample|sample_g1 [--steps N]
+  python -m experiments.benchmarks.ours_grpo --workload DIR --mode grpo|garl|paft [--steps N] [--phases N]
+
+(The sampler alone is timed by `sampler_ours.py`.)
 
 The step is composed from the library's public pieces, all inside ONE jitted, donated function
 `(params, opt_state, prompts, key) -> (params, opt_state, metrics)`:
@@ -44,10 +46,9 @@ from experiments.benchmarks import workloads
 from experiments.benchmarks.peers import common
 from tsallis_jax.estimators import SequenceLogProbs, garl_loss, grpo_loss, paft_loss
 from tsallis_jax.model import hf_io, make_attention_mask, make_positions
-from tsallis_jax.sampler import Sampler, SamplingConfig, generate_impl
+from tsallis_jax.sampler import SamplingConfig, generate_impl
 
 ESTIMATORS = ("grpo", "garl", "paft")
-MODES = ESTIMATORS + ("sample", "sample_g1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,35 +226,6 @@ def time_phases(graphdef, tx, cfg, params, opt_state, ref_params, prompts, key, 
   return out
 
 
-def run_sample(folder: str, mode: str = "sample", steps: int = 0, seed: int = 0) -> dict[str, Any]:
-  """Times text-in/text-out sampling of `sample_batch` rows (tokenize, generate, detokenize).
-
-  'sample': the workload's prompts, each sampled sample_batch / num_prompts times through the sampler's G (the
-  prompt's prefill is shared by its samples). 'sample_g1': sample_batch separate prompt rows, G = 1 (no sharing).
-  """
-  spec, model, tokenizer, _, _ = load_workload(folder)
-  steps = steps or spec.sample_steps
-  prompts, _ = workloads.read_prompts(folder)
-  prompts = prompts[:spec.num_prompts]
-  if mode == "sample":
-    if spec.sample_batch % len(prompts):
-      raise ValueError(f"sample_batch={spec.sample_batch} is not a multiple of {len(prompts)} prompts.")
-    batch, G = prompts, spec.sample_batch // len(prompts)
-  else:
-    batch, G = [prompts[i % len(prompts)] for i in range(spec.sample_batch)], 1
-  sampler = Sampler(model, tokenizer, sampling_config(spec, G))
-  times = []
-  key = jax.random.key(seed)
-  for i in range(steps):
-    t0 = time.perf_counter()
-    out = sampler(batch, jax.random.fold_in(key, i))  # decoding the strings syncs with the device
-    times.append(time.perf_counter() - t0)
-  assert sum(len(c) for c in out.completions) == spec.sample_batch
-  return common.emit(system="ours", version=version(), spec=spec.to_json(), mode=mode, times_s=times,
-                     tokens_per_step=spec.sample_batch * spec.max_new, sanity=sanity_logits(model),
-                     extra={"prompts": len(batch), "samples_per_prompt": G})
-
-
 def version() -> str:
   import flax
   return f"tsallis_jax (this repo), jax {jax.__version__}, flax {flax.__version__}"
@@ -264,17 +236,16 @@ def main(argv=None):
   import argparse
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workload", required=True)
-  p.add_argument("--mode", choices=MODES, default="grpo")
+  p.add_argument("--mode", choices=ESTIMATORS, default="grpo")
   p.add_argument("--steps", type=int, default=0)
   p.add_argument("--q", type=float, default=0.75)
   p.add_argument("--beta", type=float, default=None)
-  p.add_argument("--phases", type=int, default=3, help="separately jitted steps for per-phase times (0: skip)")
+  p.add_argument("--phases", type=int, default=None,
+                 help="separately jitted steps for per-phase times (0: skip; default 3 for grpo, else 0)")
   args = p.parse_args(argv)
   print("ours runner:", version(), "devices", jax.devices(), flush=True)
-  if args.mode in ESTIMATORS:
-    run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, phase_steps=args.phases)
-  else:
-    run_sample(args.workload, args.mode, args.steps)
+  phases = args.phases if args.phases is not None else (3 if args.mode == "grpo" else 0)
+  run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, phase_steps=phases)
 
 
 if __name__ == "__main__":

@@ -83,10 +83,11 @@ class WorkloadSpec:
 
 TINY = WorkloadSpec(name="tiny", family="qwen2", num_prompts=8, group_size=8, prompt_len=16, max_new=32,
                     sample_batch=64, pad_id=0, eos_id=1, reward_token="t7", grpo_steps=13, sample_steps=12)
-# SmolLM2's own eos is id 2 (<|im_end|>); id 0 (<|endoftext|>) serves as pad. Sizes keep one step at seconds on
-# 2 CPU cores while the policy forward+backward dominates the step (see README: FLOPs per phase).
+# SmolLM2's own eos is id 2 (<|im_end|>); id 0 (<|endoftext|>) serves as pad; the reward word t30 is '.' (SmolLM2
+# emits it in about a quarter of 16-token samples). Sizes keep one step at seconds on 2 CPU cores, with the policy
+# forward+backward the largest share of the FLOPs (flops.py).
 SMOLLM2 = WorkloadSpec(name="smollm2", family="llama", num_prompts=2, group_size=4, prompt_len=32, max_new=16,
-                       sample_batch=16, pad_id=0, eos_id=2, reward_token="t28", grpo_steps=6, sample_steps=6)
+                       sample_batch=16, pad_id=0, eos_id=2, reward_token="t30", grpo_steps=6, sample_steps=6)
 WORKLOADS = {w.name: w for w in (TINY, SMOLLM2)}
 
 
