@@ -200,6 +200,13 @@ def test_bad_inputs_raise_clear_errors():
     ModelConfig.tiny(num_kv_heads=3)
   with pytest.raises(ValueError, match="model_type"):
     ModelConfig.from_hf_config({"model_type": "gpt2"})
+  hf = ModelConfig.smollm2_135m().to_hf_config()
+  with pytest.raises(ValueError, match="llama3"):
+    ModelConfig.from_hf_config({**hf, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+  with pytest.raises(ValueError, match="num_hidden_layers"):
+    ModelConfig.from_hf_config({k: v for k, v in hf.items() if k != "num_hidden_layers"})
+  with pytest.raises(ValueError, match="max_len"):
+    init_cache(cfg, batch_size=2, max_len=0)
 
 
 def test_hf_config_round_trip():
