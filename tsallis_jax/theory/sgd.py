@@ -44,9 +44,8 @@ def _grpo_likelihood_logprob_fn(params: dict, batch: dict):
   return logp_z_BxG + jnp.where(batch["answer_correct_BxG"], logw_BxG, log_not_w_BxG), logw_BxG
 
 
-@functools.partial(jax.jit, static_argnames=("method", "reward", "num_samples", "max_steps", "normalize_by_Mq",
-                                             "baseline"))
-def _run_seeds(params0, correct_K, q, learning_rate, log_delta, keys_S, *, method, reward, num_samples, max_steps,
+@functools.partial(jax.jit, static_argnames=("method", "reward", "num_samples", "normalize_by_Mq", "baseline"))
+def _run_seeds(params0, correct_K, q, learning_rate, log_delta, max_steps, keys_S, *, method, reward, num_samples,
                normalize_by_Mq, baseline):
   """One SGD run per key (vmapped lax.while_loop); returns the step at which log P first reached log_delta."""
   if reward == "binary":
@@ -116,7 +115,7 @@ def sgd_escape_steps(method: str, q: float, p0: float, *, num_samples: int, num_
   params0 = init_toy(p0, num_trajectories=num_trajectories, num_correct=num_correct, reward=reward)
   correct_K = jnp.arange(num_trajectories) < num_correct
   keys_S = jax.random.split(jax.random.key(seed), num_seeds)
-  steps_S = _run_seeds(params0, correct_K, jnp.float32(q), jnp.float32(learning_rate),
-                       jnp.float32(np.log(delta)), keys_S, method=method, reward=reward, num_samples=num_samples,
-                       max_steps=max_steps, normalize_by_Mq=normalize_by_Mq, baseline=baseline)
+  steps_S = _run_seeds(params0, correct_K, jnp.float32(q), jnp.float32(learning_rate), jnp.float32(np.log(delta)),
+                       jnp.int32(max_steps), keys_S, method=method, reward=reward, num_samples=num_samples,
+                       normalize_by_Mq=normalize_by_Mq, baseline=baseline)
   return np.asarray(steps_S)
