@@ -288,10 +288,11 @@ def test_budget_forcing_lets_the_model_close_the_rationale_itself(model):
   assert not np.asarray(rollout.forced_mask_NxT).any()
 
 
-def test_data_sharded_batch_on_eight_devices(model):
+def test_sharded_params_and_data_sharded_batch_on_eight_devices(model):
+  """Params sharded by the model's logical-axis rules over `tensor`, prompts over `data`: same samples as 1 device."""
   assert jax.device_count() == 8
-  from tsallis_jax.model import make_mesh
-  mesh = make_mesh((8,), ("data",))
+  from tsallis_jax.model import make_mesh, param_shardings
+  mesh = make_mesh((4, 2), ("data", "tensor"))
   tokens_BxP, mask_BxP = sampler_lib.pad_prompts(_prompts(np.random.default_rng(8), [3, 5, 8, 1, 2, 6, 7, 4]), PAD,
                                                  buckets=(8,))
   config = SamplingConfig(num_samples=2, max_new_tokens=6, temperature=1.0, top_p=0.9)
@@ -299,7 +300,8 @@ def test_data_sharded_batch_on_eight_devices(model):
   graphdef, params = nnx.split(model)
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   with jax.set_mesh(mesh):
-    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    params = jax.device_put(params, param_shardings(params, mesh, model.config.sharding_rules))
+    assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(params))
     rollout = sampler_lib.generate(graphdef, params, jax.device_put(jnp.asarray(tokens_BxP), batch_sharding),
                                    jax.device_put(jnp.asarray(mask_BxP), batch_sharding), jax.random.key(2), config)
   assert not rollout.tokens_NxT.sharding.is_fully_replicated

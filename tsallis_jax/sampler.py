@@ -139,8 +139,8 @@ class Rollout:
     answer_mask_NxT: True on the answer segment (the whole completion without budget forcing).
     lengths_N: number of completion tokens.
     answer_start_N: index of the first answer token (the rationale length with its closing tag; 0 without budget
-      forcing). Teacher-force a gold answer after `tokens_NxT[:, :answer_start_N]` for the paper's weight
-      w = p(y*|x, z) (spec §1.6, eq. 7).
+      forcing; `lengths_N` for a row that stopped inside its rationale, which has no answer). Teacher-force a gold
+      answer after `tokens_NxT[:, :answer_start_N]` for the paper's weight w = p(y*|x, z) (spec §1.6, eq. 7).
     closed_N: the closing tag is present (sampled or forced).
     forced_N: the closing tag was forced.
     truncated_N: the row ran out of budget instead of emitting a stop token.
