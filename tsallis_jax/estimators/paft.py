@@ -30,7 +30,7 @@ def resample_counts(key: jax.Array, logw_BxG: jax.Array, num_resamples: int) -> 
   zero-success group draws uniformly; its counts are multiplied by a zero instance weight downstream.
   """
   num_groups, num_samples = logw_BxG.shape
-  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  key = jnp.asarray(key)
   typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
   single = key.ndim == (0 if typed else 1)
   keys_B = jax.random.split(key, num_groups) if single else key
