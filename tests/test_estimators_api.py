@@ -10,7 +10,7 @@ import pytest
 
 import _tabular
 from tsallis_jax import SequenceLogProbs, garl_grad, garl_loss, grpo_loss, paft_grad, paft_loss
-from tsallis_jax.estimators import grpo_advantages
+from tsallis_jax.estimators import as_pair, grpo_advantages
 
 
 def _pair(num_prompts=2, num_samples=4, seed=0):
@@ -56,8 +56,7 @@ def test_shape_errors():
   with pytest.raises(ValueError, match="keys"):
     paft_loss(logp_z_BxG, logw_BxG, jax.random.split(jax.random.key(0), 3), q=0.5)
   with pytest.raises(ValueError, match="mask_z_BxGxT"):
-    garl_loss(*__import__("tsallis_jax").estimators.as_pair(
-        SequenceLogProbs(jnp.zeros((2, 4, 3)), jnp.ones((2, 4, 5)))), q=0.5)
+    as_pair(SequenceLogProbs(jnp.zeros((2, 4, 3)), jnp.ones((2, 4, 5))))
   with pytest.raises(ValueError, match="logp_y_BxGxT"):
     garl_grad(lambda p, b: SequenceLogProbs(p * jnp.zeros((2, 4, 3)), jnp.ones((2, 4, 3))), 1.0, None, q=0.5)
 
