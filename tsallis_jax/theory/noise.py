@@ -200,10 +200,11 @@ def noise_time_scale(q: float, *, epsilon: float, score_norm: float = 1.0) -> fl
 
 def simulate_noise_flow(q: float, *, epsilon: float, t_end: float | None = None, num_points: int = 50,
                         score_norm: float = 1.0, contamination0: float = 1e-6, rtol: float = 1e-6,
-                        max_steps: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+                        log_spaced: bool = False, max_steps: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
   """The contamination path p~(t) of the autograd flow on a grid of `num_points` times in [0, t_end].
 
-  t_end defaults to 100 natural times (`noise_time_scale`), long enough to settle at p~*. Returns (times_T,
+  t_end defaults to 100 natural times (`noise_time_scale`), long enough to settle at p~*. The grid is uniform, or
+  0 followed by log-spaced times from 1e-7 t_end when `log_spaced` (for log-time plots). Returns (times_T,
   contamination_T) as float64 numpy. At q = 0 the path decreases monotonically (spec fact 16) and reaches 0 in
   finite time; pass t_end below that.
   """
@@ -214,7 +215,11 @@ def simulate_noise_flow(q: float, *, epsilon: float, t_end: float | None = None,
   if not t_end > 0:
     raise ValueError(f"t_end must be positive, got {t_end!r}.")
   with jax.enable_x64(True):
-    save_ts = jnp.linspace(0.0, t_end, num_points, dtype=jnp.float64)
+    if log_spaced:
+      log_ts = jnp.geomspace(1e-7 * t_end, t_end, num_points - 1, dtype=jnp.float64)
+      save_ts = jnp.concatenate([jnp.zeros(1), jnp.minimum(log_ts, t_end)])  # geomspace may overshoot by an ulp
+    else:
+      save_ts = jnp.linspace(0.0, t_end, num_points, dtype=jnp.float64)
     ts, ys, _ = _noise_solve(jnp.float64(math.log(contamination0)), jnp.float64(q), jnp.float64(epsilon),
                              jnp.float64(score_norm), jnp.float64(t_end), save_ts,
                              jnp.float64(-jnp.inf), rtol=rtol, max_steps=max_steps)
