@@ -189,13 +189,21 @@ def _is_finite(metrics: dict[str, float]) -> bool:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def train_and_evaluate(cfg: TrainConfig, workdir: str, *, task: Task | None = None) -> dict[str, Any]:
-  """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the final validation / test metrics.
+@dataclasses.dataclass
+class Setup:
+  """What a run needs before its state: mesh, task, model shapes and the compiled programs."""
+  cfg: TrainConfig
+  mesh: Any
+  task: Task
+  ids: TokenIds
+  model_config: ModelConfig
+  graphdef: Any
+  abstract_params: Any
+  programs: Programs
+  model: Any = None  # the loaded HF / GGUF model, if any (its params start a fresh run)
 
-  Writes `workdir/config.json`, `metrics.jsonl` (one row per step, plus eval rows), TensorBoard events,
-  `checkpoints/`, `best/` and `results.json` (process 0 writes files; every process writes its checkpoint shards).
-  """
-  workdir = os.path.abspath(workdir)
+
+def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
   mesh = make_mesh(cfg)
   model, tokenizer = load_model(cfg, mesh)
   task = task or build_task(cfg, tokenizer)
@@ -208,13 +216,52 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, task: Task | None = No
     graphdef, abstract_vars = nnx.split(model)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_lib.pure(abstract_vars))
   programs = get_programs(cfg, graphdef, abstract_vars, mesh, ids, mcfg.sharding_rules)
+  return Setup(cfg, mesh, task, ids, mcfg, graphdef, abstract_params, programs, model)
+
+
+def initial_params(s: Setup) -> Any:
+  """Params of a fresh run: `init_checkpoint`, else the loaded HF / GGUF model, else a random initialisation."""
+  if s.cfg.init_checkpoint:
+    return ckpt_lib.load_params(s.cfg.init_checkpoint, jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s.abstract_params,
+        s.programs.state_shardings.params))
+  if s.model is not None:
+    return state_lib.pure(nnx.state(s.model))
+  return state_lib.pure(nnx.state(create_model(s.model_config, seed=s.cfg.seed, mesh=s.mesh)))
+
+
+def evaluate_split(s: Setup, params: Any, records, prefix: str, step: int) -> dict[str, float]:
+  """`{prefix}/p@1`, `{prefix}/pass@k`, `{prefix}/maj@k` of `params` on `records` (evaluation sampling settings)."""
+  cfg = s.cfg
+
+  def put(arrays):
+    return _put_rows(s.mesh, {k: v[_eval_rows(v, s.mesh)] for k, v in arrays.items()}, cfg.eval_batch_size)
+
+  key = jax.random.fold_in(jax.random.key(cfg.seed + 1_000_003), step)
+  metrics, _ = eval_lib.evaluate(
+      s.programs.eval_rollout, params, records, s.task.tokenizer, style=cfg.prompt_style,
+      max_prompt_len=cfg.max_prompt_len, pad_id=s.ids.pad_id, batch_size=cfg.eval_batch_size,
+      num_samples=cfg.eval_num_samples, key=key, put=put, reward_name=cfg.eval_reward)
+  return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+
+def train_and_evaluate(cfg: TrainConfig, workdir: str, *, task: Task | None = None) -> dict[str, Any]:
+  """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the final validation / test metrics.
+
+  Writes `workdir/config.json`, `metrics.jsonl` (one row per step, plus eval rows), TensorBoard events,
+  `checkpoints/`, `best/` and `results.json` (process 0 writes files; every process writes its checkpoint shards).
+  """
+  workdir = os.path.abspath(workdir)
+  s = setup(cfg, task)
+  mesh, task, ids, programs = s.mesh, s.task, s.ids, s.programs
+  abstract_params = s.abstract_params
   state_sh = programs.state_shardings
   with_ref = state_sh.ref_params is not None
 
   # -- state: resume > init_checkpoint > fresh --------------------------------------------------------------
   checkpointer = ckpt_lib.Checkpointer(workdir, cfg.max_to_keep)
   abstract_state = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
       jax.eval_shape(lambda p: state_lib.TrainState(
           step=jnp.zeros((), jnp.int32), params=p, opt_state=programs.tx.init(p),
           key=jnp.zeros((2,), jnp.uint32), ref_params=p if with_ref else None), abstract_params),
@@ -227,15 +274,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, task: Task | None = No
       log.info("resuming from %s step %d; init_checkpoint %s is ignored", workdir, start_step, cfg.init_checkpoint)
   else:
     start_step = 0
-    if cfg.init_checkpoint:
-      params = ckpt_lib.load_params(cfg.init_checkpoint, jax.tree.map(
-          lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_params, state_sh.params))
-    elif model is not None:
-      params = state_lib.pure(nnx.state(model))
-    else:
-      params = state_lib.pure(nnx.state(create_model(mcfg, seed=cfg.seed, mesh=mesh)))
-    state = state_lib.init_state(params, programs.tx, cfg.seed, state_sh, with_ref)
-  del model
+    state = state_lib.init_state(initial_params(s), programs.tx, cfg.seed, state_sh, with_ref)
+  s.model = None
 
   # -- data -------------------------------------------------------------------------------------------------
   rows = distributed.host_batch_slice(cfg.batch_size, mesh, BATCH_AXES)
@@ -259,20 +299,11 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, task: Task | None = No
                         total_steps=cfg.num_steps, start_step=start_step,
                         keep_through_step=start_step if restored is not None else -1)
   q_range = jnp.asarray([cfg.q, cfg.q_end], jnp.float32)
-  eval_key = jax.random.key(cfg.seed + 1_000_003)
   val_records = task.val[:cfg.eval_max_prompts or None]
   test_records = task.test[:cfg.eval_max_prompts or None]
 
-  def eval_put(arrays):
-    return _put_rows(mesh, {k: v[_eval_rows(v, mesh)] for k, v in arrays.items()}, cfg.eval_batch_size)
-
   def run_eval(params, records, prefix, step):
-    metrics, _ = eval_lib.evaluate(
-        programs.eval_rollout, params, records, task.tokenizer, style=cfg.prompt_style,
-        max_prompt_len=cfg.max_prompt_len, pad_id=ids.pad_id, batch_size=cfg.eval_batch_size,
-        num_samples=cfg.eval_num_samples, key=jax.random.fold_in(eval_key, step), put=eval_put,
-        reward_name=cfg.eval_reward)
-    return {f"{prefix}/{k}": v for k, v in metrics.items()}
+    return evaluate_split(s, params, records, prefix, step)
 
   def checkpoint_meta(step: int) -> dict[str, Any]:
     return {"step": step, "data_state": data_iter.get_state(), "best": best, "config": cfg.to_dict()}

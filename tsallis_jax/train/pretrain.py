@@ -1,0 +1,175 @@
+"""Supervised pretraining of the demo's tiny LM, cached, and the measurement of its cold-start p0 (spec 1.5, 1.7).
+
+The paper starts from a model whose success probability P on the target task is tiny (cold start). The CPU demo
+builds such a model in this same code base: a tiny LM is trained by teacher forcing (SFT) on
+`synthetic.pretraining_records`: source-task chains with correct rationales and answers, mixed with target-task chains
+whose rationales are correct but whose answers are uniform random. The model therefore writes the target's format
+and rationale but puts roughly uniform mass on the target's answers: p0 ~ nominal_p0 = modulus^-answer_len.
+
+The result is cached under `$TSALLIS_JAX_CACHE/demo_pretrain/<key>/` (default `~/.cache/tsallis_jax`): `params/`
+(an orbax params checkpoint, usable as `init_checkpoint`) and `info.json` (the recipe, the final SFT loss, the measured
+p0). The key hashes the whole recipe, so a changed recipe retrains. Delete the folder to retrain.
+
+`measure_p0` estimates p0 = E_x[P(y*|x)] = E_x E_{z~p(z|x)}[p(y*|x, z)] on held-out prompts: G rationales sampled per
+prompt from the model (temperature 1), the gold answer teacher-forced after each; the mean of w over samples and
+prompts is an unbiased estimate (spec eq. 7-8). It also reports the sampled exact-match success rate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tsallis_jax.data import prompts as prompts_lib
+from tsallis_jax.data.records import Record
+from tsallis_jax.model import ModelConfig, Transformer, make_attention_mask, make_positions
+from tsallis_jax.model.gguf_io import cache_root
+from tsallis_jax.model.logprobs import token_logprobs
+from tsallis_jax.sampler import SamplingConfig, generate_impl
+from tsallis_jax.train import checkpoint as ckpt_lib
+from tsallis_jax.train import rollout as rollout_lib
+from tsallis_jax.train.state import pure
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """The SFT recipe (every field enters the cache key)."""
+  num_records: int = 20000
+  target_fraction: float = 0.5
+  steps: int = 1500
+  batch_size: int = 64
+  learning_rate: float = 3e-3
+  warmup_steps: int = 100
+  weight_decay: float = 0.0
+  seed: int = 0
+  max_len: int = 48
+
+
+def sft_arrays(records: Sequence[Record], tokenizer: Any, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded [prompt, rationale, `</think>`, answer, EOS] ids and the loss mask on the completion tokens."""
+  pad = tokenizer.pad_token_id
+  tokens = np.full((len(records), max_len), pad, np.int32)
+  loss_mask = np.zeros((len(records), max_len), bool)
+  for i, record in enumerate(records):
+    ids, mask = prompts_lib.sft_example(record, tokenizer, style="cold")
+    if len(ids) > max_len:
+      raise ValueError(f"{record.where()}: {len(ids)} SFT tokens exceed max_len={max_len}; raise max_len")
+    tokens[i, :len(ids)] = ids
+    loss_mask[i, :len(ids)] = mask
+  return tokens, loss_mask
+
+
+def sft_train(model_cfg: ModelConfig, tokens_NxT: np.ndarray, loss_mask_NxT: np.ndarray, cfg: PretrainConfig,
+              log_every: int = 250) -> tuple[nnx.GraphDef, Any, list[float]]:
+  """Teacher-forced next-token training on the masked completion tokens; returns (graphdef, params, losses)."""
+  graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed)))
+  params = pure(params)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+  opt_state = tx.init(params)
+
+  def loss_fn(p, tokens_BxT, mask_BxT):
+    model = nnx.merge(graphdef, p)
+    pad_BxT = jnp.ones(tokens_BxT.shape, bool)  # right padding under a causal mask: real tokens never see pads
+    logits, _ = model(tokens_BxT, make_positions(pad_BxT), make_attention_mask(pad_BxT))
+    logp_BxT = token_logprobs(logits, tokens_BxT)
+    mask = mask_BxT.astype(jnp.float32)
+    return -jnp.sum(logp_BxT * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+  @jax.jit
+  def step(p, o, tokens_BxT, mask_BxT):
+    loss, grads = jax.value_and_grad(loss_fn)(p, tokens_BxT, mask_BxT)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, loss
+
+  rng = np.random.default_rng(cfg.seed)
+  losses = []
+  for i in range(cfg.steps):
+    idx = rng.integers(0, tokens_NxT.shape[0], size=cfg.batch_size)
+    params, opt_state, loss = step(params, opt_state, tokens_NxT[idx], loss_mask_NxT[idx])
+    if (i + 1) % log_every == 0 or i + 1 == cfg.steps:
+      losses.append(float(loss))
+  return graphdef, params, losses
+
+
+def measure_p0(graphdef: nnx.GraphDef, params: Any, records: Sequence[Record], tokenizer: Any, *,
+               num_samples: int, max_prompt_len: int, rationale_budget: int, max_answer_len: int, seed: int = 0,
+               batch_size: int = 16) -> dict[str, float]:
+  """Monte Carlo p0 = mean over prompts and sampled rationales of w = p(y*|x, z), and the sampled success rate."""
+  from tsallis_jax.data import pipeline
+  close = (tokenizer.convert_tokens_to_ids("</think>"),)
+  eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+  sampling = SamplingConfig(num_samples=num_samples, max_new_tokens=rationale_budget + 1 + max_answer_len,
+                            temperature=1.0, stop_ids=(eos,), pad_id=pad, close_tag_ids=close,
+                            rationale_budget=rationale_budget, answer_budget=max_answer_len)
+  loader = pipeline.make_prompt_loader(records, tokenizer, batch_size=batch_size, seed=seed, style="cold",
+                                       max_prompt_tokens=max_prompt_len, max_answer_tokens=max_answer_len,
+                                       num_epochs=1, pad_multiple=max_prompt_len)
+
+  @jax.jit
+  def score(p, prompt_BxP, mask_BxP, answer_BxA, answer_mask_BxA, key):
+    rollout = generate_impl(graphdef, p, prompt_BxP, mask_BxP, key, sampling)
+    gold_NxA = jnp.repeat(answer_BxA, num_samples, axis=0)
+    gold_mask_NxA = jnp.repeat(answer_mask_BxA, num_samples, axis=0)
+    comp, _, y_mask, valid = rollout_lib.teacher_forced_completion(rollout, gold_NxA, gold_mask_NxA, close, (eos,),
+                                                                   pad)
+    tokens = jnp.concatenate([rollout.prompt_tokens_NxP, comp], axis=1)
+    pad_mask = jnp.concatenate([rollout.prompt_mask_NxP, valid], axis=1)
+    logits, _ = nnx.merge(graphdef, p)(tokens, make_positions(pad_mask), make_attention_mask(pad_mask))
+    logp = token_logprobs(logits, tokens)[:, prompt_BxP.shape[1]:]
+    logw_N = jnp.sum(jnp.where(y_mask, logp, 0.0), axis=1)
+    return jnp.exp(logw_N), rollout_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
+
+  ws, rewards = [], []
+  for i, batch in enumerate(loader):
+    w, r = score(params, batch["prompt_tokens_BxT"], batch["prompt_mask_BxT"], batch["answer_tokens_BxA"],
+                 batch["answer_mask_BxA"], jax.random.fold_in(jax.random.key(seed), i))
+    ws.append(np.asarray(w))
+    rewards.append(np.asarray(r))
+  w_all, r_all = np.concatenate(ws), np.concatenate(rewards)
+  return {"p0_likelihood": float(w_all.mean()), "p0_sampled_exact_match": float(r_all.mean()),
+          "p0_prompts": int(len(w_all) // num_samples), "p0_samples_per_prompt": num_samples}
+
+
+def cache_key(model_cfg: ModelConfig, target: Any, cfg: PretrainConfig) -> str:
+  blob = json.dumps({"model": repr(model_cfg), "target": repr(target), "pretrain": dataclasses.asdict(cfg),
+                     "version": 1}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretrained_demo_model(model_cfg: ModelConfig, target: Any, cfg: PretrainConfig, *, cache: str | None = None,
+                          log=print) -> tuple[str, dict[str, Any]]:
+  """The params folder of the pretrained tiny LM for `target` (trained on first use, then cached) and its info."""
+  from tsallis_jax.data import synthetic
+  folder = os.path.join(cache or str(cache_root() / "demo_pretrain"), cache_key(model_cfg, target, cfg))
+  info_path = os.path.join(folder, "info.json")
+  if os.path.exists(info_path):
+    with open(info_path) as f:
+      info = json.load(f)
+    log(f"pretrained model: cached at {folder}")
+    return os.path.join(folder, "params"), info
+  tokenizer = synthetic.make_tokenizer()
+  records = synthetic.pretraining_records(synthetic.source_task(target), target, cfg.num_records, seed=cfg.seed + 10,
+                                          target_fraction=cfg.target_fraction)
+  tokens, mask = sft_arrays(records, tokenizer, cfg.max_len)
+  start = time.perf_counter()
+  graphdef, params, losses = sft_train(model_cfg, tokens, mask, cfg)
+  seconds = time.perf_counter() - start
+  os.makedirs(folder, exist_ok=True)
+  ckpt_lib.save_params(os.path.join(folder, "params"), params)
+  info = {"recipe": dataclasses.asdict(cfg), "model": repr(model_cfg), "target": repr(target),
+          "sft_losses": losses, "sft_seconds": seconds}
+  with open(info_path + ".tmp", "w") as f:
+    json.dump(info, f, indent=1)
+  os.replace(info_path + ".tmp", info_path)  # info.json last: its presence marks a complete cache entry
+  log(f"pretrained model: {cfg.steps} SFT steps in {seconds:.0f} s, final loss {losses[-1]:.3f}; cached at {folder}")
+  return os.path.join(folder, "params"), info
