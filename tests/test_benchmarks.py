@@ -122,11 +122,12 @@ def test_ours_step_runs_on_a_shrunken_workload(tmp_path, capsys):
   from experiments.benchmarks import ours_grpo
   spec = dataclasses.replace(workloads.TINY, num_prompts=2, group_size=2, prompt_len=4, max_new=3, sample_batch=4)
   folder = workloads.build_tiny(tmp_path / "mini", spec)
-  result = ours_grpo.run_train(str(folder), "garl", steps=2, phase_steps=0)
+  result = ours_grpo.run_train(str(folder), "garl", steps=2)
   assert len(result["times_s"]) == 2 and np.all(np.isfinite(result["times_s"]))
   assert result["tokens_per_step"] == 2 * 2 * 3 and result["extra"]["q"] == 0.75
   assert all(r in (0.0, 1.0, 2.0, 3.0, 4.0) for r in result["extra"]["rewards_per_step"])
   assert harness.parse_result(capsys.readouterr().out)["mode"] == "garl"
+  assert set(result["phases_median_s"]) == {"rollout", ours_grpo.UPDATE_PHASE}
 
 
 def test_sampler_result_is_split_into_shared_and_flat_rows():

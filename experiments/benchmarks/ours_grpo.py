@@ -1,11 +1,10 @@
 """This project's GRPO / GARL / PAFT step on a benchmark workload (runs in the project venv).
 
-  python -m experiments.benchmarks.ours_grpo --workload DIR --mode grpo|garl|paft [--steps N] [--phases N]
+  python -m experiments.benchmarks.ours_grpo --workload DIR --mode grpo|garl|paft [--steps N] [--fused]
 
 (The sampler alone is timed by `sampler_ours.py`.)
 
-The step is composed from the library's public pieces, all inside ONE jitted, donated function
-`(params, opt_state, prompts, key) -> (params, opt_state, metrics)`:
+The step is composed from the library's public pieces, jitted, with params and optimizer state donated:
 
   rollout   `tsallis_jax.sampler.generate_impl` (prefill each prompt once, repeat its KV cache G times,
             `lax.while_loop` decode), G samples per prompt, temperature 1, stop at `<eos>`
@@ -23,9 +22,9 @@ Why not the trainer's step (`tsallis_jax.train.step`)? It scores [prompt, ration
 against gold answers (the paper's tasks); this benchmark's reward is "contains a token", the peers' reference task.
 The pieces above are exactly what that step calls (sampler, model log-probs, estimator losses, optax).
 
-After the timed loop, `--phases` steps (default 3) run the same work as three separately jitted calls (rollout,
-policy + reference forward/backward + AdamW, nothing else) to attribute the step time; their medians are reported
-as `phases_median_s`.
+By default the step is two jitted calls, the rollout, then the update (log-probs + loss + AdamW in one jit),
+waited for one after the other so every step's time splits into `rollout` and `update` (`phases_median_s`);
+`--fused` puts both in one jit instead (no per-phase times).
 """
 from __future__ import annotations
 
@@ -135,8 +134,20 @@ def update(graphdef, tx, cfg: StepConfig, params, opt_state, ref_params, tokens_
   return params, opt_state, metrics
 
 
-def make_step(graphdef, tx, cfg: StepConfig):
-  """The fused step: rollout, rewards, log-probs, estimator loss, AdamW; params and optimizer state donated."""
+UPDATE_PHASE = "update (ref fwd + policy fwd/bwd + AdamW)"
+
+
+def make_step(graphdef, tx, cfg: StepConfig, *, fused: bool = False):
+  """The step as `step(params, opt_state, ref_params, prompt_tokens_BxP, prompt_mask_BxP, key)`.
+
+  fused=False (default): two jitted calls, `rollout(params, prompts, key) -> batch` and
+  `update(params, opt_state, ref_params, *batch, key) -> (params, opt_state, metrics)` (params and optimizer state
+  donated), returned as a pair so the caller can time each phase. fused=True: one jitted function doing both.
+  """
+  if not fused:
+    rollout_fn = jax.jit(functools.partial(rollout_and_rewards, graphdef, cfg=cfg))
+    update_fn = jax.jit(functools.partial(update, graphdef, tx, cfg), donate_argnums=(0, 1))
+    return rollout_fn, update_fn
 
   def step(params, opt_state, ref_params, prompt_tokens_BxP, prompt_mask_BxP, key):
     key_sample, key_resample = jax.random.split(key)
@@ -175,8 +186,12 @@ def sampling_config(spec: workloads.WorkloadSpec, num_samples: int) -> SamplingC
 
 
 def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: float | None = None,
-              phase_steps: int = 3, seed: int = 0) -> dict[str, Any]:
-  """Times `steps` fused steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict."""
+              fused: bool = False, seed: int = 0) -> dict[str, Any]:
+  """Times `steps` steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict.
+
+  Unfused (default), each step is the rollout call then the update call, each waited for, so the per-phase times
+  of every step come for free (the wait between them costs well under a millisecond).
+  """
   spec, model, tokenizer, prompt_tokens_BxP, prompt_mask_BxP = load_workload(folder)
   steps = steps or spec.grpo_steps
   beta = spec.beta if beta is None else beta
@@ -188,42 +203,31 @@ def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: flo
   ref_params = jax.tree.map(jnp.copy, params) if beta > 0 else None
   tx = make_optimizer(spec.learning_rate)
   opt_state = tx.init(params)
-  step = make_step(graphdef, tx, cfg)
+  step = make_step(graphdef, tx, cfg, fused=fused)
   key = jax.random.key(seed)
   prompts = (jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_mask_BxP))
-  times, rewards = [], []
+  times, rewards, phases = [], [], {"rollout": [], UPDATE_PHASE: []}
   for i in range(steps):
+    key_sample, key_resample = jax.random.split(jax.random.fold_in(key, i))
     t0 = time.perf_counter()
-    params, opt_state, metrics = step(params, opt_state, ref_params, *prompts, jax.random.fold_in(key, i))
+    if fused:
+      params, opt_state, metrics = step(params, opt_state, ref_params, *prompts, jax.random.fold_in(key, i))
+    else:
+      rollout_fn, update_fn = step
+      batch = jax.block_until_ready(rollout_fn(params, *prompts, key_sample))
+      phases["rollout"].append(time.perf_counter() - t0)
+      params, opt_state, metrics = update_fn(params, opt_state, ref_params, *batch, key_resample)
     jax.block_until_ready(params)
     times.append(time.perf_counter() - t0)
+    if not fused:
+      phases[UPDATE_PHASE].append(times[-1] - phases["rollout"][-1])
     rewards.append(metrics["reward/mean"])  # fetched after the loop: no host sync inside it
   rewards = [float(r) * spec.num_sequences for r in jax.device_get(rewards)]
-  phases = time_phases(graphdef, tx, cfg, params, opt_state, ref_params, prompts, key, phase_steps)
   return common.emit(system="ours", version=version(), spec=spec.to_json(), mode=mode, times_s=times,
-                     tokens_per_step=spec.generated_slots, phases=phases, sanity=sanity,
-                     extra={"beta": beta, "q": cfg.q, "rewards_per_step": rewards,
-                            "step": "fused jit: sampler.generate_impl + log-probs + estimator loss + AdamW"})
-
-
-def time_phases(graphdef, tx, cfg, params, opt_state, ref_params, prompts, key, phase_steps: int):
-  """Per-phase times of the same work run as separately jitted calls (for the profile note)."""
-  if phase_steps < 2:
-    return {}
-  rollout_fn = jax.jit(functools.partial(rollout_and_rewards, graphdef, cfg=cfg))
-  update_fn = jax.jit(functools.partial(update, graphdef, tx, cfg), donate_argnums=(0, 1))
-  out = {"rollout": [], "update (ref fwd + policy fwd/bwd + AdamW)": []}
-  for i in range(phase_steps):
-    k = jax.random.fold_in(key, 10_000 + i)
-    t0 = time.perf_counter()
-    batch = jax.block_until_ready(rollout_fn(params, *prompts, k))
-    t1 = time.perf_counter()
-    params, opt_state, _ = update_fn(params, opt_state, ref_params, *batch, k)
-    jax.block_until_ready(params)
-    t2 = time.perf_counter()
-    out["rollout"].append(t1 - t0)
-    out["update (ref fwd + policy fwd/bwd + AdamW)"].append(t2 - t1)
-  return out
+                     tokens_per_step=spec.generated_slots, phases=phases if not fused else None, sanity=sanity,
+                     extra={"beta": beta, "q": cfg.q, "rewards_per_step": rewards, "fused": fused,
+                            "step": "jit(sampler.generate_impl + reward) then jit(log-probs + estimator loss + "
+                                    "AdamW)" if not fused else "one jit: rollout + log-probs + loss + AdamW"})
 
 
 def version() -> str:
@@ -240,12 +244,10 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=0)
   p.add_argument("--q", type=float, default=0.75)
   p.add_argument("--beta", type=float, default=None)
-  p.add_argument("--phases", type=int, default=None,
-                 help="separately jitted steps for per-phase times (0: skip; default 3 for grpo, else 0)")
+  p.add_argument("--fused", action="store_true", help="rollout and update in one jit (no per-phase times)")
   args = p.parse_args(argv)
   print("ours runner:", version(), "devices", jax.devices(), flush=True)
-  phases = args.phases if args.phases is not None else (3 if args.mode == "grpo" else 0)
-  run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, phase_steps=phases)
+  run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, fused=args.fused)
 
 
 if __name__ == "__main__":
