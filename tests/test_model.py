@@ -203,6 +203,8 @@ def test_bad_inputs_raise_clear_errors():
   hf = ModelConfig.smollm2_135m().to_hf_config()
   with pytest.raises(ValueError, match="llama3"):
     ModelConfig.from_hf_config({**hf, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+  with pytest.raises(ValueError, match="yarn"):
+    ModelConfig.from_hf_config({**hf, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}})
   with pytest.raises(ValueError, match="num_hidden_layers"):
     ModelConfig.from_hf_config({k: v for k, v in hf.items() if k != "num_hidden_layers"})
   with pytest.raises(ValueError, match="max_len"):

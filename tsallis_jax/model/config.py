@@ -165,10 +165,11 @@ class ModelConfig:
         raise ValueError(f"config.json for model_type {model_type!r} lacks the field {key!r}.")
       return hf[key]
 
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    if rope_type != "default":
-      raise ValueError(f"rope_scaling of type {rope_type!r} is not implemented; only unscaled RoPE is supported.")
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 4.x / 5.x spellings
+      scaling = hf.get(key) or {}
+      rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+      if rope_type != "default":
+        raise ValueError(f"{key} of type {rope_type!r} is not implemented; only unscaled RoPE is supported.")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
       raise ValueError(f"hidden_act={act!r} is not implemented; the SwiGLU MLP here uses SiLU.")
