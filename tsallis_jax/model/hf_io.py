@@ -208,12 +208,19 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32", param
 # ---------------------------------------------------------------------------------------------------- writing
 
 
+def _to_host(value: jax.Array) -> np.ndarray:
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:  # multi-host: every process gets it all
+    from jax.experimental import multihost_utils
+    value = multihost_utils.process_allgather(value, tiled=True)
+  return np.asarray(jax.device_get(value))
+
+
 def hf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
-  """(HF name, numpy array) for every parameter, in HF layout (gathered to the host; single-host)."""
+  """(HF name, numpy array) for every parameter, in HF layout, gathered to the host one parameter at a time."""
   cfg = model.config
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     hf_name, hf_shape, _, to_hf = hf_tensor_spec(path, cfg)
-    array = to_hf(np.asarray(jax.device_get(var.get_value())))
+    array = to_hf(_to_host(var.get_value()))
     assert array.shape == hf_shape, (hf_name, array.shape, hf_shape)
     yield hf_name, np.ascontiguousarray(array)
 
@@ -221,13 +228,16 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
 def save_hf_checkpoint(model: Transformer, path: str | os.PathLike) -> pathlib.Path:
   """Writes `config.json` and `model.safetensors` (HF names and layout, the parameters' dtype) into `path`.
 
-  Returns the folder. Parameters are gathered to the host one by one (single-host).
+  Returns the folder. Parameters are gathered to the host one by one; on several hosts call it on every process
+  (the gather is collective): only process 0 writes.
 
   Files are written to temporary names and renamed, so a crash never leaves a half-written checkpoint.
   """
   folder = pathlib.Path(path)
-  folder.mkdir(parents=True, exist_ok=True)
   tensors = dict(hf_tensors(model))
+  if jax.process_index() != 0:
+    return folder
+  folder.mkdir(parents=True, exist_ok=True)
   tmp_weights = folder / (WEIGHTS_FILE + ".tmp")
   safetensors_np.save(tensors, tmp_weights)
   tmp_config = folder / (CONFIG_FILE + ".tmp")
