@@ -1,11 +1,17 @@
 """Escape times T_q(p0) of the softmax toy: exact, gradient-flow ODE and asymptotics (spec 1.5, 2.7; facts 6-7).
 
   python -m experiments.escape_time [--out_dir experiments/results] [--num_trajectories 10] [--no_simulate]
+  python -m experiments.escape_time --sgd [--sgd_p0 1e-3 1e-4] [--sgd_num_samples 32] [--sgd_seeds 8]
 
 Prints the table of T_q(p0) for q in {0, .25, .5, .75, 1} and p0 = 1e-1 ... 1e-6 (exact closed form or series, the
 diffrax flow through jq_loss's autograd, and the leading asymptotic order), the fitted log-log slopes (1 - q for
 q < 1; the slope against ln(1/p0) at q = 1, which is (K-1)/K), and writes escape_time.png and escape_time.json into
 the output folder. About 20 s on 2 CPU cores (mostly compilation of the ODE solve).
+
+With --sgd it runs instead the discrete-time, finite-sample bridge (`tsallis_jax.theory.sgd`): plain SGD on the same
+toy with garl_grad / paft_grad / grpo_grad, M rollouts per step and one learning rate for every method, counting the
+steps until P >= 1/2 (capped) over seeds, for binary rewards and likelihood weights, with and without the 1/M^q
+factor of Algorithms 1-2. Writes escape_sgd.png and escape_sgd.json. About 3-4 minutes on 2 busy CPU cores.
 """
 from __future__ import annotations
 
@@ -111,6 +117,83 @@ def plot(study: dict, path: str) -> None:
   plt.close(fig)
 
 
+SGD_METHODS = (("garl", Q_GRID), ("paft", Q_GRID), ("grpo", (0.0,)))
+
+
+def run_sgd_study(*, p0_grid=(1e-3, 1e-4), sizes_M=(32,), rewards=("binary", "likelihood"),
+                  normalisations=(True, False), num_trajectories: int = 10, num_seeds: int = 8,
+                  max_steps: int = 3000, learning_rate: float = 1.0) -> dict:
+  """Steps to escape of SGD with each estimator; one row per (method, q, reward, 1/M^q, p0, M)."""
+  rows = []
+  for reward in rewards:
+    for normalize in normalisations:
+      for method, q_grid in SGD_METHODS:
+        if method == "grpo" and normalize != normalisations[0]:
+          continue  # GRPO has no 1/M^q factor: one run serves both columns
+        for m in sizes_M:
+          for p0 in p0_grid:
+            for q in q_grid:
+              steps_S = theory.sgd_escape_steps(method, q, p0, num_samples=m, num_trajectories=num_trajectories,
+                                                reward=reward, learning_rate=learning_rate, max_steps=max_steps,
+                                                num_seeds=num_seeds, normalize_by_Mq=normalize)
+              rows.append(dict(method=method, q=q, reward=reward, normalize_by_Mq=normalize, p0=p0, M=m,
+                               steps=steps_S.tolist(), median=float(np.median(steps_S)),
+                               escaped_frac=float(np.mean(steps_S < max_steps))))
+  return dict(rows=rows, max_steps=max_steps, learning_rate=learning_rate, num_seeds=num_seeds,
+              num_trajectories=num_trajectories)
+
+
+def format_sgd_table(study: dict) -> str:
+  rows = study["rows"]
+  settings = sorted({(r["reward"], r["normalize_by_Mq"], r["p0"], r["M"]) for r in rows},
+                    key=lambda k: (k[0], not k[1], -k[2], k[3]))
+  def label(reward, normalize, p0, m):
+    return f"{reward[:3]} {'1/M^q' if normalize else 'eq12'} p0={p0:g} M={m}"
+  header = "".join(f"{label(*setting):>26}" for setting in settings)
+  lines = [f"SGD steps to escape (P >= 1/2), softmax toy K={study['num_trajectories']}, lr={study['learning_rate']}, "
+           f"cap {study['max_steps']}: median over {study['num_seeds']} seeds [fraction escaped]",
+           f"{'method':<10}" + header]
+  for method, q_grid in SGD_METHODS:
+    for q in q_grid:
+      cells = []
+      for rw, nz, p0, m in settings:
+        match = [r for r in rows if r["method"] == method and r["q"] == q and r["reward"] == rw and r["p0"] == p0
+                 and r["M"] == m and (r["normalize_by_Mq"] == nz or method == "grpo")]
+        cells.append(f"{match[0]['median']:>19.0f} [{match[0]['escaped_frac']:.2f}]" if match else f"{'-':>26}")
+      lines.append(f"{method + ('' if method == 'grpo' else f' q={q:g}'):<10}" + "".join(cells))
+  return "\n".join(lines)
+
+
+def plot_sgd(study: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = study["rows"]
+  panels = sorted({(r["reward"], r["normalize_by_Mq"]) for r in rows}, key=lambda k: (k[0], not k[1]))
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True)
+  for ax, (reward, normalize) in zip(axes[0], panels):
+    for p0, color in zip(sorted({r["p0"] for r in rows}, reverse=True), ("C0", "C1", "C2", "C3")):
+      for method, marker, ls in (("garl", "o", "-"), ("paft", "s", "--")):
+        sel = [r for r in rows if r["method"] == method and r["reward"] == reward
+               and r["normalize_by_Mq"] == normalize and r["p0"] == p0]
+        sel.sort(key=lambda r: r["q"])
+        ax.semilogy([r["q"] for r in sel], [r["median"] for r in sel], marker=marker, ls=ls, color=color,
+                    mfc="none", label=f"{method.upper()} p0={p0:g}")
+      grpo = [r for r in rows if r["method"] == "grpo" and r["reward"] == reward and r["p0"] == p0]
+      if grpo:
+        ax.axhline(grpo[0]["median"], color=color, ls=":", lw=1.2, label=f"GRPO p0={p0:g}")
+    ax.axhline(study["max_steps"], color="k", lw=0.8)
+    ax.set_xlabel("q")
+    ax.set_title(f"{reward} weights, {'with 1/M^q (Alg. 1-2)' if normalize else 'eq. 12/14 (no 1/M^q)'}",
+                 fontsize=9)
+  axes[0][0].set_ylabel(f"median SGD steps to P >= 1/2 (cap {study['max_steps']})")
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out_dir", default="experiments/results")
@@ -118,8 +201,25 @@ def main(argv=None) -> dict:
   parser.add_argument("--num_correct", type=int, default=1)
   parser.add_argument("--delta", type=float, default=0.5)
   parser.add_argument("--no_simulate", action="store_true", help="skip the ODE column")
+  parser.add_argument("--sgd", action="store_true", help="run the SGD bridge with the estimators instead")
+  parser.add_argument("--sgd_p0", type=float, nargs="+", default=[1e-3, 1e-4])
+  parser.add_argument("--sgd_num_samples", type=int, nargs="+", default=[32], help="M rollouts per step")
+  parser.add_argument("--sgd_seeds", type=int, default=8)
+  parser.add_argument("--sgd_max_steps", type=int, default=3000)
+  parser.add_argument("--sgd_learning_rate", type=float, default=1.0)
   args = parser.parse_args(argv)
   start = time.time()
+  if args.sgd:
+    study = run_sgd_study(p0_grid=tuple(args.sgd_p0), sizes_M=tuple(args.sgd_num_samples),
+                          num_trajectories=args.num_trajectories, num_seeds=args.sgd_seeds,
+                          max_steps=args.sgd_max_steps, learning_rate=args.sgd_learning_rate)
+    print(format_sgd_table(study))
+    os.makedirs(args.out_dir, exist_ok=True)
+    plot_sgd(study, os.path.join(args.out_dir, "escape_sgd.png"))
+    with open(os.path.join(args.out_dir, "escape_sgd.json"), "w") as f:
+      json.dump(study, f, indent=1)
+    print(f"wrote {args.out_dir}/escape_sgd.png and escape_sgd.json in {time.time() - start:.1f} s")
+    return study
   study = run_escape_study(num_trajectories=args.num_trajectories, num_correct=args.num_correct, delta=args.delta,
                            simulate=not args.no_simulate)
   print(format_table(study))
