@@ -103,7 +103,8 @@ def plot(study: dict, path: str) -> None:
   p_values = sorted({round(r["P"], 4) for r in study["binary"]})
   fig, axes = plt.subplots(1, len(p_values), figsize=(5.5 * len(p_values), 4.2), squeeze=False)
   for ax, p in zip(axes[0], p_values):
-    for q, color in zip(sorted({r["q"] for r in study["binary"]}), ("C0", "C1", "C2", "C3")):
+    # q = 1 is left out: its shrinkage 1 - (1-P)^M vanishes exponentially in M, not as 1/M (see the table).
+    for q, color in zip(sorted({r["q"] for r in study["binary"] if r["q"] < 1.0}), ("C0", "C1", "C2", "C3")):
       rows = [r for r in study["binary"] if r["estimator"] == "garl_plugin" and r["q"] == q
               and abs(r["P"] - p) < 1e-3]
       sizes = np.array([r["M"] for r in rows])
@@ -118,7 +119,8 @@ def plot(study: dict, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("M (samples per prompt)")
     ax.set_ylabel("1 - rho (relative shrinkage bias)")
-    ax.set_title(f"P={p:g}: exact (lines), delta method (dotted); x RLOO, + PAFT", fontsize=9)
+    ax.set_title(f"binary toy, P={p:g}: measured (2 se), exact (lines), delta method (dotted); x RLOO, + PAFT",
+                 fontsize=8)
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
