@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import diffrax
 import jax
@@ -40,15 +41,15 @@ __all__ = [
 
 def _check(q, epsilon, score_norm=1.0) -> tuple[float, float]:
   check_q(q)
-  if not (isinstance(epsilon, (int, float)) and 0.0 < epsilon < 0.5):
+  if not (isinstance(epsilon, numbers.Real) and 0.0 < epsilon < 0.5):
     raise ValueError(f"epsilon (the label-noise rate) must lie in (0, 1/2), got {epsilon!r} (Prop C.2).")
-  if not (isinstance(score_norm, (int, float)) and score_norm > 0 and math.isfinite(score_norm)):
+  if not (isinstance(score_norm, numbers.Real) and score_norm > 0 and math.isfinite(score_norm)):
     raise ValueError(f"score_norm must be a positive finite number, got {score_norm!r}.")
   return float(q), float(epsilon)
 
 
 def _check_level(name: str, value: float, upper: float) -> None:
-  if not (isinstance(value, (int, float)) and 0.0 < value < upper):
+  if not (isinstance(value, numbers.Real) and 0.0 < value < upper):
     raise ValueError(f"{name} must lie in (0, {upper:.6g}), got {value!r}.")
 
 
