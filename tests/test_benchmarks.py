@@ -86,12 +86,17 @@ def test_flop_rate_target_uses_update_phase_and_peak():
   chex.assert_trees_all_close(by_name["train"], 80e9 / 1.0 / 1e9 / 100.0)
 
 
+TRAIN_JOBS_OURS_TUNIX = ("ours grpo", "ours garl", "ours paft", "tunix grpo")
+
+
 def test_plan_alternates_systems_between_rounds():
   rounds = run.plan(2, ["tiny"], ["ours", "tunix", "trl"], ["tiny"])
   first = [j for j in rounds[0] if j[2] in ("grpo", "garl", "paft")]
   second = [j for j in rounds[1] if j[2] in ("grpo", "garl", "paft")]
   assert sorted(first) == sorted(second) and first != second
   assert all(r[0] == ("matmul", "machine", "peak") for r in rounds)
+  capped = run.plan(2, ["tiny", "smollm2"], ["ours", "tunix"], [], {"smollm2": 1})
+  assert [sum(j[1] == "smollm2" for j in r) for r in capped] == [len(TRAIN_JOBS_OURS_TUNIX), 0]
 
 
 def test_token_flops_is_twice_the_matmul_parameters(tiny_folder):

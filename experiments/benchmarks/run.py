@@ -109,12 +109,18 @@ def job_command(system: str, mode: str, folder: pathlib.Path, pythons: dict[str,
   return [str(pythons[system]), str(RUNNERS[system]), "--workload", str(folder), "--mode", mode, *extra]
 
 
-def plan(rounds: int, names: list[str], systems: list[str], sample_names: list[str]) -> list[list[tuple]]:
-  """Per round: [(system, workload, mode), ...], each group's systems in an order rotated by the round index."""
+def plan(rounds: int, names: list[str], systems: list[str], sample_names: list[str],
+         rounds_for: dict[str, int] | None = None) -> list[list[tuple]]:
+  """Per round: [(system, workload, mode), ...], each group's systems in an order rotated by the round index.
+
+  `rounds_for` caps the rounds of some workloads (e.g. {'smollm2': 1}); the others run `rounds` times.
+  """
   out = []
   for r in range(rounds):
     jobs = [("matmul", "machine", "peak")]
     for w in names:
+      if r >= (rounds_for or {}).get(w, rounds):
+        continue
       groups = [[(s, w, m) for s in systems for m in TRAIN_MODES[s]]]
       if w in sample_names:
         groups.append([(s, w, m) for s in systems for m in SAMPLE_MODES[s]])
@@ -172,6 +178,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--peers-home", default=os.environ.get("PEERS_HOME", os.path.expanduser("~/.cache/peers")))
   p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--smollm2-rounds", type=int, default=None, help="rounds of the smollm2 workload (default --rounds)")
   p.add_argument("--workloads", nargs="+", default=["tiny", "smollm2"], choices=sorted(workloads.WORKLOADS))
   p.add_argument("--sample-workloads", nargs="*", default=["tiny"], choices=sorted(workloads.WORKLOADS))
   p.add_argument("--systems", nargs="+", default=["ours", "tunix", "trl"], choices=["ours", "tunix", "trl"])
@@ -201,8 +208,9 @@ def main(argv=None) -> int:
           "workloads": {n: workloads.read_spec(f).to_json() for n, f in folders.items()}}
   env = {"PYTHONPATH": str(REPO), "PEERS_HOME": str(home), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
   runs: list[dict] = []
-  schedule = plan(args.rounds, list(args.workloads), args.systems, [w for w in args.sample_workloads
-                                                                      if w in args.workloads])
+  rounds_for = {} if args.smollm2_rounds is None else {"smollm2": args.smollm2_rounds}
+  schedule = plan(max([args.rounds, *rounds_for.values()]), list(args.workloads), args.systems,
+                  [w for w in args.sample_workloads if w in args.workloads], rounds_for)
   total = sum(len(r) for r in schedule)
   for r, jobs in enumerate(schedule):
     for system, w, mode in jobs:
