@@ -113,34 +113,142 @@ def check_mesh(mesh: dict[str, int], accelerator: Accelerator, batch_size: int |
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelDims:
+  """The shapes that set memory (the legend's L, D, F, H, K, E, V), as in tsallis_jax.model.config presets."""
+  layers: int
+  embed: int
+  mlp: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  vocab: int
+  tied: bool = True
+
+  @property
+  def params(self) -> int:
+    """Parameter count (norm weights included)."""
+    d, e = self.embed, self.head_dim
+    attn = d * self.heads * e * 2 + d * self.kv_heads * e * 2 + 2 * e  # q, o; k, v; q/k norms
+    block = attn + 3 * d * self.mlp + 2 * d
+    return self.vocab * d * (1 if self.tied else 2) + self.layers * block + d
+
+
+# Qwen3 sizes (the Qwen3 model cards' config.json); qwen3_0_6b equals tsallis_jax.model.config.ModelConfig.qwen3_0_6b.
+MODEL_DIMS: dict[str, ModelDims] = {
+    "qwen3_0_6b": ModelDims(28, 1024, 3072, 16, 8, 128, 151_936),
+    "qwen3_1_7b": ModelDims(28, 2048, 6144, 16, 8, 128, 151_936),
+    "qwen3_4b": ModelDims(36, 2560, 9728, 32, 8, 128, 151_936),
+    "qwen3_8b": ModelDims(36, 4096, 12288, 32, 8, 128, 151_936, tied=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+  """GiB per device for one training step, from shapes alone (not measured on a TPU).
+
+  state: float32 params, grads, two Adam moments (and the reference params when kl/ref is logged), over fsdp.
+  rollout_kv: the sampler's KV cache, B*G rows of the full sequence length in the compute dtype, rows over all
+    devices (the sampler repeats each prompt's cache G times).
+  train_activations: the teacher-forced forward kept for the backward: per layer the float32 attention scores
+    (the model materialises them, N x H x T x T) and about 8 D + 3 F values per token; all layers without remat.
+  """
+  state: float
+  rollout_kv: float
+  train_activations: float
+
+  @property
+  def peak(self) -> float:
+    return self.state + max(self.rollout_kv, self.train_activations)
+
+
+def estimate_memory(dims: ModelDims, *, batch_size: int, num_samples: int, seq_len: int, devices: int, fsdp: int,
+                    compute_bytes: int = 4, ref_params: bool = True, remat: bool = False) -> MemoryEstimate:
+  """Per-device memory of one step; see `MemoryEstimate` for what each term holds."""
+  gib = 2.0**30
+  rows = batch_size * num_samples
+  state = dims.params * (16 + (4 if ref_params else 0)) / fsdp
+  kv = rows * seq_len * 2 * dims.layers * dims.kv_heads * dims.head_dim * compute_bytes / devices
+  per_layer = rows * (dims.heads * seq_len * seq_len * 4 + seq_len * (8 * dims.embed + 3 * dims.mlp) * compute_bytes)
+  saved = rows * seq_len * dims.embed * compute_bytes * dims.layers  # each block's input, the remat checkpoints
+  train = (saved + per_layer if remat else per_layer * dims.layers) / devices
+  return MemoryEstimate(state=state / gib, rollout_kv=kv / gib, train_activations=train / gib)
+
+
+def estimate_for_config(cfg, accelerator: Accelerator, mesh: dict[str, int]) -> MemoryEstimate | None:
+  """`estimate_memory` for a trainer `TrainConfig` on a slice; None when its model's shapes are unknown here."""
+  dims = MODEL_DIMS.get(model_key(cfg.model, cfg.model_path))
+  if dims is None:
+    return None
+  return estimate_memory(dims, batch_size=cfg.batch_size, num_samples=cfg.num_samples, seq_len=cfg.total_len,
+                         devices=accelerator.devices, fsdp=mesh["fsdp"],
+                         compute_bytes=2 if cfg.dtype == "bfloat16" else 4,
+                         ref_params=bool(getattr(cfg, "log_ref_kl", True) or getattr(cfg, "kl_coef", 0.0)))
+
+
+@dataclasses.dataclass(frozen=True)
 class Suggestion:
-  """A slice and mesh for one model size. Memory is an estimate, not a TPU measurement (launch/TPU.md)."""
+  """A slice and mesh that hold one model's train state (memory: `estimate_memory`; launch/TPU.md)."""
   model: str
-  params_b: float  # parameters, billions
   accelerator: str
   mesh: str
   alternative: str  # another slice that fits, with its mesh
   note: str
 
+  @property
+  def params_b(self) -> float:
+    return MODEL_DIMS[self.model].params / 1e9
+
 
 def train_state_gib(params_b: float, bytes_per_param: int = 20) -> float:
-  """Rough train-state size: float32 params, grads, two Adam moments, plus a float32 reference copy for KL."""
+  """Train-state size: float32 params, grads, two Adam moments, plus a float32 reference copy for KL."""
   return params_b * 1e9 * bytes_per_param / 2**30
 
 
 SUGGESTIONS: dict[str, Suggestion] = {s.model: s for s in (
-    Suggestion("qwen3_0_6b", 0.6, "v4-8", "data=-1,fsdp=1", "v5litepod-8 with data=2,fsdp=4",
+    Suggestion("qwen3_0_6b", "v4-8", "data=-1,fsdp=1", "v5litepod-8 with data=2,fsdp=4",
                "The paper's model. ~11 GiB of train state fits one 32 GiB v4 chip, so pure data parallelism; on "
-               "16 GiB v5e chips shard it (fsdp=4). batch_size must be a multiple of the device count (4 / 8)."),
-    Suggestion("qwen3_1_7b", 1.7, "v4-8", "data=1,fsdp=4", "v5litepod-8 with data=1,fsdp=8",
+               "16 GiB v5e chips shard it (fsdp=4). Long rollouts need a bigger slice: see estimate_memory."),
+    Suggestion("qwen3_1_7b", "v4-8", "data=1,fsdp=4", "v5litepod-8 with data=1,fsdp=8",
                "~32 GiB of train state: shard parameters and optimizer over the host's chips."),
-    Suggestion("qwen3_4b", 4.0, "v4-16", "data=1,fsdp=8", "v5p-8 with data=1,fsdp=4",
+    Suggestion("qwen3_4b", "v4-16", "data=1,fsdp=8", "v5p-8 with data=1,fsdp=4",
                "~75 GiB of train state: two v4 hosts (multi-host), or one v5p host with 95 GiB chips; "
                "consider --set dtype=bfloat16 for activations."),
-    Suggestion("qwen3_8b", 8.0, "v4-32", "data=1,fsdp=16", "v5p-16 with data=1,fsdp=8",
-               "~150 GiB of train state: four v4 hosts. Beyond ~30B parameters the trainer would need a tensor-"
-               "parallel axis, which it does not have (only data and fsdp)."),
+    Suggestion("qwen3_8b", "v4-32", "data=1,fsdp=16", "v5p-16 with data=1,fsdp=8",
+               "~153 GiB of train state (untied embeddings): four v4 hosts. Beyond ~30B parameters the trainer would "
+               "need a tensor-parallel axis, which it does not have (only data and fsdp)."),
 )}
+
+
+# Slices `suggest_for_config` considers, smallest first (v4 before v5p at equal chip counts).
+CANDIDATES = tuple(f"v4-{n}" for n in (8, 16, 32, 64, 128, 256, 512)) + tuple(
+    f"v5p-{n}" for n in (8, 16, 32, 64, 128, 256, 512))
+HEADROOM = 0.75  # the share of a chip's memory an estimate may use (XLA temporaries, fragmentation)
+
+
+def suggest_for_config(cfg) -> tuple[str, str, MemoryEstimate] | None:
+  """The smallest slice, and on it the smallest fsdp, whose chips hold the train state and the rollouts' KV cache
+  of one step of `cfg` (a trainer `TrainConfig`) within `HEADROOM` of their memory.
+
+  Returns (accelerator, mesh, estimate), or None when the model's shapes are unknown here or no candidate fits
+  (then a smaller `batch_size`, `num_samples` or sequence length is needed). The teacher-forced train step's
+  activations are reported in the estimate but not required to fit: they shrink only when the trainer splits the
+  step into micro-batches (launch/TPU.md).
+  """
+  dims = MODEL_DIMS.get(model_key(cfg.model, cfg.model_path))
+  if dims is None:
+    return None
+  for name in CANDIDATES:
+    acc = parse_accelerator(name)
+    if cfg.batch_size % acc.devices:
+      continue
+    fsdp = 1
+    while fsdp <= acc.devices:
+      mesh = {"data": acc.devices // fsdp, "fsdp": fsdp}
+      estimate = estimate_for_config(cfg, acc, mesh)
+      if estimate.state + estimate.rollout_kv <= HEADROOM * acc.family.hbm_gib_per_device:
+        return name, f"data={mesh['data']},fsdp={fsdp}", estimate
+      fsdp *= 2
+  return None
 
 
 def model_key(model: str, model_path: str = "") -> str:
@@ -159,3 +267,25 @@ def suggest(model: str) -> Suggestion:
     raise ValueError(f"no slice suggestion for model {model!r}; known: {sorted(SUGGESTIONS)}. Pass --accelerator "
                      "and --mesh yourself (launch/TPU.md explains the arithmetic).")
   return SUGGESTIONS[model]
+
+
+def paper_table(config_names: list[str]) -> str:
+  """The Markdown table of launch/TPU.md's "Paper runs": each config's suggested slice and memory estimate."""
+  from tsallis_jax.train.config import load_config  # the trainer's configs (imports JAX via the package)
+  lines = ["| config | rows per step (B x G) | tokens per row | slice | mesh | state / KV / train-step activations, "
+           "GiB per device |", "| --- | --- | --- | --- | --- | --- |"]
+  for name in config_names:
+    cfg = load_config(name)
+    pick = suggest_for_config(cfg)
+    if pick is None:
+      lines.append(f"| {name} | {cfg.batch_size} x {cfg.num_samples} | {cfg.total_len} | none fits | | |")
+      continue
+    acc, mesh, est = pick
+    lines.append(f"| {name} | {cfg.batch_size} x {cfg.num_samples} | {cfg.total_len} | {acc} | {mesh} | "
+                 f"{est.state:.1f} / {est.rollout_kv:.1f} / {est.train_activations:.0f} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m launch.slices paper_finqa paper_hotpotqa paper_musique
+  import sys
+  print(paper_table(sys.argv[1:] or ["paper_finqa", "paper_hotpotqa", "paper_musique"]))

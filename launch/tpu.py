@@ -66,6 +66,7 @@ class Plan:
   worker: str
   sync_workdir: bool
   fetch: tuple[str, ...]
+  memory: slices.MemoryEstimate | None  # per-device estimate for one step on the slice, when the model is known
 
 
 # --- validation ---------------------------------------------------------------------------------------------------
@@ -76,17 +77,17 @@ _BUCKET_PATH = re.compile(r"gs://[a-z0-9][-_.a-z0-9]{1,61}[a-z0-9](/.*)?")
 _DEFAULT_MESH = {"data": -1, "fsdp": 1}
 
 
-def _choose_mesh(text, cfg, suggestion, accelerator) -> tuple[dict[str, int], bool]:
+def _choose_mesh(text, cfg, suggested: str | None) -> tuple[dict[str, int], bool]:
   """The mesh and whether to pass it on: --mesh, else a config's own non-default mesh, else the suggestion for
-  this model on this accelerator, else data=-1,fsdp=1."""
+  this config on this accelerator, else data=-1,fsdp=1."""
   if text:
     return slices.parse_mesh(text), True
   if cfg is not None:
     own = {"data": cfg.mesh_data, "fsdp": cfg.mesh_fsdp}
     if own != _DEFAULT_MESH:
       return own, False
-  if suggestion is not None and accelerator is not None and accelerator.name == suggestion.accelerator:
-    return slices.parse_mesh(suggestion.mesh), True
+  if suggested:
+    return slices.parse_mesh(suggested), True
   return dict(_DEFAULT_MESH), False
 
 
@@ -150,19 +151,26 @@ def validate(args: argparse.Namespace) -> Plan:
                         "letters, digits, '-', '_' or '.'.")
     cfg = _load_train_config(args.config, args.set)
 
-  model = None
+  model, pick, static = None, None, None
   if cfg is not None:
     fetched = dict(item.partition("=")[::2] for item in args.fetch)
     model = slices.model_key(cfg.model, fetched.get("model_path", cfg.model_path))
-  suggestion = slices.SUGGESTIONS.get(model) if model else None
+    cfg_for_model = cfg.replace(model_path=fetched["model_path"]) if "model_path" in fetched else cfg
+    pick = slices.suggest_for_config(cfg_for_model)  # sized for this config's rollouts
+    static = slices.SUGGESTIONS.get(model)  # sized for the model's train state only
   accelerator = None
   if action in ("up", "create", "run"):
-    name = args.accelerator or (suggestion.accelerator if suggestion else None)
+    name = args.accelerator or (pick[0] if pick else static.accelerator if static else None)
     if not name:
       raise LaunchError("--accelerator is required (e.g. v4-8, v5litepod-8): no slice suggestion exists for model "
                         f"{model!r} in launch/slices.py; see launch/TPU.md.")
     accelerator = slices.parse_accelerator(name)
-  mesh, pass_mesh = _choose_mesh(args.mesh, cfg, suggestion, accelerator)
+  suggested_mesh = None
+  if accelerator is not None and pick and accelerator.name == pick[0]:
+    suggested_mesh = pick[1]
+  elif accelerator is not None and static and accelerator.name == static.accelerator:
+    suggested_mesh = static.mesh
+  mesh, pass_mesh = _choose_mesh(args.mesh, cfg, suggested_mesh)
   set_keys = {item.split("=", 1)[0].strip() for item in args.set}
   for item in args.fetch:
     key, _, src = item.partition("=")
@@ -174,15 +182,18 @@ def validate(args: argparse.Namespace) -> Plan:
   if args.sync_workdir and accelerator is not None and accelerator.multi_host:
     raise LaunchError(f"--sync-workdir mirrors the workdir on one host; {accelerator.name} has {accelerator.hosts} "
                       "hosts, whose checkpoint must be written to the gs:// workdir directly.")
+  memory = None
   if accelerator is not None:  # pass the resolved sizes: the log then shows the mesh the job really has
     mesh = slices.check_mesh(mesh, accelerator, getattr(cfg, "batch_size", None))
+    if cfg is not None:
+      memory = slices.estimate_for_config(cfg_for_model, accelerator, mesh)
   return Plan(action=action, name=args.name or "", zone=args.zone or "", project=args.project or "",
               accelerator=accelerator, config=args.config or "", workdir=args.workdir or "",
               mesh=mesh if pass_mesh else None,
               overrides=tuple(args.set), train_args=tuple(args.train_args), env=tuple(args.env), spot=args.spot,
               preemptible=args.preemptible, queued=args.queued, retries=args.retries, detach=args.detach,
               delete_when_done=args.delete_when_done, worker=args.worker, sync_workdir=args.sync_workdir,
-              fetch=tuple(args.fetch))
+              fetch=tuple(args.fetch), memory=memory)
 
 
 # --- command lines --------------------------------------------------------------------------------------------------
@@ -367,6 +378,23 @@ def up(plan: Plan, runner: Runner) -> int:
   return 1
 
 
+def report_memory(plan: Plan, runner: Runner) -> None:
+  """Prints the per-device memory estimate, and a warning on stderr where a phase of the step will not fit."""
+  mem, acc = plan.memory, plan.accelerator
+  hbm = acc.family.hbm_gib_per_device
+  runner.note(f"memory estimate per device on {acc.name} (shapes only, not measured): train state {mem.state:.1f} "
+              f"GiB, rollout KV cache {mem.rollout_kv:.1f} GiB, train-step activations {mem.train_activations:.1f} "
+              f"GiB; {hbm} GiB per device")
+  if mem.state + mem.rollout_kv > hbm:
+    print(f"warning: the rollouts' KV cache and the train state ({mem.state + mem.rollout_kv:.0f} GiB) exceed the "
+          f"{hbm} GiB of a {acc.name} device: use a bigger slice, more fsdp, or a smaller batch_size / num_samples.",
+          file=sys.stderr)
+  if mem.state + mem.train_activations > hbm:
+    print(f"warning: the teacher-forced train step keeps ~{mem.train_activations:.0f} GiB of activations per device "
+          f"(the model materialises the T x T attention scores of all B*G rows at once); it fits only once the step "
+          "is split into micro-batches with rematerialisation (launch/TPU.md, 'Paper runs').", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   train_args: list[str] = []
@@ -412,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   runner = Runner(args.dry_run)
   if args.dry_run:
     runner.note("dry run: printing every command, running none")
+  if plan.memory is not None:
+    report_memory(plan, runner)
   if plan.action == "up":
     return up(plan, runner)
   if plan.action == "create":

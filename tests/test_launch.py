@@ -311,14 +311,70 @@ def test_hf_weights_fetched_from_the_bucket_pick_the_suggested_slice(capsys, mon
 
 
 def test_tpu_md_shows_the_real_dry_run_output(capsys, monkeypatch):
-  """The recipe's printed commands are what `up --dry-run` prints today for a qwen3_0_6b config named CONFIG."""
-  module = types.ModuleType("experiments.configs.CONFIG")
-  module.get_config = lambda: train_config.TrainConfig(name="CONFIG", model="qwen3_0_6b", batch_size=16)
-  monkeypatch.setitem(sys.modules, "experiments.configs.CONFIG", module)
+  """The recipe's one command, run as a dry run on the trainer's paper_finqa config, prints what TPU.md shows."""
   monkeypatch.setattr(tempfile, "tempdir", "/tmp")
-  assert tpu.main(["up", "--name", "garl-finqa", "--zone", "us-central2-b", "--config", "CONFIG", "--workdir",
-                   "gs://my-bucket/runs/garl-finqa", "--fetch", "data_dir=gs://my-bucket/data/finqa", "--spot",
-                   "--retries", "5", "--delete-when-done", "--dry-run"]) == 0
-  printed = capsys.readouterr().out.replace(tpu.REPO_ROOT, "/path/to/clone").splitlines()[1:]
+  text = open(os.path.join(REPO, "launch", "TPU.md"), encoding="utf-8").read()
+  command = text[text.index("python -m launch.tpu up"):text.index("```", text.index("python -m launch.tpu up"))]
+  argv = shlex.split(command.replace("\\\n", " "))[3:]
+  assert tpu.main([*argv, "--dry-run"]) == 0
+  out, err = capsys.readouterr()
+  printed = out.replace(tpu.REPO_ROOT, "/path/to/clone").splitlines()[1:]
+  doc = text.splitlines()
+  assert len(printed) > 5 and all(line in doc for line in printed), [line for line in printed if line not in doc]
+  assert "train step keeps" in err  # the warning the recipe mentions
+
+
+def test_tpu_md_paper_table_is_current():
+  """TPU.md's paper-runs table is what `python -m launch.slices` prints for the trainer's paper configs."""
   doc = open(os.path.join(REPO, "launch", "TPU.md"), encoding="utf-8").read().splitlines()
-  assert printed and all(line in doc for line in printed), [line for line in printed if line not in doc]
+  table = slices.paper_table(["paper_finqa", "paper_hotpotqa", "paper_musique"]).splitlines()
+  assert all(line in doc for line in table), [line for line in table if line not in doc]
+
+
+def test_memory_estimate_matches_the_model_and_the_sampler():
+  """Parameter count and KV-cache size against the library's own model and cache (shapes only, no compute)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from tsallis_jax.model import config as model_config
+  from tsallis_jax.model import init_cache
+  from tsallis_jax.model.transformer import abstract_model
+
+  preset = model_config.ModelConfig.qwen3_0_6b()
+  dims = slices.MODEL_DIMS["qwen3_0_6b"]
+  assert (dims.layers, dims.embed, dims.mlp, dims.heads, dims.kv_heads, dims.head_dim, dims.vocab) == (
+      preset.num_layers, preset.embed_dim, preset.mlp_dim, preset.num_heads, preset.num_kv_heads, preset.head_dim,
+      preset.vocab_size)
+  params = nnx.state(abstract_model(preset), nnx.Param)
+  assert dims.params == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+  tiny = slices.ModelDims(layers=2, embed=32, mlp=64, heads=4, kv_heads=2, head_dim=8, vocab=100)
+  cfg = model_config.ModelConfig.qwen3_0_6b(num_layers=2, embed_dim=32, mlp_dim=64, num_heads=4, num_kv_heads=2,
+                                            head_dim=8, vocab_size=100)
+  cache = jax.eval_shape(lambda: init_cache(cfg, batch_size=3 * 5, max_len=40, dtype=jax.numpy.bfloat16))
+  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+  est = slices.estimate_memory(tiny, batch_size=3, num_samples=5, seq_len=40, devices=1, fsdp=1, compute_bytes=2)
+  assert est.rollout_kv * 2**30 == pytest.approx(cache_bytes)
+  # Per device: the KV cache splits over all devices, the state over fsdp only.
+  split = slices.estimate_memory(tiny, batch_size=3, num_samples=5, seq_len=40, devices=4, fsdp=2, compute_bytes=2)
+  assert split.rollout_kv == pytest.approx(est.rollout_kv / 4) and split.state == pytest.approx(est.state / 2)
+
+
+def test_suggest_for_config_is_the_smallest_slice_that_fits():
+  cfg = train_config.load_config("paper_hotpotqa")
+  name, mesh, est = slices.suggest_for_config(cfg)
+  acc = slices.parse_accelerator(name)
+  assert est.state + est.rollout_kv <= slices.HEADROOM * acc.family.hbm_gib_per_device
+  assert cfg.batch_size % acc.devices == 0
+  sizes = slices.check_mesh(slices.parse_mesh(mesh), acc, cfg.batch_size)
+  for smaller in slices.CANDIDATES[:slices.CANDIDATES.index(name)]:
+    small = slices.parse_accelerator(smaller)
+    if cfg.batch_size % small.devices == 0:  # every mesh on a smaller slice runs out of memory
+      needs = [e.state + e.rollout_kv for f in (1, 2, 4, 8, 16, 32, 64) if f <= small.devices
+               for e in [slices.estimate_for_config(cfg, small, {"data": small.devices // f, "fsdp": f})]]
+      assert min(needs) > slices.HEADROOM * small.family.hbm_gib_per_device
+  # Half the prompts per step need a slice at most as large.
+  smaller_name, _, _ = slices.suggest_for_config(cfg.replace(batch_size=cfg.batch_size // 2))
+  assert slices.parse_accelerator(smaller_name).devices <= acc.devices
+  assert sizes["data"] * sizes["fsdp"] == acc.devices
