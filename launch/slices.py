@@ -1,10 +1,15 @@
-"""Cloud TPU accelerator types, and the slice and mesh we suggest per model size (launch/TPU.md).
+"""Cloud TPU accelerator types, a per-device memory estimate, and the slice and mesh we suggest (launch/TPU.md).
 
-Pure Python, no JAX: the launch wrapper validates a slice and a mesh on a laptop before it creates anything.
+Pure Python, no JAX (except `paper_table`, which loads the trainer's configs): the launch wrapper validates a
+slice and a mesh on a laptop before it creates anything.
 
 Device counts: JAX sees one device per chip on v4, v5p (megacore: the name counts TensorCores, two per chip),
 v5e and v6e (the name counts chips), and one device per TensorCore on v2 and v3. Hosts carry 4 chips (v4, v5p,
 multi-host v5e / v6e) or 8 TensorCores (v2, v3); v5e and v6e slices of up to 8 chips are a single host.
+
+`estimate_memory` sizes one training step from shapes alone (train state, the sampler's KV cache, the teacher-
+forced step's activations); `suggest_for_config` picks the smallest slice that holds a config's step. Neither was
+checked on a TPU: the KV-cache and parameter terms are tested against the library's own model and cache.
 """
 from __future__ import annotations
 
