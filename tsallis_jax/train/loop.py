@@ -83,19 +83,43 @@ def model_config(cfg: TrainConfig, vocab_size: int | None = None) -> ModelConfig
   return presets[cfg.model](**changes)
 
 
+def with_think_tokens(model: nnx.Module, tokenizer: Any, mesh) -> tuple[nnx.Module, Any]:
+  """Adds `<think>` / `</think>` to a tokenizer that lacks them (SmolLM2) and grows the embedding to match.
+
+  New rows are the mean of the existing embeddings (a neutral start); the tied LM head follows. Qwen3 has both tokens
+  and is returned unchanged.
+  """
+  close = tokenizer.convert_tokens_to_ids("</think>")
+  if close is not None and close != tokenizer.unk_token_id:
+    return model, tokenizer
+  tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+  old = model.config
+  new_cfg = old.replace(vocab_size=max(len(tokenizer), old.vocab_size))
+  params = state_lib.pure(nnx.state(model))
+  embed = np.asarray(jax.device_get(params["embed"]))
+  extra = np.repeat(embed.mean(0, keepdims=True), new_cfg.vocab_size - old.vocab_size, axis=0)
+  params["embed"] = np.concatenate([embed, extra], axis=0)
+  if not old.tie_embeddings:
+    head = np.asarray(jax.device_get(params["lm_head"]))
+    params["lm_head"] = np.concatenate([head, np.zeros((head.shape[0], extra.shape[0]), head.dtype)], axis=1)
+  graphdef, _ = nnx.split(abstract_model(new_cfg))
+  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params)), tokenizer
+
+
 def load_model(cfg: TrainConfig, mesh) -> tuple[nnx.Module, Any]:
   """(model on the mesh, tokenizer or None): a preset with random init, an HF folder or a GGUF file."""
   if cfg.model == "hf":
     from tsallis_jax.model.hf_io import load_hf_checkpoint, load_tokenizer, read_hf_config
     check_fits(cfg, read_hf_config(cfg.model_path).get("max_position_embeddings"))
-    return load_hf_checkpoint(cfg.model_path, dtype=cfg.dtype, mesh=mesh), load_tokenizer(cfg.model_path)
+    return with_think_tokens(load_hf_checkpoint(cfg.model_path, dtype=cfg.dtype, mesh=mesh),
+                             load_tokenizer(cfg.model_path), mesh)
   if cfg.model == "gguf":
     from tsallis_jax.model import gguf_io
     from tsallis_jax.model.hf_io import load_hf_checkpoint, load_tokenizer, read_hf_config
     path = gguf_io.smollm2_gguf_path() if cfg.model_path == "smollm2" else cfg.model_path
     folder = gguf_io.cached_hf_folder(path)
     check_fits(cfg, read_hf_config(folder).get("max_position_embeddings"))
-    return load_hf_checkpoint(folder, dtype=cfg.dtype, mesh=mesh), load_tokenizer(folder)
+    return with_think_tokens(load_hf_checkpoint(folder, dtype=cfg.dtype, mesh=mesh), load_tokenizer(folder), mesh)
   return None, None
 
 

@@ -5,7 +5,10 @@
 * `synthetic` (`tsallis_jax.data.synthetic`): the target chain task with the p0 knob. Options: p0 (0.01), steps (4),
   modulus (10), train (2000), val (64), test (128). Splits are drawn from fixed data seeds (1, 2, 3), independent of
   the run's seed, so every run of the demo is evaluated on the same held-out prompts.
-* `finqa`, `hotpotqa`, `musique`: the paper's datasets from `data_dir` (the official files; see tsallis_jax/data).
+* `finqa`, `hotpotqa`, `musique`: the paper's datasets from `data_dir` (the official files; see tsallis_jax/data):
+  the paper's subsets (`data.splits.load_split`).
+* `fixture`: eight short factual questions (below), the same list for train, validation and test: a smoke test that
+  the loop trains a real pretrained model (the SmolLM2 warm-start config), not a benchmark.
 """
 from __future__ import annotations
 
@@ -17,6 +20,12 @@ from tsallis_jax.train.config import ConfigError, TrainConfig, parse_options
 
 SYNTHETIC_DEFAULTS = {"p0": 0.01, "steps": 4, "modulus": 10, "train": 2000, "val": 64, "test": 128}
 DATA_SEEDS = {"train": 1, "val": 2, "test": 3}
+FIXTURE_QA = (
+    ("What is the capital of France?", "Paris"), ("What is the capital of Japan?", "Tokyo"),
+    ("How many legs does a spider have?", "8"), ("What is 7 times 6?", "42"),
+    ("Which planet is known as the Red Planet?", "Mars"), ("What is the largest ocean on Earth?", "Pacific"),
+    ("What gas do plants absorb from the air?", "carbon dioxide"), ("How many days are in a week?", "7"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +77,13 @@ def build_task(cfg: TrainConfig, tokenizer: Any = None) -> Task:
     splits = {name: synthetic.make_records(target, opts[name], DATA_SEEDS[name]) for name in ("train", "val", "test")}
     return Task(tok, splits["train"], splits["val"], splits["test"],
                 {"task": "synthetic", "nominal_p0": target.nominal_p0, **opts})
+  if cfg.task == "fixture":
+    if tokenizer is None:
+      raise ConfigError("task='fixture' needs the model's tokenizer (model=hf or gguf)")
+    # Context-free questions use HotPotQA's warm instructions (a short phrase as the answer).
+    records = [Record(id=f"fixture-{i}", question=q, answer=a, dataset="hotpotqa", source="tasks.FIXTURE_QA", index=i)
+               for i, (q, a) in enumerate(FIXTURE_QA)]
+    return Task(tokenizer, records, records, records, {"task": "fixture"})
   if cfg.task in ("finqa", "hotpotqa", "musique"):
     try:
       from tsallis_jax.data import splits as splits_lib  # written by the data engineer (issue 6)
@@ -77,4 +93,4 @@ def build_task(cfg: TrainConfig, tokenizer: Any = None) -> Task:
       raise ConfigError(f"task={cfg.task!r} needs the model's tokenizer (model=hf with model_path)")
     parts = {name: splits_lib.load_split(cfg.task, name, data_dir=cfg.data_dir) for name in ("train", "val", "test")}
     return Task(tokenizer, parts["train"], parts["val"], parts["test"], {"task": cfg.task})
-  raise ConfigError(f"task={cfg.task!r} is unknown; use synthetic, finqa, hotpotqa or musique")
+  raise ConfigError(f"task={cfg.task!r} is unknown; use synthetic, fixture, finqa, hotpotqa or musique")

@@ -1,0 +1,83 @@
+"""Every shipped config loads and documents itself; unknown keys and impossible values are clear errors."""
+import importlib
+import pathlib
+
+import pytest
+
+from tsallis_jax.train import loop
+from tsallis_jax.train.config import (ConfigError, TrainConfig, apply_overrides, check_fits, check_mesh,
+                                      load_config)
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
+NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_config_loads_and_documents_command_runtime_and_result(name):
+  cfg = load_config(name)
+  assert isinstance(cfg, TrainConfig)
+  doc = importlib.import_module(f"experiments.configs.{name}").__doc__ or ""
+  for word in ("Command", "Runtime", "Expected"):
+    assert word in doc, f"experiments/configs/{name}.py's docstring lacks {word!r}"
+  assert "python -m experiments." in doc
+
+
+def test_overrides_parse_types_and_apply():
+  cfg = apply_overrides(TrainConfig(), ["q=0.25", "estimator=paft", "num_steps=7", "tensorboard=false"])
+  assert (cfg.q, cfg.estimator, cfg.num_steps, cfg.tensorboard) == (0.25, "paft", 7, False)
+
+
+def test_unknown_key_names_the_key_a_suggestion_and_the_valid_keys():
+  with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['learning_rat'\].*did you mean 'learning_rate'"
+                     r".*Valid keys"):
+    apply_overrides(TrainConfig(), ["learning_rat=1e-3"])
+  with pytest.raises(ConfigError, match="unknown config key"):
+    TrainConfig().replace(nonsense=1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("q=1.5", r"q=1.5 is outside \[0, 1\]"),
+    ("q_end=-0.1", r"q_end=-0.1 is outside \[0, 1\]"),
+    ("num_samples=1", "num_samples=1 < 2 with estimator='garl' and baseline=rloo"),
+    ("estimator=sft", "estimator='sft' is not one of"),
+    ("temperature=0", "temperature=0.0 must be > 0"),
+    ("num_steps=abc", "cannot parse 'abc' as int"),
+    ("warmup_steps=1000", "warmup_steps=1000 exceeds num_steps"),
+    ("model_path=/x", "model_path='/x' is only read when model is 'hf' or 'gguf'"),
+    ("eval_reward=bleu", "eval_reward='bleu' is not one of"),
+    ("top_p=0", r"top_p=0.0 must lie in \(0, 1\]"),
+])
+def test_impossible_values_are_rejected_at_config_time(override, message):
+  with pytest.raises(ConfigError, match=message):
+    apply_overrides(TrainConfig(), [override])
+
+
+def test_grpo_needs_two_samples_and_rloo_can_be_switched_off():
+  with pytest.raises(ConfigError, match="num_samples=1 < 2 with estimator='grpo'"):
+    TrainConfig(estimator="grpo", num_samples=1)
+  assert TrainConfig(estimator="garl", baseline="none", num_samples=1).num_samples == 1
+
+
+def test_mesh_and_budget_checks():
+  with pytest.raises(ConfigError, match="mesh_fsdp=3 does not divide the 8 devices"):
+    check_mesh(TrainConfig(mesh_fsdp=3), 8)
+  with pytest.raises(ConfigError, match="mesh_data=2 x mesh_fsdp=2 = 4 does not equal the 8 devices"):
+    check_mesh(TrainConfig(mesh_data=2, mesh_fsdp=2), 8)
+  with pytest.raises(ConfigError, match="batch_size=4 is not divisible by the 8 devices"):
+    check_mesh(TrainConfig(batch_size=4, eval_batch_size=8), 8)
+  assert check_mesh(TrainConfig(batch_size=8, eval_batch_size=8, mesh_fsdp=2), 8) == (4, 2)
+  cfg = TrainConfig(max_prompt_len=2048, rationale_budget=4096 - 128, max_answer_len=128)
+  with pytest.raises(ConfigError, match="exceeds the model's maximum length 4096"):
+    check_fits(cfg, 4096)
+  check_fits(cfg, 40960)
+
+
+def test_unknown_config_name_model_override_and_task_option():
+  with pytest.raises(ConfigError, match="no config named 'nope'"):
+    load_config("nope")
+  with pytest.raises(ConfigError, match="model_overrides key 'layers' is not a scalar ModelConfig field"):
+    loop.model_config(TrainConfig(model_overrides="layers=2"))
+  assert loop.model_config(TrainConfig(model_overrides="num_layers=3"), vocab_size=50).num_layers == 3
+  from tsallis_jax.train.tasks import build_task
+  with pytest.raises(ConfigError, match=r"task_options \['p00'\] are unknown"):
+    build_task(TrainConfig(task_options="p00=0.1"))

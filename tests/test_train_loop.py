@@ -1,0 +1,64 @@
+"""train_and_evaluate end to end on the smoke config (8 fake devices): files, metric names, best checkpoint,
+the start-up precedence rule, and the NaN stop."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tsallis_jax.train import NonFiniteLossError, load_config, train_and_evaluate
+from tsallis_jax.train.writers import read_metrics
+
+TRAIN_KEYS = ("loss", "reward/mean", "reward/std", "groups/frac_all_wrong", "groups/frac_zero_std", "weight/mean",
+              "jq/q", "jq/amp_mean", "jq/amp_max", "jq/weight_ess", "jq/max_c_over_Mq", "policy/entropy", "kl/ref",
+              "mismatch/logp_abs_diff", "gen/len_mean", "gen/truncated_frac", "grad_norm", "learning_rate",
+              "perf/tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("smoke"))
+  cfg = load_config("smoke", ["num_steps=4", "eval_every=2", "checkpoint_every=2"])
+  return cfg, workdir, train_and_evaluate(cfg, workdir)
+
+
+def test_run_writes_metrics_checkpoints_and_results(smoke_run):
+  cfg, workdir, results = smoke_run
+  rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+  for r in train_rows:
+    missing = [k for k in TRAIN_KEYS if k not in r]
+    assert not missing, missing
+    assert all(np.isfinite(v) for k, v in r.items() if isinstance(v, float))
+  assert train_rows[0]["kl/ref"] == 0.0 and train_rows[-1]["kl/ref"] > 0.0  # first step is on the initial policy
+  eval_rows = [r for r in rows if "eval/maj@4" in r]
+  assert [r["step"] for r in eval_rows] == [2, 4]
+  best_step = max(eval_rows, key=lambda r: (r["eval/maj@4"], -r["step"]))["step"]
+  assert results["best"]["step"] == best_step
+  assert sorted(os.listdir(os.path.join(workdir, "best"))) == [str(best_step)]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  for k in ("test/p@1", "test/pass@4", "test/maj@4"):
+    assert 0.0 <= results[k] <= 1.0
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(results))
+  assert os.listdir(os.path.join(workdir, "tb"))
+
+
+def test_workdir_checkpoint_wins_over_init_checkpoint(smoke_run, tmp_path):
+  cfg, workdir, results = smoke_run
+  # The run folder holds step 4 = num_steps: the run resumes there (nothing left to train) and ignores a bogus
+  # init_checkpoint, which would raise FileNotFoundError if it were read.
+  again = train_and_evaluate(cfg.replace(init_checkpoint=str(tmp_path / "does_not_exist")), workdir)
+  assert again == results
+  with pytest.raises(FileNotFoundError, match="init_checkpoint"):
+    train_and_evaluate(cfg.replace(init_checkpoint=str(tmp_path / "does_not_exist")), str(tmp_path / "fresh"))
+
+
+def test_non_finite_loss_stops_with_step_batch_and_last_good_checkpoint(tmp_path):
+  # lr 1e30: step 1 is finite, its update sends every parameter to ~1e30, so step 2's forward overflows.
+  cfg = load_config("smoke", ["learning_rate=1e30", "num_steps=4", "checkpoint_every=1", "eval_every=0"])
+  with pytest.raises(NonFiniteLossError, match=r"at step 1 \(batch record ids \[.*\]\); last good checkpoint: "
+                                               r"step 1 in .*checkpoints"):
+    train_and_evaluate(cfg, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]  # the bad state was never saved
