@@ -61,6 +61,7 @@ while [[ $# -gt 0 ]]; do
     --sync-every) need_value "$@"; SYNC_EVERY="$2"; shift 2 ;;
     --fetch) need_value "$@"; FETCH+=("$2"); shift 2 ;;
     --print-stamp) PRINT_STAMP=1; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
     *) die "unknown option '$1' (arguments for experiments.train go after '--'; see the header of launch/host.sh)" ;;
   esac

@@ -6,6 +6,7 @@ the global mesh over 4 devices and a multi-process orbax checkpoint.
 """
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -267,3 +268,11 @@ def test_fetch_bad_arguments(tmp_path, item, message):
   result = _host("--venv", str(tmp_path / "venv"), "--config", CONFIG, "--workdir", "gs://b/run", "--fetch", item)
   assert result.returncode == 2 and message in result.stderr, result.stderr
   assert not (tmp_path / "venv").exists()
+
+
+def test_help_lists_every_option():
+  result = _host("--help")
+  assert result.returncode == 0
+  documented = set(re.findall(r"^\s+(--[a-z-]+)", result.stdout, re.M))
+  parsed = set(re.findall(r"^\s+(?:-h\|)?(--[a-z-]+)\)", open(HOST, encoding="utf-8").read(), re.M))
+  assert len(parsed) > 10 and parsed - {"--help"} <= documented, parsed - documented
