@@ -25,7 +25,11 @@ def _forward(model, tokens_NxT, pad_mask_NxT):
   return model(tokens_NxT, make_positions(pad_mask_NxT), make_attention_mask(pad_mask_NxT))[0]
 
 
-def _hf_model(arch: str, folder: pathlib.Path, *, tie: bool, max_shard_size=None):
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 16.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+
+
+def _hf_model(arch: str, folder: pathlib.Path, *, tie: bool, max_shard_size=None, rope_parameters=None):
   """A tiny random transformers model of `arch`, saved with save_pretrained; returns the torch model."""
   torch = pytest.importorskip("torch")
   import transformers
@@ -33,7 +37,8 @@ def _hf_model(arch: str, folder: pathlib.Path, *, tie: bool, max_shard_size=None
              "llama": ("LlamaConfig", "LlamaForCausalLM")}
   config_cls, model_cls = (getattr(transformers, name) for name in classes[arch])
   config = config_cls(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=5000.0,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                      rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 5000.0},
                       tie_word_embeddings=tie)
   torch.manual_seed(0)
   model = model_cls(config).eval()
@@ -55,19 +60,22 @@ def _torch_logits(model, tokens_NxT, pad_NxT):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("arch, tie", [("qwen3", True), ("qwen2", False), ("llama", False)])
-def test_logits_match_transformers_with_and_without_padding(tmp_path, arch, tie):
-  torch_model = _hf_model(arch, tmp_path, tie=tie)
+@pytest.mark.parametrize("arch, tie, rope", [("qwen3", True, None), ("qwen2", False, None), ("llama", False, None),
+                                             ("llama", True, LLAMA3_ROPE)])
+def test_logits_match_transformers_with_and_without_padding(tmp_path, arch, tie, rope):
+  torch_model = _hf_model(arch, tmp_path, tie=tie, rope_parameters=rope)
   model = load_hf_checkpoint(tmp_path)
   assert model.config.arch == arch and model.config.tie_embeddings == tie
+  assert model.config.rope_theta == 5000.0 and (model.config.rope_llama3 is None) == (rope is None)
   pad_NxT = TOKENS_NxT != 0
   ref_NxTxV = _torch_logits(torch_model, TOKENS_NxT, pad_NxT)
   got_NxTxV = np.asarray(_forward(model, jnp.asarray(TOKENS_NxT), jnp.asarray(pad_NxT)))
-  np.testing.assert_allclose(got_NxTxV[pad_NxT], ref_NxTxV[pad_NxT], atol=1e-4)
+  # The issue asks for 1e-4; float32 agreement is ~1e-7, and 1e-5 keeps the test sensitive to small RoPE errors.
+  np.testing.assert_allclose(got_NxTxV[pad_NxT], ref_NxTxV[pad_NxT], atol=1e-5)
   # The unpadded row alone as well.
   ref_1xTxV = _torch_logits(torch_model, TOKENS_NxT[:1], pad_NxT[:1])
   got_1xTxV = np.asarray(_forward(model, jnp.asarray(TOKENS_NxT[:1]), jnp.ones((1, 7), bool)))
-  np.testing.assert_allclose(got_1xTxV, ref_1xTxV, atol=1e-4)
+  np.testing.assert_allclose(got_1xTxV, ref_1xTxV, atol=1e-5)
 
 
 @pytest.mark.torch

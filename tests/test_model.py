@@ -201,7 +201,9 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="model_type"):
     ModelConfig.from_hf_config({"model_type": "gpt2"})
   hf = ModelConfig.smollm2_135m().to_hf_config()
-  with pytest.raises(ValueError, match="llama3"):
+  with pytest.raises(ValueError, match="dynamic"):
+    ModelConfig.from_hf_config({**hf, "rope_scaling": {"rope_type": "dynamic", "factor": 8.0}})
+  with pytest.raises(ValueError, match="low_freq_factor"):
     ModelConfig.from_hf_config({**hf, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
   with pytest.raises(ValueError, match="yarn"):
     ModelConfig.from_hf_config({**hf, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}})
@@ -212,5 +214,6 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_hf_config_round_trip():
-  for cfg in [*ARCH_CONFIGS.values(), ModelConfig.qwen3_0_6b(), ModelConfig.smollm2_135m()]:
+  llama3 = ModelConfig.tiny(arch="llama", qk_norm=False, rope_llama3=(8.0, 1.0, 4.0, 8192))
+  for cfg in [*ARCH_CONFIGS.values(), llama3, ModelConfig.qwen3_0_6b(), ModelConfig.smollm2_135m()]:
     assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg

@@ -59,6 +59,8 @@ class ModelConfig:
     head_dim: E (Qwen3 sets it explicitly; otherwise D / H).
     arch: "qwen3", "qwen2" or "llama" (used to write HF checkpoints back).
     rope_theta: RoPE base frequency.
+    rope_llama3: Llama 3.1-style RoPE frequency scaling as (factor, low_freq_factor, high_freq_factor,
+      original_max_position_embeddings), or None for plain RoPE.
     norm_eps: RMSNorm epsilon.
     qkv_bias: q/k/v projections carry a bias (Qwen2).
     qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3).
@@ -77,6 +79,7 @@ class ModelConfig:
   head_dim: int
   arch: str = "qwen3"
   rope_theta: float = 1_000_000.0
+  rope_llama3: tuple[float, float, float, int] | None = None
   norm_eps: float = 1e-6
   qkv_bias: bool = False
   qk_norm: bool = True
@@ -96,6 +99,8 @@ class ModelConfig:
       raise ValueError(
         f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}; grouped-query "
         "attention needs each kv head to serve the same number of query heads.")
+    if self.rope_llama3 is not None and len(self.rope_llama3) != 4:
+      raise ValueError("rope_llama3 is (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings.")
     if self.arch not in ARCHITECTURES:
@@ -150,8 +155,8 @@ class ModelConfig:
     """Builds the config from a Hugging Face `config.json` dict (Qwen3, Qwen2, Llama; Mistral without windows).
 
     Raises:
-      ValueError: unknown `model_type`, a missing field, or a feature this model does not implement (RoPE scaling,
-        sliding-window attention, an MLP activation other than SiLU).
+      ValueError: unknown `model_type`, a missing field, or a feature this model does not implement (RoPE scaling
+        other than Llama 3.1's, sliding-window attention, an MLP activation other than SiLU).
     """
     model_type = hf.get("model_type")
     if model_type not in _HF_MODEL_TYPES:
@@ -165,11 +170,18 @@ class ModelConfig:
         raise ValueError(f"config.json for model_type {model_type!r} lacks the field {key!r}.")
       return hf[key]
 
+    rope_llama3 = None
     for key in ("rope_scaling", "rope_parameters"):  # transformers 4.x / 5.x spellings
       scaling = hf.get(key) or {}
       rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-      if rope_type != "default":
-        raise ValueError(f"{key} of type {rope_type!r} is not implemented; only unscaled RoPE is supported.")
+      if rope_type == "llama3":
+        fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if any(f not in scaling for f in fields):
+          raise ValueError(f"{key} of type 'llama3' needs the fields {fields}; got {sorted(scaling)}.")
+        rope_llama3 = (float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                       float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+      elif rope_type != "default":
+        raise ValueError(f"{key} of type {rope_type!r} is not implemented; only plain and 'llama3' RoPE are.")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
       raise ValueError(f"hidden_act={act!r} is not implemented; the SwiGLU MLP here uses SiLU.")
@@ -191,7 +203,7 @@ class ModelConfig:
       vocab_size=need("vocab_size"), num_layers=need("num_hidden_layers"), embed_dim=embed_dim,
       mlp_dim=need("intermediate_size"), num_heads=num_heads,
       num_kv_heads=hf.get("num_key_value_heads") or num_heads, head_dim=head_dim, arch=arch,
-      rope_theta=float(rope_theta), norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=qkv_bias,
+      rope_theta=float(rope_theta), rope_llama3=rope_llama3, norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=qkv_bias,
       qk_norm=arch == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
     kwargs.update(changes)
     return cls(**kwargs)
@@ -210,4 +222,8 @@ class ModelConfig:
     }
     if self.arch != "qwen2":
       hf["attention_bias"] = False
+    if self.rope_llama3 is not None:
+      factor, low, high, original = self.rope_llama3
+      hf["rope_scaling"] = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                            "high_freq_factor": high, "original_max_position_embeddings": original}
     return hf

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tsallis_jax.model.cache import KVCache
@@ -51,11 +52,26 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return weight * normed.astype(x.dtype)
 
 
-def rope(x_NxTxHxE: jax.Array, positions_NxT: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """The E/2 rotary inverse frequencies, with Llama 3.1's scaling when `cfg.rope_llama3` is set (as in HF)."""
+  e = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, e, 2, dtype=np.float64) / e))
+  if cfg.rope_llama3 is None:
+    return inv_freq.astype(np.float32)
+  factor, low_freq_factor, high_freq_factor, original = cfg.rope_llama3
+  wavelen = 2 * np.pi / inv_freq
+  low_freq_wavelen, high_freq_wavelen = original / low_freq_factor, original / high_freq_factor
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope(x_NxTxHxE: jax.Array, positions_NxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """Rotary embedding, split-halves convention: x * cos + rotate_half(x) * sin, angles in float32."""
   e = x_NxTxHxE.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
-  angle_NxTxE2 = positions_NxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+  angle_NxTxE2 = positions_NxT.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
   cos_NxTx1xE = jnp.concatenate([jnp.cos(angle_NxTxE2)] * 2, axis=-1)[:, :, None, :]
   sin_NxTx1xE = jnp.concatenate([jnp.sin(angle_NxTxE2)] * 2, axis=-1)[:, :, None, :]
   x32 = x_NxTxHxE.astype(jnp.float32)
@@ -95,8 +111,9 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q_NxTxHxE = rms_norm(q_NxTxHxE, self.q_norm[...], cfg.norm_eps)
       k_NxTxKxE = rms_norm(k_NxTxKxE, self.k_norm[...], cfg.norm_eps)
-    q_NxTxHxE = rope(q_NxTxHxE, positions_NxT, cfg.rope_theta)
-    k_NxTxKxE = rope(k_NxTxKxE, positions_NxT, cfg.rope_theta)
+    inv_freq = rope_inv_freq(cfg)
+    q_NxTxHxE = rope(q_NxTxHxE, positions_NxT, inv_freq)
+    k_NxTxKxE = rope(k_NxTxKxE, positions_NxT, inv_freq)
     q_NxTxHxE = constrain(q_NxTxHxE, ("batch", "length", "heads", "head_dim"), cfg.sharding_rules)
 
     if layer_cache is None:
