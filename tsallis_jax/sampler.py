@@ -327,6 +327,8 @@ def generate_impl(graphdef: nnx.GraphDef, params: Any, prompt_tokens_BxP: Array,
 
     inv_temperature = 1.0 / config.temperature if config.temperature > 0 else 1.0
     model_logp_N = (jnp.take_along_axis(logits_NxV, token_N[:, None], axis=-1)[:, 0] * inv_temperature - log_z_N)
+    if config.temperature > 0 and not config.filtered:  # the same number: reuse it (the first gather is dead code)
+      logp_N = jnp.where(forced_N, 0.0, model_logp_N)
 
     live_N = ~state.done_N
     token_N = jnp.where(live_N, token_N, config.pad_id)

@@ -52,15 +52,17 @@ def _sanity_logits(model) -> np.ndarray:
   return np.asarray(logits_1xTxV[0, -1, :5])
 
 
-def _time_calls(sampler: sampler_lib.Sampler, prompts: list[str], steps: int) -> tuple[list[float], int]:
-  times, real_tokens = [], 0
+def _time_calls(sampler: sampler_lib.Sampler, prompts: list[str], steps: int) -> tuple[list[float], list[float], int]:
+  """Wall and process-CPU seconds of each call (CPU time is less sensitive to other processes on a shared box)."""
+  times, cpu_times, real_tokens = [], [], 0
   for s in range(steps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = sampler(prompts, jax.random.key(s))
     jax.block_until_ready(out.rollout.tokens_NxT)
     times.append(time.perf_counter() - t0)
+    cpu_times.append(time.process_time() - c0)
     real_tokens = int(np.asarray(out.rollout.lengths_N).sum())
-  return times, real_tokens
+  return times, cpu_times, real_tokens
 
 
 def run(workload: str, steps: int = 0) -> dict:
@@ -78,9 +80,9 @@ def run(workload: str, steps: int = 0) -> dict:
     return sampler_lib.Sampler(model, tok, config)
 
   flat = [prompts[i % len(prompts)] for i in range(spec.sample_batch)]
-  times, real = _time_calls(make(1), flat, steps)
+  times, cpu_times, real = _time_calls(make(1), flat, steps)
   group = spec.sample_batch // len(prompts)
-  grouped_times, _ = _time_calls(make(group), list(prompts), steps)
+  grouped_times, grouped_cpu, _ = _time_calls(make(group), list(prompts), steps)
   grouped_median = float(np.median(grouped_times[1:]))
   slots = spec.sample_batch * spec.max_new
   return common.emit(
@@ -88,8 +90,10 @@ def run(workload: str, steps: int = 0) -> dict:
     sanity=_sanity_logits(model),
     extra={"sampler": "tsallis_jax.sampler.Sampler (prefill + lax.while_loop, KV cache)",
            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "real_tokens_last_call": real,
+           "cpu_times_s": [round(t, 5) for t in cpu_times],
            "grouped": {"num_prompts": len(prompts), "group_size": group,
                        "times_s": [round(t, 5) for t in grouped_times], "median_s": round(grouped_median, 5),
+                       "cpu_times_s": [round(t, 5) for t in grouped_cpu],
                        "tokens_per_s": round(slots / grouped_median, 1)}})
 
 
