@@ -203,8 +203,8 @@ class ModelConfig:
       vocab_size=need("vocab_size"), num_layers=need("num_hidden_layers"), embed_dim=embed_dim,
       mlp_dim=need("intermediate_size"), num_heads=num_heads,
       num_kv_heads=hf.get("num_key_value_heads") or num_heads, head_dim=head_dim, arch=arch,
-      rope_theta=float(rope_theta), rope_llama3=rope_llama3, norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=qkv_bias,
-      qk_norm=arch == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+      rope_theta=float(rope_theta), rope_llama3=rope_llama3, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      qkv_bias=qkv_bias, qk_norm=arch == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
     kwargs.update(changes)
     return cls(**kwargs)
 
