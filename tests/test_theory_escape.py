@@ -1,4 +1,5 @@
 """Escape times of the toy models (spec 1.5, 2.7; acceptance facts 6-7): closed forms, series, flow, slopes."""
+import json
 import math
 
 import jax
@@ -160,3 +161,14 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
     theory.escape_time(**kwargs)
   with pytest.raises(ValueError, match=match):
     theory.simulate_escape_time(**kwargs)
+
+
+def test_escape_time_entry_point_writes_table_plot_and_json(tmp_path, capsys):
+  from experiments import escape_time as entry
+
+  study = entry.main(["--out_dir", str(tmp_path), "--no_simulate"])
+  assert (tmp_path / "escape_time.png").stat().st_size > 10_000
+  assert json.loads((tmp_path / "escape_time.json").read_text())["slopes"] == study["slopes"]
+  assert "Fitted slopes" in capsys.readouterr().out
+  for q, slope in study["slopes"].items():
+    assert slope["fitted"] == pytest.approx(slope["predicted"], abs=0.02), q
