@@ -8,7 +8,9 @@ The sweep: estimator in {grpo, garl, paft}, q in {0, 0.25, 0.5, 0.75, 1}, prompt
 Rationale budget 2048-128 tokens before `</think>` is forced, 128 answer tokens (spec 1.7).
 Runtime: not measured (this project has no accelerator); 400 steps x 32 prompts x 32 rollouts of up to the
   budget in tokens is a multi-host TPU job, not a CPU one.
-Expected (the paper's numbers, x100): cold q=0.75: p@1 26.8, p@16 58.9, m@16 34.8 (Table 2); warm m@16: GRPO 15.8, PAFT q=0.75 22.4 (Table 3).
+Expected (the paper's numbers, x100):
+  cold q=0.75: p@1 26.8, p@16 58.9, m@16 34.8 (Table 2);
+  warm m@16: GRPO 15.8, PAFT q=0.75 22.4 (Table 3).
 """
 from experiments.configs._paper import paper_config
 

@@ -50,7 +50,8 @@ class TrainConfig:
   task_options: str = ""  # task-specific "k=v,k=v" (e.g. the synthetic task's name and p0 knob)
   data_dir: str = ""  # manual-download folder for the real datasets
   prompt_style: str = "cold"  # cold: linearised (x*, y*) without instructions; warm: task prompt (spec 1.7)
-  max_prompt_len: int = 32  # prompt tokens (left-padded)
+  max_prompt_len: int = 32  # prompt tokens (left-padded; longer contexts are truncated by tsallis_jax.data.context)
+  prompt_bucket: int = 0  # training prompts are padded to a multiple of this (0 = max_prompt_len: one shape bucket)
   rationale_budget: int = 16  # rationale tokens before `</think>` is forced (s1-style budget forcing)
   max_answer_len: int = 8  # answer tokens (gold answer teacher-forced; sampled answer for GRPO/eval)
 
@@ -71,7 +72,7 @@ class TrainConfig:
   # GRPO (spec 2.6). The paper gives no clip or KL; we run one on-policy step per batch, so the PPO ratio is 1
   # and the clip is inactive; KL to the initial policy is logged always and added to the loss only if kl_coef > 0.
   grpo_scale_rewards: str = "group"  # group: divide advantages by the group std (GRPO); none: Dr.GRPO
-  grpo_clip_eps: float = 0.2
+  grpo_clip_eps: float = 0.2  # grpo_loss's loss_type is "grpo" (TRL's default: mean over sequences of token means)
   kl_coef: float = 0.0
   log_ref_kl: bool = True  # keep the initial params to log kl/ref (one extra forward per step); forced on by kl_coef
 
@@ -203,7 +204,7 @@ def _validate(cfg: TrainConfig) -> None:
   for key in ("batch_size", "num_steps", "max_prompt_len", "max_answer_len", "eval_batch_size"):
     _require(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)} must be >= 1")
   _require(cfg.rationale_budget >= 0, f"rationale_budget={cfg.rationale_budget} must be >= 0")
-  for key in ("paft_resamples", "q_schedule_steps", "warmup_steps", "eval_every", "eval_max_prompts",
+  for key in ("prompt_bucket", "paft_resamples", "q_schedule_steps", "warmup_steps", "eval_every", "eval_max_prompts",
               "checkpoint_every", "top_k", "eval_top_k"):
     _require(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0")
   _require(cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1")

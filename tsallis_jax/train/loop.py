@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 # Config keys that do not change any compiled program: runs that differ only in these share the jitted rollout and
 # train step (the demo's many runs compile each program once).
 _PROGRAM_NEUTRAL = ("name", "seed", "q", "q_end", "init_checkpoint", "eval_every", "eval_max_prompts",
-                    "checkpoint_every", "max_to_keep", "log_every", "progress_bar", "tensorboard", "task_options",
-                    "data_dir")
+                    "prompt_bucket", "checkpoint_every", "max_to_keep", "log_every", "progress_bar", "tensorboard",
+                    "task_options", "data_dir")
 _PROGRAMS: dict[Any, Any] = {}
 
 
@@ -308,7 +308,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, task: Task | None = No
   loader = pipeline.make_prompt_loader(
       task.train, task.tokenizer, batch_size=cfg.batch_size, seed=cfg.seed, style=cfg.prompt_style,
       max_prompt_tokens=cfg.max_prompt_len, max_answer_tokens=cfg.max_answer_len, shard_index=shard_index,
-      shard_count=shard_count, pad_multiple=cfg.max_prompt_len)
+      shard_count=shard_count, pad_multiple=cfg.prompt_bucket or cfg.max_prompt_len)
   data_iter = iter(loader)
   if meta.get("data_state") is not None:
     data_iter.set_state(meta["data_state"])

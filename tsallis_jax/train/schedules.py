@@ -51,7 +51,8 @@ def q_schedule_from_config(cfg: TrainConfig, q_start=None, q_end=None) -> Schedu
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warm-up from learning_rate / warmup_steps over `warmup_steps`, then constant, cosine or linear decay to 0 at `num_steps`."""
+  """Linear warm-up from learning_rate / warmup_steps over `warmup_steps`, then constant, cosine or linear decay
+  to 0 at `num_steps`."""
   decay_steps = max(cfg.num_steps - cfg.warmup_steps, 1)
   if cfg.lr_schedule == "constant":
     after = optax.constant_schedule(cfg.learning_rate)
@@ -61,7 +62,8 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     after = optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)
   if cfg.warmup_steps == 0:
     return after
-  warm = optax.linear_schedule(cfg.learning_rate / cfg.warmup_steps, cfg.learning_rate, cfg.warmup_steps)
+  warm = optax.linear_schedule(cfg.learning_rate / cfg.warmup_steps, cfg.learning_rate,
+                               cfg.warmup_steps)
   return optax.join_schedules([warm, after], [cfg.warmup_steps])
 
 
