@@ -12,13 +12,11 @@ from tsallis_jax import theory
 
 def _minimise_categorical(alpha_N, q):
   """Direct numerical minimisation of sum alpha (-ln_q theta) over softmax logits, with jq's own code."""
-  objective = jax.jit(lambda phi: theory.categorical_qloss(jax.nn.log_softmax(phi), alpha_N, q))
   value_and_grad = jax.jit(jax.value_and_grad(lambda phi: theory.categorical_qloss(jax.nn.log_softmax(phi),
                                                                                      alpha_N, q)))
   fun = lambda phi: tuple(np.asarray(x, np.float64) for x in value_and_grad(jnp.asarray(phi, jnp.float32)))
   result = scipy.optimize.minimize(fun, np.zeros(len(alpha_N)), jac=True, method="L-BFGS-B",
                                    options=dict(gtol=1e-9, ftol=1e-12, maxiter=2000))
-  del objective
   return np.asarray(jax.nn.softmax(jnp.asarray(result.x)))
 
 
