@@ -68,6 +68,15 @@ def test_config_rejects_bad_values(kwargs, match):
     SamplingConfig(**kwargs)
 
 
+def test_generate_rejects_mismatched_prompts_and_out_of_vocabulary_tags(model):
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts([[5, 6, 7]], PAD, buckets=(4,))
+  with pytest.raises(ValueError, match="same rank-2 shape"):
+    _generate(model, tokens_BxP, mask_BxP[:, 1:], jax.random.key(0), SamplingConfig(max_new_tokens=2))
+  with pytest.raises(ValueError, match="outside the model's vocabulary"):
+    _generate(model, tokens_BxP, mask_BxP, jax.random.key(0), SamplingConfig(
+      close_tag_ids=(500,), rationale_budget=2, answer_budget=2))
+
+
 def test_pad_prompts_buckets_and_sides():
   tokens_BxP, mask_BxP = sampler_lib.pad_prompts([[5, 6, 7], [8]], PAD, buckets=(2, 4, 8), side="left")
   np.testing.assert_array_equal(tokens_BxP, [[0, 5, 6, 7], [0, 0, 0, 8]])

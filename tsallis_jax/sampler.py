@@ -256,6 +256,13 @@ def generate_impl(graphdef: nnx.GraphDef, params: Any, prompt_tokens_BxP: Array,
   """Samples G completions per prompt (unjitted body of `generate`; call `generate` or `Sampler`)."""
   model = nnx.merge(graphdef, params)
   model_cfg = _model_config(model)
+  if prompt_tokens_BxP.ndim != 2 or prompt_mask_BxP.shape != prompt_tokens_BxP.shape:
+    raise ValueError(f"prompt tokens {prompt_tokens_BxP.shape} and mask {prompt_mask_BxP.shape} must be the same "
+                     "rank-2 shape (prompts x length); build both with `pad_prompts`.")
+  vocab_size = getattr(model_cfg, "vocab_size", None)
+  if vocab_size is not None and any(t >= vocab_size for t in config.close_tag_ids + (config.pad_id,)):
+    raise ValueError(f"close_tag_ids={config.close_tag_ids} or pad_id={config.pad_id} is outside the model's "
+                     f"vocabulary of {vocab_size} ids; encode them with the model's tokenizer.")
   B, P = prompt_tokens_BxP.shape
   G, T = config.num_samples, config.completion_len
   N, S = B * G, P + T
@@ -270,7 +277,7 @@ def generate_impl(graphdef: nnx.GraphDef, params: Any, prompt_tokens_BxP: Array,
   positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=-1, dtype=jnp.int32) - 1, 0)
 
   # Prefill all but the last prompt token, once per prompt. The last one is fed by the first decode step, so no
-  # logits are computed over the prompt (the unused prefill logits are dead code).
+  # logits are ever computed over the prompt.
   cache = model_lib.init_cache(model_cfg, batch_size=B, max_len=S, dtype=cache_dtype)
   if P > 1:
     attn_BxQxQ = model_lib.make_attention_mask(prompt_mask_BxP[:, :-1])
