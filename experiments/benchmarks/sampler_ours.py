@@ -1,6 +1,7 @@
 """Decode tokens/s of OUR sampler (`tsallis_jax.sampler`) on a benchmark workload; prints one BENCH_RESULT line.
 
   python -m experiments.benchmarks.sampler_ours --workload DIR [--steps N] [--threads 0|1]
+  python -m experiments.benchmarks.sampler_ours --profile-cache-layout
 
 DIR is a folder built by `python -m experiments.benchmarks.workloads OUT_ROOT` (`OUT_ROOT/tiny` is THE reference
 workload of ../shared/bench, `OUT_ROOT/smollm2` the SmolLM2-135M one). The call measured is the one the peers'
@@ -12,12 +13,18 @@ The headline (`times_s`, `tokens_per_s`) feeds the batch as `sample_batch` separ
 peers' input. `extra.grouped` times the same 64 sequences drawn the way the trainer draws them: the workload's
 `num_prompts` distinct prompts, G = `sample_batch / num_prompts` samples each, one shared prefill per prompt.
 
+`--profile-cache-layout` instead prints a profile note (no workload needed): one decode step's attention core
+(write the new k/v into the cache, scores, softmax, weighted values) inside a 32-step `fori_loop`, with the cache laid
+out NxSxKxE (the model/sampler contract) and NxKxSxE (kv-head major), interleaved, at the tiny workload's shapes.
+With NxSxKxE, XLA CPU transposes the whole cache into a batch-major layout for the batched dots at every step.
+
 `--threads 1` sets single-threaded XLA CPU (as the peers' t1 runs). Tokens/s counts `sample_batch * max_new` slots
 per call, like the peers (a few rows stop early at `<eos>`; the loop stops only when all rows are done).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -97,12 +104,58 @@ def run(workload: str, steps: int = 0) -> dict:
                        "tokens_per_s": round(slots / grouped_median, 1)}})
 
 
+def profile_cache_layout(reps: int = 15, n: int = 64, s: int = 48, k: int = 4, e: int = 32, steps: int = 32) -> dict:
+  """Median process-CPU seconds of the decode attention core over `steps` steps, per cache layout (see docstring)."""
+  import jax.numpy as jnp
+
+  def core(layout: str):
+    kv_axis = 1 if layout == "NxSxKxE" else 2
+    spec = "nke,nske->nks" if layout == "NxSxKxE" else "nke,nkse->nks"
+    out_spec = "nks,nske->nke" if layout == "NxSxKxE" else "nks,nkse->nke"
+
+    @jax.jit
+    def run(q_NxKxE, k_buf, v_buf):
+      def body(i, carry):
+        q_NxKxE, k_buf, v_buf = carry
+        new = jnp.expand_dims(q_NxKxE, kv_axis)
+        k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, new, i, axis=kv_axis)
+        v_buf = jax.lax.dynamic_update_slice_in_dim(v_buf, new, i, axis=kv_axis)
+        probs_NxKxS = jax.nn.softmax(jnp.einsum(spec, q_NxKxE, k_buf) * e ** -0.5, axis=-1)
+        return jnp.tanh(jnp.einsum(out_spec, probs_NxKxS, v_buf)), k_buf, v_buf
+      return jax.lax.fori_loop(0, steps, body, (q_NxKxE, k_buf, v_buf))[0]
+    shape = (n, s, k, e) if layout == "NxSxKxE" else (n, k, s, e)
+    args = (jax.random.normal(jax.random.key(0), (n, k, e)), jnp.zeros(shape), jnp.zeros(shape))
+    return run, args
+
+  runs = {layout: core(layout) for layout in ("NxSxKxE", "NxKxSxE")}
+  cpu = {layout: [] for layout in runs}
+  for layout, (fn, args) in runs.items():
+    jax.block_until_ready(fn(*args))
+  for _ in range(reps):
+    for layout, (fn, args) in runs.items():
+      c0 = time.process_time()
+      jax.block_until_ready(fn(*args))
+      cpu[layout].append(time.process_time() - c0)
+  med = {layout: float(np.median(v)) for layout, v in cpu.items()}
+  result = {"profile": "decode attention core, cache layout", "shapes": {"N": n, "S": s, "K": k, "E": e},
+            "steps": steps, "cpu_median_s": {l: round(v, 5) for l, v in med.items()},
+            "ratio": round(med["NxSxKxE"] / med["NxKxSxE"], 2)}
+  print(json.dumps(result), flush=True)
+  return result
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workload", required=True, help="a folder built by experiments.benchmarks.workloads")
+  p.add_argument("--workload", help="a folder built by experiments.benchmarks.workloads")
+  p.add_argument("--profile-cache-layout", action="store_true", help="print the cache-layout profile note instead")
   p.add_argument("--steps", type=int, default=0, help="calls per run, call 0 excluded (0: the workload's)")
   p.add_argument("--threads", type=int, choices=(0, 1), default=0, help="1: single-threaded XLA CPU")
   args = p.parse_args(argv)
+  if args.profile_cache_layout:
+    profile_cache_layout()
+    return
+  if not args.workload:
+    p.error("--workload is required (or pass --profile-cache-layout)")
   run(args.workload, args.steps)
 
 
