@@ -62,3 +62,26 @@ def test_non_finite_loss_stops_with_step_batch_and_last_good_checkpoint(tmp_path
                                                r"step 1 in .*checkpoints"):
     train_and_evaluate(cfg, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]  # the bad state was never saved
+
+
+def test_think_tokens_are_added_with_mean_embeddings():
+  import jax.numpy as jnp
+  import tokenizers
+  from flax import nnx
+  from transformers import PreTrainedTokenizerFast
+
+  from tsallis_jax.model import ModelConfig, Transformer
+  from tsallis_jax.train.loop import with_think_tokens
+  vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "a", "b"])}
+  raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
+  raw.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="<eos>")
+  model = Transformer(ModelConfig.tiny(vocab_size=4), rngs=nnx.Rngs(0))
+  grown, tok = with_think_tokens(model, tok, None)
+  assert tok.convert_tokens_to_ids(["<think>", "</think>"]) == [4, 5]
+  assert grown.config.vocab_size == 6
+  embed = np.asarray(grown.embed[...])
+  np.testing.assert_array_equal(embed[:4], np.asarray(model.embed[...]))
+  np.testing.assert_allclose(embed[4:], np.repeat(embed[:4].mean(0, keepdims=True), 2, axis=0), rtol=1e-6)
+  same, _ = with_think_tokens(grown, tok, None)  # already present: unchanged
+  assert same is grown
