@@ -121,20 +121,22 @@ def test_bfloat16_compute_keeps_float32_logits_close():
   assert 0 < err < 0.05 * scale  # bfloat16 differs, but not by much
 
 
-def test_remat_gives_the_same_loss_and_gradients():
+def test_remat_and_query_chunked_attention_give_the_same_loss_and_gradients():
   cfg = ModelConfig.tiny()
   tokens_NxT, pad_NxT = _left_padded_batch()
   graphdef, params = nnx.split(_random_params(Transformer(cfg, rngs=nnx.Rngs(0))))
-  graphdef_remat = nnx.split(Transformer(cfg.replace(remat=True), rngs=nnx.Rngs(0)))[0]
 
   def loss(params, graphdef):
     logits = _forward(nnx.merge(graphdef, params), tokens_NxT, pad_NxT)
     return jnp.sum(jax.nn.log_softmax(logits)[..., 3] * pad_NxT)
 
   value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, graphdef)
-  value_r, grads_r = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, graphdef_remat)
-  np.testing.assert_allclose(value, value_r, rtol=1e-6)
-  chex.assert_trees_all_close(grads, grads_r, atol=1e-5)
+  # remat, and attention over query blocks of 4 (6 queries: one full block and one padded block).
+  for variant in (cfg.replace(remat=True), cfg.replace(attention_query_chunk=4)):
+    graphdef_variant = nnx.split(Transformer(variant, rngs=nnx.Rngs(0)))[0]
+    value_v, grads_v = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, graphdef_variant)
+    np.testing.assert_allclose(value, value_v, rtol=1e-6)
+    chex.assert_trees_all_close(grads, grads_v, atol=1e-5)
 
 
 def test_sharded_build_and_forward_match_unsharded():

@@ -68,6 +68,8 @@ class ModelConfig:
     dtype: compute dtype name ("float32" or "bfloat16"); logits and log-softmax stay float32.
     param_dtype: parameter storage dtype name.
     remat: rematerialise each decoder block in the backward pass (`nnx.remat`).
+    attention_query_chunk: if set, attention runs over blocks of this many queries (exact; peak score memory
+      N x H x chunk x S instead of N x H x T x S), for long teacher-forced sequences.
     sharding_rules: (logical axis, mesh axes) pairs; see `DEFAULT_SHARDING_RULES`.
   """
   vocab_size: int
@@ -87,6 +89,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  attention_query_chunk: int | None = None
   sharding_rules: ShardingRules = DEFAULT_SHARDING_RULES
 
   def __post_init__(self):
@@ -99,6 +102,8 @@ class ModelConfig:
       raise ValueError(
         f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}; grouped-query "
         "attention needs each kv head to serve the same number of query heads.")
+    if self.attention_query_chunk is not None and self.attention_query_chunk <= 0:
+      raise ValueError(f"attention_query_chunk={self.attention_query_chunk} must be positive or None.")
     if self.rope_llama3 is not None and len(self.rope_llama3) != 4:
       raise ValueError("rope_llama3 is (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).")
     if self.head_dim % 2:
