@@ -2,7 +2,6 @@
 import importlib.util
 import json
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
