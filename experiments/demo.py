@@ -99,27 +99,41 @@ def write_table(path: str, summary: dict) -> str:
 
 
 def plot(path: str, summary: dict) -> None:
+  """Left: the training success rate (sampled exact match); right: GARL / PAFT's teacher-forced P-hat (log scale)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+  fig, (ax, ax_w) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
   colors = plt.cm.viridis(np.linspace(0, 0.9, len(summary["methods"])))
+  kernel = np.ones(SMOOTH) / SMOOTH
   for color, (name, runs) in zip(colors, summary["methods"].items()):
-    curves = []
+    style = "--" if "PAFT" in name else "-"
+    curves, w_curves = [], []
     for r in runs:
-      s = np.asarray(r["curve"]["success"])
-      smooth = np.convolve(s, np.ones(SMOOTH) / SMOOTH, mode="valid")
       steps = np.asarray(r["curve"]["step"])[SMOOTH - 1:]
-      ax.plot(steps, smooth, color=color, alpha=0.25, lw=0.8)
+      smooth = np.convolve(np.asarray(r["curve"]["success"]), kernel, mode="valid")
+      ax.plot(steps, smooth, color=color, alpha=0.25, lw=0.8, ls=style)
       curves.append(smooth)
-    ax.plot(steps, np.mean(curves, axis=0), color=color, lw=2, label=name, ls="--" if "PAFT" in name else "-")
-  ax.axhline(ESCAPE_LEVEL, color="gray", lw=0.8, ls=":")
-  ax.axhline(summary["p0"]["p0_likelihood"], color="red", lw=0.8, ls=":", label="cold-start p0")
-  ax.set_xlabel("training step")
+      if r["curve"]["weight_mean"][0] is not None:
+        w = np.convolve(np.asarray(r["curve"]["weight_mean"], float), kernel, mode="valid")
+        ax_w.plot(steps, w, color=color, alpha=0.25, lw=0.8, ls=style)
+        w_curves.append(w)
+    ax.plot(steps, np.mean(curves, axis=0), color=color, lw=2, label=name, ls=style)
+    if w_curves:
+      ax_w.plot(steps, np.mean(w_curves, axis=0), color=color, lw=2, label=name, ls=style)
+  for a in (ax, ax_w):
+    a.axhline(ESCAPE_LEVEL, color="gray", lw=0.8, ls=":")
+    a.axhline(summary["p0"]["p0_likelihood"], color="red", lw=0.8, ls=":", label="cold-start p0")
+    a.set_xlabel("training step")
   ax.set_ylabel(f"training success rate ({SMOOTH}-step mean)")
   ax.set_ylim(-0.02, 1.02)
-  ax.set_title("Cold start: escape curves (thin: seeds, thick: mean)")
+  ax.set_title("sampled exact match (all methods)")
   ax.legend(fontsize=8, loc="upper left")
+  ax_w.set_yscale("log")
+  ax_w.set_ylabel(f"mean w = p(y*|x,z) ({SMOOTH}-step mean)")
+  ax_w.set_title("teacher-forced P-hat (GARL, PAFT)")
+  fig.suptitle(f"Cold start, {summary['steps']} steps x {summary['batch_size']} prompts x {summary['num_samples']}"
+               " samples (thin: seeds, thick: mean)")
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
@@ -134,9 +148,20 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--workroot", default="/tmp/tsallis_demo", help="run folders (checkpoints, metrics.jsonl)")
   parser.add_argument("--pretrain-only", action="store_true")
   parser.add_argument("--methods", default="", help="comma list of method indices into METHODS (default all)")
+  parser.add_argument("--replot", metavar="JSON", help="rewrite the table and PNG from a saved demo JSON and exit")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of the demo config for every run (an ablation; use with --tag)")
+  parser.add_argument("--tag", default="", help="suffix of the output files (demo_<tag>.json, ...)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  if args.replot:
+    with open(args.replot) as f:
+      summary = json.load(f)
+    suffix = os.path.basename(os.path.splitext(args.replot)[0])[len("demo"):]
+    print(write_table(os.path.join(os.path.dirname(args.replot), f"demo_table{suffix}.md"), summary))
+    plot(os.path.join(os.path.dirname(args.replot), f"demo_escape{suffix}.png"), summary)
+    return 0
 
   import jax
   from flax import nnx
@@ -145,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
   from tsallis_jax.model import Transformer
   from tsallis_jax.train import checkpoint as ckpt_lib
   from tsallis_jax.train import loop, pretrain, tasks
+  from tsallis_jax.train.config import apply_overrides
   from tsallis_jax.train.loop import train_and_evaluate
   from tsallis_jax.train.state import pure
 
@@ -165,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
   seeds = args.seeds or (5 if args.long else 2)
   steps = args.steps or base.num_steps * (2 if args.long else 1)
-  base = base.replace(num_steps=steps, eval_every=max(steps // 3, 1))
+  base = apply_overrides(base.replace(num_steps=steps, eval_every=max(steps // 3, 1)), args.set)
   methods = [METHODS[int(i)] for i in args.methods.split(",")] if args.methods else list(METHODS)
   os.makedirs(args.workroot, exist_ok=True)
 
@@ -174,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
   initial = loop.evaluate_split(s, loop.initial_params(s), task.test, "test", 0)
   print(f"pretrained model: test p@1 {initial['test/p@1']:.3f} pass@16 {initial['test/pass@16']:.3f} "
         f"maj@16 {initial['test/maj@16']:.3f}", flush=True)
-  summary = {"command": "python -m experiments.demo" + (" --long" if args.long else ""),
+  command = " ".join(["python -m experiments.demo"] + (["--long"] if args.long else [])
+                     + [f"--set {o}" for o in args.set] + ([f"--tag {args.tag}"] if args.tag else []))
+  summary = {"command": command,
              "commit": _commit(), "p0": p0, "steps": steps, "batch_size": base.batch_size,
              "num_samples": base.num_samples, "seeds": list(range(seeds)), "initial": initial,
              "pretrain": {"status": "cached" if cached else "trained", **info}, "methods": {},
@@ -202,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
   summary["cpu_s"] = time.process_time() - cpu0
   summary["devices"] = str(jax.devices())
   os.makedirs(args.out, exist_ok=True)
-  suffix = "_long" if args.long else ""
+  suffix = ("_long" if args.long else "") + (f"_{args.tag}" if args.tag else "")
   with open(os.path.join(args.out, f"demo{suffix}.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print(write_table(os.path.join(args.out, f"demo_table{suffix}.md"), summary))

@@ -94,6 +94,7 @@ class TrainConfig:
   num_steps: int = 100
   learning_rate: float = 1e-3
   lr_schedule: str = "constant"  # after linear warm-up: constant | cosine | linear decay to 0
+  optimizer: str = "adamw"  # adamw (default) | sgd (plain gradient descent, the setting of the paper's flow analysis)
   warmup_steps: int = 0
   weight_decay: float = 0.0  # AdamW
   adam_b1: float = 0.9
@@ -182,6 +183,7 @@ def _validate(cfg: TrainConfig) -> None:
   _choice(cfg, "estimator", ESTIMATORS)
   _choice(cfg, "q_schedule", Q_SCHEDULES)
   _choice(cfg, "lr_schedule", LR_SCHEDULES)
+  _choice(cfg, "optimizer", ("adamw", "sgd"))
   _choice(cfg, "baseline", BASELINES)
   _choice(cfg, "weights", WEIGHTS)
   _choice(cfg, "prompt_style", PROMPT_STYLES)

@@ -68,9 +68,16 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping and the learning-rate schedule (the paper names no optimiser)."""
-  adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+  """AdamW (or plain SGD) with global-norm clipping and the learning-rate schedule (the paper names no optimiser).
+
+  Note: Adam normalises each coordinate by its gradient's running RMS, which removes a *global* scale such as the
+  common amplification P^-q of prompts that all have the same tiny P; the per-prompt reweighting remains (spec 1.4).
+  Plain SGD keeps both, as in the paper's gradient-flow analysis (spec 1.5)."""
+  if cfg.optimizer == "sgd":
+    opt = optax.sgd(learning_rate_schedule(cfg))
+  else:
+    opt = optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
                       weight_decay=cfg.weight_decay)
   if cfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-  return adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+  return opt
