@@ -119,3 +119,12 @@ def test_property_no_nan(log_p, q):
   assert not np.isnan(value)
   assert not np.any(np.isnan(grad))
   assert not np.any(np.isnan(q_log(jnp.exp(log_p), q)))
+
+
+@pytest.mark.parametrize("q", [0.0, 0.25, 0.5, 0.75])
+@pytest.mark.parametrize("log_p", [-10.0, -20.0, -60.0])
+def test_jq_loss_gradient_is_accurate_for_tiny_p(q, log_p):
+  """d(-ln_q P)/d log P = -P^(1-q) to float32 relative precision even when P^(1-q) is ~1e-26 (cold start)."""
+  grad = jax.grad(lambda lp: jq_loss(lp, q))(jnp.float32(log_p))
+  exact = -np.exp((1.0 - q) * log_p)
+  np.testing.assert_allclose(float(grad), exact, rtol=1e-5)
