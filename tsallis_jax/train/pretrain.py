@@ -140,9 +140,15 @@ def measure_p0(graphdef: nnx.GraphDef, params: Any, records: Sequence[Record], t
           "p0_prompts": int(len(w_all) // num_samples), "p0_samples_per_prompt": num_samples}
 
 
+# ModelConfig fields that change speed or memory but not the trained function; None-valued (off) options are dropped
+# too, so that a new optional model feature does not invalidate the cache.
+_PERFORMANCE_ONLY = ("sharding_rules", "remat", "attention_query_chunk")
+
+
 def cache_key(model_cfg: ModelConfig, target: Any, cfg: PretrainConfig) -> str:
-  blob = json.dumps({"model": repr(model_cfg), "target": repr(target), "pretrain": dataclasses.asdict(cfg),
-                     "version": 1}, sort_keys=True)
+  model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if v is not None and k not in _PERFORMANCE_ONLY}
+  blob = json.dumps({"model": model, "target": dataclasses.asdict(target), "pretrain": dataclasses.asdict(cfg),
+                     "version": 2}, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
