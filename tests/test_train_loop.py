@@ -58,8 +58,8 @@ def test_workdir_checkpoint_wins_over_init_checkpoint(smoke_run, tmp_path):
 def test_non_finite_loss_stops_with_step_batch_and_last_good_checkpoint(tmp_path):
   # lr 1e30: step 1 is finite, its update sends every parameter to ~1e30, so step 2's forward overflows.
   cfg = load_config("smoke", ["learning_rate=1e30", "num_steps=4", "checkpoint_every=1", "eval_every=0"])
-  with pytest.raises(NonFiniteLossError, match=r"at step 1 \(batch record ids \[.*\]\); last good checkpoint: "
-                                               r"step 1 in .*checkpoints"):
+  with pytest.raises(NonFiniteLossError, match=r"in the update to step 2 \(batch record ids \[.*\]\); last good "
+                                               r"checkpoint: step 1 in .*checkpoints"):
     train_and_evaluate(cfg, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]  # the bad state was never saved
 

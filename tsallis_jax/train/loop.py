@@ -349,8 +349,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, task: Task | None = No
       where = (f"last good checkpoint: step {last_good} in {checkpointer.latest.directory}" if last_good is not None
                else "no checkpoint was written yet")
       raise NonFiniteLossError(
-          f"non-finite loss={metrics['loss']} / grad_norm={metrics['grad_norm']} at step {step_done - 1} (batch"
-          f" record ids {index_B.tolist()}); {where}. Lower the learning rate or check the weights (jq/*).")
+          f"non-finite loss={metrics['loss']} / grad_norm={metrics['grad_norm']} in the update to step {step_done}"
+          f" (batch record ids {index_B.tolist()}); {where}. Lower the learning rate or check the weights (jq/*).")
     if step_done % cfg.log_every == 0 or step_done == cfg.num_steps:
       writer.write(step_done, metrics)
     writer.progress(step_done, metrics)
