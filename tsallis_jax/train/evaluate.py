@@ -33,7 +33,9 @@ def prompt_arrays(records: Sequence[Record], tokenizer: Any, *, style: str, max_
   mask = np.zeros((len(records), max_prompt_len), bool)
   for i, record in enumerate(records):
     ids, _ = prompts_lib.prompt_ids(record, tokenizer, style=style, max_prompt_tokens=max_prompt_len)
-    ids = ids[-max_prompt_len:]
+    if len(ids) > max_prompt_len:
+      raise ValueError(f"{record.where()}: the prompt has {len(ids)} tokens after context truncation, over"
+                       f" max_prompt_len={max_prompt_len}; raise max_prompt_len")
     tokens[i, max_prompt_len - len(ids):] = ids
     mask[i, max_prompt_len - len(ids):] = True
   return tokens, mask
