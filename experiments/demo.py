@@ -201,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
   print(f"pretrained model: test p@1 {initial['test/p@1']:.3f} pass@16 {initial['test/pass@16']:.3f} "
         f"maj@16 {initial['test/maj@16']:.3f}", flush=True)
   command = " ".join(["python -m experiments.demo"] + (["--long"] if args.long else [])
-                     + [f"--set {o}" for o in args.set] + ([f"--tag {args.tag}"] if args.tag else []))
+                     + ([f"--seeds {args.seeds}"] if args.seeds else [])
+                     + ([f"--steps {args.steps}"] if args.steps else [])
+                     + ([f"--methods {args.methods}"] if args.methods else []) + [f"--set {o}" for o in args.set]
+                     + ([f"--tag {args.tag}"] if args.tag else []))
   summary = {"command": command,
              "commit": _commit(), "p0": p0, "steps": steps, "batch_size": base.batch_size,
              "num_samples": base.num_samples, "seeds": list(range(seeds)), "initial": initial,
