@@ -90,7 +90,7 @@ def test_cached_prefill_and_decode_match_full_forward(arch):
 
   cache = init_cache(cfg, batch_size=n, max_len=max_len, dtype=jnp.float32)
   assert isinstance(cache, KVCache) and len(cache.k) == cfg.num_layers
-  chex.assert_shape(cache.k[0], (n, max_len, cfg.num_kv_heads, cfg.head_dim))
+  chex.assert_shape(cache.k[0], (n, cfg.num_kv_heads, max_len, cfg.head_dim))
   slot_pad_NxS = jnp.zeros((n, max_len), bool).at[:, :t].set(pad_NxT)
   causal_SxS = jnp.tril(jnp.ones((max_len, max_len), bool))
   mask_NxSxS = causal_SxS[None] & slot_pad_NxS[:, None, :]
@@ -105,6 +105,29 @@ def test_cached_prefill_and_decode_match_full_forward(arch):
   cached_logits_NxTxV = jnp.concatenate(got, axis=1)
   real = np.asarray(pad_NxT)
   np.testing.assert_allclose(np.asarray(cached_logits_NxTxV)[real], np.asarray(full_logits_NxTxV)[real], atol=1e-5)
+
+
+def test_query_chunked_prefill_into_the_cache_matches_full_forward():
+  """A prefill longer than `attention_query_chunk` attends over the kv-head-major cache in query blocks; it writes
+  slots [0, T) of every row and kv head and leaves the later slots zero."""
+  cfg = ARCH_CONFIGS["qwen2"].replace(attention_query_chunk=4)
+  model = _random_params(Transformer(cfg, rngs=nnx.Rngs(0)))
+  tokens_NxT, pad_NxT = _left_padded_batch()
+  n, t = tokens_NxT.shape
+  max_len = t + 3
+  mask_NxTxS = jnp.pad(make_attention_mask(pad_NxT), ((0, 0), (0, 0), (0, max_len - t)))
+
+  @nnx.jit
+  def prefill(model, cache):
+    return model(tokens_NxT, make_positions(pad_NxT), mask_NxTxS, cache=cache, cache_index=jnp.int32(0))
+
+  logits_NxTxV, cache = prefill(model, init_cache(cfg, batch_size=n, max_len=max_len))
+  real = np.asarray(pad_NxT)
+  np.testing.assert_allclose(np.asarray(logits_NxTxV)[real], np.asarray(_forward(model, tokens_NxT, pad_NxT))[real],
+                             atol=1e-5)
+  for buf_NxKxSxE in cache.k + cache.v:
+    buf_NxKxSxE = np.asarray(buf_NxKxSxE)
+    assert np.all(buf_NxKxSxE[:, :, t:] == 0) and np.all(np.abs(buf_NxKxSxE[:, :, :t]).sum(-1) > 0)
 
 
 def test_bfloat16_compute_keeps_float32_logits_close():

@@ -297,7 +297,7 @@ def generate_impl(graphdef: nnx.GraphDef, params: Any, prompt_tokens_BxP: Array,
   cache = jax.tree.map(per_sample, cache)
   if rules is not None:  # Keep the repeated cache batch-sharded under a mesh (a no-op without one).
     cache = jax.tree.map(
-      lambda x: model_lib.constrain(x, ("batch", "length", "kv_heads", "head_dim"), rules), cache)
+      lambda x: model_lib.constrain(x, model_lib.CACHE_LOGICAL_AXES, rules), cache)
   prompt_tokens_NxP = jnp.repeat(prompt_tokens_BxP, G, axis=0)
   prompt_mask_NxP = jnp.repeat(prompt_mask_BxP, G, axis=0)
   # The fed token always attends to itself, so an empty prompt cannot give an all-masked softmax row.

@@ -15,8 +15,9 @@ peers' input. `extra.grouped` times the same 64 sequences drawn the way the trai
 
 `--profile-cache-layout` instead prints a profile note (no workload needed): one decode step's attention core
 (write the new k/v into the cache, scores, softmax, weighted values) inside a 32-step `fori_loop`, with the cache laid
-out NxSxKxE (the model/sampler contract) and NxKxSxE (kv-head major), interleaved, at the tiny workload's shapes.
-With NxSxKxE, XLA CPU transposes the whole cache into a batch-major layout for the batched dots at every step.
+out NxSxKxE (slot major, the layout before the model/sampler contract moved) and NxKxSxE (kv-head major, the contract
+now), interleaved, at the tiny workload's shapes. With NxSxKxE, XLA CPU transposes the whole cache into a batch-major
+layout for the batched dots at every step.
 
 `--threads 1` sets single-threaded XLA CPU (as the peers' t1 runs). Tokens/s counts `sample_batch * max_new` slots
 per call, like the peers (a few rows stop early at `<eos>`; the loop stops only when all rows are done).

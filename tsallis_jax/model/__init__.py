@@ -6,8 +6,10 @@ Contract used by the sampler and the trainer:
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     cache = init_cache(cfg, batch_size=N, max_len=S, dtype=jnp.float32)
     logits_NxTxV, cache = model(tokens_NxT, positions_NxT, attn_mask_NxTxS, cache=cache, cache_index=i)
+
+The cache's buffers `cache.k[l]`, `cache.v[l]` are NxKxSxE (kv-head major; logical axes `CACHE_LOGICAL_AXES`).
 """
-from tsallis_jax.model.cache import KVCache, init_cache, make_attention_mask, make_positions
+from tsallis_jax.model.cache import CACHE_LOGICAL_AXES, KVCache, init_cache, make_attention_mask, make_positions
 from tsallis_jax.model.config import DEFAULT_SHARDING_RULES, ModelConfig
 from tsallis_jax.model.sharding import constrain, logical_to_spec, make_mesh, param_shardings
 from tsallis_jax.model.transformer import Transformer, abstract_model, create_model
@@ -17,8 +19,8 @@ from tsallis_jax.model.hf_io import CheckpointError, load_hf_checkpoint, load_to
 from tsallis_jax.model.gguf_io import load_gguf, load_smollm2
 
 __all__ = [
-  "DEFAULT_SHARDING_RULES", "CheckpointError", "KVCache", "ModelConfig", "Transformer", "abstract_model",
-  "constrain", "create_model", "init_cache", "load_gguf", "load_hf_checkpoint", "load_smollm2", "load_tokenizer",
-  "logical_to_spec", "make_attention_mask", "make_mesh", "make_positions", "param_shardings", "save_hf_checkpoint",
-  "segment_logprob", "sequence_logprobs", "token_logprobs", "token_logprobs_from_hidden",
+  "CACHE_LOGICAL_AXES", "DEFAULT_SHARDING_RULES", "CheckpointError", "KVCache", "ModelConfig", "Transformer",
+  "abstract_model", "constrain", "create_model", "init_cache", "load_gguf", "load_hf_checkpoint", "load_smollm2",
+  "load_tokenizer", "logical_to_spec", "make_attention_mask", "make_mesh", "make_positions", "param_shardings",
+  "save_hf_checkpoint", "segment_logprob", "sequence_logprobs", "token_logprobs", "token_logprobs_from_hidden",
 ]

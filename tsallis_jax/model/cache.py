@@ -13,17 +13,24 @@ import jax.numpy as jnp
 
 from tsallis_jax.model.config import ModelConfig
 
+#: Logical axes of every cache buffer (for `constrain` / sharding rules), in the buffers' NxKxSxE order.
+CACHE_LOGICAL_AXES = ("batch", "kv_heads", "length", "head_dim")
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  """Per-layer key and value buffers, `k[l]` and `v[l]` each NxSxKxE (a pytree; leaves are the 2L buffers)."""
+  """Per-layer key and value buffers, `k[l]` and `v[l]` each NxKxSxE (a pytree; leaves are the 2L buffers).
+
+  KV-head major: each (row, kv head) reads one contiguous SxE slab, the layout of the batched attention dots, so
+  XLA copies no cache at a decode step (the slot-major NxSxKxE layout cost a full cache transpose per step on CPU).
+  """
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
   @property
   def batch_size(self) -> int:
@@ -34,7 +41,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float3
   """Zero buffers for `batch_size` rows of `max_len` slots (S) for every layer."""
   if batch_size <= 0 or max_len <= 0:
     raise ValueError(f"init_cache needs batch_size > 0 and max_len > 0, got {batch_size} and {max_len}.")
-  shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
   return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 

@@ -80,23 +80,26 @@ def rope(x_NxTxHxE: jax.Array, positions_NxT: jax.Array, inv_freq: np.ndarray) -
   return (x32 * cos_NxTx1xE + rotated * sin_NxTx1xE).astype(x_NxTxHxE.dtype)
 
 
-def attend(q_NxTxHxE: jax.Array, k_NxSxKxE: jax.Array, v_NxSxKxE: jax.Array, attn_mask_NxTxS: jax.Array
+def attend(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array, attn_mask_NxTxS: jax.Array
            ) -> jax.Array:
-  """Softmax attention with grouped kv heads; scores and softmax in float32, fully masked rows stay finite."""
+  """Softmax attention with grouped kv heads; scores and softmax in float32, fully masked rows stay finite.
+
+  Keys and values come kv-head major (the KV cache's layout), so both dots batch over (N, K) without copying them.
+  """
   n, t, h, e = q_NxTxHxE.shape
-  kv = k_NxSxKxE.shape[2]
+  kv = k_NxKxSxE.shape[1]
   # J = H / K query heads share one kv head (a local letter, not in the global legend).
   q_NxTxKxJxE = q_NxTxHxE.reshape(n, t, kv, h // kv, e)
-  scores_NxKxJxTxS = jnp.einsum("ntkje,nske->nkjts", q_NxTxKxJxE, k_NxSxKxE,
+  scores_NxKxJxTxS = jnp.einsum("ntkje,nkse->nkjts", q_NxTxKxJxE, k_NxKxSxE,
                                 preferred_element_type=jnp.float32) * (e ** -0.5)
   mask_Nx1x1xTxS = attn_mask_NxTxS[:, None, None, :, :]
   scores_NxKxJxTxS = jnp.where(mask_Nx1x1xTxS, scores_NxKxJxTxS, jnp.finfo(jnp.float32).min)
   probs_NxKxJxTxS = jax.nn.softmax(scores_NxKxJxTxS, axis=-1).astype(q_NxTxHxE.dtype)
-  out_NxTxKxJxE = jnp.einsum("nkjts,nske->ntkje", probs_NxKxJxTxS, v_NxSxKxE)
+  out_NxTxKxJxE = jnp.einsum("nkjts,nkse->ntkje", probs_NxKxJxTxS, v_NxKxSxE)
   return out_NxTxKxJxE.reshape(n, t, h, e)
 
 
-def attend_in_query_chunks(q_NxTxHxE: jax.Array, k_NxSxKxE: jax.Array, v_NxSxKxE: jax.Array,
+def attend_in_query_chunks(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array,
                            attn_mask_NxTxS: jax.Array, chunk: int) -> jax.Array:
   """`attend` over blocks of `chunk` queries (`lax.map`, rematerialised): exact, with peak score memory
   N x H x chunk x S instead of N x H x T x S, for long sequences (the paper's rationales run to 4k tokens)."""
@@ -107,7 +110,7 @@ def attend_in_query_chunks(q_NxTxHxE: jax.Array, k_NxSxKxE: jax.Array, v_NxSxKxE
   mask_NxPxS = jnp.pad(attn_mask_NxTxS, ((0, 0), (0, pad), (0, 0)))
   q_BxNxCxHxE = q_NxPxHxE.reshape(n, blocks, chunk, h, e).transpose(1, 0, 2, 3, 4)
   mask_BxNxCxS = mask_NxPxS.reshape(n, blocks, chunk, -1).transpose(1, 0, 2, 3)
-  block_fn = jax.checkpoint(lambda q, m: attend(q, k_NxSxKxE, v_NxSxKxE, m))
+  block_fn = jax.checkpoint(lambda q, m: attend(q, k_NxKxSxE, v_NxKxSxE, m))
   out_BxNxCxHxE = jax.lax.map(lambda xs: block_fn(*xs), (q_BxNxCxHxE, mask_BxNxCxS))
   return out_BxNxCxHxE.transpose(1, 0, 2, 3, 4).reshape(n, blocks * chunk, h, e)[:, :t]
 
@@ -148,20 +151,22 @@ class Attention(nnx.Module):
     k_NxTxKxE = rope(k_NxTxKxE, positions_NxT, inv_freq)
     q_NxTxHxE = constrain(q_NxTxHxE, ("batch", "length", "heads", "head_dim"), cfg.sharding_rules)
 
+    k_NxKxTxE = k_NxTxKxE.transpose(0, 2, 1, 3)
+    v_NxKxTxE = v_NxTxKxE.transpose(0, 2, 1, 3)
     if layer_cache is None:
-      k_NxSxKxE, v_NxSxKxE, new_layer_cache = k_NxTxKxE, v_NxTxKxE, None
+      k_NxKxSxE, v_NxKxSxE, new_layer_cache = k_NxKxTxE, v_NxKxTxE, None
     else:
       k_buf, v_buf, index = layer_cache
-      k_NxSxKxE = jax.lax.dynamic_update_slice(k_buf, k_NxTxKxE.astype(k_buf.dtype), (0, index, 0, 0))
-      v_NxSxKxE = jax.lax.dynamic_update_slice(v_buf, v_NxTxKxE.astype(v_buf.dtype), (0, index, 0, 0))
-      new_layer_cache = (k_NxSxKxE, v_NxSxKxE)
-      k_NxSxKxE, v_NxSxKxE = k_NxSxKxE.astype(dt), v_NxSxKxE.astype(dt)
+      k_NxKxSxE = jax.lax.dynamic_update_slice(k_buf, k_NxKxTxE.astype(k_buf.dtype), (0, 0, index, 0))
+      v_NxKxSxE = jax.lax.dynamic_update_slice(v_buf, v_NxKxTxE.astype(v_buf.dtype), (0, 0, index, 0))
+      new_layer_cache = (k_NxKxSxE, v_NxKxSxE)
+      k_NxKxSxE, v_NxKxSxE = k_NxKxSxE.astype(dt), v_NxKxSxE.astype(dt)
 
     chunk = cfg.attention_query_chunk
     if chunk is None or q_NxTxHxE.shape[1] <= chunk:
-      out_NxTxHxE = attend(q_NxTxHxE, k_NxSxKxE, v_NxSxKxE, attn_mask_NxTxS)
+      out_NxTxHxE = attend(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS)
     else:
-      out_NxTxHxE = attend_in_query_chunks(q_NxTxHxE, k_NxSxKxE, v_NxSxKxE, attn_mask_NxTxS, chunk)
+      out_NxTxHxE = attend_in_query_chunks(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, chunk)
     out_NxTxD = jnp.einsum("nthe,hed->ntd", out_NxTxHxE, self.o_proj[...].astype(dt))
     return out_NxTxD, new_layer_cache
 
