@@ -35,14 +35,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, rules,
+def state_shardings(abstract_vars: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, rules,
                     with_ref: bool) -> TrainState:
   """NamedShardings for every leaf of the state: params by the model's logical-axis rules, optimizer moments like
-  their params (`optax.tree_map_params`), everything else replicated."""
-  shardings = param_shardings(abstract_params, mesh, rules)
+  their params (`optax.tree_map_params`), everything else replicated. `abstract_vars` is the model's nnx.State of
+  Variables (their `logical_axes` metadata gives the parameter shardings)."""
+  shardings = param_shardings(abstract_vars, mesh, rules)
   shardings = jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, shardings,
                            is_leaf=lambda x: isinstance(x, nnx.Variable))
-  abstract_opt = jax.eval_shape(tx.init, pure(abstract_params))
+  abstract_opt = jax.eval_shape(tx.init, pure(abstract_vars))
   opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, shardings,
                                         transform_non_params=lambda _: replicated(mesh),
                                         is_leaf=lambda x: isinstance(x, NamedSharding))
