@@ -143,3 +143,15 @@ def test_sampler_result_is_split_into_shared_and_flat_rows():
   assert (shared["system"], shared["mode"], shared["median_s"], shared["first_s"]) == ("ours", "sample", 0.1, 3.0)
   assert (flat["system"], flat["mode"], flat["median_s"]) == ("ours", "sample_g1", 0.4)
   assert run.split_sampler_result({"ok": False, "system": "tsallis_jax"})[0]["mode"] == "sample_g1"
+
+
+def test_results_json_rerenders_to_the_same_markdown(tmp_path):
+  runs = [_fake_run("ours", "grpo", 0.2, 0.0), _fake_run("tunix", "grpo", 0.6, 0.0),
+          {"ok": True, "system": "matmul", "foreign_cores": 0.0, "extra": {"peak_gflops": 100.0,
+                                                                          "jax_peak_gflops": 90.0}}]
+  model_flops = {"w": {"total": 30e9, "update": 20e9, "rollout": 10e9, "reference": 5e9, "policy": 15e9}}
+  agg, peak = report.aggregate(runs), report.matmul_peak(runs)
+  (tmp_path / "results.json").write_text(json.dumps(report.to_json(runs, agg, model_flops, peak, {})))
+  text = report.rewrite(str(tmp_path / "results.json"), str(tmp_path / "results.md"))
+  assert text == report.markdown(agg, model_flops, peak) == (tmp_path / "results.md").read_text()
+  assert "FLOP floor 0.3 s = 0.50 x the fastest peer's step" in text

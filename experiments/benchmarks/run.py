@@ -159,18 +159,21 @@ def git_commit() -> str:
     return "unknown"
 
 
+def header_lines(meta: dict) -> list[str]:
+  m = meta["machine"]
+  return ["# Benchmark results: this project vs tunix vs TRL", "",
+          f"- date: {meta['date']} (finished {meta.get('finished', 'in progress')})",
+          f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, shared (foreign load recorded per "
+          f"run; quiet < {report.QUIET_CORES} cores)",
+          f"- command: `{meta['command']}` (commit {meta['commit']})",
+          f"- rounds: {meta['rounds']}, systems alternating within each round; times are medians of warm steps "
+          "(step 0 = compile/warm-up, reported as 'first step')", ""]
+
+
 def write(out_dir: pathlib.Path, runs: list[dict], model_flops: dict, meta: dict) -> None:
   agg = report.aggregate(runs)
   peak = report.matmul_peak(runs)
-  header = [f"# Benchmark results: this project vs tunix vs TRL", "",
-            f"- date: {meta['date']} (finished {meta.get('finished', 'in progress')})",
-            f"- machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
-            f"{meta['machine']['memory_gib']} GiB, shared (foreign load recorded per run; quiet < "
-            f"{report.QUIET_CORES} cores)",
-            f"- command: `{meta['command']}` (commit {meta['commit']})",
-            f"- rounds: {meta['rounds']}, systems alternating within each round; times are medians of warm steps "
-            "(step 0 = compile/warm-up, reported as 'first step')", ""]
-  (out_dir / "results.md").write_text(report.markdown(agg, model_flops, peak, header))
+  (out_dir / "results.md").write_text(report.markdown(agg, model_flops, peak, header_lines(meta)))
   (out_dir / "results.json").write_text(json.dumps(report.to_json(runs, agg, model_flops, peak, meta), indent=1))
 
 
@@ -186,7 +189,13 @@ def main(argv=None) -> int:
   p.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for a quiet machine per run")
   p.add_argument("--out", default=str(HERE / "results"))
   p.add_argument("--skip-setup", action="store_true", help="use the peer venvs as they are")
+  p.add_argument("--rerender", action="store_true", help="only rewrite results.md from --out's results.json")
   args = p.parse_args(argv)
+  if args.rerender:
+    json_path = pathlib.Path(args.out) / "results.json"
+    meta = json.loads(json_path.read_text())["meta"]
+    report.rewrite(str(json_path), str(pathlib.Path(args.out) / "results.md"), header_lines(meta))
+    return 0
   home = pathlib.Path(args.peers_home).expanduser()
   home.mkdir(parents=True, exist_ok=True)
   out_dir = pathlib.Path(args.out)
