@@ -110,16 +110,18 @@ def job_command(system: str, mode: str, folder: pathlib.Path, pythons: dict[str,
 
 
 def plan(rounds: int, names: list[str], systems: list[str], sample_names: list[str],
-         rounds_for: dict[str, int] | None = None) -> list[list[tuple]]:
+         rounds_for: dict[str, int] | None = None, start: int = 0) -> list[list[tuple]]:
   """Per round: [(system, workload, mode), ...], each group's systems in an order rotated by the round index.
 
-  `rounds_for` caps the rounds of some workloads (e.g. {'smollm2': 1}); the others run `rounds` times.
+  `rounds_for` caps the rounds of some workloads (e.g. {'smollm2': 1}); the others run `rounds` times. `start` is
+  the index of the first round (for --append), which sets the rotation.
   """
   out = []
-  for r in range(rounds):
+  for i in range(rounds):
+    r = start + i
     jobs = [("matmul", "machine", "peak")]
     for w in names:
-      if r >= (rounds_for or {}).get(w, rounds):
+      if i >= (rounds_for or {}).get(w, rounds):
         continue
       groups = [[(s, w, m) for s in systems for m in TRAIN_MODES[s]]]
       if w in sample_names:
@@ -190,6 +192,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=str(HERE / "results"))
   p.add_argument("--skip-setup", action="store_true", help="use the peer venvs as they are")
   p.add_argument("--rerender", action="store_true", help="only rewrite results.md from --out's results.json")
+  p.add_argument("--append", action="store_true",
+                 help="add this session's rounds to the runs already in --out's results.json (same machine)")
   args = p.parse_args(argv)
   if args.rerender:
     json_path = pathlib.Path(args.out) / "results.json"
@@ -217,11 +221,19 @@ def main(argv=None) -> int:
           "workloads": {n: workloads.read_spec(f).to_json() for n, f in folders.items()}}
   env = {"PYTHONPATH": str(REPO), "PEERS_HOME": str(home), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
   runs: list[dict] = []
+  first_round = 0
+  if args.append and (out_dir / "results.json").exists():
+    previous = json.loads((out_dir / "results.json").read_text())
+    runs = previous["runs"]
+    first_round = 1 + max((r.get("round", 0) for r in runs), default=-1)
+    meta["date"] = previous["meta"]["date"]
+    meta["command"] = previous["meta"]["command"] + "; then " + meta["command"]
+    meta["rounds"] = f"{previous['meta']['rounds']} + {args.rounds}"
   rounds_for = {} if args.smollm2_rounds is None else {"smollm2": args.smollm2_rounds}
   schedule = plan(max([args.rounds, *rounds_for.values()]), list(args.workloads), args.systems,
-                  [w for w in args.sample_workloads if w in args.workloads], rounds_for)
+                  [w for w in args.sample_workloads if w in args.workloads], rounds_for, start=first_round)
   total = sum(len(r) for r in schedule)
-  for r, jobs in enumerate(schedule):
+  for r, jobs in enumerate(schedule, start=first_round):
     for system, w, mode in jobs:
       load = wait_for_quiet(args.quiet_wait)
       folder = folders.get(w, home)
