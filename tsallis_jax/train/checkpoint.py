@@ -19,19 +19,39 @@ temporary folder `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only
 a new checkpoint is complete, and a killed save leaves only a tmp folder that is never listed as a step.
 A step folder that exists but cannot be read (truncated or corrupt files) is detected at restore time: we warn,
 move it aside to `<step>.corrupt` (kept for inspection, never read again) and fall back to the previous step.
+
+Paths: the workdir may be a local folder or an object-store URI (`gs://bucket/run`, so that a preempted TPU slice
+resumes from the bucket). `resolve_workdir` keeps a URI as is and makes a local path absolute; every workdir file
+operation here, in `loop.py` and in `writers.py` goes through the `etils.epath.Path` it returns (orbax, tensorstore
+and etils reach gs:// themselves; `os.path.abspath` would turn `gs://b/x` into a local `./gs:/b/x`).
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
+import re
 import warnings
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
+
+
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for a URI with a scheme (`gs://`, `s3://`, ...), False for a local path."""
+  return bool(_URI_SCHEME.match(os.fspath(path)))
+
+
+def resolve_workdir(path: str | os.PathLike) -> epath.Path:
+  """The workdir as an `epath.Path`: a URI with a scheme is kept unchanged, a local path is made absolute."""
+  text = os.fspath(path)
+  return epath.Path(text if is_remote(text) else os.path.abspath(text))
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -46,12 +66,12 @@ def _abstract(tree: Any) -> Any:
 class Checkpointer:
   """The run's checkpoints: `latest` (resume, `max_to_keep`) and `best` (kept by validation metric)."""
 
-  def __init__(self, workdir: str, max_to_keep: int):
-    self.workdir = os.path.abspath(workdir)
+  def __init__(self, workdir: str | os.PathLike, max_to_keep: int):
+    self.workdir = resolve_workdir(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True)
-    self.latest = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=options)
+    self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
     best_options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True)
-    self.best = ocp.CheckpointManager(os.path.join(self.workdir, "best"), options=best_options)
+    self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options)
 
   def save(self, step: int, state: Any, meta: dict[str, Any], best: bool = False) -> None:
     """Writes `state` (a pytree of arrays) and `meta` (JSON) at `step`, into `best/` when `best`."""
@@ -81,16 +101,16 @@ class Checkpointer:
           raise ValueError(f"meta item of step {step} is missing or does not name step {step}")
         return step, out["state"], meta
       except Exception as e:  # noqa: BLE001 (any read failure means the step is unusable)
-        path = os.path.join(str(manager.directory), str(step))
+        path = epath.Path(manager.directory) / str(step)
         warnings.warn(
             f"checkpoint step {step} in {manager.directory} is unreadable ({type(e).__name__}: {str(e)[:300]});"
             f" moving it to {path}.corrupt and falling back to the previous checkpoint", CorruptCheckpointWarning,
             stacklevel=2)
-        if jax.process_index() == 0 and os.path.isdir(path):
-          dest = path + ".corrupt"
-          if os.path.exists(dest):
-            shutil.rmtree(dest)
-          os.replace(path, dest)
+        if jax.process_index() == 0 and path.is_dir():
+          dest = path.parent / f"{step}.corrupt"
+          if dest.exists():
+            dest.rmtree()
+          path.rename(dest)
         _sync(f"corrupt_{step}")
         manager.reload()
     return None
@@ -106,15 +126,17 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def save_params(path: str, params: Any) -> None:
+def save_params(path: str | os.PathLike, params: Any) -> None:
   """Writes a params-only checkpoint (e.g. the demo's pretrained model) usable as `init_checkpoint`."""
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), params, force=True)
+  checkpointer.save(resolve_workdir(path), params, force=True)
   checkpointer.wait_until_finished()
 
 
-def load_params(path: str, target: Any) -> Any:
+def load_params(path: str | os.PathLike, target: Any) -> Any:
   """Reads a params-only checkpoint into the structure and shardings of `target`."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"init_checkpoint {path!r} does not exist; write one with save_params or clear the key")
-  return ocp.StandardCheckpointer().restore(os.path.abspath(path), _abstract(target))
+  folder = resolve_workdir(path)
+  if not folder.is_dir():
+    raise FileNotFoundError(
+        f"init_checkpoint {os.fspath(path)!r} does not exist; write one with save_params or clear the key")
+  return ocp.StandardCheckpointer().restore(folder, _abstract(target))

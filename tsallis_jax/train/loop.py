@@ -269,13 +269,14 @@ def evaluate_split(s: Setup, params: Any, records, prefix: str, step: int) -> di
   return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
 
-def train_and_evaluate(cfg: TrainConfig, workdir: str, *, task: Task | None = None) -> dict[str, Any]:
+def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Task | None = None) -> dict[str, Any]:
   """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the final validation / test metrics.
 
   Writes `workdir/config.json`, `metrics.jsonl` (one row per step, plus eval rows), TensorBoard events,
   `checkpoints/`, `best/` and `results.json` (process 0 writes files; every process writes its checkpoint shards).
+  `workdir` is a local folder or an object-store URI such as `gs://bucket/run` (see `checkpoint.resolve_workdir`).
   """
-  workdir = os.path.abspath(workdir)
+  workdir = ckpt_lib.resolve_workdir(workdir)
   s = setup(cfg, task)
   mesh, task, ids, programs = s.mesh, s.task, s.ids, s.programs
   abstract_params = s.abstract_params
@@ -316,9 +317,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, task: Task | None = No
 
   main = distributed.is_main_process()
   if main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(cfg.to_dict(), f, indent=1)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
   writer = MetricWriter(workdir, tensorboard=cfg.tensorboard, progress_bar=cfg.progress_bar,
                         total_steps=cfg.num_steps, start_step=start_step,
                         keep_through_step=start_step if restored is not None else -1)
@@ -400,8 +400,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str, *, task: Task | None = No
   writer.close()
   checkpointer.close()
   if main:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
+    (workdir / "results.json").write_text(json.dumps(results, indent=1))
   return results
 
 

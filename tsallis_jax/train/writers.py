@@ -13,6 +13,9 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
+
+from tsallis_jax.train.checkpoint import is_remote, resolve_workdir
 
 
 def _to_python(value: Any) -> float | int | str:
@@ -29,22 +32,36 @@ class MetricWriter:
 
   The JSONL file is truncated to the rows with step <= `keep_through_step` (the restored step on resume, -1 for a
   fresh run), so that the file of a resumed run equals the file of an uninterrupted run.
+
+  Two ways to add a row, chosen once by `rewrite` (default: `is_remote(workdir)`):
+    - append (local workdir): the file stays open in append mode and each row is appended and flushed, so a killed
+      run keeps every row written before the kill;
+    - rewrite (object-store workdir such as `gs://`, which cannot append): the kept rows and the new ones are held
+      in memory and the whole file is rewritten at each `write`. Both produce the same file.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True, progress_bar: str = "auto", total_steps: int = 0,
-               start_step: int = 0, keep_through_step: int = -1):
+  def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True, progress_bar: str = "auto",
+               total_steps: int = 0, start_step: int = 0, keep_through_step: int = -1,
+               rewrite: bool | None = None):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    workdir = resolve_workdir(workdir)
+    self.path = workdir / "metrics.jsonl"
+    self.rewrite = is_remote(workdir) if rewrite is None else rewrite
     self._tb = None
     self._bar = None
+    self._file = None
+    self._lines: list[str] = []
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    _truncate_after(self.path, keep_through_step)
-    self._file = open(self.path, "a", encoding="utf-8")
+    workdir.mkdir(parents=True, exist_ok=True)
+    kept = _truncate_after(self.path, keep_through_step)
+    if self.rewrite:
+      self._lines = kept
+    else:
+      self._file = self.path.open("a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1 if start_step else None)
+      self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1 if start_step else None)
     show = {"on": True, "off": False}.get(progress_bar, sys.stderr.isatty() and not os.environ.get("CI"))
     if show:
       from tqdm import tqdm
@@ -54,8 +71,13 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: _to_python(v) for k, v in sorted(metrics.items())}}
-    self._file.write(json.dumps(row, allow_nan=True) + "\n")
-    self._file.flush()
+    line = json.dumps(row, allow_nan=True) + "\n"
+    if self.rewrite:
+      self._lines.append(line)
+      _write_lines(self.path, self._lines)
+    else:
+      self._file.write(line)
+      self._file.flush()
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -71,18 +93,22 @@ class MetricWriter:
   def close(self) -> None:
     if not self.enabled:
       return
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
     if self._bar is not None:
       self._bar.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
-  """Drops JSONL rows whose step is greater than `step` (written after the checkpoint we resume from)."""
-  if not os.path.exists(path):
-    return
-  with open(path, encoding="utf-8") as f:
+def _truncate_after(path: epath.Path, step: int) -> list[str]:
+  """Drops JSONL rows whose step is greater than `step` (written after the checkpoint we resume from).
+
+  Rewrites the file when it exists and returns the kept lines.
+  """
+  if not path.exists():
+    return []
+  with path.open("r", encoding="utf-8") as f:
     lines = f.readlines()
   kept = []
   for line in lines:
@@ -91,11 +117,17 @@ def _truncate_after(path: str, step: int) -> None:
         kept.append(line)
     except (json.JSONDecodeError, KeyError):  # a line cut by a kill mid-write
       continue
-  with open(path, "w", encoding="utf-8") as f:
-    f.writelines(kept)
+  _write_lines(path, kept)
+  return kept
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
+def _write_lines(path: epath.Path, lines: list[str]) -> None:
+  """Replaces the file's content with `lines` (one write, which object stores support)."""
+  with path.open("w", encoding="utf-8") as f:
+    f.writelines(lines)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
   """Reads a metrics.jsonl file into a list of dicts (tests and the demo's table use it)."""
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open("r", encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
