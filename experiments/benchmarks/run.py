@@ -233,12 +233,14 @@ def main(argv=None) -> int:
   schedule = plan(max([args.rounds, *rounds_for.values()]), list(args.workloads), args.systems,
                   [w for w in args.sample_workloads if w in args.workloads], rounds_for, start=first_round)
   total = sum(len(r) for r in schedule)
+  done = 0
   for r, jobs in enumerate(schedule, start=first_round):
     for system, w, mode in jobs:
+      done += 1
       load = wait_for_quiet(args.quiet_wait)
       folder = folders.get(w, home)
       logfile = home / "logs" / f"r{r}.{w}.{system}.{mode}.log"
-      log(f"[{len(runs) + 1}/{total}] round {r} {w} {system} {mode} (load before {load:.2f} cores)")
+      log(f"[{done}/{total}] round {r} {w} {system} {mode} (load before {load:.2f} cores)")
       timeout = 1800 if w == "smollm2" else 600
       result = harness.run(job_command(system, mode, folder, pythons, args.steps), str(logfile), env=env,
                            cwd=str(REPO), timeout_s=timeout)
