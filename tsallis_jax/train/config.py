@@ -30,7 +30,12 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Every knob of `train_and_evaluate`; see each field's comment. Validated in `__post_init__`."""
+  """Every knob of `train_and_evaluate`; see each field's comment. Validated in `__post_init__`.
+
+  Memory knobs of the train step (same gradient and metrics in exact arithmetic): `micro_batch_prompts` (0 = off;
+  m = accumulate gradients over micro-batches of m prompts with their G rollouts) and `logprob_chunk` (0 = full
+  logits; c = log-probs and entropy from hidden states in chunks of c positions).
+  """
 
   name: str = "unnamed"
   seed: int = 0
@@ -101,6 +106,15 @@ class TrainConfig:
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
   grad_clip: float = 1.0  # global-norm clip (0 = off)
+  # Memory of the train step (neither changes the gradient in exact arithmetic). micro_batch_prompts: 0 = one
+  # forward/backward over all B*G sequences; m > 0 = accumulate gradients over B/m micro-batches of m prompts (each
+  # with its G rollouts) in a `lax.scan`, so one micro-batch's activations live at a time. m must divide batch_size
+  # and m * num_samples must split over the devices (check_mesh); not with grpo_scale_rewards="batch" (the std
+  # would span the batch).
+  # logprob_chunk: 0 = full N x T x V logits; c > 0 = log-probs and the entropy metric from hidden states, c
+  # positions of the vocabulary projection at a time (`token_logprobs_from_hidden`).
+  micro_batch_prompts: int = 0
+  logprob_chunk: int = 0
 
   # -- mesh (tsallis_jax.distributed) ------------------------------------------------------------------------
   mesh_data: int = -1  # devices along the data axis (-1 = all devices not used by fsdp)
@@ -206,6 +220,16 @@ def _validate(cfg: TrainConfig) -> None:
   for key in ("batch_size", "num_steps", "max_prompt_len", "max_answer_len", "eval_batch_size"):
     _require(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)} must be >= 1")
   _require(cfg.rationale_budget >= 0, f"rationale_budget={cfg.rationale_budget} must be >= 0")
+  for key in ("micro_batch_prompts", "logprob_chunk"):
+    _require(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0 (0 = off)")
+  if cfg.micro_batch_prompts:
+    _require(cfg.batch_size % cfg.micro_batch_prompts == 0,
+             f"micro_batch_prompts={cfg.micro_batch_prompts} does not divide batch_size={cfg.batch_size}; set"
+             " micro_batch_prompts to a divisor of batch_size (or 0 = no micro-batching)")
+    _require(not (cfg.estimator == "grpo" and cfg.grpo_scale_rewards == "batch"),
+             f"micro_batch_prompts={cfg.micro_batch_prompts} with grpo_scale_rewards='batch': the batch std spans"
+             " all prompts, so micro-batches cannot reproduce it; use grpo_scale_rewards='group' or 'none', or"
+             " micro_batch_prompts=0")
   for key in ("prompt_bucket", "paft_resamples", "q_schedule_steps", "warmup_steps", "eval_every", "eval_max_prompts",
               "checkpoint_every", "top_k", "eval_top_k"):
     _require(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0")
@@ -251,6 +275,11 @@ def check_mesh(cfg: TrainConfig, num_devices: int) -> tuple[int, int]:
   if data * cfg.mesh_fsdp != num_devices:
     raise ConfigError(f"mesh_data={cfg.mesh_data} x mesh_fsdp={cfg.mesh_fsdp} = {data * cfg.mesh_fsdp} does not"
                       f" equal the {num_devices} devices; set mesh_data=-1 to fill")
+  micro_rows = cfg.micro_batch_prompts * cfg.num_samples
+  if micro_rows and micro_rows % num_devices:
+    raise ConfigError(f"micro_batch_prompts x num_samples = {micro_rows} rows per micro-batch do not split over the"
+                      f" {num_devices} devices (data x fsdp); make micro_batch_prompts x num_samples a multiple of"
+                      f" {num_devices}")
   for key in ("batch_size", "eval_batch_size"):
     if getattr(cfg, key) % num_devices:
       raise ConfigError(f"{key}={getattr(cfg, key)} is not divisible by the {num_devices} devices the batch is split"

@@ -13,6 +13,10 @@ The estimator (`garl_loss`, `paft_loss`, `grpo_loss` from `tsallis_jax.estimator
 whose gradient is the estimator; optax (global-norm clip, AdamW, warm-up schedule) applies it. q is evaluated from
 the step inside jit (`schedules.q_schedule`), from a traced (q_start, q_end) pair, so runs that differ only in q share
 one compiled step. The state is donated; shardings are explicit (`state.state_shardings`, batch over data x fsdp).
+
+Memory (`TrainConfig.micro_batch_prompts`, `logprob_chunk`): the gradient can be accumulated over micro-batches of
+prompt groups in a `lax.scan`, and log-probs and the entropy metric computed from hidden states in chunks of
+positions, without the N x T x V logits; both leave the gradient unchanged in exact arithmetic.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tsallis_jax.estimators import SequenceLogProbs, garl_loss, grpo_loss, paft_loss
 from tsallis_jax.model import make_attention_mask, make_positions
-from tsallis_jax.model.logprobs import token_logprobs
+from tsallis_jax.model.logprobs import token_logprobs, token_logprobs_from_hidden
 from tsallis_jax.sampler import Rollout
 from tsallis_jax.train import rollout as rollout_lib
 from tsallis_jax.train.config import TrainConfig
@@ -70,7 +74,11 @@ def _sequences(cfg: TrainConfig, ids: TokenIds, rollout: Rollout, gold_NxA, gold
   return tokens_NxS, pad_NxS, z_NxT, y_NxT
 
 
-def _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt: int, temperature: float, with_entropy: bool):
+def _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt: int, temperature: float, with_entropy: bool,
+                         chunk: int = 0):
+  """Per-token log-probs of the completion (and the entropy metric); `chunk` > 0 never builds the N x T x V logits."""
+  if chunk:
+    return _completion_logprobs_chunked(model, tokens_NxS, pad_NxS, num_prompt, temperature, with_entropy, chunk)
   logits_NxSxV, _ = model(tokens_NxS, make_positions(pad_NxS), make_attention_mask(pad_NxS))
   logp_NxS = token_logprobs(logits_NxSxV, tokens_NxS, temperature=temperature)
   logp_NxT = logp_NxS[:, num_prompt:]
@@ -81,6 +89,157 @@ def _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt: int, temperatur
   logq_NxTxV = jax.nn.log_softmax(logits_NxTxV, axis=-1)
   entropy_NxT = -jnp.sum(jnp.exp(logq_NxTxV) * logq_NxTxV, axis=-1)
   return logp_NxT, entropy_NxT
+
+
+def _completion_logprobs_chunked(model, tokens_NxS, pad_NxS, num_prompt: int, temperature: float,
+                                 with_entropy: bool, chunk: int):
+  hidden_NxSxD, _ = model.hidden(tokens_NxS, make_positions(pad_NxS), make_attention_mask(pad_NxS))
+  # Only the positions that predict completion tokens (num_prompt - 1 onwards) go through the vocabulary projection;
+  # the helper's leading zero (the first row position has no prefix) is dropped.
+  logp_Nx1T = token_logprobs_from_hidden(model, hidden_NxSxD[:, num_prompt - 1:], tokens_NxS[:, num_prompt - 1:],
+                                         temperature=temperature, chunk_size=chunk)
+  logp_NxT = logp_Nx1T[:, 1:]
+  if not with_entropy:
+    return logp_NxT, None
+  hidden_NxTxD = jax.lax.stop_gradient(hidden_NxSxD[:, num_prompt - 1:-1])
+  w_DxV = jax.lax.stop_gradient(model.head_weight().astype(hidden_NxTxD.dtype))
+  n, t, d = hidden_NxTxD.shape
+  chunks = -(-t // chunk)
+  hidden_NxPxD = jnp.pad(hidden_NxTxD, ((0, 0), (0, chunks * chunk - t), (0, 0)))
+  hidden_CxNxUxD = hidden_NxPxD.reshape(n, chunks, chunk, d).transpose(1, 0, 2, 3)
+
+  def chunk_entropy(h_NxUxD):
+    logits_NxUxV = jnp.einsum("nud,dv->nuv", h_NxUxD, w_DxV, preferred_element_type=jnp.float32) / temperature
+    logq_NxUxV = jax.nn.log_softmax(logits_NxUxV, axis=-1)
+    return -jnp.sum(jnp.exp(logq_NxUxV) * logq_NxUxV, axis=-1)
+
+  entropy_CxNxU = jax.lax.map(chunk_entropy, hidden_CxNxUxD)
+  entropy_NxT = entropy_CxNxU.transpose(1, 0, 2).reshape(n, chunks * chunk)[:, :t]
+  return logp_NxT, entropy_NxT
+
+
+def _estimator_loss(p, graphdef, cfg: TrainConfig, q, keys_B, seqs: dict, ref_logp_NxT, num_prompt: int,
+                    kl_tokens=None, loss_scale: float = 1.0):
+  """The surrogate loss and its metrics on the groups in `seqs` (rows b*G+g). The whole batch by default; on a
+  micro-batch `loss_scale` = m/B reweights the estimator's mean over prompts and `kl_tokens` (the whole batch's
+  rationale-token count) makes the KL penalty's token mean a sum over micro-batches."""
+  G = cfg.num_samples
+  tokens_NxS, pad_NxS, z_NxT, y_NxT = seqs["tokens_NxS"], seqs["pad_NxS"], seqs["z_NxT"], seqs["y_NxT"]
+  reward_BxG = seqs["reward_BxG"]
+  N, T = z_NxT.shape
+  B = N // G
+  model = nnx.merge(graphdef, p)
+  logp_NxT, entropy_NxT = _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt, cfg.temperature, True,
+                                               cfg.logprob_chunk)
+  aux = {"policy/entropy": _masked_mean(entropy_NxT, z_NxT),
+         "mismatch/logp_abs_diff": _masked_mean(jnp.abs(jax.lax.stop_gradient(logp_NxT)
+                                                        - seqs["model_logp_NxT"]), z_NxT)}
+  kl_NxT = None
+  if ref_logp_NxT is not None:
+    delta_NxT = ref_logp_NxT - logp_NxT
+    kl_NxT = jnp.exp(delta_NxT) - delta_NxT - 1.0  # k3 estimate of KL(pi || pi_init) per sampled token
+    aux["kl/ref"] = jax.lax.stop_gradient(_masked_mean(kl_NxT, z_NxT))
+  if cfg.estimator == "grpo":
+    seq = SequenceLogProbs(
+        logp_z_BxGxT=logp_NxT.reshape(B, G, T), mask_z_BxGxT=z_NxT.reshape(B, G, T),
+        ref_logp_z_BxGxT=None if ref_logp_NxT is None or cfg.kl_coef == 0 else ref_logp_NxT.reshape(B, G, T))
+    loss, est = grpo_loss(seq, reward_BxG, scale_rewards=cfg.grpo_scale_rewards, epsilon=cfg.grpo_clip_eps,
+                          beta=cfg.kl_coef)
+    est = {k: v for k, v in est.items() if k != "kl/ref" or ref_logp_NxT is None}
+    if loss_scale != 1.0:
+      loss = loss * loss_scale  # loss_type "grpo": a mean over sequences, so over equal-size micro-batches
+    return loss, {**aux, **est}, None
+  logp_z_BxG = jnp.sum(jnp.where(z_NxT, logp_NxT, 0.0), axis=1).reshape(B, G)
+  if cfg.weights == "likelihood":
+    logw_BxG = jnp.sum(jnp.where(y_NxT, logp_NxT, 0.0), axis=1).reshape(B, G)
+  else:
+    logw_BxG = jnp.where(reward_BxG > 0, 0.0, -jnp.inf)
+  if cfg.estimator == "garl":
+    loss, est = garl_loss(logp_z_BxG, logw_BxG, q=q, baseline=cfg.baseline, normalize_by_Mq=cfg.normalize_mq)
+  else:
+    loss, est = paft_loss(logp_z_BxG, logw_BxG, keys_B, q=q, num_resamples=cfg.resamples,
+                          normalize_by_Mq=cfg.normalize_mq)
+  if loss_scale != 1.0:
+    loss = loss * loss_scale  # both losses are means over prompts
+  if cfg.kl_coef > 0:
+    if kl_tokens is None:
+      loss = loss + cfg.kl_coef * _masked_mean(kl_NxT, z_NxT)
+    else:
+      loss = loss + cfg.kl_coef * jnp.sum(jnp.where(z_NxT, kl_NxT, 0.0)) / kl_tokens
+  num_success = jnp.sum(jnp.any(~jnp.isneginf(jax.lax.stop_gradient(logw_BxG)), axis=1).astype(jnp.float32))
+  return loss, {**aux, **est}, num_success
+
+
+# How `_micro_batched_grads` combines a metric over micro-batches (exact for equal-size micro-batches): the mean over
+# groups with a success, or over rationale tokens, is weighted by that count; "*_max" takes the max; the loss (each
+# micro-batch's share of the full-batch loss) is summed; everything else is a mean over prompts or sequences.
+_SUCCESS_WEIGHTED = ("jq/amp_mean", "jq/log_amp_mean", "jq/weight_ess")
+_TOKEN_WEIGHTED = ("policy/entropy", "mismatch/logp_abs_diff", "kl/ref", "ratio/clipfrac")
+
+
+def _combine_metric(name: str, values_K, tokens_K, success_K):
+  if name == "loss":
+    return jnp.sum(values_K)
+  if name.endswith("_max"):
+    return jnp.max(values_K)
+  if name in _TOKEN_WEIGHTED or name in _SUCCESS_WEIGHTED:
+    count_K = tokens_K if name in _TOKEN_WEIGHTED else success_K
+    return jnp.sum(values_K * count_K) / jnp.maximum(jnp.sum(count_K), 1.0)
+  return jnp.mean(values_K)
+
+
+def _micro_batched_grads(params, ref_params, graphdef, cfg: TrainConfig, seqs: dict, keys_B, q, num_prompt: int):
+  """Gradient and metrics accumulated over B/m micro-batches of m prompts in a `lax.scan`.
+
+  Micro-batch k holds prompts k, k + K, k + 2K, ... (K = B/m); its m*G rows are split over all devices (a
+  multiple of the devices, `check_mesh`), so when m is a multiple of the devices every device keeps its own rows and
+  otherwise only token ids and masks move. Equals the full-batch gradient in exact arithmetic: the estimators average
+  over prompts, so each micro-batch's loss is scaled by m/B; a KL penalty's token mean divides by the whole batch's
+  token count. PAFT's per-prompt keys are split from the step key before the split into micro-batches.
+  """
+  G, m = cfg.num_samples, cfg.micro_batch_prompts
+  B = keys_B.shape[0]
+  K = B // m
+  in_mesh = not jax.sharding.get_abstract_mesh().empty  # the train step runs under `jax.set_mesh`
+  rows_over_devices = lambda x: (jax.lax.with_sharding_constraint(x, PartitionSpec(None, BATCH_AXES)) if in_mesh
+                                 else x)
+
+  def split_rows(x_Nx):  # rows b*G+g with b = i*K+k -> [k, i*G+g]
+    x_mxKxGx = x_Nx.reshape(m, K, G, *x_Nx.shape[1:])
+    return rows_over_devices(jnp.swapaxes(x_mxKxGx, 0, 1).reshape(K, m * G, *x_Nx.shape[1:]))
+
+  def split_prompts(x_Bx):
+    return rows_over_devices(jnp.swapaxes(x_Bx.reshape(m, K, *x_Bx.shape[1:]), 0, 1))
+
+  xs = {k: split_rows(v) for k, v in seqs.items() if v is not None and k != "reward_BxG"}
+  xs["reward_BxG"] = split_prompts(seqs["reward_BxG"])
+  xs["keys_B"] = split_prompts(keys_B)
+  kl_tokens = jnp.maximum(jnp.sum(seqs["z_NxT"].astype(jnp.float32)), 1.0)
+
+  def body(grads_acc, x):
+    mb = {"y_NxT": None, **x}
+    ref_logp_NxT = None
+    if ref_params is not None:
+      ref_model = nnx.merge(graphdef, ref_params)
+      ref_logp_NxT, _ = _completion_logprobs(ref_model, mb["tokens_NxS"], mb["pad_NxS"], num_prompt,
+                                             cfg.temperature, False, cfg.logprob_chunk)
+      ref_logp_NxT = jax.lax.stop_gradient(ref_logp_NxT)
+
+    def loss_fn(p):
+      loss, aux, num_success = _estimator_loss(p, graphdef, cfg, q, mb["keys_B"], mb, ref_logp_NxT, num_prompt,
+                                               kl_tokens=kl_tokens, loss_scale=m / B)
+      return loss, (aux, num_success)
+
+    (loss, (aux, num_success)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+    tokens = jnp.sum(mb["z_NxT"].astype(jnp.float32))
+    success = jnp.float32(0.0) if num_success is None else num_success
+    return grads_acc, ({**aux, "loss": loss}, tokens, success)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, (aux_K, tokens_K, success_K) = jax.lax.scan(body, zeros, xs)
+  aux = {k: _combine_metric(k, v_K, tokens_K, success_K) for k, v_K in aux_K.items()}
+  return aux.pop("loss"), aux, grads
 
 
 def loss_and_metrics(params, ref_params, graphdef, cfg: TrainConfig, ids: TokenIds, batch: dict, key, q):
@@ -95,48 +254,25 @@ def loss_and_metrics(params, ref_params, graphdef, cfg: TrainConfig, ids: TokenI
   reward_N = rollout_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
   reward_BxG = reward_N.reshape(B, G)
   tokens_NxS, pad_NxS, z_NxT, y_NxT = _sequences(cfg, ids, rollout, gold_NxA, gold_mask_NxA)
+  seqs = {"tokens_NxS": tokens_NxS, "pad_NxS": pad_NxS, "z_NxT": z_NxT, "y_NxT": y_NxT,
+          "model_logp_NxT": rollout.model_logp_NxT, "reward_BxG": reward_BxG}
+  keys_B = jax.random.split(key, B)  # one resampling key per prompt, before any split of the batch (PAFT)
 
-  ref_logp_NxT = None
-  if ref_params is not None:
-    ref_model = nnx.merge(graphdef, ref_params)
-    ref_logp_NxT, _ = _completion_logprobs(ref_model, tokens_NxS, pad_NxS, P, cfg.temperature, False)
-    ref_logp_NxT = jax.lax.stop_gradient(ref_logp_NxT)
+  if cfg.micro_batch_prompts:
+    loss, aux, grads = _micro_batched_grads(params, ref_params, graphdef, cfg, seqs, keys_B, q, P)
+  else:
+    ref_logp_NxT = None
+    if ref_params is not None:
+      ref_model = nnx.merge(graphdef, ref_params)
+      ref_logp_NxT, _ = _completion_logprobs(ref_model, tokens_NxS, pad_NxS, P, cfg.temperature, False,
+                                             cfg.logprob_chunk)
+      ref_logp_NxT = jax.lax.stop_gradient(ref_logp_NxT)
 
-  def loss_fn(p):
-    model = nnx.merge(graphdef, p)
-    logp_NxT, entropy_NxT = _completion_logprobs(model, tokens_NxS, pad_NxS, P, cfg.temperature, True)
-    aux = {"policy/entropy": _masked_mean(entropy_NxT, z_NxT),
-           "mismatch/logp_abs_diff": _masked_mean(jnp.abs(jax.lax.stop_gradient(logp_NxT)
-                                                          - rollout.model_logp_NxT), z_NxT)}
-    kl_NxT = None
-    if ref_logp_NxT is not None:
-      delta_NxT = ref_logp_NxT - logp_NxT
-      kl_NxT = jnp.exp(delta_NxT) - delta_NxT - 1.0  # k3 estimate of KL(pi || pi_init) per sampled token
-      aux["kl/ref"] = jax.lax.stop_gradient(_masked_mean(kl_NxT, z_NxT))
-    if cfg.estimator == "grpo":
-      seq = SequenceLogProbs(
-          logp_z_BxGxT=logp_NxT.reshape(B, G, T), mask_z_BxGxT=z_NxT.reshape(B, G, T),
-          ref_logp_z_BxGxT=None if ref_logp_NxT is None or cfg.kl_coef == 0 else ref_logp_NxT.reshape(B, G, T))
-      loss, est = grpo_loss(seq, reward_BxG, scale_rewards=cfg.grpo_scale_rewards, epsilon=cfg.grpo_clip_eps,
-                            beta=cfg.kl_coef)
-      est = {k: v for k, v in est.items() if k != "kl/ref" or ref_logp_NxT is None}
-      return loss, {**aux, **est}
-    logp_z_BxG = jnp.sum(jnp.where(z_NxT, logp_NxT, 0.0), axis=1).reshape(B, G)
-    if cfg.weights == "likelihood":
-      logw_BxG = jnp.sum(jnp.where(y_NxT, logp_NxT, 0.0), axis=1).reshape(B, G)
-    else:
-      logw_BxG = jnp.where(reward_BxG > 0, 0.0, -jnp.inf)
-    if cfg.estimator == "garl":
-      loss, est = garl_loss(logp_z_BxG, logw_BxG, q=q, baseline=cfg.baseline, normalize_by_Mq=cfg.normalize_mq)
-    else:
-      keys_B = jax.random.split(key, B)
-      loss, est = paft_loss(logp_z_BxG, logw_BxG, keys_B, q=q, num_resamples=cfg.resamples,
-                            normalize_by_Mq=cfg.normalize_mq)
-    if cfg.kl_coef > 0:
-      loss = loss + cfg.kl_coef * _masked_mean(kl_NxT, z_NxT)
-    return loss, {**aux, **est}
+    def loss_fn(p):
+      loss, aux, _ = _estimator_loss(p, graphdef, cfg, q, keys_B, seqs, ref_logp_NxT, P)
+      return loss, aux
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   std_B = jnp.std(reward_BxG, axis=1)
   completion_len_N = rollout.lengths_N.astype(jnp.float32)
   metrics = {
