@@ -81,3 +81,30 @@ def test_unknown_config_name_model_override_and_task_option():
   from tsallis_jax.train.tasks import build_task
   with pytest.raises(ConfigError, match=r"task_options \['p00'\] are unknown"):
     build_task(TrainConfig(task_options="p00=0.1"))
+
+
+def test_model_overrides_are_typed_and_reach_hf_checkpoints_too():
+  changes = loop.model_overrides(TrainConfig(model_overrides="remat=true,attention_query_chunk=512,rope_theta=1e5"))
+  assert changes == {"remat": True, "attention_query_chunk": 512, "rope_theta": 1e5}
+  assert loop.model_overrides(TrainConfig(model_overrides="attention_query_chunk=none")) == {
+      "attention_query_chunk": None}
+  with pytest.raises(ConfigError, match="expected true or false"):
+    loop.model_overrides(TrainConfig(model_overrides="remat=maybe"))
+  with pytest.raises(ConfigError, match="expected a int"):
+    loop.model_overrides(TrainConfig(model_overrides="num_layers=two"))
+  with pytest.raises(ConfigError, match="not a scalar ModelConfig field"):
+    loop.model_overrides(TrainConfig(model_overrides="rope_llama3=1"))
+  paper = load_config("paper_finqa")
+  assert loop.model_overrides(paper) == {"remat": True, "attention_query_chunk": 512}
+
+
+def test_hf_model_gets_the_overrides(tmp_path):
+  from tsallis_jax.model import ModelConfig, create_model
+  from tsallis_jax.model.hf_io import save_hf_checkpoint
+  from tsallis_jax.data import synthetic
+  tok = synthetic.make_tokenizer()
+  tok.save_pretrained(tmp_path)
+  save_hf_checkpoint(create_model(ModelConfig.tiny().replace(vocab_size=len(tok))), tmp_path)
+  cfg = TrainConfig(model="hf", model_path=str(tmp_path), model_overrides="remat=true,attention_query_chunk=4")
+  model, _ = loop.load_model(cfg, None)
+  assert model.config.remat and model.config.attention_query_chunk == 4

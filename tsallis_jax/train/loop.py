@@ -65,21 +65,45 @@ def make_mesh(cfg: TrainConfig):
   return distributed.make_mesh({"data": data, "fsdp": fsdp})
 
 
+_OVERRIDE_TYPES = {"int": int, "float": float, "str": str}
+
+
+def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
+  """Parses `model_overrides` ("remat=true,attention_query_chunk=512") into typed ModelConfig changes.
+
+  Applies to presets and to HF / GGUF checkpoints alike (e.g. remat and query-chunked attention for the paper runs).
+  Only scalar fields can be overridden; "none" clears an optional one.
+  """
+  fields = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
+  scalar = {k: t for k, t in fields.items() if t.split(" | ")[0] in ("bool", *_OVERRIDE_TYPES)}
+  changes: dict[str, Any] = {}
+  for k, text in parse_options(cfg.model_overrides).items():
+    if k not in scalar:
+      raise ConfigError(f"model_overrides key {k!r} is not a scalar ModelConfig field; valid: {sorted(scalar)}")
+    kind, _, optional = scalar[k].partition(" | ")
+    if optional == "None" and text.lower() == "none":
+      changes[k] = None
+    elif kind == "bool":
+      if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ConfigError(f"model_overrides {k}={text!r}: expected true or false")
+      changes[k] = text.lower() in ("1", "true", "yes")
+    else:
+      try:
+        changes[k] = _OVERRIDE_TYPES[kind](text)
+      except ValueError:
+        raise ConfigError(f"model_overrides {k}={text!r}: expected a {kind}") from None
+  return changes
+
+
 def model_config(cfg: TrainConfig, vocab_size: int | None = None) -> ModelConfig:
   """The ModelConfig preset with `model_overrides` (and the task tokenizer's vocabulary for random-init models)."""
   presets = {"tiny": ModelConfig.tiny, "qwen3_0_6b": ModelConfig.qwen3_0_6b, "smollm2_135m": ModelConfig.smollm2_135m}
   if cfg.model not in presets:
     raise ConfigError(f"model={cfg.model!r} is not a preset {sorted(presets)} nor 'hf' / 'gguf'")
-  base = presets[cfg.model]()
   changes: dict[str, Any] = {"dtype": cfg.dtype}
   if vocab_size is not None:
     changes["vocab_size"] = vocab_size
-  for k, text in parse_options(cfg.model_overrides).items():
-    if not hasattr(base, k) or k == "sharding_rules":
-      raise ConfigError(f"model_overrides key {k!r} is not a scalar ModelConfig field; valid: "
-                        f"{sorted(f.name for f in dataclasses.fields(ModelConfig) if f.name != 'sharding_rules')}")
-    kind = type(getattr(base, k))
-    changes[k] = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
+  changes.update(model_overrides(cfg))
   return presets[cfg.model](**changes)
 
 
@@ -111,7 +135,7 @@ def load_model(cfg: TrainConfig, mesh) -> tuple[nnx.Module, Any]:
   if cfg.model == "hf":
     from tsallis_jax.model.hf_io import load_hf_checkpoint, load_tokenizer, read_hf_config
     check_fits(cfg, read_hf_config(cfg.model_path).get("max_position_embeddings"))
-    return with_think_tokens(load_hf_checkpoint(cfg.model_path, dtype=cfg.dtype, mesh=mesh),
+    return with_think_tokens(load_hf_checkpoint(cfg.model_path, dtype=cfg.dtype, mesh=mesh, **model_overrides(cfg)),
                              load_tokenizer(cfg.model_path), mesh)
   if cfg.model == "gguf":
     from tsallis_jax.model import gguf_io
@@ -119,7 +143,8 @@ def load_model(cfg: TrainConfig, mesh) -> tuple[nnx.Module, Any]:
     path = gguf_io.smollm2_gguf_path() if cfg.model_path == "smollm2" else cfg.model_path
     folder = gguf_io.cached_hf_folder(path)
     check_fits(cfg, read_hf_config(folder).get("max_position_embeddings"))
-    return with_think_tokens(load_hf_checkpoint(folder, dtype=cfg.dtype, mesh=mesh), load_tokenizer(folder), mesh)
+    return with_think_tokens(load_hf_checkpoint(folder, dtype=cfg.dtype, mesh=mesh, **model_overrides(cfg)),
+                             load_tokenizer(folder), mesh)
   return None, None
 
 
