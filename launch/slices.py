@@ -8,8 +8,10 @@ v5e and v6e (the name counts chips), and one device per TensorCore on v2 and v3.
 multi-host v5e / v6e) or 8 TensorCores (v2, v3); v5e and v6e slices of up to 8 chips are a single host.
 
 `estimate_memory` sizes one training step from shapes alone (train state, the sampler's KV cache, the teacher-
-forced step's activations); `suggest_for_config` picks the smallest slice that holds a config's step. Neither was
-checked on a TPU: the KV-cache and parameter terms are tested against the library's own model and cache.
+forced step's activations, following the trainer's micro-batching, chunked log-probs, remat and query-chunked
+attention); `suggest_for_config` picks the smallest slice that holds a config's step. Neither was checked on a TPU:
+the KV-cache and parameter terms are tested against the library's own model and cache; the activation term is a
+shape count, not a measurement of what XLA allocates.
 """
 from __future__ import annotations
 
@@ -149,13 +151,17 @@ MODEL_DIMS: dict[str, ModelDims] = {
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-  """GiB per device for one training step, from shapes alone (not measured on a TPU).
+  """GiB per device for one training step, from shapes alone (not measured on a TPU; XLA temporaries not counted).
 
-  state: float32 params, grads, two Adam moments (and the reference params when kl/ref is logged), over fsdp.
+  state: float32 params, grads, two Adam moments (and the reference params when kl/ref is logged; and the gradient
+    accumulator when micro-batching), over fsdp.
   rollout_kv: the sampler's KV cache, B*G rows of the full sequence length in the compute dtype, rows over all
     devices (the sampler repeats each prompt's cache G times).
-  train_activations: the teacher-forced forward kept for the backward: per layer the float32 attention scores
-    (the model materialises them, N x H x T x T) and about 8 D + 3 F values per token; all layers without remat.
+  train_activations: the teacher-forced forward kept for the backward, for the rows that live at once (one
+    micro-batch's m*G when micro-batching, else B*G), over all devices: per layer about 8 D + 3 F values per token
+    (all layers, or with remat each layer's input plus one layer's working set), the float32 attention scores
+    (H x T x T per row and layer, or one block of H x chunk x T with query-chunked attention), and the float32
+    logits (T x V per row, or chunk x V with `logprob_chunk`).
   """
   state: float
   rollout_kv: float
@@ -167,16 +173,40 @@ class MemoryEstimate:
 
 
 def estimate_memory(dims: ModelDims, *, batch_size: int, num_samples: int, seq_len: int, devices: int, fsdp: int,
-                    compute_bytes: int = 4, ref_params: bool = True, remat: bool = False) -> MemoryEstimate:
-  """Per-device memory of one step; see `MemoryEstimate` for what each term holds."""
+                    compute_bytes: int = 4, ref_params: bool = True, remat: bool = False,
+                    micro_batch_prompts: int = 0, logprob_chunk: int = 0,
+                    attention_query_chunk: int | None = None) -> MemoryEstimate:
+  """Per-device memory of one step; see `MemoryEstimate` for what each term holds.
+
+  The knobs follow the trainer: `micro_batch_prompts` and `logprob_chunk` (`TrainConfig`), `remat` and
+  `attention_query_chunk` (`ModelConfig`, via `model_overrides`); 0 / None = off.
+  """
   gib = 2.0**30
   rows = batch_size * num_samples
-  state = dims.params * (16 + (4 if ref_params else 0)) / fsdp
+  act_rows = (micro_batch_prompts or batch_size) * num_samples  # rows whose activations live at once
+  state = dims.params * (16 + (4 if ref_params else 0) + (4 if micro_batch_prompts else 0)) / fsdp
   kv = rows * seq_len * 2 * dims.layers * dims.kv_heads * dims.head_dim * compute_bytes / devices
-  per_layer = rows * (dims.heads * seq_len * seq_len * 4 + seq_len * (8 * dims.embed + 3 * dims.mlp) * compute_bytes)
-  saved = rows * seq_len * dims.embed * compute_bytes * dims.layers  # each block's input, the remat checkpoints
-  train = (saved + per_layer if remat else per_layer * dims.layers) / devices
+  queries = min(attention_query_chunk, seq_len) if attention_query_chunk else seq_len
+  scores = act_rows * dims.heads * queries * seq_len * 4  # one layer's (or one query block's) float32 scores
+  values = act_rows * seq_len * (8 * dims.embed + 3 * dims.mlp) * compute_bytes  # one layer's other activations
+  saved = act_rows * seq_len * dims.embed * compute_bytes * dims.layers  # each block's input, the remat checkpoints
+  # Query-chunked attention rematerialises each block's scores, so only one block's are alive; otherwise every
+  # layer keeps its scores for the backward (one layer's with remat).
+  per_layer_kept = values + (0 if attention_query_chunk else scores)
+  block_scores = scores if attention_query_chunk else 0  # the one query block being computed
+  if remat:
+    layers = saved + per_layer_kept + block_scores
+  else:
+    layers = per_layer_kept * dims.layers + block_scores
+  logits = act_rows * (min(logprob_chunk, seq_len) if logprob_chunk else seq_len) * dims.vocab * 4
+  train = (layers + logits) / devices
   return MemoryEstimate(state=state / gib, rollout_kv=kv / gib, train_activations=train / gib)
+
+
+def _model_overrides(text: str) -> dict[str, str]:
+  """"remat=true,attention_query_chunk=512" -> {"remat": "true", ...} (as `TrainConfig.model_overrides`)."""
+  pairs = (item.split("=", 1) for item in (s.strip() for s in text.split(",")) if "=" in item)
+  return {k.strip(): v.strip().lower() for k, v in pairs}
 
 
 def estimate_for_config(cfg, accelerator: Accelerator, mesh: dict[str, int]) -> MemoryEstimate | None:
@@ -184,10 +214,16 @@ def estimate_for_config(cfg, accelerator: Accelerator, mesh: dict[str, int]) -> 
   dims = MODEL_DIMS.get(model_key(cfg.model, cfg.model_path))
   if dims is None:
     return None
+  overrides = _model_overrides(getattr(cfg, "model_overrides", ""))
+  chunk = overrides.get("attention_query_chunk", "none")
   return estimate_memory(dims, batch_size=cfg.batch_size, num_samples=cfg.num_samples, seq_len=cfg.total_len,
                          devices=accelerator.devices, fsdp=mesh["fsdp"],
                          compute_bytes=2 if cfg.dtype == "bfloat16" else 4,
-                         ref_params=bool(getattr(cfg, "log_ref_kl", True) or getattr(cfg, "kl_coef", 0.0)))
+                         ref_params=bool(getattr(cfg, "log_ref_kl", True) or getattr(cfg, "kl_coef", 0.0)),
+                         remat=overrides.get("remat", "false") in ("1", "true", "yes"),
+                         micro_batch_prompts=getattr(cfg, "micro_batch_prompts", 0),
+                         logprob_chunk=getattr(cfg, "logprob_chunk", 0),
+                         attention_query_chunk=int(chunk) if chunk.isdigit() else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,26 +267,28 @@ HEADROOM = 0.75  # the share of a chip's memory an estimate may use (XLA tempora
 
 
 def suggest_for_config(cfg) -> tuple[str, str, MemoryEstimate] | None:
-  """The smallest slice, and on it the smallest fsdp, whose chips hold the train state and the rollouts' KV cache
-  of one step of `cfg` (a trainer `TrainConfig`) within `HEADROOM` of their memory.
+  """The smallest slice, and on it the smallest fsdp, whose chips hold the train state plus the larger of the
+  rollouts' KV cache and the train step's activations (`MemoryEstimate.peak`) of one step of `cfg` (a trainer
+  `TrainConfig`) within `HEADROOM` of their memory.
 
-  Returns (accelerator, mesh, estimate), or None when the model's shapes are unknown here or no candidate fits
-  (then a smaller `batch_size`, `num_samples` or sequence length is needed). The teacher-forced train step's
-  activations are reported in the estimate but not required to fit: they shrink only when the trainer splits the
-  step into micro-batches (launch/TPU.md).
+  Slices whose device count does not divide `batch_size` (or a micro-batch's `micro_batch_prompts * num_samples`
+  rows, which the trainer refuses) are skipped. Returns (accelerator, mesh, estimate), or None when the model's
+  shapes are unknown here or no candidate fits (then a smaller `batch_size`, `num_samples` or sequence length, or
+  `micro_batch_prompts` / `logprob_chunk` / `model_overrides="remat=true,attention_query_chunk=512"`, is needed).
   """
   dims = MODEL_DIMS.get(model_key(cfg.model, cfg.model_path))
   if dims is None:
     return None
   for name in CANDIDATES:
     acc = parse_accelerator(name)
-    if cfg.batch_size % acc.devices:
+    micro_rows = getattr(cfg, "micro_batch_prompts", 0) * cfg.num_samples
+    if cfg.batch_size % acc.devices or micro_rows % acc.devices:
       continue
     fsdp = 1
     while fsdp <= acc.devices:
       mesh = {"data": acc.devices // fsdp, "fsdp": fsdp}
       estimate = estimate_for_config(cfg, acc, mesh)
-      if estimate.state + estimate.rollout_kv <= HEADROOM * acc.family.hbm_gib_per_device:
+      if estimate.peak <= HEADROOM * acc.family.hbm_gib_per_device:
         return name, f"data={mesh['data']},fsdp={fsdp}", estimate
       fsdp *= 2
   return None
@@ -287,7 +325,7 @@ def paper_table(config_names: list[str]) -> str:
       continue
     acc, mesh, est = pick
     lines.append(f"| {name} | {cfg.batch_size} x {cfg.num_samples} | {cfg.total_len} | {acc} | {mesh} | "
-                 f"{est.state:.1f} / {est.rollout_kv:.1f} / {est.train_activations:.0f} |")
+                 f"{est.state:.1f} / {est.rollout_kv:.1f} / {est.train_activations:.1f} |")
   return "\n".join(lines)
 
 

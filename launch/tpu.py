@@ -390,9 +390,10 @@ def report_memory(plan: Plan, runner: Runner) -> None:
           f"{hbm} GiB of a {acc.name} device: use a bigger slice, more fsdp, or a smaller batch_size / num_samples.",
           file=sys.stderr)
   if mem.state + mem.train_activations > hbm:
-    print(f"warning: the teacher-forced train step keeps ~{mem.train_activations:.0f} GiB of activations per device "
-          f"(the model materialises the T x T attention scores of all B*G rows at once); it fits only once the step "
-          "is split into micro-batches with rematerialisation (launch/TPU.md, 'Paper runs').", file=sys.stderr)
+    print(f"warning: the teacher-forced train step keeps ~{mem.train_activations:.0f} GiB of activations per device; "
+          "shrink it with --set micro_batch_prompts=1 --set logprob_chunk=512 --set "
+          "model_overrides=remat=true,attention_query_chunk=512 (as the paper configs do), fewer tokens per row, or "
+          "a bigger slice (launch/TPU.md, 'Paper runs').", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -321,7 +321,11 @@ def test_tpu_md_shows_the_real_dry_run_output(capsys, monkeypatch):
   printed = out.replace(tpu.REPO_ROOT, "/path/to/clone").splitlines()[1:]
   doc = text.splitlines()
   assert len(printed) > 5 and all(line in doc for line in printed), [line for line in printed if line not in doc]
-  assert "train step keeps" in err  # the warning the recipe mentions
+  assert "warning" not in err  # the paper config's step fits its suggested slice, as the recipe says
+  # Without micro-batching, chunked log-probs and remat the same command warns about the train step.
+  assert tpu.main([*argv, "--set", "micro_batch_prompts=0", "--set", "logprob_chunk=0", "--set", "model_overrides=",
+                   "--accelerator", "v4-64", "--mesh", "data=8,fsdp=4", "--dry-run"]) == 0
+  assert "train step keeps" in capsys.readouterr().err
 
 
 def test_tpu_md_paper_table_is_current():
@@ -365,16 +369,48 @@ def test_suggest_for_config_is_the_smallest_slice_that_fits():
   cfg = train_config.load_config("paper_hotpotqa")
   name, mesh, est = slices.suggest_for_config(cfg)
   acc = slices.parse_accelerator(name)
-  assert est.state + est.rollout_kv <= slices.HEADROOM * acc.family.hbm_gib_per_device
-  assert cfg.batch_size % acc.devices == 0
+  assert est.peak <= slices.HEADROOM * acc.family.hbm_gib_per_device
+  assert cfg.batch_size % acc.devices == 0 and (cfg.micro_batch_prompts * cfg.num_samples) % acc.devices == 0
   sizes = slices.check_mesh(slices.parse_mesh(mesh), acc, cfg.batch_size)
+  train_config.check_mesh(cfg.replace(mesh_data=sizes["data"], mesh_fsdp=sizes["fsdp"]), acc.devices)
   for smaller in slices.CANDIDATES[:slices.CANDIDATES.index(name)]:
     small = slices.parse_accelerator(smaller)
     if cfg.batch_size % small.devices == 0:  # every mesh on a smaller slice runs out of memory
-      needs = [e.state + e.rollout_kv for f in (1, 2, 4, 8, 16, 32, 64) if f <= small.devices
+      needs = [e.peak for f in (1, 2, 4, 8, 16, 32, 64) if f <= small.devices
                for e in [slices.estimate_for_config(cfg, small, {"data": small.devices // f, "fsdp": f})]]
       assert min(needs) > slices.HEADROOM * small.family.hbm_gib_per_device
   # Half the prompts per step need a slice at most as large.
   smaller_name, _, _ = slices.suggest_for_config(cfg.replace(batch_size=cfg.batch_size // 2))
   assert slices.parse_accelerator(smaller_name).devices <= acc.devices
   assert sizes["data"] * sizes["fsdp"] == acc.devices
+
+
+def test_memory_estimate_shrinks_with_the_trainers_memory_settings():
+  """micro_batch_prompts, logprob_chunk, remat and query-chunked attention each shrink the train-step term only."""
+  dims = slices.MODEL_DIMS["qwen3_0_6b"]
+  shape = dict(batch_size=32, num_samples=32, seq_len=6145, devices=32, fsdp=4, compute_bytes=2, ref_params=False)
+  full = slices.estimate_memory(dims, **shape)
+  settings = [dict(micro_batch_prompts=1), dict(logprob_chunk=512), dict(remat=True),
+              dict(attention_query_chunk=512)]
+  for knob in settings:
+    est = slices.estimate_memory(dims, **shape, **knob)
+    assert est.train_activations < full.train_activations, knob
+    assert est.rollout_kv == full.rollout_kv, knob
+  # Micro-batching keeps the activations of m*G rows instead of B*G (the logits term too): 32 times fewer here.
+  micro = slices.estimate_memory(dims, **shape, micro_batch_prompts=1)
+  assert micro.train_activations == pytest.approx(full.train_activations / 32)
+  # Chunked logits hold c of the T positions' float32 logits.
+  chunked = slices.estimate_memory(dims, **shape, logprob_chunk=512)
+  logits_saved = 32 * 32 * (6145 - 512) * dims.vocab * 4 / 32 / 2**30
+  assert full.train_activations - chunked.train_activations == pytest.approx(logits_saved)
+  every = slices.estimate_memory(dims, **shape, **{k: v for knob in settings for k, v in knob.items()})
+  assert every.train_activations < min(slices.estimate_memory(dims, **shape, **k).train_activations
+                                       for k in settings)
+
+  # The trainer's paper config sets all four, and the estimate for it follows them.
+  cfg = train_config.load_config("paper_finqa")
+  acc, mesh = slices.parse_accelerator("v4-64"), {"data": 8, "fsdp": 4}
+  paper = slices.estimate_for_config(cfg, acc, mesh)
+  off = slices.estimate_for_config(cfg.replace(micro_batch_prompts=0, logprob_chunk=0, model_overrides=""), acc, mesh)
+  assert paper.train_activations < off.train_activations / 1000
+  assert paper.peak <= slices.HEADROOM * acc.family.hbm_gib_per_device < off.peak
