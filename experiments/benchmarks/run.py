@@ -225,6 +225,8 @@ def main(argv=None) -> int:
   if args.append and (out_dir / "results.json").exists():
     previous = json.loads((out_dir / "results.json").read_text())
     runs = previous["runs"]
+    model_flops = {**previous["model_flops_per_step"], **model_flops}
+    meta["workloads"] = {**previous["meta"].get("workloads", {}), **meta["workloads"]}
     first_round = 1 + max((r.get("round", 0) for r in runs), default=-1)
     meta["date"] = previous["meta"]["date"]
     meta["command"] = previous["meta"]["command"] + "; then " + meta["command"]
