@@ -1,6 +1,6 @@
 """One command: set up the peers' environments, build the workloads, run every system alternately, write the results.
 
-  python -m experiments.benchmarks.run                       # everything, 2 rounds (about 25 min on 2 quiet cores)
+  python -m experiments.benchmarks.run                       # everything, 2 rounds (about 30 min on 2 cores)
   python -m experiments.benchmarks.run --rounds 1 --workloads tiny --systems ours tunix
 
 1. Peers, each in its own virtual environment under $PEERS_HOME (default ~/.cache/peers), installed from the package
