@@ -12,8 +12,11 @@ from flax import nnx
 from tsallis_jax.model import (CheckpointError, load_hf_checkpoint, load_tokenizer, make_attention_mask, make_mesh,
                                make_positions, save_hf_checkpoint)
 
-BENCH_SCRIPT = pathlib.Path("/work/shared/bench/make_workload.py")
-# Logits at the last position for ids [5, 6, 7], ids 0..4, from /work/shared/bench/README.md.
+# The shared reference workload's builder lies in ../shared/bench beside the checkout (CI lays a copy there).
+BENCH_SCRIPT = next((p for p in (pathlib.Path(__file__).resolve().parents[2] / "shared/bench/make_workload.py",
+                                 pathlib.Path("/work/shared/bench/make_workload.py")) if p.is_file()),
+                    pathlib.Path("../shared/bench/make_workload.py"))
+# Logits at the last position for ids [5, 6, 7], ids 0..4, from shared/bench/README.md.
 BENCH_LOGITS = [-0.0088225, -0.0161941, -0.4281750, -0.0194368, -0.3160955]
 
 TOKENS_NxT = np.array([[3, 4, 5, 6, 7, 8, 9], [0, 0, 0, 5, 6, 7, 8], [0, 10, 11, 12, 13, 14, 15]])
