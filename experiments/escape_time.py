@@ -16,11 +16,11 @@ factor of Algorithms 1-2. Writes escape_sgd.png and escape_sgd.json. About 3-4 m
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import numpy as np
+
+from experiments._results import write_study
 
 from tsallis_jax import theory
 
@@ -214,20 +214,12 @@ def main(argv=None) -> dict:
                           num_trajectories=args.num_trajectories, num_seeds=args.sgd_seeds,
                           max_steps=args.sgd_max_steps, learning_rate=args.sgd_learning_rate)
     print(format_sgd_table(study))
-    os.makedirs(args.out_dir, exist_ok=True)
-    plot_sgd(study, os.path.join(args.out_dir, "escape_sgd.png"))
-    with open(os.path.join(args.out_dir, "escape_sgd.json"), "w") as f:
-      json.dump(study, f, indent=1)
-    print(f"wrote {args.out_dir}/escape_sgd.png and escape_sgd.json in {time.time() - start:.1f} s")
+    write_study(study, plot_sgd, args.out_dir, "escape_sgd", start)
     return study
   study = run_escape_study(num_trajectories=args.num_trajectories, num_correct=args.num_correct, delta=args.delta,
                            simulate=not args.no_simulate)
   print(format_table(study))
-  os.makedirs(args.out_dir, exist_ok=True)
-  plot(study, os.path.join(args.out_dir, "escape_time.png"))
-  with open(os.path.join(args.out_dir, "escape_time.json"), "w") as f:
-    json.dump(study, f, indent=1)
-  print(f"wrote {args.out_dir}/escape_time.png and escape_time.json in {time.time() - start:.1f} s")
+  write_study(study, plot, args.out_dir, "escape_time", start)
   return study
 
 

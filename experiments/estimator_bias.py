@@ -13,12 +13,12 @@ each (estimator, M) compiles once).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import jax
 import numpy as np
+
+from experiments._results import write_study
 
 from tsallis_jax import theory
 
@@ -139,11 +139,7 @@ def main(argv=None) -> dict:
   start = time.time()
   study = run_bias_study(num_replicates=args.replicates, p_values=tuple(args.p))
   print(format_tables(study))
-  os.makedirs(args.out_dir, exist_ok=True)
-  plot(study, os.path.join(args.out_dir, "estimator_bias.png"))
-  with open(os.path.join(args.out_dir, "estimator_bias.json"), "w") as f:
-    json.dump(study, f, indent=1)
-  print(f"wrote {args.out_dir}/estimator_bias.png and estimator_bias.json in {time.time() - start:.1f} s")
+  write_study(study, plot, args.out_dir, "estimator_bias", start)
   return study
 
 

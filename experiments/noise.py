@@ -10,12 +10,12 @@ Writes noise.png and noise.json. About 30 s on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 
 import numpy as np
+
+from experiments._results import write_study
 
 from tsallis_jax import theory
 
@@ -108,11 +108,7 @@ def main(argv=None) -> dict:
   start = time.time()
   study = run_noise_study()
   print(format_tables(study))
-  os.makedirs(args.out_dir, exist_ok=True)
-  plot(study, os.path.join(args.out_dir, "noise.png"))
-  with open(os.path.join(args.out_dir, "noise.json"), "w") as f:
-    json.dump(study, f, indent=1, default=lambda x: float(x))
-  print(f"wrote {args.out_dir}/noise.png and noise.json in {time.time() - start:.1f} s")
+  write_study(study, plot, args.out_dir, "noise", start)
   return study
 
 
