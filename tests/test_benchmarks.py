@@ -135,13 +135,28 @@ def test_ours_step_runs_on_a_shrunken_workload(tmp_path, capsys):
   assert set(result["phases_median_s"]) == {"rollout", ours_grpo.UPDATE_PHASE}
 
 
-def test_sampler_result_is_split_into_shared_and_flat_rows():
+def test_our_sampler_runner_times_shared_unshared_and_grouped_calls(tmp_path, capsys):
+  from experiments.benchmarks import sampler_ours
+  spec = dataclasses.replace(workloads.TINY, num_prompts=2, group_size=2, prompt_len=4, max_new=3, sample_batch=4)
+  folder = workloads.build_tiny(tmp_path / "mini", spec)
+  result = sampler_ours.run(str(folder), steps=2)
+  assert result["tokens_per_step"] == 4 * 3 and len(result["times_s"]) == 2
+  for key in ("unshared", "grouped"):
+    assert len(result["extra"][key]["times_s"]) == 2 and result["extra"][key]["tokens_per_s"] > 0
+  assert result["extra"]["grouped"]["group_size"] == 2 and result["extra"]["unshared"]["share_prefill"] is False
+  rows = run.split_sampler_result(harness.parse_result(capsys.readouterr().out) | {"ok": True})
+  assert [r["mode"] for r in rows] == ["sample", "sample_g1", "sample_g1_unshared"]
+
+
+def test_sampler_result_is_split_into_shared_flat_and_unshared_rows():
   result = {"ok": True, "system": "tsallis_jax", "mode": "sample", "median_s": 0.4, "first_s": 5.0,
             "tokens_per_s": 5120.0, "times_s": [5.0, 0.4, 0.4],
-            "extra": {"grouped": {"times_s": [3.0, 0.1, 0.1], "median_s": 0.1, "tokens_per_s": 20480.0}}}
-  shared, flat = run.split_sampler_result(result)
+            "extra": {"grouped": {"times_s": [3.0, 0.1, 0.1], "median_s": 0.1, "tokens_per_s": 20480.0},
+                      "unshared": {"times_s": [4.0, 0.6, 0.6], "median_s": 0.6, "tokens_per_s": 3413.3}}}
+  shared, flat, unshared = run.split_sampler_result(result)
   assert (shared["system"], shared["mode"], shared["median_s"], shared["first_s"]) == ("ours", "sample", 0.1, 3.0)
   assert (flat["system"], flat["mode"], flat["median_s"]) == ("ours", "sample_g1", 0.4)
+  assert (unshared["mode"], unshared["median_s"], unshared["first_s"]) == ("sample_g1_unshared", 0.6, 4.0)
   assert run.split_sampler_result({"ok": False, "system": "tsallis_jax"})[0]["mode"] == "sample_g1"
 
 

@@ -159,7 +159,7 @@ def test_remat_and_query_chunked_attention_give_the_same_loss_and_gradients():
     graphdef_variant = nnx.split(Transformer(variant, rngs=nnx.Rngs(0)))[0]
     value_v, grads_v = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, graphdef_variant)
     np.testing.assert_allclose(value, value_v, rtol=1e-6)
-    chex.assert_trees_all_close(grads, grads_v, atol=1e-5)
+    chex.assert_trees_all_close(grads, grads_v, atol=1e-5, rtol=2e-5)  # float32 summation order (|g| up to ~8)
 
 
 def test_sharded_build_and_forward_match_unsharded():

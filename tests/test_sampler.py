@@ -140,6 +140,41 @@ def test_sampled_distribution_matches_filtered_softmax(temperature, top_k, top_p
                              atol=1e-5)
 
 
+def test_two_level_inverse_cdf_draws_the_same_tokens_as_the_flat_cdf():
+  """Block-then-entry inversion picks the same index as one cumulative sum for (almost) every u: it is the same
+  inverse CDF, up to rounding at the cell boundaries. Zero-weight (-inf) entries, a whole -inf block and a ragged
+  last block included."""
+  rng = np.random.default_rng(7)
+  C, U = 22, 20_000
+  logits_C = rng.normal(size=C).astype(np.float32) * 2.0
+  logits_C[[0, 5, 8, 9, 10, 11, 21]] = -np.inf  # block size 4: entries 8..11 are one all -inf block
+  u_U = jnp.asarray(rng.uniform(size=U).astype(np.float32))
+  scaled_UxC = jnp.broadcast_to(jnp.asarray(logits_C), (U, C))
+  flat_U, flat_log_z_U = sampler_lib._inverse_cdf_sample(u_U, scaled_UxC)
+  block_U, block_log_z_U = sampler_lib._inverse_cdf_sample(u_U, scaled_UxC, block=4)
+  flat_U, block_U = np.asarray(flat_U), np.asarray(block_U)
+  assert np.isfinite(logits_C[block_U]).all()  # never a zero-weight entry
+  assert (flat_U == block_U).mean() > 0.999
+  np.testing.assert_allclose(block_log_z_U, flat_log_z_U, rtol=1e-6)
+  probs_C = np.exp(logits_C.astype(np.float64) - logits_C[np.isfinite(logits_C)].max())
+  probs_C /= probs_C.sum()
+  assert _chisquare_pvalue(np.bincount(block_U, minlength=C), probs_C) > 1e-3
+
+
+def test_sampled_distribution_over_a_large_vocabulary_uses_two_levels_and_fits():
+  V, N = 1000, 100_000
+  assert V > sampler_lib.FLAT_CDF_MAX  # the two-level path
+  logits_V = np.random.default_rng(2).normal(size=V).astype(np.float32) * 0.5
+  select = jax.jit(sampler_lib.sample_from_logits, static_argnames="config")
+  token_N, logp_N, _ = select(jax.random.key(1), jnp.broadcast_to(logits_V, (N, V)), SamplingConfig(temperature=0.8))
+  token_N = np.asarray(token_N)
+  probs_V = _filtered_probs(logits_V, 0.8, 0, 1.0)
+  counts_V = np.bincount(token_N, minlength=V)
+  assert _chisquare_pvalue(counts_V, probs_V) > 1e-3
+  assert _chisquare_pvalue(counts_V, _filtered_probs(logits_V, 0.8 * 1.3, 0, 1.0)) < 1e-3
+  np.testing.assert_allclose(np.asarray(logp_N), np.log(probs_V[token_N]), atol=1e-5)
+
+
 def test_greedy_selection_is_argmax_with_zero_logp():
   logits_NxV = jax.random.normal(jax.random.key(3), (16, 40))
   token_N, logp_N, _ = sampler_lib.sample_from_logits(jax.random.key(0), logits_NxV, SamplingConfig(temperature=0.0))
@@ -226,7 +261,53 @@ def test_prefill_runs_once_per_prompt_not_per_sample(model, monkeypatch):
   graphdef, params = nnx.split(model)
   jax.make_jaxpr(lambda p, t, m, k: sampler_lib.generate_impl(graphdef, p, t, m, k, config))(
     params, jnp.asarray(tokens_BxP), jnp.asarray(mask_BxP), jax.random.key(0))
-  assert calls == [(3, 7), (15, 1)]  # one prefill of the B prompts, then one token per row per decode step
+  assert calls == [(3, 8), (15, 1)]  # one prefill of the B prompts, then one token per row per decode step
+
+
+def test_prompt_of_r_prefills_each_distinct_prompt_once_and_samples_as_unshared(model, monkeypatch):
+  prompts = _prompts(np.random.default_rng(4), [5, 3, 8])
+  requests = [prompts[i] for i in (0, 1, 0, 2, 1, 0)]
+  config = SamplingConfig(num_samples=2, max_new_tokens=6, temperature=1.0, stop_ids=(1,))
+  graphdef, params = nnx.split(model)
+  flat_BxP, flat_mask_BxP = sampler_lib.pad_prompts(requests, PAD, buckets=(8,))
+  plain = _generate(model, flat_BxP, flat_mask_BxP, jax.random.key(3), config)
+  rows, prompt_of_R = sampler_lib.unique_prompts(requests)
+  assert len(rows) == 4 and rows[3] == rows[0]  # 3 distinct prompts, padded to a power of two
+  np.testing.assert_array_equal(prompt_of_R, [0, 1, 0, 2, 1, 0])
+  tokens_UxP, mask_UxP = sampler_lib.pad_prompts(rows, PAD, buckets=(8,))
+  shared = sampler_lib.generate(graphdef, params, jnp.asarray(tokens_UxP), jnp.asarray(mask_UxP), jax.random.key(3),
+                                config, jnp.asarray(prompt_of_R))
+  chex.assert_trees_all_close(shared, plain, atol=1e-5)  # the same rollout, row for row
+  np.testing.assert_array_equal(shared.tokens_NxT, plain.tokens_NxT)
+
+  calls = []
+  original = Transformer.hidden
+
+  def spy(self, tokens_NxT, *args, **kwargs):
+    calls.append(tokens_NxT.shape)
+    return original(self, tokens_NxT, *args, **kwargs)
+
+  monkeypatch.setattr(Transformer, "hidden", spy)
+  jax.make_jaxpr(lambda p, t, m, k, r: sampler_lib.generate_impl(graphdef, p, t, m, k, config, r))(
+    params, jnp.asarray(tokens_UxP), jnp.asarray(mask_UxP), jax.random.key(0), jnp.asarray(prompt_of_R))
+  assert calls == [(4, 8), (12, 1)]  # the 4 prompt rows are prefilled, 6 requests x 2 samples decode
+
+
+def test_text_sampler_shares_the_prefill_of_repeated_prompts(model):
+  tokenizer = _word_tokenizer()
+  config = SamplingConfig(num_samples=1, max_new_tokens=5, temperature=1.0, stop_ids=(1,), pad_id=0)
+  shared = sampler_lib.Sampler(model, tokenizer, config, prompt_buckets=(8,))
+  unshared = sampler_lib.Sampler(model, tokenizer, config, prompt_buckets=(8,), share_prefill=False)
+  batch = ["t5 t6 t7", "t9 t10", "t5 t6 t7", "t5 t6 t7", "t9 t10", "t11"]
+  a, b = shared(batch, jax.random.key(2)), unshared(batch, jax.random.key(2))
+  assert a.completions == b.completions
+  np.testing.assert_array_equal(a.rollout.prompt_tokens_NxP, b.rollout.prompt_tokens_NxP)
+  assert shared._generate_shared._cache_size() == 1 and shared._generate._cache_size() == 0
+  shared(["t2", "t3", "t2", "t2", "t3", "t4"], jax.random.key(0))  # 3 distinct -> 4 rows: the same compiled shape
+  assert shared._generate_shared._cache_size() == 1
+  shared(["t2", "t3", "t4", "t2"], jax.random.key(0))  # 4 padded rows save nothing over 4 requests: plain path
+  shared(["t2", "t3", "t4", "t5"], jax.random.key(0))  # nothing repeats: plain path, the same shape
+  assert shared._generate._cache_size() == 1 and shared._generate_shared._cache_size() == 1
 
 
 def test_stop_tokens_end_sequences_and_mask_the_rest(model):

@@ -119,15 +119,18 @@ BASE = TrainConfig(max_prompt_len=6, rationale_budget=4, max_answer_len=3, num_s
 
 @pytest.mark.parametrize("estimator", ["garl", "paft"])
 def test_update_on_8_devices_equals_one_device(estimator):
-  cfg = BASE.replace(estimator=estimator)
+  # adam_eps 1e-6: Adam's first step is lr * g / (|g| + eps), a sign function on coordinates with |g| << eps, and
+  # the 8-shard reductions run in another float order; with eps 1e-8 a 1e-7 gradient's rounding noise moved a
+  # parameter by a few % of lr. 1e-6 keeps the check about sharding, not about amplified rounding.
+  cfg = BASE.replace(estimator=estimator, adam_eps=1e-6)
   assert jax.device_count() == 8
   mesh_8 = distributed.make_mesh({"data": 4, "fsdp": 2})
   mesh_1 = distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   params_8, metrics_8, tokens_8 = _one_step(cfg, mesh_8)
   params_1, metrics_1, tokens_1 = _one_step(cfg, mesh_1)
   np.testing.assert_array_equal(tokens_8, tokens_1)  # same samples, so the same estimator input
-  # Reductions run in a different order over 8 shards; Adam's first step is lr * g / (|g| + eps), which turns that
-  # float noise into up to ~1e-3 lr on coordinates whose gradient is near 0, hence atol = 1e-2 lr on params.
+  # Reductions run in a different order over 8 shards; Adam's first step turns that float noise into up to ~1e-3 lr
+  # on coordinates whose gradient is near 0, hence atol = 1e-2 lr on params.
   chex.assert_trees_all_close(params_8, params_1, atol=1e-2 * cfg.learning_rate, rtol=1e-4)
   for k in ("loss", "grad_norm", "update_norm", "reward/mean", "gen/len_mean", "weight/mean"):
     np.testing.assert_allclose(metrics_8[k], metrics_1[k], rtol=1e-4, atol=1e-6)

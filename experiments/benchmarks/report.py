@@ -12,12 +12,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 QUIET_CORES = 0.25  # a run is quiet when other processes used less than this many cores on average
 GRPO_MODES = ("grpo", "garl", "paft")
-SAMPLE_MODES = ("sample", "sample_g1")
+SAMPLE_MODES = ("sample", "sample_g1", "sample_g1_unshared")
 PEERS = ("tunix", "trl")
 LABELS = {("ours", "grpo"): "this project, GRPO", ("ours", "garl"): "this project, GARL q=0.75",
           ("ours", "paft"): "this project, PAFT q=0.75", ("tunix", "grpo"): "tunix GRPOLearner",
           ("trl", "grpo"): "TRL GRPOTrainer", ("ours", "sample"): "this project, Sampler (8 prompts x G)",
-          ("ours", "sample_g1"): "this project, Sampler (batch rows, G=1)",
+          ("ours", "sample_g1"): "this project, Sampler (batch rows, G=1; repeated prompts prefilled once)",
+          ("ours", "sample_g1_unshared"): "this project, Sampler (batch rows, G=1, share_prefill=False)",
           ("tunix", "sample"): "tunix vanilla Sampler", ("trl", "sample"): "transformers generate"}
 
 
@@ -149,8 +150,8 @@ def markdown(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping
       lines.append(f"| {LABELS[(system, mode)]} | {_fmt(a['median_s'])}{loaded} | {a['tokens_per_s']:.0f} | "
                    f"{a['first_s']:.1f} | {a['peak_rss_mb']:.0f} | {rate} | {a['runs']} ({a['quiet_runs']}) | "
                    f"{', '.join(f'{x:.2f}' for x in a['foreign_cores'])} |")
-    sample_rows = [(s, m) for s, m in [("ours", "sample"), ("ours", "sample_g1"), ("tunix", "sample"),
-                                       ("trl", "sample")] if (w, s, m) in agg]
+    sample_rows = [(s, m) for s, m in [("ours", "sample"), ("ours", "sample_g1"), ("ours", "sample_g1_unshared"),
+                                       ("tunix", "sample"), ("trl", "sample")] if (w, s, m) in agg]
     if sample_rows:
       lines += ["", f"### Workload `{w}`: sampler (text in, text out)", "",
                 "| system | s/call | tokens/s | first call (compile) s | peak RSS MB | runs (quiet) | foreign cores |",

@@ -134,16 +134,20 @@ def plan(rounds: int, names: list[str], systems: list[str], sample_names: list[s
 
 
 def split_sampler_result(result: dict[str, Any]) -> list[dict[str, Any]]:
-  """sampler_ours.py times two ways in one process: its headline is batch rows x G = 1 (the peers' input, reported
-  as mode 'sample_g1'); `extra.grouped` is the prompts x G with a shared prefill (reported as mode 'sample')."""
+  """sampler_ours.py times three ways in one process: its headline is batch rows x G = 1, the peers' input, through
+  the default Sampler (repeated prompts prefilled once; mode 'sample_g1'); `extra.unshared` the same without prefill
+  sharing (mode 'sample_g1_unshared'); `extra.grouped` the prompts x G (mode 'sample')."""
   flat = dict(result, system="ours", mode="sample_g1")
-  grouped = (result.get("extra") or {}).get("grouped")
-  if not result.get("ok") or not grouped:
+  extra = result.get("extra") or {}
+  if not result.get("ok"):
     return [flat]
-  times = grouped["times_s"]
-  shared = dict(flat, mode="sample", times_s=times, first_s=times[0], median_s=grouped["median_s"],
-                tokens_per_s=grouped["tokens_per_s"])
-  return [shared, flat]
+  out = []
+  for key, mode in (("grouped", "sample"), ("unshared", "sample_g1_unshared")):
+    if extra.get(key):
+      times = extra[key]["times_s"]
+      out.append(dict(flat, mode=mode, times_s=times, first_s=times[0], median_s=extra[key]["median_s"],
+                      tokens_per_s=extra[key]["tokens_per_s"]))
+  return out[:1] + [flat] + out[1:]
 
 
 def machine() -> dict[str, Any]:

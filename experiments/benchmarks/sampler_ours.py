@@ -9,9 +9,12 @@ runners time: `sample_batch` prompt strings in (the workload's prompts repeated)
 prompt bucket, sampled with temperature 1, no top-k/top-p, stop at `<eos>`, `max_new` new tokens, completions
 decoded back to strings, `block_until_ready` on the tokens. Call 0 (compile) is reported apart, not in the median.
 
-The headline (`times_s`, `tokens_per_s`) feeds the batch as `sample_batch` separate prompts with G = 1, exactly the
-peers' input. `extra.grouped` times the same 64 sequences drawn the way the trainer draws them: the workload's
-`num_prompts` distinct prompts, G = `sample_batch / num_prompts` samples each, one shared prefill per prompt.
+The headline (`times_s`, `tokens_per_s`) feeds the batch as `sample_batch` separate prompt strings with G = 1,
+exactly the peers' input, through the default `Sampler`, which prefills a prompt that repeats in the batch once
+(`share_prefill`; the peers' batch is its prompts repeated). `extra.unshared` times the same call with
+`share_prefill=False` (one prefill row per request, as the peers do), and `extra.grouped` the same 64 sequences drawn
+the way the trainer draws them: the workload's `num_prompts` distinct prompts, G = `sample_batch / num_prompts`
+samples each.
 
 `--profile-cache-layout` instead prints a profile note (no workload needed): one decode step's attention core
 (write the new k/v into the cache, scores, softmax, weighted values) inside a 32-step `fori_loop`, with the cache laid
@@ -82,27 +85,30 @@ def run(workload: str, steps: int = 0) -> dict:
   if steps < 2:
     raise ValueError(f"--steps={steps}: need at least 2 (call 0 is compile / warm-up and is excluded).")
 
-  def make(num_samples: int) -> sampler_lib.Sampler:
+  def make(num_samples: int, share_prefill: bool = True) -> sampler_lib.Sampler:
     config = sampler_lib.SamplingConfig(num_samples=num_samples, max_new_tokens=spec.max_new, temperature=1.0,
                                         stop_ids=(spec.eos_id,), pad_id=spec.pad_id)
-    return sampler_lib.Sampler(model, tok, config)
+    return sampler_lib.Sampler(model, tok, config, share_prefill=share_prefill)
 
   flat = [prompts[i % len(prompts)] for i in range(spec.sample_batch)]
   times, cpu_times, real = _time_calls(make(1), flat, steps)
+  unshared_times, unshared_cpu, _ = _time_calls(make(1, share_prefill=False), flat, steps)
   group = spec.sample_batch // len(prompts)
   grouped_times, grouped_cpu, _ = _time_calls(make(group), list(prompts), steps)
-  grouped_median = float(np.median(grouped_times[1:]))
   slots = spec.sample_batch * spec.max_new
+
+  def variant(times_s, cpu_s, **info):
+    median = float(np.median(times_s[1:]))
+    return {**info, "times_s": [round(t, 5) for t in times_s], "median_s": round(median, 5),
+            "cpu_times_s": [round(t, 5) for t in cpu_s], "tokens_per_s": round(slots / median, 1)}
   return common.emit(
     system="tsallis_jax", version="0.1.0", spec=spec.to_json(), mode="sample", times_s=times, tokens_per_step=slots,
     sanity=_sanity_logits(model),
     extra={"sampler": "tsallis_jax.sampler.Sampler (prefill + lax.while_loop, KV cache)",
            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "real_tokens_last_call": real,
            "cpu_times_s": [round(t, 5) for t in cpu_times],
-           "grouped": {"num_prompts": len(prompts), "group_size": group,
-                       "times_s": [round(t, 5) for t in grouped_times], "median_s": round(grouped_median, 5),
-                       "cpu_times_s": [round(t, 5) for t in grouped_cpu],
-                       "tokens_per_s": round(slots / grouped_median, 1)}})
+           "unshared": variant(unshared_times, unshared_cpu, share_prefill=False),
+           "grouped": variant(grouped_times, grouped_cpu, num_prompts=len(prompts), group_size=group)})
 
 
 def profile_cache_layout(reps: int = 15, n: int = 64, s: int = 48, k: int = 4, e: int = 32, steps: int = 32) -> dict:

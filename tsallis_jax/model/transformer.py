@@ -99,6 +99,7 @@ def attend(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array, att
   return out_NxTxKxJxE.reshape(n, t, h, e)
 
 
+
 def attend_in_query_chunks(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array,
                            attn_mask_NxTxS: jax.Array, chunk: int) -> jax.Array:
   """`attend` over blocks of `chunk` queries (`lax.map`, rematerialised): exact, with peak score memory
@@ -167,7 +168,11 @@ class Attention(nnx.Module):
       out_NxTxHxE = attend(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS)
     else:
       out_NxTxHxE = attend_in_query_chunks(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, chunk)
-    out_NxTxD = jnp.einsum("nthe,hed->ntd", out_NxTxHxE, self.o_proj[...].astype(dt))
+    # One contracting axis of H*E (a free reshape of both operands): contracting (h, e) as two axes let XLA CPU
+    # pick an (e, h) order and copy o_proj transposed at every decode step.
+    n, t, h, e = out_NxTxHxE.shape
+    o_proj_FxD = self.o_proj[...].astype(dt).reshape(h * e, -1)
+    out_NxTxD = jnp.einsum("ntf,fd->ntd", out_NxTxHxE.reshape(n, t, h * e), o_proj_FxD)
     return out_NxTxD, new_layer_cache
 
 
