@@ -170,3 +170,9 @@ def test_results_json_rerenders_to_the_same_markdown(tmp_path):
   text = report.rewrite(str(tmp_path / "results.json"), str(tmp_path / "results.md"))
   assert text == report.markdown(agg, model_flops, peak) == (tmp_path / "results.md").read_text()
   assert "FLOP floor 0.3 s = 0.50 x the fastest peer's step" in text
+
+
+def test_decode_gemm_profile_times_both_layouts_of_the_same_product():
+  from experiments.benchmarks import decode_gemm
+  result = decode_gemm.run(rows=2, reps=1)  # asserts the two layouts compute the same product first
+  assert set(result["weight_gb_per_s"]) == {"x @ W", "W^T @ x^T"} and result["speedup_weights_left"] > 0

@@ -1,6 +1,6 @@
 """One command: set up the peers' environments, build the workloads, run every system alternately, write the results.
 
-  python -m experiments.benchmarks.run                       # everything, 2 rounds (about 30 min on 2 cores)
+  python -m experiments.benchmarks.run                       # everything, 2 rounds (about 15 min on 2 cores, peers installed)
   python -m experiments.benchmarks.run --rounds 1 --workloads tiny --systems ours tunix
 
 1. Peers, each in its own virtual environment under $PEERS_HOME (default ~/.cache/peers), installed from the package
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--smollm2-rounds", type=int, default=None, help="rounds of the smollm2 workload (default --rounds)")
   p.add_argument("--workloads", nargs="+", default=["tiny", "smollm2"], choices=sorted(workloads.WORKLOADS))
-  p.add_argument("--sample-workloads", nargs="*", default=["tiny"], choices=sorted(workloads.WORKLOADS))
+  p.add_argument("--sample-workloads", nargs="*", default=["tiny", "smollm2"], choices=sorted(workloads.WORKLOADS))
   p.add_argument("--systems", nargs="+", default=["ours", "tunix", "trl"], choices=["ours", "tunix", "trl"])
   p.add_argument("--steps", type=int, default=0, help="override every run's step count (0: the workload's)")
   p.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for a quiet machine per run")
