@@ -247,7 +247,8 @@ def test_same_key_same_samples_and_group_samples_differ(model):
   np.testing.assert_array_equal(a.prompt_tokens_NxP[:4], jnp.broadcast_to(a.prompt_tokens_NxP[0], (4, 8)))
 
 
-def test_prefill_runs_once_per_prompt_not_per_sample(model, monkeypatch):
+def _spy_on_model_calls(monkeypatch) -> list:
+  """Records the token shape of every `Transformer.hidden` call (prefill and decode steps) while tracing."""
   calls = []
   original = Transformer.hidden
 
@@ -256,6 +257,11 @@ def test_prefill_runs_once_per_prompt_not_per_sample(model, monkeypatch):
     return original(self, tokens_NxT, *args, **kwargs)
 
   monkeypatch.setattr(Transformer, "hidden", spy)
+  return calls
+
+
+def test_prefill_runs_once_per_prompt_not_per_sample(model, monkeypatch):
+  calls = _spy_on_model_calls(monkeypatch)
   tokens_BxP, mask_BxP = sampler_lib.pad_prompts(_prompts(np.random.default_rng(4), [5, 3, 8]), PAD, buckets=(8,))
   config = SamplingConfig(num_samples=5, max_new_tokens=4, temperature=1.0)
   graphdef, params = nnx.split(model)
@@ -280,14 +286,7 @@ def test_prompt_of_r_prefills_each_distinct_prompt_once_and_samples_as_unshared(
   chex.assert_trees_all_close(shared, plain, atol=1e-5)  # the same rollout, row for row
   np.testing.assert_array_equal(shared.tokens_NxT, plain.tokens_NxT)
 
-  calls = []
-  original = Transformer.hidden
-
-  def spy(self, tokens_NxT, *args, **kwargs):
-    calls.append(tokens_NxT.shape)
-    return original(self, tokens_NxT, *args, **kwargs)
-
-  monkeypatch.setattr(Transformer, "hidden", spy)
+  calls = _spy_on_model_calls(monkeypatch)
   jax.make_jaxpr(lambda p, t, m, k, r: sampler_lib.generate_impl(graphdef, p, t, m, k, config, r))(
     params, jnp.asarray(tokens_UxP), jnp.asarray(mask_UxP), jax.random.key(0), jnp.asarray(prompt_of_R))
   assert calls == [(4, 8), (12, 1)]  # the 4 prompt rows are prefilled, 6 requests x 2 samples decode
