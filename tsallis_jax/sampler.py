@@ -297,12 +297,9 @@ def generate_impl(graphdef: nnx.GraphDef, params: Any, prompt_tokens_BxP: Array,
     raise ValueError(f"close_tag_ids={config.close_tag_ids} or pad_id={config.pad_id} is outside the model's "
                      f"vocabulary of {vocab_size} ids; encode them with the model's tokenizer.")
   B, P = prompt_tokens_BxP.shape
-  one_request_per_row = prompt_of_R is None
-  if one_request_per_row:
-    prompt_of_R = jnp.arange(B, dtype=jnp.int32)
-  elif prompt_of_R.ndim != 1:
+  if prompt_of_R is not None and prompt_of_R.ndim != 1:
     raise ValueError(f"prompt_of_R must be rank 1 (one prompt row index per request), got shape {prompt_of_R.shape}.")
-  R = prompt_of_R.shape[0]
+  R = B if prompt_of_R is None else prompt_of_R.shape[0]
   G, T = config.num_samples, config.completion_len
   N, S = R * G, P + T
   if config.cache_dtype is not None:
@@ -328,14 +325,11 @@ def generate_impl(graphdef: nnx.GraphDef, params: Any, prompt_tokens_BxP: Array,
     logits_BxPxV, cache = model(prompt_tokens_BxP, positions_BxP, attn_BxPxS, cache=cache, cache_index=jnp.int32(0))
     last_logits_Bx1xV = logits_BxPxV[:, -1:]
 
-  # Row n = r*G + g continues prompt row prompt_of_R[r]: the prefilled cache rows are gathered (repeated), never
-  # recomputed.
-  prompt_of_N = jnp.repeat(prompt_of_R.astype(jnp.int32), G, axis=0)
-
   def per_row(x: Array) -> Array:
-    # A repeat when every prompt row is one request (the trainer's case: it keeps the batch sharding of the rows
-    # under a mesh); a gather otherwise.
-    return jnp.repeat(x, G, axis=0) if one_request_per_row else jnp.take(x, prompt_of_N, axis=0)
+    """Row n = r*G + g continues prompt row r (or prompt_of_R[r]): prefilled rows are copied, never recomputed."""
+    if prompt_of_R is None:  # the trainer's case; a repeat keeps the rows' batch sharding under a mesh
+      return jnp.repeat(x, G, axis=0)
+    return jnp.take(x, jnp.repeat(prompt_of_R.astype(jnp.int32), G, axis=0), axis=0)
 
   def per_sample(x):
     if x.ndim == 0 or x.shape[0] != B:
