@@ -84,7 +84,7 @@ def format_table(study: dict) -> str:
   return "\n".join(lines)
 
 
-def plot(study: dict, path: str) -> None:
+def plot(study: dict):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -112,9 +112,7 @@ def plot(study: dict, path: str) -> None:
   ax_ratio.set_ylabel("T_q / T_1")
   ax_ratio.set_title("high q escapes faster; the gap grows as p0 -> 0", fontsize=9)
   ax_ratio.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 SGD_METHODS = (("garl", Q_GRID), ("paft", Q_GRID), ("grpo", (0.0,)))
@@ -164,7 +162,7 @@ def format_sgd_table(study: dict) -> str:
   return "\n".join(lines)
 
 
-def plot_sgd(study: dict, path: str) -> None:
+def plot_sgd(study: dict):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -189,9 +187,7 @@ def plot_sgd(study: dict, path: str) -> None:
                  fontsize=9)
   axes[0][0].set_ylabel(f"median SGD steps to P >= 1/2 (cap {study['max_steps']})")
   axes[0][-1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 def main(argv=None) -> dict:

@@ -97,7 +97,7 @@ def format_tables(study: dict) -> str:
   return "\n".join(lines)
 
 
-def plot(study: dict, path: str) -> None:
+def plot(study: dict):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -124,9 +124,7 @@ def plot(study: dict, path: str) -> None:
     ax.set_title(f"binary toy, P={p:g}: measured (2 se), exact (lines), delta method (dotted); x RLOO, + PAFT",
                  fontsize=8)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 def main(argv=None) -> dict:

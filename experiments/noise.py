@@ -71,7 +71,7 @@ def format_tables(study: dict) -> str:
   return "\n".join(lines)
 
 
-def plot(study: dict, path: str) -> None:
+def plot(study: dict):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -96,9 +96,7 @@ def plot(study: dict, path: str) -> None:
   ax_path.set_ylabel("contamination p~(t), eps = 0.1")
   ax_path.set_title("high q fits the noise sooner and to a higher level (dotted: escort)", fontsize=9)
   ax_path.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
 
 
 def main(argv=None) -> dict:
