@@ -2,7 +2,6 @@
 
 Damage is done on disk, to the newest step's files, the way a crash or a full disk leaves them.
 """
-import os
 import pathlib
 
 import jax
@@ -12,7 +11,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tsallis_jax import distributed
-from tsallis_jax.train.checkpoint import Checkpointer, CorruptCheckpointWarning, load_params, save_params
+from tsallis_jax.train.checkpoint import (Checkpointer, CheckpointMismatchError, CorruptCheckpointWarning, load_params,
+                                          save_params)
 
 
 def _state(mesh, scale):
@@ -79,6 +79,26 @@ def test_damaged_newest_step_falls_back_to_previous_with_a_warning(tmp_path, mes
   assert step == 2
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(_state(mesh, 2)["w"]))
   ckpt.close()
+
+
+def test_checkpoint_of_another_model_shape_is_refused_and_kept(tmp_path, mesh):
+  """A readable checkpoint of other shapes (another config, or the weights' old [in, out] layout) is an error that
+  names the array, not a damaged step: nothing is moved aside and the run does not restart from scratch."""
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
+  ckpt.save(1, _state(mesh, 1), _meta(1))
+  ckpt.close()
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=3)  # a new process resuming the run
+  transposed = dict(_state(mesh, 0), w=jnp.zeros((2, 8)))
+  with pytest.raises(CheckpointMismatchError, match=r"step 1 .*w: checkpoint \(8, 2\), model \(2, 8\)"):
+    ckpt.restore(transposed)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+  step, restored, _ = ckpt.restore(jax.tree.map(jnp.zeros_like, _state(mesh, 0)))  # the right model still resumes
+  assert step == 1
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(_state(mesh, 1)["w"]))
+  ckpt.close()
+  save_params(tmp_path / "params", {"w": jnp.ones((8, 2))})
+  with pytest.raises(CheckpointMismatchError, match=r"params checkpoint .*w: checkpoint \(8, 2\), model \(2, 8\)"):
+    load_params(tmp_path / "params", {"w": jnp.zeros((2, 8))})
 
 
 def test_unfinished_save_is_never_listed_and_old_steps_survive(tmp_path, mesh):

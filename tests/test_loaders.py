@@ -89,8 +89,8 @@ def test_sharded_index_loads_sharded_over_8_devices_and_round_trips(tmp_path):
   mesh = make_mesh((1, 2, 4), ("data", "fsdp", "tensor"))
   sharded = load_hf_checkpoint(original, mesh=mesh)
   gate = sharded.layers[1].mlp.gate_proj[...]
-  assert gate.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-  assert gate.addressable_shards[0].data.shape == (32 // 2, 48 // 4)
+  assert gate.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")  # FxD, [out, in] as in the file
+  assert gate.addressable_shards[0].data.shape == (48 // 4, 32 // 2)
   pad_NxT = jnp.asarray(TOKENS_NxT != 0)
   with jax.set_mesh(mesh):
     sharded_logits = _forward(sharded, jnp.asarray(TOKENS_NxT), pad_NxT)

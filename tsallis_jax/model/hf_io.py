@@ -43,21 +43,21 @@ class CheckpointError(ValueError):
 def hf_tensor_spec(path: Path, cfg: ModelConfig) -> tuple[str, tuple[int, ...], Callable, Callable]:
   """For one parameter path of `Transformer`: (HF tensor name, HF shape, hf_to_ours, ours_to_hf).
 
-  HF linear weights are (out, in); ours are (in, ...out) split per head, so the converters transpose and reshape.
+  HF linear weights are (out, in); so are ours, with the output axis split per head, so the converters only reshape.
   """
   d, f, v = cfg.embed_dim, cfg.mlp_dim, cfg.vocab_size
   h, k, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   same = (lambda x: x, lambda x: x)
 
-  def linear_in_heads(heads):  # HF (heads*E, D) <-> ours (D, heads, E)
-    return (lambda x: x.T.reshape(d, heads, e), lambda x: x.reshape(d, heads * e).T)
+  def linear_in_heads(heads):  # HF (heads*E, D) <-> ours (heads, E, D)
+    return (lambda x: x.reshape(heads, e, d), lambda x: x.reshape(heads * e, d))
 
   if path == ("embed",):
     return ("model.embed_tokens.weight", (v, d), *same)
   if path == ("final_norm",):
     return ("model.norm.weight", (d,), *same)
   if path == ("lm_head",):
-    return ("lm_head.weight", (v, d), lambda x: x.T, lambda x: x.T)
+    return ("lm_head.weight", (v, d), *same)
   if len(path) < 3 or path[0] != "layers":
     raise CheckpointError(f"No Hugging Face name for parameter {path}.")
   prefix = f"model.layers.{path[1]}."
@@ -69,15 +69,15 @@ def hf_tensor_spec(path: Path, cfg: ModelConfig) -> tuple[str, tuple[int, ...], 
     ("attn", "k_proj"): ("self_attn.k_proj.weight", (k * e, d), *linear_in_heads(k)),
     ("attn", "v_proj"): ("self_attn.v_proj.weight", (k * e, d), *linear_in_heads(k)),
     ("attn", "o_proj"): ("self_attn.o_proj.weight", (d, h * e),
-                         lambda x: x.T.reshape(h, e, d), lambda x: x.reshape(h * e, d).T),
+                         lambda x: x.reshape(d, h, e), lambda x: x.reshape(d, h * e)),
     ("attn", "q_bias"): ("self_attn.q_proj.bias", (h * e,), lambda x: x.reshape(h, e), lambda x: x.reshape(h * e)),
     ("attn", "k_bias"): ("self_attn.k_proj.bias", (k * e,), lambda x: x.reshape(k, e), lambda x: x.reshape(k * e)),
     ("attn", "v_bias"): ("self_attn.v_proj.bias", (k * e,), lambda x: x.reshape(k, e), lambda x: x.reshape(k * e)),
     ("attn", "q_norm"): ("self_attn.q_norm.weight", (e,), *same),
     ("attn", "k_norm"): ("self_attn.k_norm.weight", (e,), *same),
-    ("mlp", "gate_proj"): ("mlp.gate_proj.weight", (f, d), lambda x: x.T, lambda x: x.T),
-    ("mlp", "up_proj"): ("mlp.up_proj.weight", (f, d), lambda x: x.T, lambda x: x.T),
-    ("mlp", "down_proj"): ("mlp.down_proj.weight", (d, f), lambda x: x.T, lambda x: x.T),
+    ("mlp", "gate_proj"): ("mlp.gate_proj.weight", (f, d), *same),
+    ("mlp", "up_proj"): ("mlp.up_proj.weight", (f, d), *same),
+    ("mlp", "down_proj"): ("mlp.down_proj.weight", (d, f), *same),
   }
   if rest not in table:
     raise CheckpointError(f"No Hugging Face name for parameter {path}.")

@@ -54,7 +54,7 @@ def token_logprobs_from_hidden(model, hidden_NxTxD: jax.Array, tokens_NxT: jax.A
   n, t = tokens_NxT.shape
   if hidden_NxTxD.shape[:2] != (n, t):
     raise ValueError(f"hidden states {hidden_NxTxD.shape} do not match tokens {tokens_NxT.shape}.")
-  w_DxV = model.head_weight().astype(hidden_NxTxD.dtype)
+  w_VxD = model.head_weight().astype(hidden_NxTxD.dtype)
   prev_NxTmxD, next_NxTm = hidden_NxTxD[:, :-1], tokens_NxT[:, 1:].astype(jnp.int32)
   chunks = -(-(t - 1) // chunk_size)
   pad = chunks * chunk_size - (t - 1)
@@ -64,12 +64,12 @@ def token_logprobs_from_hidden(model, hidden_NxTxD: jax.Array, tokens_NxT: jax.A
   next_CxNxU = next_NxP.reshape(n, chunks, chunk_size).transpose(1, 0, 2)
 
   @jax.checkpoint
-  def chunk_logp(w_DxV, h_NxUxD, y_NxU):
-    logits_NxUxV = jnp.einsum("nud,dv->nuv", h_NxUxD, w_DxV, preferred_element_type=jnp.float32) / temperature
+  def chunk_logp(w_VxD, h_NxUxD, y_NxU):
+    logits_NxUxV = jnp.einsum("nud,vd->nuv", h_NxUxD, w_VxD, preferred_element_type=jnp.float32) / temperature
     picked_NxU = jnp.take_along_axis(logits_NxUxV, y_NxU[:, :, None], axis=-1)[:, :, 0]
     return picked_NxU - jax.nn.logsumexp(logits_NxUxV, axis=-1)
 
-  logp_CxNxU = jax.lax.map(lambda xs: chunk_logp(w_DxV, *xs), (prev_CxNxUxD, next_CxNxU))
+  logp_CxNxU = jax.lax.map(lambda xs: chunk_logp(w_VxD, *xs), (prev_CxNxUxD, next_CxNxU))
   logp_NxTm = logp_CxNxU.transpose(1, 0, 2).reshape(n, chunks * chunk_size)[:, : t - 1]
   return jnp.pad(logp_NxTm, ((0, 0), (1, 0)))
 

@@ -3,15 +3,17 @@
 Pre-RMSNorm blocks with grouped-query attention (optional per-head q/k RMSNorm, optional q/k/v biases), rotary
 embeddings in the split-halves (rotate-half) convention of Hugging Face, a SwiGLU MLP, and a tied or untied LM head.
 
-Weights are stored in einsum-friendly shapes, each with `logical_axes` metadata for sharding:
+Weights are stored [out, in] as in Hugging Face (the output axis split per head), each with `logical_axes` metadata
+for sharding. Every projection is one `linear` call, which multiplies decode-sized batches with the weight as the
+left operand on CPU (the layout XLA CPU streams fastest):
 
 | parameter | shape | logical axes |
 | --- | --- | --- |
 | `embed` | VxD | vocab, embed |
-| `q_proj` / `k_proj` / `v_proj` | DxHxE / DxKxE | embed, heads / kv_heads, head_dim |
-| `o_proj` | HxExD | heads, head_dim, embed |
-| `gate_proj`, `up_proj` / `down_proj` | DxF / FxD | embed, mlp / mlp, embed |
-| `lm_head` (untied only) | DxV | embed, vocab |
+| `q_proj` / `k_proj` / `v_proj` | HxExD / KxExD | heads / kv_heads, head_dim, embed |
+| `o_proj` | DxHxE | embed, heads, head_dim |
+| `gate_proj`, `up_proj` / `down_proj` | FxD / DxF | mlp, embed / embed, mlp |
+| `lm_head` (untied only) | VxD | vocab, embed |
 
 Layers are a Python loop over an `nnx.List` (unrolled under jit). That keeps the parameter tree identical to the HF
 layout, one entry per layer; compile time grows with L, which is acceptable up to Qwen3-0.6B's 28 layers.
@@ -42,6 +44,28 @@ def _param(key: jax.Array | None, shape: Sequence[int], axes: tuple[str, ...], d
   else:
     value = jnp.zeros(tuple(shape), jnp.float32)
   return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+#: Token rows (product of the leading axes) up to which `linear` takes the weight as the matmul's left operand on CPU.
+WEIGHT_LEFT_MAX_ROWS = 64
+
+
+def linear(x_NxTxD: jax.Array, w_FxD: jax.Array, *, preferred_element_type=None) -> jax.Array:
+  """x @ w.T over x's last axis, for a weight stored [out, in] (Hugging Face's layout); returns NxTxF.
+
+  A decode step multiplies a few token rows (the sampler's batch) by every weight. For 2 to `WEIGHT_LEFT_MAX_ROWS`
+  rows on CPU the product is computed as w @ x.T with the activations transposed explicitly (optimisation barriers
+  keep XLA from folding the transposes back into the dot): XLA CPU's GEMM streams the weights much faster with the
+  large dimension on the left (`python -m experiments.benchmarks.decode_gemm`). Other row counts and backends take
+  the plain einsum. Both give the same product up to float32 summation order.
+  """
+  *lead, d = x_NxTxD.shape
+  rows = int(np.prod(lead))
+  if 2 <= rows <= WEIGHT_LEFT_MAX_ROWS and jax.default_backend() == "cpu":
+    x_DxM = jax.lax.optimization_barrier(x_NxTxD.reshape(rows, d).T)
+    out_FxM = jnp.matmul(w_FxD, x_DxM, preferred_element_type=preferred_element_type)
+    return jax.lax.optimization_barrier(out_FxM).T.reshape(*lead, w_FxD.shape[0])
+  return jnp.einsum("...d,fd->...f", x_NxTxD, w_FxD, preferred_element_type=preferred_element_type)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -123,10 +147,10 @@ class Attention(nnx.Module):
     self.cfg = cfg
     d, h, k, e, pd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.weight_dtype
     q_key, k_key, v_key, o_key = jax.random.split(key, 4)
-    self.q_proj = _param(q_key, (d, h, e), ("embed", "heads", "head_dim"), pd)
-    self.k_proj = _param(k_key, (d, k, e), ("embed", "kv_heads", "head_dim"), pd)
-    self.v_proj = _param(v_key, (d, k, e), ("embed", "kv_heads", "head_dim"), pd)
-    self.o_proj = _param(o_key, (h, e, d), ("heads", "head_dim", "embed"), pd)
+    self.q_proj = _param(q_key, (h, e, d), ("heads", "head_dim", "embed"), pd)
+    self.k_proj = _param(k_key, (k, e, d), ("kv_heads", "head_dim", "embed"), pd)
+    self.v_proj = _param(v_key, (k, e, d), ("kv_heads", "head_dim", "embed"), pd)
+    self.o_proj = _param(o_key, (d, h, e), ("embed", "heads", "head_dim"), pd)
     if cfg.qkv_bias:
       self.q_bias = _param(None, (h, e), ("heads", "head_dim"), pd, "zeros")
       self.k_bias = _param(None, (k, e), ("kv_heads", "head_dim"), pd, "zeros")
@@ -137,9 +161,14 @@ class Attention(nnx.Module):
 
   def __call__(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache):
     cfg, dt = self.cfg, self.cfg.compute_dtype
-    q_NxTxHxE = jnp.einsum("ntd,dhe->nthe", x_NxTxD, self.q_proj[...].astype(dt))
-    k_NxTxKxE = jnp.einsum("ntd,dke->ntke", x_NxTxD, self.k_proj[...].astype(dt))
-    v_NxTxKxE = jnp.einsum("ntd,dke->ntke", x_NxTxD, self.v_proj[...].astype(dt))
+    n, t, d = x_NxTxD.shape
+
+    def project(w_HxExD):  # one [heads*E, D] matrix (a free reshape), so `linear` sees a plain [out, in] weight
+      heads, e, _ = w_HxExD.shape
+      return linear(x_NxTxD, w_HxExD.astype(dt).reshape(heads * e, d)).reshape(n, t, heads, e)
+    q_NxTxHxE = project(self.q_proj[...])
+    k_NxTxKxE = project(self.k_proj[...])
+    v_NxTxKxE = project(self.v_proj[...])
     if cfg.qkv_bias:
       q_NxTxHxE = q_NxTxHxE + self.q_bias[...].astype(dt)[None, None]
       k_NxTxKxE = k_NxTxKxE + self.k_bias[...].astype(dt)[None, None]
@@ -170,9 +199,9 @@ class Attention(nnx.Module):
       out_NxTxHxE = attend_in_query_chunks(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, chunk)
     # One contracting axis of H*E (a free reshape of both operands): contracting (h, e) as two axes let XLA CPU
     # pick an (e, h) order and copy o_proj transposed at every decode step.
-    n, t, h, e = out_NxTxHxE.shape
-    o_proj_FxD = self.o_proj[...].astype(dt).reshape(h * e, -1)
-    out_NxTxD = jnp.einsum("ntf,fd->ntd", out_NxTxHxE.reshape(n, t, h * e), o_proj_FxD)
+    h, e = out_NxTxHxE.shape[2:]
+    o_proj_DxF = self.o_proj[...].astype(dt).reshape(d, h * e)
+    out_NxTxD = linear(out_NxTxHxE.reshape(n, t, h * e), o_proj_DxF)
     return out_NxTxD, new_layer_cache
 
 
@@ -183,16 +212,16 @@ class MLP(nnx.Module):
     self.cfg = cfg
     d, f, pd = cfg.embed_dim, cfg.mlp_dim, cfg.weight_dtype
     gate_key, up_key, down_key = jax.random.split(key, 3)
-    self.gate_proj = _param(gate_key, (d, f), ("embed", "mlp"), pd)
-    self.up_proj = _param(up_key, (d, f), ("embed", "mlp"), pd)
-    self.down_proj = _param(down_key, (f, d), ("mlp", "embed"), pd)
+    self.gate_proj = _param(gate_key, (f, d), ("mlp", "embed"), pd)
+    self.up_proj = _param(up_key, (f, d), ("mlp", "embed"), pd)
+    self.down_proj = _param(down_key, (d, f), ("embed", "mlp"), pd)
 
   def __call__(self, x_NxTxD):
     dt = self.cfg.compute_dtype
-    gate_NxTxF = jnp.einsum("ntd,df->ntf", x_NxTxD, self.gate_proj[...].astype(dt))
-    up_NxTxF = jnp.einsum("ntd,df->ntf", x_NxTxD, self.up_proj[...].astype(dt))
+    gate_NxTxF = linear(x_NxTxD, self.gate_proj[...].astype(dt))
+    up_NxTxF = linear(x_NxTxD, self.up_proj[...].astype(dt))
     hidden_NxTxF = constrain(jax.nn.silu(gate_NxTxF) * up_NxTxF, ("batch", "length", "mlp"), self.cfg.sharding_rules)
-    return jnp.einsum("ntf,fd->ntd", hidden_NxTxF, self.down_proj[...].astype(dt))
+    return linear(hidden_NxTxF, self.down_proj[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -255,7 +284,7 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([Block(cfg, key=key) for key in layer_keys])
     self.final_norm = _param(None, (cfg.embed_dim,), ("norm",), cfg.weight_dtype, "ones")
     if not cfg.tie_embeddings:
-      self.lm_head = _param(head_key, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
+      self.lm_head = _param(head_key, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.weight_dtype)
 
   def hidden(self, tokens_NxT: jax.Array, positions_NxT: jax.Array, attn_mask_NxTxS: jax.Array, *,
              cache: KVCache | None = None, cache_index: jax.Array | int | None = None
@@ -282,13 +311,13 @@ class Transformer(nnx.Module):
     return hidden_NxTxD, new_cache
 
   def head_weight(self) -> jax.Array:
-    """The DxV output projection (the transposed embedding when tied)."""
-    return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+    """The VxD output projection, [out, in] like every weight (the embedding itself when tied)."""
+    return self.embed[...] if self.config.tie_embeddings else self.lm_head[...]
 
   def logits(self, hidden_NxTxD: jax.Array) -> jax.Array:
     """float32 logits from hidden states (the matmul accumulates in float32 even with bfloat16 compute)."""
-    w_DxV = self.head_weight().astype(self.config.compute_dtype)
-    logits_NxTxV = jnp.einsum("ntd,dv->ntv", hidden_NxTxD, w_DxV, preferred_element_type=jnp.float32)
+    w_VxD = self.head_weight().astype(self.config.compute_dtype)
+    logits_NxTxV = linear(hidden_NxTxD, w_VxD, preferred_element_type=jnp.float32)
     return constrain(logits_NxTxV, ("batch", "length", "act_vocab"), self.config.sharding_rules)
 
   def __call__(self, tokens_NxT: jax.Array, positions_NxT: jax.Array, attn_mask_NxTxS: jax.Array, *,

@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -58,6 +58,50 @@ class CorruptCheckpointWarning(UserWarning):
   """A checkpoint step could not be restored and an older one is used instead."""
 
 
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint holds arrays of other shapes than the state being restored (another model config)."""
+
+
+def _path_name(path: tuple) -> str:
+  """'params/layers/0/mlp/gate_proj' for a pytree path, whatever its key types (dict keys, attributes, indices)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _check_shapes(read_metadata: Callable[[], Any], abstract: Any, what: str) -> None:
+  """Raises CheckpointMismatchError when the stored arrays (metadata from `read_metadata`) differ from `abstract`'s.
+
+  Without this check orbax's shape error would read as a damaged step, which `Checkpointer.restore` moves aside
+  before falling back, so a run resumed with a changed model config would silently restart from scratch.
+  Unreadable metadata is left to the restore itself (the damaged-step path).
+  """
+  try:
+    stored = _shapes(read_metadata())
+  except Exception:  # noqa: BLE001 (no readable metadata: the restore attempt decides)
+    return
+  wanted = _shapes(abstract)
+  diffs = [f"{name}: checkpoint {stored[name]}, model {shape}" for name, shape in wanted.items()
+           if name in stored and stored[name] != shape]
+  if diffs:
+    raise CheckpointMismatchError(
+        f"{what} was written for another model, {len(diffs)} of its arrays have other shapes "
+        f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}). Use the model config that wrote it, or a "
+        "new workdir. (Checkpoints written before tsallis_jax stored weights [out, in], as Hugging Face does, have "
+        "every projection transposed: start those runs afresh.) Nothing was moved or deleted.")
+
+
 def _abstract(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) that tell orbax where to place each restored array."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
@@ -69,9 +113,13 @@ class Checkpointer:
   def __init__(self, workdir: str | os.PathLike, max_to_keep: int):
     self.workdir = resolve_workdir(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True)
-    self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
+    # Handlers named up front so that a fresh process can read a step's array metadata before restoring it.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options, item_handlers=handlers)
     best_options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True)
-    self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options)
+    self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options,
+                                      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                     "meta": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state: Any, meta: dict[str, Any], best: bool = False) -> None:
     """Writes `state` (a pytree of arrays) and `meta` (JSON) at `step`, into `best/` when `best`."""
@@ -88,11 +136,14 @@ class Checkpointer:
     """Restores the newest readable step into the structure and shardings of `target`.
 
     Returns (step, state, meta), or None when no checkpoint exists. A damaged newest step raises a
-    `CorruptCheckpointWarning`, is moved aside to `<step>.corrupt` and the previous step is tried.
+    `CorruptCheckpointWarning`, is moved aside to `<step>.corrupt` and the previous step is tried. A readable step
+    whose arrays have other shapes than `target`'s raises `CheckpointMismatchError` and nothing is moved.
     """
     manager = self.best if best else self.latest
     abstract = _abstract(target)
     for step in sorted(manager.all_steps(), reverse=True):
+      _check_shapes(lambda: manager.item_metadata(step)["state"], abstract,
+                    f"checkpoint step {step} in {manager.directory}")
       try:
         out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                             meta=ocp.args.JsonRestore()))
@@ -139,4 +190,7 @@ def load_params(path: str | os.PathLike, target: Any) -> Any:
   if not folder.is_dir():
     raise FileNotFoundError(
         f"init_checkpoint {os.fspath(path)!r} does not exist; write one with save_params or clear the key")
-  return ocp.StandardCheckpointer().restore(folder, _abstract(target))
+  checkpointer = ocp.StandardCheckpointer()
+  abstract = _abstract(target)
+  _check_shapes(lambda: checkpointer.metadata(folder).item_metadata, abstract, f"params checkpoint {folder}")
+  return checkpointer.restore(folder, abstract)

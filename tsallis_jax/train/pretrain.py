@@ -148,7 +148,7 @@ _PERFORMANCE_ONLY = ("sharding_rules", "remat", "attention_query_chunk")
 def cache_key(model_cfg: ModelConfig, target: Any, cfg: PretrainConfig) -> str:
   model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if v is not None and k not in _PERFORMANCE_ONLY}
   blob = json.dumps({"model": model, "target": dataclasses.asdict(target), "pretrain": dataclasses.asdict(cfg),
-                     "version": 2}, sort_keys=True, default=str)
+                     "version": 3}, sort_keys=True, default=str)  # 3: weights stored [out, in]
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -102,14 +102,14 @@ def _completion_logprobs_chunked(model, tokens_NxS, pad_NxS, num_prompt: int, te
   if not with_entropy:
     return logp_NxT, None
   hidden_NxTxD = jax.lax.stop_gradient(hidden_NxSxD[:, num_prompt - 1:-1])
-  w_DxV = jax.lax.stop_gradient(model.head_weight().astype(hidden_NxTxD.dtype))
+  w_VxD = jax.lax.stop_gradient(model.head_weight().astype(hidden_NxTxD.dtype))
   n, t, d = hidden_NxTxD.shape
   chunks = -(-t // chunk)
   hidden_NxPxD = jnp.pad(hidden_NxTxD, ((0, 0), (0, chunks * chunk - t), (0, 0)))
   hidden_CxNxUxD = hidden_NxPxD.reshape(n, chunks, chunk, d).transpose(1, 0, 2, 3)
 
   def chunk_entropy(h_NxUxD):
-    logits_NxUxV = jnp.einsum("nud,dv->nuv", h_NxUxD, w_DxV, preferred_element_type=jnp.float32) / temperature
+    logits_NxUxV = jnp.einsum("nud,vd->nuv", h_NxUxD, w_VxD, preferred_element_type=jnp.float32) / temperature
     logq_NxUxV = jax.nn.log_softmax(logits_NxUxV, axis=-1)
     return -jnp.sum(jnp.exp(logq_NxUxV) * logq_NxUxV, axis=-1)
 
