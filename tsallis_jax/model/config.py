@@ -64,7 +64,7 @@ class ModelConfig:
     norm_eps: RMSNorm epsilon.
     qkv_bias: q/k/v projections carry a bias (Qwen2).
     qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3).
-    tie_embeddings: the LM head is the transposed token embedding.
+    tie_embeddings: the LM head is the token embedding itself (VxD, [out, in] like every projection).
     dtype: compute dtype name ("float32" or "bfloat16"); logits and log-softmax stay float32.
     param_dtype: parameter storage dtype name.
     remat: rematerialise each decoder block in the backward pass (`nnx.remat`).

@@ -19,6 +19,8 @@ temporary folder `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only
 a new checkpoint is complete, and a killed save leaves only a tmp folder that is never listed as a step.
 A step folder that exists but cannot be read (truncated or corrupt files) is detected at restore time: we warn,
 move it aside to `<step>.corrupt` (kept for inspection, never read again) and fall back to the previous step.
+A readable step whose arrays have other shapes than the model's (another config, or a checkpoint written before the
+weights moved to the [out, in] layout) is not damaged: restore raises `CheckpointMismatchError` and moves nothing.
 
 Paths: the workdir may be a local folder or an object-store URI (`gs://bucket/run`, so that a preempted TPU slice
 resumes from the bucket). `resolve_workdir` keeps a URI as is and makes a local path absolute; every workdir file
@@ -114,12 +116,11 @@ class Checkpointer:
     self.workdir = resolve_workdir(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True)
     # Handlers named up front so that a fresh process can read a step's array metadata before restoring it.
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options, item_handlers=handlers)
+    def handlers():
+      return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    self.latest = ocp.CheckpointManager(self.workdir / "checkpoints", options=options, item_handlers=handlers())
     best_options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True)
-    self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options,
-                                      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                     "meta": ocp.JsonCheckpointHandler()})
+    self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options, item_handlers=handlers())
 
   def save(self, step: int, state: Any, meta: dict[str, Any], best: bool = False) -> None:
     """Writes `state` (a pytree of arrays) and `meta` (JSON) at `step`, into `best/` when `best`."""
