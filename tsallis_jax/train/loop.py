@@ -39,7 +39,7 @@ from tsallis_jax.train import rollout as rollout_lib
 from tsallis_jax.train import state as state_lib
 from tsallis_jax.train.config import ConfigError, TrainConfig, check_fits, check_mesh, parse_options
 from tsallis_jax.train.schedules import make_optimizer
-from tsallis_jax.train.step import BATCH_AXES, TokenIds, batch_sharding, make_train_step
+from tsallis_jax.train.step import BATCH_AXES, TokenIds, make_train_step
 from tsallis_jax.train.tasks import Task, build_task
 from tsallis_jax.train.writers import MetricWriter
 
@@ -303,7 +303,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Ta
   """
   workdir = ckpt_lib.resolve_workdir(workdir)
   s = setup(cfg, task)
-  mesh, task, ids, programs = s.mesh, s.task, s.ids, s.programs
+  mesh, task, programs = s.mesh, s.task, s.programs
   abstract_params = s.abstract_params
   state_sh = programs.state_shardings
   with_ref = state_sh.ref_params is not None
