@@ -301,12 +301,12 @@ def test_text_sampler_shares_the_prefill_of_repeated_prompts(model):
   a, b = shared(batch, jax.random.key(2)), unshared(batch, jax.random.key(2))
   assert a.completions == b.completions
   np.testing.assert_array_equal(a.rollout.prompt_tokens_NxP, b.rollout.prompt_tokens_NxP)
-  assert shared._generate_shared._cache_size() == 1 and shared._generate._cache_size() == 0
+  assert shared._generate._cache_size() == 1  # one program: the shared-prefill one (4 prompt rows, 6 requests)
   shared(["t2", "t3", "t2", "t2", "t3", "t4"], jax.random.key(0))  # 3 distinct -> 4 rows: the same compiled shape
-  assert shared._generate_shared._cache_size() == 1
+  assert shared._generate._cache_size() == 1
   shared(["t2", "t3", "t4", "t2"], jax.random.key(0))  # 4 padded rows save nothing over 4 requests: plain path
   shared(["t2", "t3", "t4", "t5"], jax.random.key(0))  # nothing repeats: plain path, the same shape
-  assert shared._generate._cache_size() == 1 and shared._generate_shared._cache_size() == 1
+  assert shared._generate._cache_size() == 2  # the shared program and one plain program, nothing else
 
 
 def test_stop_tokens_end_sequences_and_mask_the_rest(model):

@@ -546,10 +546,8 @@ class Sampler:
     self.prompt_buckets = tuple(prompt_buckets)
     self.chat_template = chat_template
     self.padding_side = padding_side
+    # One jitted wrapper; a call with and one without `prompt_of_R` are traced (and cached) separately.
     self._generate = jax.jit(functools.partial(generate_impl, self.graphdef, config=config))
-    self._generate_shared = jax.jit(
-      lambda params, tokens, mask, key, prompt_of_R: generate_impl(self.graphdef, params, tokens, mask, key, config,
-                                                                   prompt_of_R))
 
   def encode(self, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt, through the chat template (user turn + generation prompt) when enabled."""
@@ -572,9 +570,7 @@ class Sampler:
       rows, prompt_of_R = list(prompt_ids), None  # too few repeats to save prefill rows: the plain path
     tokens_UxP, mask_UxP = pad_prompts(rows, self.config.pad_id, buckets=self.prompt_buckets,
                                        side=self.padding_side)
-    if prompt_of_R is None:
-      return self._generate(params, tokens_UxP, mask_UxP, key)
-    return self._generate_shared(params, tokens_UxP, mask_UxP, key, prompt_of_R)
+    return self._generate(params, tokens_UxP, mask_UxP, key, prompt_of_R=prompt_of_R)
 
   def decode(self, rollout: Rollout) -> list[list[str]]:
     """Completion strings per prompt, each cut at its length, special tokens skipped."""

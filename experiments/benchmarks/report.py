@@ -150,8 +150,8 @@ def markdown(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping
       lines.append(f"| {LABELS[(system, mode)]} | {_fmt(a['median_s'])}{loaded} | {a['tokens_per_s']:.0f} | "
                    f"{a['first_s']:.1f} | {a['peak_rss_mb']:.0f} | {rate} | {a['runs']} ({a['quiet_runs']}) | "
                    f"{', '.join(f'{x:.2f}' for x in a['foreign_cores'])} |")
-    sample_rows = [(s, m) for s, m in [("ours", "sample"), ("ours", "sample_g1"), ("ours", "sample_g1_unshared"),
-                                       ("tunix", "sample"), ("trl", "sample")] if (w, s, m) in agg]
+    sample_rows = [(s, m) for s, m in [*(("ours", m) for m in SAMPLE_MODES), ("tunix", "sample"), ("trl", "sample")]
+                   if (w, s, m) in agg]
     if sample_rows:
       lines += ["", f"### Workload `{w}`: sampler (text in, text out)", "",
                 "| system | s/call | tokens/s | first call (compile) s | peak RSS MB | runs (quiet) | foreign cores |",
