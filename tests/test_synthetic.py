@@ -131,3 +131,66 @@ def test_sft_arrays_for_pretraining():
   assert not np.any(arrays["loss_mask_NxT"] & ~arrays["mask_NxT"])
   with pytest.raises(ValueError, match="seq_len"):
     pipeline.sft_arrays(recs, tok, seq_len=20)
+
+
+def test_mixed_task_buckets_have_their_own_map_length_and_marker():
+  mix = synthetic.mixed_task((1, 2, 3, 4))
+  assert mix.buckets == ("easy", "medium", "hard", "hardest")
+  assert [t.nominal_p0 for t in mix.targets] == pytest.approx([1e-1, 1e-2, 1e-3, 1e-4])
+  assert len({t.answer_map for t in mix.targets}) == 4, "distinct maps: no transfer from easy to hard"
+  assert len({t.name for t in mix.targets + mix.sources}) == 8
+  assert all(s.answer_map == (1, 0) and s.answer_len == t.answer_len for s, t in zip(mix.sources, mix.targets))
+  records = mix.records(101, seed=5)
+  counts = {b: sum(r.dataset == f"synthetic/{b}" for r in records) for b in mix.buckets}
+  assert counts == {"easy": 26, "medium": 25, "hard": 25, "hardest": 25}
+  assert [r.index for r in records] == list(range(101)) and records == mix.records(101, seed=5)
+  for r in records:  # the answer is the bucket's map of the last k partial results, recomputed independently
+    task = mix.targets[mix.buckets.index(r.dataset.split("/")[1])]
+    assert r.question.split()[0] == task.name
+    a, c = task.answer_map
+    partials = _recompute(r.question, task.modulus)
+    assert r.answer.split() == [str((a * v + c) % task.modulus) for v in partials[-task.answer_len:]]
+  shared = synthetic.mixed_task((1, 3), shared_map=True)
+  assert shared.buckets == ("k1", "k3") and len({t.answer_map for t in shared.targets}) == 1
+
+
+def test_mixed_pretraining_hides_every_target_map():
+  mix = synthetic.mixed_task((1, 2, 3))
+  records = mix.pretraining_records(600, seed=0)
+  for task in mix.targets:
+    rows = [r for r in records if r.question.split()[0] == task.name]
+    assert len(rows) > 50
+    hits = sum(r.answer.split() == [str(task.map_value(v)) for v in _recompute(r.question, task.modulus)
+                                    [-task.answer_len:]] for r in rows)
+    assert hits <= 3 * task.nominal_p0 * len(rows) + 3  # random answers: chance level, never the hidden map
+  with pytest.raises(ValueError, match="answer_lens"):
+    synthetic.mixed_task((1, 5), num_steps=4)
+  with pytest.raises(ValueError, match="answer_lens"):
+    synthetic.mixed_task(())
+
+
+def test_evaluation_splits_metrics_by_bucket():
+  import types
+
+  import jax
+  from tsallis_jax.train import evaluate as eval_lib
+  mix = synthetic.mixed_task((1, 2, 3))
+  records = mix.records(6, seed=0)
+  tok = synthetic.make_tokenizer()
+  G = 2
+
+  def rollout_fn(params, prompt_BxP, mask_BxP, key):  # answers the easy prompts right and the others wrong
+    rows = []
+    for b in range(prompt_BxP.shape[0]):
+      r = records[min(int(params["offset"]) + b, len(records) - 1)]
+      answer = r.answer if r.dataset.endswith("easy") else "x"
+      rows += [tok.convert_tokens_to_ids(["add", "</think>"] + answer.split() + ["<eos>"])] * G
+    width = max(len(x) for x in rows)
+    return types.SimpleNamespace(tokens_NxT=np.asarray([x + [0] * (width - len(x)) for x in rows]),
+                                 lengths_N=np.asarray([len(x) for x in rows]))
+
+  metrics, _ = eval_lib.evaluate(rollout_fn, {"offset": 0}, records, tok, style="cold", max_prompt_len=16, pad_id=0,
+                                 batch_size=len(records), num_samples=G, key=jax.random.key(0),
+                                 put=lambda arrays: arrays, reward_name="substring_match")
+  assert metrics["easy/p@1"] == 1.0 and metrics["medium/p@1"] == 0.0 and metrics["hard/p@1"] == 0.0
+  assert metrics["p@1"] == pytest.approx(2 / 6)

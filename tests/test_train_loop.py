@@ -15,11 +15,16 @@ TRAIN_KEYS = ("loss", "reward/mean", "reward/std", "groups/frac_all_wrong", "gro
               "perf/tokens_per_s")
 
 
+_OBSERVED = []  # (step, sum of the embedding) of every observe() call of the smoke run
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("smoke"))
   cfg = load_config("smoke", ["num_steps=4", "eval_every=2", "checkpoint_every=2"])
-  return cfg, workdir, train_and_evaluate(cfg, workdir)
+  results = train_and_evaluate(cfg, workdir, observe=lambda step, params: _OBSERVED.append(
+      (step, float(np.asarray(params["embed"]).sum()))))
+  return cfg, workdir, results
 
 
 def test_run_writes_metrics_checkpoints_and_results(smoke_run):
@@ -33,7 +38,7 @@ def test_run_writes_metrics_checkpoints_and_results(smoke_run):
     assert all(np.isfinite(v) for k, v in r.items() if isinstance(v, float))
   assert train_rows[0]["kl/ref"] == 0.0 and train_rows[-1]["kl/ref"] > 0.0  # first step is on the initial policy
   eval_rows = [r for r in rows if "eval/maj@4" in r]
-  assert [r["step"] for r in eval_rows] == [2, 4]
+  assert [r["step"] for r in eval_rows] == [0, 2, 4]  # eval_at_start: the initial model is a candidate
   best_step = max(eval_rows, key=lambda r: (r["eval/maj@4"], -r["step"]))["step"]
   assert results["best"]["step"] == best_step
   assert sorted(os.listdir(os.path.join(workdir, "best"))) == [str(best_step)]
@@ -43,6 +48,13 @@ def test_run_writes_metrics_checkpoints_and_results(smoke_run):
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f) == json.loads(json.dumps(results))
   assert os.listdir(os.path.join(workdir, "tb"))
+
+
+def test_observe_sees_the_start_and_every_step(smoke_run):
+  steps = [step for step, _ in _OBSERVED]
+  assert steps == [0, 1, 2, 3, 4]
+  sums = [total for _, total in _OBSERVED]
+  assert len(set(sums)) == 5, "each call gets the params after that step, not a stale copy"
 
 
 def test_workdir_checkpoint_wins_over_init_checkpoint(smoke_run, tmp_path):

@@ -24,6 +24,19 @@ computes the rationale wrongly, has a different p0, and whoever pretrains must m
 demo does). With `target_fraction=0` in pretraining the model has never seen the target marker and p0 is not
 controlled at all.
 
+**Heterogeneous difficulty (`ChainMix`, the demo's task since issue 14).** Real data (FinQA, HotPotQA) has per-prompt
+cold-start P spread over orders of magnitude, and that spread is the only thing q can act on under AdamW (a scale
+shared by every example is removed by the optimizer; spec 1.4: q reweights prompts by P^-q). `mixed_task((1, 2, 3, 4))`
+(the demo's) draws prompts from difficulty buckets `easy` / `medium` / `hard` / `hardest` whose answers have 1 to 4
+values, so the nominal p0 is 1e-1 ... 1e-4 (modulus 10): three orders of magnitude. Each bucket has its own question
+marker (`task4` ... `task7`) and its own answer map (`MIX_MAPS`), which the pretrained model never saw with correct
+answers. Distinct maps are the default
+so that a bucket can only be learned from its own prompts: the hard prompts then escape by the weight the update
+gives *them*, which is what q changes (with `shared_map=True` every bucket uses the first map and the easy prompts
+teach the hard ones: an ablation). Pretraining uses one identity-map source task per bucket (markers `task0`...). Each
+record's `dataset` is `synthetic/<bucket>`, so evaluation can be split by bucket. A single-task `ChainMix.single(t)`
+is the old one-map task (bucket `target`).
+
 Records use the common `Record` (question, answer, rationale; empty context). `make_tokenizer()` builds the
 word-level tokenizer for every task of this family (special tokens `<pad>`, `<eos>`, `<think>`, `</think>`,
 `<unk>`), as a `transformers` fast tokenizer that `save_pretrained` / `AutoTokenizer.from_pretrained` round-trip.
@@ -171,6 +184,79 @@ def pretraining_records(source: ChainTask, target: ChainTask | None, num_records
                             id_prefix=f"{target.name}-pretrain-random-s{seed}")
   order = np.random.default_rng(seed + 2).permutation(len(records))
   return [records[i] for i in order]
+
+
+MIX_BUCKETS = {3: ("easy", "medium", "hard"), 4: ("easy", "medium", "hard", "hardest")}
+# Answer maps of the buckets: distinct, none the identity of the source tasks, multipliers coprime with 10 (a modulus
+# that shares a factor with one is refused by ChainTask).
+MIX_MAPS = ((3, 7), (7, 1), (9, 4), (3, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainMix:
+  """Target tasks of several difficulties drawn in equal shares (see the module docstring).
+
+  Attributes:
+    targets: one `ChainTask` per bucket (its `name` is the question marker).
+    buckets: the bucket names, in the order of `targets` (the `Record.dataset` suffix).
+    sources: the pretraining task of each bucket (identity map, its own marker).
+  """
+  targets: tuple[ChainTask, ...]
+  buckets: tuple[str, ...]
+  sources: tuple[ChainTask, ...]
+
+  def __post_init__(self):
+    if not self.targets or len(self.buckets) != len(self.targets) or len(self.sources) != len(self.targets):
+      raise ValueError("a ChainMix needs one bucket name and one source task per target task.")
+    names = [t.name for t in self.targets + self.sources]
+    if len(set(names)) != len(names):
+      raise ValueError(f"question markers must differ across targets and sources, got {names}.")
+
+  @classmethod
+  def single(cls, target: ChainTask) -> "ChainMix":
+    """The one-task form (bucket `target`, source marker `source`)."""
+    return cls((target,), ("target",), (source_task(target),))
+
+  @property
+  def nominal_p0(self) -> dict[str, float]:
+    return {b: t.nominal_p0 for b, t in zip(self.buckets, self.targets)}
+
+  def records(self, num_records: int, seed: int) -> list[Record]:
+    """`num_records` prompts, as equal as possible per bucket, shuffled; `dataset` is `synthetic/<bucket>`."""
+    if len(self.targets) == 1:
+      return make_records(self.targets[0], num_records, seed)
+    shares = [num_records // len(self.targets) + (i < num_records % len(self.targets))
+              for i in range(len(self.targets))]
+    records = []
+    for i, (bucket, target, n) in enumerate(zip(self.buckets, self.targets, shares)):
+      records += [dataclasses.replace(r, dataset=f"synthetic/{bucket}")
+                  for r in make_records(target, n, seed * 100 + i, id_prefix=f"{bucket}-{target.name}-s{seed}")]
+    order = np.random.default_rng(seed + 7).permutation(len(records))
+    return [dataclasses.replace(records[j], index=i) for i, j in enumerate(order)]
+
+  def pretraining_records(self, num_records: int, seed: int, *, target_fraction: float = 0.5) -> list[Record]:
+    """Each bucket's `pretraining_records` (source with correct answers, target with random ones), shuffled."""
+    records = []
+    for i, (source, target) in enumerate(zip(self.sources, self.targets)):
+      n = num_records // len(self.targets) + (i < num_records % len(self.targets))
+      records += pretraining_records(source, target, n, seed + 1000 * i, target_fraction=target_fraction)
+    order = np.random.default_rng(seed + 3).permutation(len(records))
+    return [records[j] for j in order]
+
+
+def mixed_task(answer_lens: tuple[int, ...] = (1, 2, 3), *, modulus: int = 10, num_steps: int = 4,
+               shared_map: bool = False) -> ChainMix:
+  """Buckets of `answer_lens` answer values (nominal p0 = modulus ** -k each); see the module docstring."""
+  if not 1 <= len(answer_lens) <= len(MIX_MAPS):
+    raise ValueError(f"answer_lens={answer_lens}: give 1 to {len(MIX_MAPS)} answer lengths, e.g. (1, 2, 3).")
+  if any(k > num_steps for k in answer_lens):
+    raise ValueError(f"answer_lens={answer_lens} must each be <= steps={num_steps} (an answer is the last k partial"
+                     " results); raise steps or shorten the answers.")
+  buckets = MIX_BUCKETS.get(len(answer_lens), tuple(f"k{k}" for k in answer_lens))
+  targets = tuple(ChainTask(name=f"task{4 + i}", modulus=modulus, num_steps=num_steps, answer_len=k,
+                            answer_map=MIX_MAPS[0 if shared_map else i]) for i, k in enumerate(answer_lens))
+  sources = tuple(source_task(t, name=f"task{i}") for i, t in enumerate(targets))
+  return ChainMix(targets, buckets, sources)
 
 
 def vocabulary() -> list[str]:

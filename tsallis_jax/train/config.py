@@ -91,6 +91,9 @@ class TrainConfig:
   eval_top_p: float = 1.0
   eval_reward: str = "substring_match"  # evaluation scorer (tsallis_jax.rewards); the paper uses substring match
   eval_every: int = 0  # steps between validation evaluations (0 = only at the end)
+  # With eval_every > 0, also evaluate the initial model (step 0) on validation, as a candidate for the best
+  # checkpoint (verl's val_before_train): training that only hurts then reports the initial model's test metrics.
+  eval_at_start: bool = True
   eval_max_prompts: int = 0  # cap on validation/test prompts (0 = the whole split)
   eval_batch_size: int = 8  # prompts per evaluation rollout
 

@@ -55,7 +55,8 @@ def evaluate(rollout_fn: Callable, params: Any, records: Sequence[Record], token
 
   `rollout_fn(params, prompt_tokens_BxP, prompt_mask_BxP, key)` is the jitted evaluation sampler; `put` places a dict
   of host arrays on the mesh. The last batch is padded with repeats of the first record and the extra rows ignored.
-  Returns (metrics without the "eval/" prefix, completions).
+  Returns (metrics without the "eval/" prefix, completions). When the records come from more than one `dataset`, the
+  metrics of each also appear under `<last part of the dataset name>/` (the buckets of a synthetic `ChainMix`).
   """
   tokens, mask = prompt_arrays(records, tokenizer, style=style, max_prompt_len=max_prompt_len, pad_id=pad_id)
   predictions: list[list[str]] = []
@@ -70,4 +71,12 @@ def evaluate(rollout_fn: Callable, params: Any, records: Sequence[Record], token
     for b in range(stop - start):
       predictions.append(answers[b * num_samples:(b + 1) * num_samples])
   metrics = metrics_lib.eval_metrics(predictions, list(records), reward_name=reward_name, k=num_samples)
-  return {k.removeprefix("eval/"): v for k, v in metrics.items()}, predictions
+  out = {k.removeprefix("eval/"): v for k, v in metrics.items()}
+  groups = sorted({r.dataset for r in records})
+  if len(groups) > 1:  # e.g. the difficulty buckets of a synthetic ChainMix: `hard/p@1`, ...
+    for group in groups:
+      rows = [i for i, r in enumerate(records) if r.dataset == group]
+      sub = metrics_lib.eval_metrics([predictions[i] for i in rows], [records[i] for i in rows],
+                                     reward_name=reward_name, k=num_samples)
+      out.update({f"{group.split('/')[-1]}/{k.removeprefix('eval/')}": v for k, v in sub.items()})
+  return out, predictions

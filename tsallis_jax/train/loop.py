@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # train step (the demo's many runs compile each program once).
 _PROGRAM_NEUTRAL = ("name", "seed", "q", "q_end", "init_checkpoint", "eval_every", "eval_max_prompts",
                     "prompt_bucket", "checkpoint_every", "max_to_keep", "log_every", "progress_bar", "tensorboard",
-                    "task_options", "data_dir")
+                    "task_options", "data_dir", "eval_at_start")
 _PROGRAMS: dict[Any, Any] = {}
 
 
@@ -294,8 +294,12 @@ def evaluate_split(s: Setup, params: Any, records, prefix: str, step: int) -> di
   return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
 
-def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Task | None = None) -> dict[str, Any]:
+def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Task | None = None,
+                       observe: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
   """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the final validation / test metrics.
+
+  `observe(step, params)`, if given, is called with the starting params and after every step (the demo's per-prompt
+  probe); it must not keep `params` (the next step donates them).
 
   Writes `workdir/config.json`, `metrics.jsonl` (one row per step, plus eval rows), TensorBoard events,
   `checkpoints/`, `best/` and `results.json` (process 0 writes files; every process writes its checkpoint shards).
@@ -380,6 +384,14 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Ta
       writer.write(step_done, metrics)
     writer.progress(step_done, metrics)
 
+  if observe is not None:
+    observe(start_step, state.params)
+  if start_step == 0 and cfg.eval_every and cfg.eval_at_start and val_records:
+    value = _eval_for_best(run_eval(state.params, val_records, "eval", 0), writer, cfg, 0)
+    best = {"metric": value, "step": 0}
+    checkpointer.save(0, state, checkpoint_meta(0), best=True)
+    t_last = time.perf_counter()
+
   for step in range(start_step, cfg.num_steps):
     batch_np = next(data_iter)
     batch = _put_rows(mesh, {k: v for k, v in batch_np.items() if k != "index_B"}, cfg.batch_size)
@@ -392,15 +404,15 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Ta
       flush(pending)
     pending = (step + 1, metrics_dev, batch_np["index_B"])
     done = step + 1
+    if observe is not None:
+      observe(done, state.params)
     do_eval = cfg.eval_every and done % cfg.eval_every == 0
     do_ckpt = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.num_steps
     if do_eval or do_ckpt:
       flush(pending)
       pending = None
     if do_eval and val_records:
-      eval_metrics = run_eval(state.params, val_records, "eval", done)
-      writer.write(done, eval_metrics)
-      value = eval_metrics[f"eval/maj@{cfg.eval_num_samples}"]
+      value = _eval_for_best(run_eval(state.params, val_records, "eval", done), writer, cfg, done)
       if best["metric"] is None or value > best["metric"]:
         best = {"metric": value, "step": done}
         checkpointer.save(done, state, checkpoint_meta(done), best=True)
@@ -427,6 +439,12 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Ta
   if main:
     (workdir / "results.json").write_text(json.dumps(results, indent=1))
   return results
+
+
+def _eval_for_best(eval_metrics: dict[str, float], writer: MetricWriter, cfg: TrainConfig, step: int) -> float:
+  """Writes a validation result; returns the value that picks the best checkpoint (maj@k, as the paper)."""
+  writer.write(step, eval_metrics)
+  return eval_metrics[f"eval/maj@{cfg.eval_num_samples}"]
 
 
 def _eval_rows(v: np.ndarray, mesh) -> slice:

@@ -2,9 +2,9 @@
 
 The paper starts from a model whose success probability P on the target task is tiny (cold start). The CPU demo
 builds such a model in this same code base: a tiny LM is trained by teacher forcing (SFT) on
-`synthetic.pretraining_records`: source-task chains with correct rationales and answers, mixed with target-task chains
+`ChainMix.pretraining_records` (one source and one target task per difficulty bucket): source-task chains with correct rationales and answers, mixed with target-task chains
 whose rationales are correct but whose answers are uniform random. The model therefore writes the target's format
-and rationale but puts roughly uniform mass on the target's answers: p0 ~ nominal_p0 = modulus^-answer_len.
+and rationale but puts roughly uniform mass on the target's answers: p0 ~ nominal_p0 = modulus^-answer_len, per bucket.
 
 The result is cached under `$TSALLIS_JAX_CACHE/demo_pretrain/<key>/` (default `~/.cache/tsallis_jax`): `params/`
 (an orbax params checkpoint, usable as `init_checkpoint`) and `info.json` (the recipe, the final SFT loss, the measured
@@ -34,9 +34,7 @@ from tsallis_jax.data.records import Record
 from tsallis_jax.model import ModelConfig, Transformer, make_attention_mask, make_positions
 from tsallis_jax.model.gguf_io import cache_root
 from tsallis_jax.model.logprobs import token_logprobs
-from tsallis_jax.sampler import SamplingConfig, generate_impl
 from tsallis_jax.train import checkpoint as ckpt_lib
-from tsallis_jax.train import rollout as rollout_lib
 from tsallis_jax.train.state import pure
 
 
@@ -103,41 +101,22 @@ def sft_train(model_cfg: ModelConfig, tokens_NxT: np.ndarray, loss_mask_NxT: np.
 
 def measure_p0(graphdef: nnx.GraphDef, params: Any, records: Sequence[Record], tokenizer: Any, *,
                num_samples: int, max_prompt_len: int, rationale_budget: int, max_answer_len: int, seed: int = 0,
-               batch_size: int = 16) -> dict[str, float]:
-  """Monte Carlo p0 = mean over prompts and sampled rationales of w = p(y*|x, z), and the sampled success rate."""
-  from tsallis_jax.data import pipeline
-  close = (tokenizer.convert_tokens_to_ids("</think>"),)
-  eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-  sampling = SamplingConfig(num_samples=num_samples, max_new_tokens=rationale_budget + 1 + max_answer_len,
-                            temperature=1.0, stop_ids=(eos,), pad_id=pad, close_tag_ids=close,
-                            rationale_budget=rationale_budget, answer_budget=max_answer_len)
-  loader = pipeline.make_prompt_loader(records, tokenizer, batch_size=batch_size, seed=seed, style="cold",
-                                       max_prompt_tokens=max_prompt_len, max_answer_tokens=max_answer_len,
-                                       num_epochs=1, pad_multiple=max_prompt_len)
+               batch_size: int = 16) -> dict[str, Any]:
+  """Monte Carlo p0 = mean over prompts and sampled rationales of w = p(y*|x, z), and the sampled success rate.
 
-  @jax.jit
-  def score(p, prompt_BxP, mask_BxP, answer_BxA, answer_mask_BxA, key):
-    rollout = generate_impl(graphdef, p, prompt_BxP, mask_BxP, key, sampling)
-    gold_NxA = jnp.repeat(answer_BxA, num_samples, axis=0)
-    gold_mask_NxA = jnp.repeat(answer_mask_BxA, num_samples, axis=0)
-    comp, _, y_mask, valid = rollout_lib.teacher_forced_completion(rollout, gold_NxA, gold_mask_NxA, close, (eos,),
-                                                                   pad)
-    tokens = jnp.concatenate([rollout.prompt_tokens_NxP, comp], axis=1)
-    pad_mask = jnp.concatenate([rollout.prompt_mask_NxP, valid], axis=1)
-    logits, _ = nnx.merge(graphdef, p)(tokens, make_positions(pad_mask), make_attention_mask(pad_mask))
-    logp = token_logprobs(logits, tokens)[:, prompt_BxP.shape[1]:]
-    logw_N = jnp.sum(jnp.where(y_mask, logp, 0.0), axis=1)
-    return jnp.exp(logw_N), rollout_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
-
-  ws, rewards = [], []
-  for i, batch in enumerate(loader):
-    w, r = score(params, batch["prompt_tokens_BxT"], batch["prompt_mask_BxT"], batch["answer_tokens_BxA"],
-                 batch["answer_mask_BxA"], jax.random.fold_in(jax.random.key(seed), i))
-    ws.append(np.asarray(w))
-    rewards.append(np.asarray(r))
-  w_all, r_all = np.concatenate(ws), np.concatenate(rewards)
-  return {"p0_likelihood": float(w_all.mean()), "p0_sampled_exact_match": float(r_all.mean()),
-          "p0_prompts": int(len(w_all) // num_samples), "p0_samples_per_prompt": num_samples}
+  Also returns the per-prompt estimates (`p_hat_by_prompt`, in the order of `records`; `success.success_by_prompt`).
+  """
+  from tsallis_jax.train import success
+  close = (int(tokenizer.convert_tokens_to_ids("</think>")),)
+  eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
+  score = success.make_scorer(graphdef, num_samples=num_samples, rationale_budget=rationale_budget,
+                              max_answer_len=max_answer_len, stop_ids=(eos,), pad_id=pad, close_tag_ids=close)
+  out = success.success_by_prompt(score, params, records, tokenizer, key=jax.random.key(seed),
+                                  max_prompt_len=max_prompt_len, max_answer_len=max_answer_len,
+                                  batch_size=batch_size)
+  return {"p0_likelihood": float(out["p_hat"].mean()), "p0_sampled_exact_match": float(out["sampled"].mean()),
+          "p0_prompts": len(records), "p0_samples_per_prompt": num_samples,
+          "p_hat_by_prompt": out["p_hat"].tolist()}
 
 
 # ModelConfig fields that change speed or memory but not the trained function; None-valued (off) options are dropped
@@ -148,13 +127,14 @@ _PERFORMANCE_ONLY = ("sharding_rules", "remat", "attention_query_chunk")
 def cache_key(model_cfg: ModelConfig, target: Any, cfg: PretrainConfig) -> str:
   model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if v is not None and k not in _PERFORMANCE_ONLY}
   blob = json.dumps({"model": model, "target": dataclasses.asdict(target), "pretrain": dataclasses.asdict(cfg),
-                     "version": 3}, sort_keys=True, default=str)  # 3: weights stored [out, in]
+                     "version": 4}, sort_keys=True, default=str)  # 3: weights [out, in]; 4: ChainMix
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def pretrained_demo_model(model_cfg: ModelConfig, target: Any, cfg: PretrainConfig, *, cache: str | None = None,
                           log=print) -> tuple[str, dict[str, Any]]:
-  """The params folder of the pretrained tiny LM for `target` (trained on first use, then cached) and its info."""
+  """The params folder of the pretrained tiny LM for `target` (a `synthetic.ChainMix`; trained on first use, then
+  cached) and its info."""
   from tsallis_jax.data import synthetic
   folder = os.path.join(cache or str(cache_root() / "demo_pretrain"), cache_key(model_cfg, target, cfg))
   info_path = os.path.join(folder, "info.json")
@@ -164,8 +144,7 @@ def pretrained_demo_model(model_cfg: ModelConfig, target: Any, cfg: PretrainConf
     log(f"pretrained model: cached at {folder}")
     return os.path.join(folder, "params"), info
   tokenizer = synthetic.make_tokenizer()
-  records = synthetic.pretraining_records(synthetic.source_task(target), target, cfg.num_records, seed=cfg.seed + 10,
-                                          target_fraction=cfg.target_fraction)
+  records = target.pretraining_records(cfg.num_records, seed=cfg.seed + 10, target_fraction=cfg.target_fraction)
   tokens, mask = sft_arrays(records, tokenizer, cfg.max_len)
   start = time.perf_counter()
   graphdef, params, losses = sft_train(model_cfg, tokens, mask, cfg)

@@ -3,8 +3,10 @@
 `task` names the source; `task_options` ("k=v,k=v") its knobs:
 
 * `synthetic` (`tsallis_jax.data.synthetic`): the target chain task with the p0 knob. Options: p0 (0.01), steps (4),
-  modulus (10), train (2000), val (64), test (128). Splits are drawn from fixed data seeds (1, 2, 3), independent of
-  the run's seed, so every run of the demo is evaluated on the same held-out prompts.
+  modulus (10), train (2000), val (64), test (128), answer_lens ("": one task of nominal p0; "1/2/3": the
+  mixed-difficulty `ChainMix` with buckets easy / medium / hard of 1, 2, 3 answer values, which overrides p0),
+  shared_map (0; 1: every bucket uses one answer map). Splits are drawn from fixed data seeds (1, 2, 3), independent
+  of the run's seed, so every run of the demo is evaluated on the same held-out prompts.
 * `finqa`, `hotpotqa`, `musique`: the paper's datasets from `data_dir` (the official files; see tsallis_jax/data):
   the paper's subsets (`data.splits.load_split`).
 * `fixture`: eight short factual questions (below), the same list for train, validation and test: a smoke test that
@@ -18,7 +20,8 @@ from typing import Any
 from tsallis_jax.data.records import Record
 from tsallis_jax.train.config import ConfigError, TrainConfig, parse_options
 
-SYNTHETIC_DEFAULTS = {"p0": 0.01, "steps": 4, "modulus": 10, "train": 2000, "val": 64, "test": 128}
+SYNTHETIC_DEFAULTS = {"p0": 0.01, "steps": 4, "modulus": 10, "train": 2000, "val": 64, "test": 128,
+                      "answer_lens": "", "shared_map": 0}
 DATA_SEEDS = {"train": 1, "val": 2, "test": 3}
 FIXTURE_QA = (
     ("What is the capital of France?", "Paris"), ("What is the capital of Japan?", "Tokyo"),
@@ -62,21 +65,29 @@ def _options(cfg: TrainConfig, defaults: dict[str, Any]) -> dict[str, Any]:
 
 
 def synthetic_target(cfg: TrainConfig):
-  """The target `ChainTask` of a synthetic config (the demo pretrains on its source task)."""
+  """The `ChainMix` of a synthetic config (the demo pretrains on its source tasks) and the parsed options."""
   from tsallis_jax.data import synthetic
   opts = _options(cfg, SYNTHETIC_DEFAULTS)
-  return synthetic.target_task(opts["p0"], num_steps=opts["steps"], modulus=opts["modulus"]), opts
+  try:
+    if opts["answer_lens"]:
+      lens = tuple(int(k) for k in opts["answer_lens"].split("/"))
+      return synthetic.mixed_task(lens, modulus=opts["modulus"], num_steps=opts["steps"],
+                                  shared_map=bool(opts["shared_map"])), opts
+    return synthetic.ChainMix.single(synthetic.target_task(opts["p0"], num_steps=opts["steps"],
+                                                           modulus=opts["modulus"])), opts
+  except ValueError as e:  # int() of a bad length, or the task's own check
+    raise ConfigError(f"task_options={cfg.task_options!r}: {e} (answer_lens is like 1/2/3)") from None
 
 
 def build_task(cfg: TrainConfig, tokenizer: Any = None) -> Task:
   """Tokenizer and splits of `cfg.task` (a tokenizer passed in, e.g. the model's, takes precedence)."""
   if cfg.task == "synthetic":
     from tsallis_jax.data import synthetic
-    target, opts = synthetic_target(cfg)
+    mix, opts = synthetic_target(cfg)
     tok = tokenizer or synthetic.make_tokenizer()
-    splits = {name: synthetic.make_records(target, opts[name], DATA_SEEDS[name]) for name in ("train", "val", "test")}
+    splits = {name: mix.records(opts[name], DATA_SEEDS[name]) for name in ("train", "val", "test")}
     return Task(tok, splits["train"], splits["val"], splits["test"],
-                {"task": "synthetic", "nominal_p0": target.nominal_p0, **opts})
+                {"task": "synthetic", "nominal_p0": mix.nominal_p0, "buckets": list(mix.buckets), **opts})
   if cfg.task == "fixture":
     if tokenizer is None:
       raise ConfigError("task='fixture' needs the model's tokenizer (model=hf or gguf)")
