@@ -11,8 +11,9 @@ The result is cached under `$TSALLIS_JAX_CACHE/demo_pretrain/<key>/` (default `~
 p0). The key hashes the whole recipe, so a changed recipe retrains. Delete the folder to retrain.
 
 `measure_p0` estimates p0 = E_x[P(y*|x)] = E_x E_{z~p(z|x)}[p(y*|x, z)] on held-out prompts: G rationales sampled per
-prompt from the model (temperature 1), the gold answer teacher-forced after each; the mean of w over samples and
-prompts is an unbiased estimate (spec eq. 7-8). It also reports the sampled exact-match success rate.
+prompt from the model (temperature 1), the gold answer teacher-forced after each (w = 0 for a rationale that ended
+with EOS before `</think>`: it never answers); the mean of w over samples and prompts is an unbiased estimate (spec
+eq. 7-8). It also reports the sampled exact-match success rate.
 """
 from __future__ import annotations
 
@@ -120,14 +121,15 @@ def measure_p0(graphdef: nnx.GraphDef, params: Any, records: Sequence[Record], t
     rollout = generate_impl(graphdef, p, prompt_BxP, mask_BxP, key, sampling)
     gold_NxA = jnp.repeat(answer_BxA, num_samples, axis=0)
     gold_mask_NxA = jnp.repeat(answer_mask_BxA, num_samples, axis=0)
-    comp, _, y_mask, valid = rollout_lib.teacher_forced_completion(rollout, gold_NxA, gold_mask_NxA, close, (eos,),
-                                                                   pad)
+    comp, _, y_mask, valid, answered = rollout_lib.teacher_forced_completion(rollout, gold_NxA, gold_mask_NxA, close,
+                                                                             (eos,), pad)
     tokens = jnp.concatenate([rollout.prompt_tokens_NxP, comp], axis=1)
     pad_mask = jnp.concatenate([rollout.prompt_mask_NxP, valid], axis=1)
     logits, _ = nnx.merge(graphdef, p)(tokens, make_positions(pad_mask), make_attention_mask(pad_mask))
     logp = token_logprobs(logits, tokens)[:, prompt_BxP.shape[1]:]
     logw_N = jnp.sum(jnp.where(y_mask, logp, 0.0), axis=1)
-    return jnp.exp(logw_N), rollout_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
+    w_N = jnp.where(answered, jnp.exp(logw_N), 0.0)  # EOS inside the rationale: no answer, w = 0
+    return w_N, rollout_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
 
   ws, rewards = [], []
   for i, batch in enumerate(loader):
