@@ -46,10 +46,18 @@ def test_unknown_key_names_the_key_a_suggestion_and_the_valid_keys():
     ("model_path=/x", "model_path='/x' is only read when model is 'hf' or 'gguf'"),
     ("eval_reward=bleu", "eval_reward='bleu' is not one of"),
     ("top_p=0", r"top_p=0.0 must lie in \(0, 1\]"),
+    ("top_k=5", r"top_k=5, top_p=1.0: training rollouts would come from the top-k/top-p filtered policy.*set"
+                r" top_k=0 and top_p=1.0"),
+    ("top_p=0.9", r"top_k=0, top_p=0.9: .*biases GARL, PAFT and GRPO"),
 ])
 def test_impossible_values_are_rejected_at_config_time(override, message):
   with pytest.raises(ConfigError, match=message):
     apply_overrides(TrainConfig(), [override])
+
+
+def test_evaluation_sampling_may_still_be_filtered():
+  cfg = apply_overrides(TrainConfig(), ["eval_top_k=5", "eval_top_p=0.9"])
+  assert (cfg.eval_top_k, cfg.eval_top_p, cfg.top_k, cfg.top_p) == (5, 0.9, 0, 1.0)
 
 
 def test_grpo_needs_two_samples_and_rloo_can_be_switched_off():

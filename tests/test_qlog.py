@@ -128,3 +128,23 @@ def test_jq_loss_gradient_is_accurate_for_tiny_p(q, log_p):
   grad = jax.grad(lambda lp: jq_loss(lp, q))(jnp.float32(log_p))
   exact = -np.exp((1.0 - q) * log_p)
   np.testing.assert_allclose(float(grad), exact, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.25, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("jit", [False, True])
+def test_q_log_gradient_is_finite_at_zero_and_subnormal_u(q, jit):
+  """d ln_q(u)/du = u^-q (spec 1.4): exact where float32 holds it, saturating at the largest float32 where it does
+  not (u = 0 with q > 0, where the derivative is +inf; subnormal u, which XLA on CPU may read as 0), never NaN."""
+  u = jnp.array([0.0, 1e-45, 1e-30, 0.5, 1.0], jnp.float32)
+  grad_fn = jax.vmap(jax.grad(q_log), in_axes=(0, None))
+  grad = np.asarray((jax.jit(grad_fn) if jit else grad_fn)(u, q), np.float64)
+  assert np.all(np.isfinite(grad)), grad
+  exact = np.asarray(u, np.float64)[2:] ** -q
+  np.testing.assert_allclose(grad[2:], exact, rtol=1e-5)
+  float_max = float(np.finfo(np.float32).max)
+  if q == 0.0:
+    np.testing.assert_allclose(grad[:2], 1.0, rtol=1e-6)  # ln_0(u) = u - 1
+  else:
+    assert grad[0] == float_max
+    # The true derivative at u = 1e-45 is 1e45^q (above float32's range for q = 1); never below it, or the max.
+    assert grad[1] >= min(1e45 ** q, float_max) * (1 - 1e-3), grad[1]

@@ -19,19 +19,21 @@ from tsallis_jax.sampler import Rollout
 from tsallis_jax.train import loop
 from tsallis_jax.train import rollout as rollout_lib
 from tsallis_jax.train import state as state_lib
+from tsallis_jax.train import step as step_lib
 from tsallis_jax.train.config import TrainConfig
 from tsallis_jax.train.step import TokenIds
 
 PAD, EOS, TAG = 0, 1, 4
 
 
-def _rollout(tokens_NxT, lengths_N, answer_start_N, closed_N, forced_NxT):
+def _rollout(tokens_NxT, lengths_N, answer_start_N, closed_N, forced_NxT, prompt_P=(9, 9)):
   n, t = tokens_NxT.shape
   slots = np.arange(t)[None, :]
   mask = slots < lengths_N[:, None]
   answer = mask & (slots >= answer_start_N[:, None]) & closed_N[:, None]
   return Rollout(
-      prompt_tokens_NxP=jnp.full((n, 2), 9, jnp.int32), prompt_mask_NxP=jnp.ones((n, 2), bool),
+      prompt_tokens_NxP=jnp.tile(jnp.asarray(prompt_P, jnp.int32)[None], (n, 1)),
+      prompt_mask_NxP=jnp.ones((n, len(prompt_P)), bool),
       tokens_NxT=jnp.asarray(tokens_NxT, jnp.int32), logp_NxT=jnp.zeros((n, t)), model_logp_NxT=jnp.zeros((n, t)),
       mask_NxT=jnp.asarray(mask), forced_mask_NxT=jnp.asarray(forced_NxT),
       rationale_mask_NxT=jnp.asarray(mask & ~answer), answer_mask_NxT=jnp.asarray(answer),
@@ -52,18 +54,120 @@ def test_teacher_forced_completion_matches_python_splice():
   r = _rollout(tokens, np.array([5, 7, 2]), np.array([3, 4, 2]), np.array([True, True, False]), forced)
   gold = jnp.asarray([[2, 3, EOS], [2, 3, EOS], [2, 3, EOS]], jnp.int32)
   gold_mask = jnp.asarray([[1, 1, 1], [1, 1, 1], [1, 1, 1]], bool)
-  comp, z, y, valid = rollout_lib.teacher_forced_completion(r, gold, gold_mask, (TAG,), (EOS,), PAD)
+  comp, z, y, valid, answered = rollout_lib.teacher_forced_completion(r, gold, gold_mask, (TAG,), (EOS,), PAD)
   expect = [[7, 8, TAG, 2, 3, EOS, PAD, PAD],
             [7, 7, 7, TAG, 2, 3, EOS, PAD],
-            [8, TAG, 2, 3, EOS, PAD, PAD, PAD]]
+            [8, EOS, PAD, PAD, PAD, PAD, PAD, PAD]]
   np.testing.assert_array_equal(np.asarray(comp), expect)
-  # z: sampled rationale tokens (the sampled tag of row 0 included, the forced tag of row 1 and the inserted tag of
-  # row 2 excluded); y: exactly the gold answer tokens.
+  # z: sampled rationale tokens (the sampled tag of row 0 included, the forced tag of row 1 excluded, the EOS that
+  # ended row 2 included); y: exactly the gold answer tokens, none for row 2, which never answers (w = 0).
   np.testing.assert_array_equal(np.asarray(z), [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0],
-                                                [1, 0, 0, 0, 0, 0, 0, 0]])
+                                                [1, 1, 0, 0, 0, 0, 0, 0]])
   np.testing.assert_array_equal(np.asarray(y), [[0, 0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 1, 0],
-                                                [0, 0, 1, 1, 1, 0, 0, 0]])
+                                                [0, 0, 0, 0, 0, 0, 0, 0]])
   np.testing.assert_array_equal(np.asarray(valid), np.asarray(comp) != PAD)
+  np.testing.assert_array_equal(np.asarray(answered), [True, True, False])
+
+
+def _next_token_logp(model, tokens):
+  """log softmax of the next-token logits after `tokens` (one row, no padding), float32, by a plain forward."""
+  s = len(tokens)
+  causal_1xSxS = jnp.asarray(np.tril(np.ones((s, s), bool))[None])
+  logits_1xSxV, _ = model(jnp.asarray([tokens], jnp.int32), jnp.arange(s, dtype=jnp.int32)[None], causal_1xSxS)
+  return np.asarray(jax.nn.log_softmax(logits_1xSxV[0, -1].astype(jnp.float32)), np.float64)
+
+
+def test_eos_inside_the_rationale_scores_zero_weight_against_exact_enumeration():
+  """Spec 1.6 eq. 7-8 with EOS possible: every outcome of budget-forced sampling (EOS inside the rationale, a
+  sampled `</think>`, or the forced one after the budget) enumerated on a 6-token policy. The step's log p(z|x)
+  must be a distribution over these outcomes (sum 1: an EOS row's score includes the EOS token) and
+  sum_z p(z|x) w(z) must equal the exact P(y*|x) (an EOS row can never produce y*: w = 0, log w = -inf)."""
+  vocab, budget, prompt, gold = 6, 2, (5, 2), (3, EOS)
+  mcfg = ModelConfig.tiny(vocab_size=vocab, num_layers=1, embed_dim=16, mlp_dim=32, num_heads=2, num_kv_heads=2,
+                          head_dim=8)
+  model = create_model(mcfg, seed=3)
+  graphdef, params = nnx.split(model)
+  # Outcomes: (completion tokens, closed, forced tag position or None); the answer slots hold the gold answer.
+  outcomes = []
+  for first in range(vocab):
+    if first in (EOS, TAG):
+      outcomes.append(((first,), first == TAG, None))
+      continue
+    for second in range(vocab):
+      if second in (EOS, TAG):
+        outcomes.append(((first, second), second == TAG, None))
+      else:
+        outcomes.append(((first, second, TAG), True, 2))
+  # Exact P(y*|x) and each outcome's probability by plain forwards over every prefix.
+  exact_p, total = 0.0, 0.0
+  for rationale, closed, forced_at in outcomes:
+    sampled = rationale if forced_at is None else rationale[:forced_at]
+    logp = sum(_next_token_logp(model, list(prompt) + list(sampled[:i]))[t] for i, t in enumerate(sampled))
+    total += np.exp(logp)
+    if closed:
+      context = list(prompt) + list(rationale)
+      logw = sum(_next_token_logp(model, context + list(gold[:j]))[t] for j, t in enumerate(gold))
+      exact_p += np.exp(logp + logw)
+  np.testing.assert_allclose(total, 1.0, rtol=1e-5)  # the enumeration covers every outcome
+  # The same outcomes as one rollout batch (B = 1, G = the number of outcomes), scored by the train step's code.
+  t_len = budget + 1 + len(gold)
+  n = len(outcomes)
+  tokens = np.full((n, t_len), PAD, np.int32)
+  forced = np.zeros((n, t_len), bool)
+  lengths, starts, closed_n = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, bool)
+  for i, (rationale, closed, forced_at) in enumerate(outcomes):
+    row = list(rationale) + (list(gold) if closed else [])
+    tokens[i, :len(row)] = row
+    lengths[i], starts[i], closed_n[i] = len(row), len(rationale), closed
+    if forced_at is not None:
+      forced[i, forced_at] = True
+  rollout = _rollout(tokens, lengths, starts, closed_n, forced, prompt_P=prompt)
+  cfg = BASE.replace(estimator="garl", num_samples=n, batch_size=1, rationale_budget=budget,
+                     max_answer_len=len(gold), max_prompt_len=len(prompt))
+  batch = {"rollout": rollout, "answer_tokens_BxA": jnp.asarray([gold], jnp.int32),
+           "answer_mask_BxA": jnp.ones((1, len(gold)), bool)}
+  ids = TokenIds(stop_ids=(EOS,), pad_id=PAD, close_tag_ids=(TAG,))
+  logp_z_BxG, logw_BxG = jax.jit(step_lib.rationale_scores, static_argnums=(1, 2, 3))(params, graphdef, cfg, ids,
+                                                                                      batch)
+  logp_z_G, logw_G = np.asarray(logp_z_BxG[0], np.float64), np.asarray(logw_BxG[0], np.float64)
+  eos_rows = np.array([not closed for _, closed, _ in outcomes])
+  assert eos_rows.sum() == 1 + (vocab - 2)  # EOS first, or a non-stop token then EOS
+  assert np.all(np.isneginf(logw_G[eos_rows])) and np.all(np.isfinite(logw_G[~eos_rows]))
+  np.testing.assert_allclose(np.sum(np.exp(logp_z_G)), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.sum(np.exp(logp_z_G + logw_G)), exact_p, rtol=1e-5)
+
+
+def test_measure_p0_gives_zero_weight_to_rationales_that_end_with_eos(monkeypatch):
+  """measure_p0 (pretrain.py, through success.make_scorer) on rollouts that all sample EOS at the first rationale token: p0 = 0 exactly, since
+  none of them answers; rollouts that close the rationale at once get w = p(y*|x, </think>) > 0."""
+  from tsallis_jax.data import synthetic
+  from tsallis_jax.sampler import generate_impl
+  from tsallis_jax.train import pretrain, success
+  tokenizer = synthetic.make_tokenizer()
+  records = synthetic.make_records(synthetic.target_task(1e-2), 8, seed=0)
+  eos, close = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</think>")
+  mcfg = ModelConfig.tiny(vocab_size=len(tokenizer), num_layers=1, embed_dim=16, mlp_dim=32, num_heads=2,
+                          num_kv_heads=2, head_dim=8)
+  graphdef, params = nnx.split(create_model(mcfg, seed=0))
+
+  def first_token_is(token):
+    def fake_generate(graphdef_, params_, prompt_BxP, mask_BxP, key, sampling):
+      r = generate_impl(graphdef_, params_, prompt_BxP, mask_BxP, key, sampling)
+      n, t = r.tokens_NxT.shape
+      first_N = jnp.zeros((n, t), bool).at[:, 0].set(True)
+      closed = token == close
+      return r.replace(tokens_NxT=jnp.where(first_N, token, tokenizer.pad_token_id), mask_NxT=first_N,
+                       forced_mask_NxT=jnp.zeros((n, t), bool), rationale_mask_NxT=first_N,
+                       answer_mask_NxT=jnp.zeros((n, t), bool), lengths_N=jnp.ones((n,), jnp.int32),
+                       answer_start_N=jnp.ones((n,), jnp.int32), closed_N=jnp.full((n,), closed),
+                       forced_N=jnp.zeros((n,), bool), truncated_N=jnp.full((n,), closed))
+    return fake_generate
+
+  kwargs = dict(num_samples=2, max_prompt_len=32, rationale_budget=4, max_answer_len=4, batch_size=4)
+  monkeypatch.setattr(success, "generate_impl", first_token_is(eos))
+  assert pretrain.measure_p0(graphdef, params, records, tokenizer, **kwargs)["p0_likelihood"] == 0.0
+  monkeypatch.setattr(success, "generate_impl", first_token_is(close))
+  assert pretrain.measure_p0(graphdef, params, records, tokenizer, **kwargs)["p0_likelihood"] > 0.0
 
 
 def test_exact_match_reward():

@@ -115,14 +115,41 @@ def q_log_of_log(log_u: jax.Array, q) -> jax.Array:
   return _q_log_of_log(log_u, q)
 
 
+@jax.custom_jvp
+def _q_log(u: jax.Array, q: jax.Array) -> jax.Array:
+  return _q_log_of_log(jnp.log(u), q)
+
+
+@_q_log.defjvp
+def _q_log_jvp(primals, tangents):
+  """d ln_q(u) / du = u^-q = exp(-q log u) (spec 1.4), saturated at the largest float32.
+
+  The chain rule through log would multiply d ln_q / d log u = 0 by d log u / du = inf at u = 0 (and at subnormal
+  u, which XLA on CPU reads as 0): NaN for every q. Here u = 0 gets 1 at q = 0 (ln_0(u) = u - 1) and the largest
+  float32 for q > 0 (the derivative is +inf); a finite u^-q above float32's range saturates the same way.
+  """
+  u, q = primals
+  u_dot, q_dot = tangents
+  value = _q_log(u, q)
+  log_u = jnp.log(u)
+  is_zero = ~(log_u > -jnp.inf)  # u = 0, or a subnormal u read as 0
+  safe_log_u = jnp.where(is_zero, 0.0, log_u)
+  float_max = jnp.finfo(jnp.float32).max
+  d_u = jnp.where(is_zero, jnp.where(q > 0, float_max, 1.0), jnp.minimum(jnp.exp(-q * safe_log_u), float_max))
+  _, q_part = jax.jvp(lambda q_: _q_log_of_log(log_u, q_), (q,), (q_dot,))
+  return value, d_u * u_dot + q_part
+
+
 def q_log(u: jax.Array, q) -> jax.Array:
   """The Tsallis q-logarithm ln_q(u) = (u^(1-q) - 1)/(1-q) for u in [0, 1], ln_1 = log (spec 1.2, fact 1).
 
-  Elementwise, float32, exact at q = 1 and continuous around it. Prefer `q_log_of_log` when log u is at hand:
-  it keeps u below float32's smallest normal exact.
+  Elementwise, float32, exact at q = 1 and continuous around it. Its derivative in u is u^-q, finite everywhere: at
+  u = 0 it is 1 for q = 0 and saturates at the largest float32 for q > 0. Prefer `q_log_of_log` when log u is at
+  hand: it keeps u below float32's smallest normal exact.
   """
+  check_q(q)
   u = jnp.asarray(u, jnp.float32)
-  return q_log_of_log(jnp.log(u), q)
+  return _q_log(u, jnp.asarray(q, jnp.float32))
 
 
 def jq_loss(log_p: jax.Array, q) -> jax.Array:

@@ -83,6 +83,8 @@ class TrainConfig:
 
   # -- sampling ------------------------------------------------------------------------------------------------
   temperature: float = 1.0  # training rollouts sample the policy itself: the estimators assume z ~ p_theta
+  # Training rollouts must not be filtered: the step scores them under the unfiltered policy, so a top-k / top-p
+  # filter would bias every estimator. Only 0 and 1.0 are accepted (eval_top_k / eval_top_p may filter).
   top_k: int = 0  # 0 = off
   top_p: float = 1.0
   eval_num_samples: int = 16  # p@1, pass@16, maj@16 (spec 1.7)
@@ -244,6 +246,10 @@ def _validate(cfg: TrainConfig) -> None:
   for key in ("top_p", "eval_top_p"):
     v = getattr(cfg, key)
     _require(0.0 < v <= 1.0, f"{key}={v} must lie in (0, 1]")
+  _require(cfg.top_k == 0 and cfg.top_p == 1.0,
+           f"top_k={cfg.top_k}, top_p={cfg.top_p}: training rollouts would come from the top-k/top-p filtered policy"
+           " while the train step scores them under the unfiltered one, which biases GARL, PAFT and GRPO; set"
+           " top_k=0 and top_p=1.0 (filter evaluation samples with eval_top_k / eval_top_p instead)")
   _require(cfg.learning_rate > 0, f"learning_rate={cfg.learning_rate} must be > 0")
   _require(cfg.warmup_steps <= cfg.num_steps,
            f"warmup_steps={cfg.warmup_steps} exceeds num_steps={cfg.num_steps}; lower warmup_steps")

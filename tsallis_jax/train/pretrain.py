@@ -2,8 +2,8 @@
 
 The paper starts from a model whose success probability P on the target task is tiny (cold start). The CPU demo
 builds such a model in this same code base: a tiny LM is trained by teacher forcing (SFT) on
-`ChainMix.pretraining_records` (one source and one target task per difficulty bucket): source-task chains with correct rationales and answers, mixed with target-task chains
-whose rationales are correct but whose answers are uniform random. The model therefore writes the target's format
+`ChainMix.pretraining_records` (one source and one target task per difficulty bucket): source-task chains with
+correct rationales and answers, mixed with target-task chains whose rationales are correct but whose answers are uniform random. The model therefore writes the target's format
 and rationale but puts roughly uniform mass on the target's answers: p0 ~ nominal_p0 = modulus^-answer_len, per bucket.
 
 The result is cached under `$TSALLIS_JAX_CACHE/demo_pretrain/<key>/` (default `~/.cache/tsallis_jax`): `params/`
@@ -11,8 +11,9 @@ The result is cached under `$TSALLIS_JAX_CACHE/demo_pretrain/<key>/` (default `~
 p0). The key hashes the whole recipe, so a changed recipe retrains. Delete the folder to retrain.
 
 `measure_p0` estimates p0 = E_x[P(y*|x)] = E_x E_{z~p(z|x)}[p(y*|x, z)] on held-out prompts: G rationales sampled per
-prompt from the model (temperature 1), the gold answer teacher-forced after each; the mean of w over samples and
-prompts is an unbiased estimate (spec eq. 7-8). It also reports the sampled exact-match success rate.
+prompt from the model (temperature 1), the gold answer teacher-forced after each (w = 0 for a rationale that ended
+with EOS before `</think>`: it never answers; `success.make_scorer`); the mean of w over samples and prompts is an
+unbiased estimate (spec eq. 7-8). It also reports the sampled exact-match success rate.
 """
 from __future__ import annotations
 

@@ -4,7 +4,9 @@
   `</think>`: the rationale budget, the forced tag, then the answer budget).
 * `teacher_forced_completion` builds, inside jit, the completion [rationale, `</think>`, gold answer] from a sampled
   rationale: one forward over [prompt, that completion] gives log p(z|x) on the rationale tokens and
-  log w = log p(y*|x, z) on the gold-answer tokens (spec eq. 7), with the pathwise gradient.
+  log w = log p(y*|x, z) on the gold-answer tokens (spec eq. 7), with the pathwise gradient. A rollout that sampled
+  a stop token (EOS) inside its rationale ended without an answer: its z includes the stop token and its weight is
+  0 (`answered_N` False, log w = -inf), since such an outcome can never produce y*.
 * `exact_match_reward` is the training reward of GRPO (spec 1.7: exact match against the gold answer), computed on
   token ids inside jit (the sampled answer segment, stop token included, equals the gold answer's ids).
 """
@@ -34,39 +36,44 @@ def sampling_config(cfg: TrainConfig, *, stop_ids: tuple[int, ...], pad_id: int,
 
 
 def rationale_extent(rollout: Rollout, stop_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """(keep_N, closed_N): how many leading completion tokens form the rationale kept for teacher forcing.
+  """(keep_N, closed_N, answered_N): the leading completion tokens that form the rationale scored by log p(z|x).
 
   A closed row keeps its rationale and closing tag (`answer_start_N` tokens). A row that ended inside its rationale
-  (it sampled a stop token before `</think>`) keeps its rationale without the stop token; the tag is then inserted.
+  on a stop token (EOS before `</think>`) keeps every token, the stop token included (its probability is that of the
+  outcome "no answer"), and is not `answered_N`: it has no answer, so w = p(y*|x, z) = 0. Any other unclosed row
+  (none under budget forcing) keeps its tokens and gets the tag inserted.
   """
   closed_N = rollout.closed_N
   last_N = jnp.take_along_axis(rollout.tokens_NxT, jnp.maximum(rollout.lengths_N - 1, 0)[:, None], axis=1)[:, 0]
   stop_C = jnp.asarray(stop_ids or (-1,), jnp.int32)
   ended_on_stop_N = (rollout.lengths_N > 0) & jnp.any(last_N[:, None] == stop_C[None, :], axis=1)
-  keep_N = jnp.where(closed_N, rollout.answer_start_N, rollout.lengths_N - ended_on_stop_N.astype(jnp.int32))
-  return keep_N, closed_N
+  answered_N = closed_N | ~ended_on_stop_N
+  keep_N = jnp.where(closed_N, rollout.answer_start_N, rollout.lengths_N)
+  return keep_N, closed_N, answered_N
 
 
 def teacher_forced_completion(rollout: Rollout, gold_NxA: jax.Array, gold_mask_NxA: jax.Array,
                               close_tag_ids: tuple[int, ...], stop_ids: tuple[int, ...], pad_id: int):
   """[rationale, `</think>`, gold answer] per row in the completion buffer (length T of the rollout).
 
-  Returns (tokens_NxT, z_mask_NxT, y_mask_NxT, valid_mask_NxT): z_mask marks the sampled rationale tokens scored by
-  log p(z|x) (forced tokens excluded: they were not drawn), y_mask the gold-answer tokens scored by log w. Gold
-  answers are assumed left-aligned in `gold_NxA` (real tokens first, stop token included).
+  Returns (tokens_NxT, z_mask_NxT, y_mask_NxT, valid_mask_NxT, answered_N): z_mask marks the sampled rationale
+  tokens scored by log p(z|x) (forced tokens excluded: they were not drawn), y_mask the gold-answer tokens scored by
+  log w. A row that stopped inside its rationale keeps its stop token in z and gets neither tag nor answer; it is
+  not `answered_N`, and its log w is -inf (not the empty sum 0). Gold answers are assumed left-aligned in
+  `gold_NxA` (real tokens first, stop token included).
   """
   N, T = rollout.tokens_NxT.shape
   A = gold_NxA.shape[1]
   tag_C = jnp.asarray(close_tag_ids, jnp.int32)
   C = tag_C.shape[0]
-  keep_N, closed_N = rationale_extent(rollout, stop_ids)
-  tag_len_N = jnp.where(closed_N, 0, C)
+  keep_N, closed_N, answered_N = rationale_extent(rollout, stop_ids)
+  tag_len_N = jnp.where(closed_N | ~answered_N, 0, C)
   slots_T = jnp.arange(T, dtype=jnp.int32)[None, :]
   in_rationale_NxT = slots_T < keep_N[:, None]
   tag_pos_NxT = slots_T - keep_N[:, None]
   in_tag_NxT = (tag_pos_NxT >= 0) & (tag_pos_NxT < tag_len_N[:, None])
   answer_pos_NxT = slots_T - (keep_N + tag_len_N)[:, None]
-  gold_len_N = jnp.sum(gold_mask_NxA.astype(jnp.int32), axis=1)
+  gold_len_N = jnp.where(answered_N, jnp.sum(gold_mask_NxA.astype(jnp.int32), axis=1), 0)
   in_answer_NxT = (answer_pos_NxT >= 0) & (answer_pos_NxT < gold_len_N[:, None])
   tag_tok_NxT = tag_C[jnp.clip(tag_pos_NxT, 0, C - 1)]
   gold_tok_NxT = jnp.take_along_axis(gold_NxA.astype(jnp.int32), jnp.clip(answer_pos_NxT, 0, A - 1), axis=1)
@@ -75,7 +82,7 @@ def teacher_forced_completion(rollout: Rollout, gold_NxA: jax.Array, gold_mask_N
   z_mask_NxT = in_rationale_NxT & ~rollout.forced_mask_NxT & rollout.rationale_mask_NxT
   y_mask_NxT = in_answer_NxT
   valid_NxT = in_rationale_NxT | in_tag_NxT | in_answer_NxT
-  return tokens_NxT, z_mask_NxT, y_mask_NxT, valid_NxT
+  return tokens_NxT, z_mask_NxT, y_mask_NxT, valid_NxT, answered_N
 
 
 def exact_match_reward(rollout: Rollout, gold_NxA: jax.Array, gold_mask_NxA: jax.Array) -> jax.Array:

@@ -5,7 +5,8 @@ pass of the current params scores either
 
 * the teacher-forced sequences [prompt, rationale, `</think>`, gold answer] (GARL and PAFT with the paper's
   likelihood weights): log p(z|x) on the sampled rationale tokens and log w = log p(y*|x, z) on the gold answer,
-  so the gradient includes the pathwise term (spec eq. 7, 12, 14; spec 2.2, 2.3), or
+  so the gradient includes the pathwise term (spec eq. 7, 12, 14; spec 2.2, 2.3); a rollout that sampled EOS
+  inside its rationale has no answer: its log p(z|x) includes the EOS token and its log w is -inf (w = 0), or
 * the sampled sequences [prompt, rationale, `</think>`, sampled answer] (GRPO, spec 2.6, and GARL/PAFT with a 0/1
   verifier as weight): log p of every sampled token, with the exact-match reward.
 
@@ -64,15 +65,26 @@ def _sequences(cfg: TrainConfig, ids: TokenIds, rollout: Rollout, gold_NxA, gold
   """Tokens, pad mask and segment masks of the sequences this estimator scores (see the module docstring)."""
   teacher = cfg.estimator in ("garl", "paft") and cfg.weights == "likelihood"
   if teacher:
-    comp_NxT, z_NxT, y_NxT, valid_NxT = rollout_lib.teacher_forced_completion(
+    comp_NxT, z_NxT, y_NxT, valid_NxT, answered_N = rollout_lib.teacher_forced_completion(
         rollout, gold_NxA, gold_mask_NxA, ids.close_tag_ids, ids.stop_ids, ids.pad_id)
   else:
     comp_NxT, valid_NxT = rollout.tokens_NxT, rollout.mask_NxT
-    z_NxT, y_NxT = rollout.mask_NxT & ~rollout.forced_mask_NxT, None
+    z_NxT, y_NxT, answered_N = rollout.mask_NxT & ~rollout.forced_mask_NxT, None, None
   tokens_NxS = jnp.concatenate([rollout.prompt_tokens_NxP, comp_NxT], axis=1)
   pad_NxS = jnp.concatenate([rollout.prompt_mask_NxP, valid_NxT], axis=1)
-  return tokens_NxS, pad_NxS, z_NxT, y_NxT
+  return tokens_NxS, pad_NxS, z_NxT, y_NxT, answered_N
 
+
+def _sequence_pair(cfg: TrainConfig, logp_NxT, seqs: dict):
+  """(log p(z|x), log w) per prompt and sample from per-token log-probs: masked sums; log w = -inf (w = 0) for a
+  rollout without an answer (EOS inside its rationale) or, with reward weights, a reward of 0."""
+  z_NxT, y_NxT, reward_BxG = seqs["z_NxT"], seqs["y_NxT"], seqs["reward_BxG"]
+  B, G = reward_BxG.shape
+  logp_z_BxG = jnp.sum(jnp.where(z_NxT, logp_NxT, 0.0), axis=1).reshape(B, G)
+  if cfg.weights == "likelihood":
+    logw_N = jnp.where(seqs["answered_N"], jnp.sum(jnp.where(y_NxT, logp_NxT, 0.0), axis=1), -jnp.inf)
+    return logp_z_BxG, logw_N.reshape(B, G)
+  return logp_z_BxG, jnp.where(reward_BxG > 0, 0.0, -jnp.inf)
 
 def _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt: int, temperature: float, with_entropy: bool,
                          chunk: int = 0):
@@ -124,7 +136,7 @@ def _estimator_loss(p, graphdef, cfg: TrainConfig, q, keys_B, seqs: dict, ref_lo
   micro-batch `loss_scale` = m/B reweights the estimator's mean over prompts and `kl_tokens` (the whole batch's
   rationale-token count) makes the KL penalty's token mean a sum over micro-batches."""
   G = cfg.num_samples
-  tokens_NxS, pad_NxS, z_NxT, y_NxT = seqs["tokens_NxS"], seqs["pad_NxS"], seqs["z_NxT"], seqs["y_NxT"]
+  tokens_NxS, pad_NxS, z_NxT = seqs["tokens_NxS"], seqs["pad_NxS"], seqs["z_NxT"]
   reward_BxG = seqs["reward_BxG"]
   N, T = z_NxT.shape
   B = N // G
@@ -149,11 +161,7 @@ def _estimator_loss(p, graphdef, cfg: TrainConfig, q, keys_B, seqs: dict, ref_lo
     if loss_scale != 1.0:
       loss = loss * loss_scale  # loss_type "grpo": a mean over sequences, so over equal-size micro-batches
     return loss, {**aux, **est}, None
-  logp_z_BxG = jnp.sum(jnp.where(z_NxT, logp_NxT, 0.0), axis=1).reshape(B, G)
-  if cfg.weights == "likelihood":
-    logw_BxG = jnp.sum(jnp.where(y_NxT, logp_NxT, 0.0), axis=1).reshape(B, G)
-  else:
-    logw_BxG = jnp.where(reward_BxG > 0, 0.0, -jnp.inf)
+  logp_z_BxG, logw_BxG = _sequence_pair(cfg, logp_NxT, seqs)
   if cfg.estimator == "garl":
     loss, est = garl_loss(logp_z_BxG, logw_BxG, q=q, baseline=cfg.baseline, normalize_by_Mq=cfg.normalize_mq)
   else:
@@ -217,7 +225,7 @@ def _micro_batched_grads(params, ref_params, graphdef, cfg: TrainConfig, seqs: d
   kl_tokens = jnp.maximum(jnp.sum(seqs["z_NxT"].astype(jnp.float32)), 1.0)
 
   def body(grads_acc, x):
-    mb = {"y_NxT": None, **x}
+    mb = {"y_NxT": None, "answered_N": None, **x}
     ref_logp_NxT = None
     if ref_params is not None:
       ref_model = nnx.merge(graphdef, ref_params)
@@ -242,20 +250,36 @@ def _micro_batched_grads(params, ref_params, graphdef, cfg: TrainConfig, seqs: d
   return aux.pop("loss"), aux, grads
 
 
+def _batch_sequences(cfg: TrainConfig, ids: TokenIds, batch: dict) -> dict:
+  """The scored sequences, their masks and the exact-match rewards of a train batch (rows b*G+g)."""
+  rollout: Rollout = batch["rollout"]
+  G = cfg.num_samples
+  B = rollout.tokens_NxT.shape[0] // G
+  gold_NxA = jnp.repeat(batch["answer_tokens_BxA"], G, axis=0)
+  gold_mask_NxA = jnp.repeat(batch["answer_mask_BxA"], G, axis=0)
+  reward_N = rollout_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
+  tokens_NxS, pad_NxS, z_NxT, y_NxT, answered_N = _sequences(cfg, ids, rollout, gold_NxA, gold_mask_NxA)
+  return {"tokens_NxS": tokens_NxS, "pad_NxS": pad_NxS, "z_NxT": z_NxT, "y_NxT": y_NxT, "answered_N": answered_N,
+          "model_logp_NxT": rollout.model_logp_NxT, "reward_BxG": reward_N.reshape(B, G)}
+
+
+def rationale_scores(params, graphdef, cfg: TrainConfig, ids: TokenIds, batch: dict):
+  """(logp_z_BxG, logw_BxG): log p(z|x) and log w of every rollout exactly as the step scores them (GARL/PAFT)."""
+  seqs = _batch_sequences(cfg, ids, batch)
+  logp_NxT, _ = _completion_logprobs(nnx.merge(graphdef, params), seqs["tokens_NxS"], seqs["pad_NxS"],
+                                     batch["rollout"].prompt_tokens_NxP.shape[1], cfg.temperature, False,
+                                     cfg.logprob_chunk)
+  return _sequence_pair(cfg, logp_NxT, seqs)
+
+
 def loss_and_metrics(params, ref_params, graphdef, cfg: TrainConfig, ids: TokenIds, batch: dict, key, q):
   """The estimator's surrogate loss and its metrics (everything but the optimizer)."""
   rollout: Rollout = batch["rollout"]
   G = cfg.num_samples
-  N, T = rollout.tokens_NxT.shape
-  B = N // G
+  B = rollout.tokens_NxT.shape[0] // G
   P = rollout.prompt_tokens_NxP.shape[1]
-  gold_NxA = jnp.repeat(batch["answer_tokens_BxA"], G, axis=0)
-  gold_mask_NxA = jnp.repeat(batch["answer_mask_BxA"], G, axis=0)
-  reward_N = rollout_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
-  reward_BxG = reward_N.reshape(B, G)
-  tokens_NxS, pad_NxS, z_NxT, y_NxT = _sequences(cfg, ids, rollout, gold_NxA, gold_mask_NxA)
-  seqs = {"tokens_NxS": tokens_NxS, "pad_NxS": pad_NxS, "z_NxT": z_NxT, "y_NxT": y_NxT,
-          "model_logp_NxT": rollout.model_logp_NxT, "reward_BxG": reward_BxG}
+  seqs = _batch_sequences(cfg, ids, batch)
+  tokens_NxS, pad_NxS, reward_BxG = seqs["tokens_NxS"], seqs["pad_NxS"], seqs["reward_BxG"]
   keys_B = jax.random.split(key, B)  # one resampling key per prompt, before any split of the batch (PAFT)
 
   if cfg.micro_batch_prompts:

@@ -2,7 +2,8 @@
 
 P(y*|x) = E_{z ~ p(z|x)}[p(y*|x, z)]: G rationales are sampled from the model (temperature 1, the same budget forcing
 as training), the gold answer is teacher-forced after each, and the mean of the likelihood weights w = p(y*|x, z) over
-the G samples is an unbiased estimate of the prompt's P. The sampled exact-match success rate comes with it.
+the G samples is an unbiased estimate of the prompt's P (w = 0 for a rationale that ended with EOS before `</think>`:
+it never answers). The sampled exact-match success rate comes with it.
 
 `make_scorer` compiles the scoring once for a model and a sampling budget; `success_by_prompt` runs it over records
 and returns one P-hat per record. The demo uses them for the cold-start p0 (`pretrain.measure_p0`), the per-prompt p0
@@ -47,7 +48,7 @@ def make_scorer(graphdef: nnx.GraphDef, *, num_samples: int, rationale_budget: i
     rollout = generate_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, key, sampling)
     gold_NxA = jnp.repeat(answer_BxA, num_samples, axis=0)
     gold_mask_NxA = jnp.repeat(answer_mask_BxA, num_samples, axis=0)
-    comp_NxT, _, y_mask_NxT, valid_NxT = rollout_lib.teacher_forced_completion(
+    comp_NxT, _, y_mask_NxT, valid_NxT, answered_N = rollout_lib.teacher_forced_completion(
         rollout, gold_NxA, gold_mask_NxA, close_tag_ids, stop_ids, pad_id)
     tokens_NxS = jnp.concatenate([rollout.prompt_tokens_NxP, comp_NxT], axis=1)
     pad_NxS = jnp.concatenate([rollout.prompt_mask_NxP, valid_NxT], axis=1)
@@ -55,7 +56,8 @@ def make_scorer(graphdef: nnx.GraphDef, *, num_samples: int, rationale_budget: i
     logp_NxT = token_logprobs(logits, tokens_NxS)[:, P:]
     logw_N = jnp.sum(jnp.where(y_mask_NxT, logp_NxT, 0.0), axis=1)
     reward_N = rollout_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
-    return jnp.exp(logw_N).reshape(B, num_samples), reward_N.reshape(B, num_samples)
+    w_N = jnp.where(answered_N, jnp.exp(logw_N), 0.0)  # EOS inside the rationale: no answer, w = 0
+    return w_N.reshape(B, num_samples), reward_N.reshape(B, num_samples)
 
   return score
 
