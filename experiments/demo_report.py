@@ -121,10 +121,88 @@ def write_table(path: str, summary: dict[str, Any]) -> str:
     slope = "—" if not np.isfinite(fit["slope"]) else f"{fit['slope']:.2f}"
     th_text = "—" if th is None else f"{th:g}"
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {slope} ({fit['n']}) | {th_text} |")
+  checks = prediction_checks(summary)
+  if checks:
+    lines += ["", "Against the pre-registered decision rules ([demo_prediction.md](demo_prediction.md); H6 is decided "
+              "on the SGD variant):", "", "| prediction | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {p} | {m} | {v} |" for p, m, v in checks]
   text = "\n".join(lines) + "\n"
   with open(path, "w") as f:
     f.write(text)
   return text
+
+
+HARD = ("hard", "hardest")  # the buckets of the pre-registered hard-bucket metrics (demo_prediction.md)
+
+
+def hard_gain(summary: dict[str, Any], run: dict[str, Any]) -> float:
+  """Mean over the hard-bucket probe prompts of log10(P-hat at the last probe / p0) (demo_prediction.md)."""
+  sel = np.isin(np.asarray(summary["probe"]["bucket"]), HARD)
+  last_P = np.maximum(np.asarray(run["probe"]["p_hat"][-1], float)[sel], 1e-12)
+  return float(np.mean(np.log10(last_P / np.asarray(summary["probe"]["p0"], float)[sel])))
+
+
+def _hard_p1(summary: dict[str, Any], metrics: dict[str, Any]) -> float:
+  present = [b for b in HARD if f"test/{b}/p@1" in metrics]
+  return float(np.mean([metrics[f"test/{b}/p@1"] for b in present]))
+
+
+def prediction_checks(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+  """(prediction, measured, verdict) rows for H1-H6 of demo_prediction.md, computed by its decision rules."""
+  from scipy import stats
+  methods = summary["methods"]
+  garl = {runs[0]["q"]: runs for runs in methods.values() if runs[0]["estimator"] == "garl"}
+  rows = []
+  gains = {q: [hard_gain(summary, r) for r in runs] for q, runs in sorted(garl.items())}
+  if len(gains) >= 3:
+    qs = sorted(gains)
+    rho = stats.spearmanr(qs, [np.mean(gains[q]) for q in qs]).statistic
+    measured = ", ".join(f"q={q:g}: {np.mean(g):+.2f} [{min(g):+.2f}, {max(g):+.2f}]" for q, g in gains.items())
+    ok = rho >= 0.8
+    contra = (0.0 in gains and 1.0 in gains and np.mean(gains[0.0]) >= np.mean(gains[1.0])) or rho <= 0
+    rows.append(("H1 hard-bucket gain (log10 P-hat_end/p0) increases with q", f"{measured}; Spearman {rho:.2f}",
+                 "holds" if ok else ("contradicts" if contra else "not met")))
+  p1 = {q: [_hard_p1(summary, r) for r in runs] for q, runs in sorted(garl.items())}
+  if all(q in p1 for q in (0.0, 0.25, 0.75, 1.0)):
+    hi, lo = (0.75, 1.0), (0.0, 0.25)
+    above = all(np.mean(p1[h]) > np.mean(p1[l]) for h in hi for l in lo)
+    separated = min(p1[1.0]) > max(p1[0.0]) or min(p1[0.75]) > max(p1[0.25])
+    contra = any(np.mean(p1[l]) >= np.mean(p1[h]) for h in hi for l in lo)
+    rows.append(("H2 q >= .75 beats q <= .25 on hard + hardest test p@1",
+                 ", ".join(f"q={q:g}: {100 * np.mean(v):.2f}" for q, v in p1.items()),
+                 "holds" if above and separated else ("contradicts" if contra else "not met")))
+  if "GRPO" in methods:
+    sel = np.isin(np.asarray(summary["probe"]["bucket"]), HARD)
+    escaped = sum(int(np.isfinite(run_escapes(summary, r)[sel]).sum()) for r in methods["GRPO"])
+    delta = 100 * (np.mean([_hard_p1(summary, r) for r in methods["GRPO"]]) - _hard_p1(summary, summary["initial"]))
+    rows.append(("H3 GRPO does not learn the hard buckets", f"{escaped} hard probe prompts escaped; hard p@1 "
+                 f"{delta:+.2f} points vs pretrained", "holds" if escaped == 0 and abs(delta) <= 1 else "not met"))
+  easy_init = summary["initial"].get("test/easy/p@1")
+  if easy_init is not None:
+    gains_easy = {name: 100 * (np.mean([r["test/easy/p@1"] for r in runs]) - easy_init)
+                  for name, runs in methods.items() if not name.startswith("PAFT")}
+    rows.append(("H4 every GARL q and GRPO improve easy test p@1", ", ".join(f"{n}: {g:+.1f}"
+                                                                            for n, g in gains_easy.items()),
+                 "holds" if all(g > 0 for g in gains_easy.values()) else "not met"))
+  paft1 = [runs for runs in methods.values() if runs[0]["estimator"] == "paft" and runs[0]["q"] == 1.0]
+  if paft1 and 1.0 in gains:
+    g = [hard_gain(summary, r) for r in paft1[0]]
+    rows.append(("H5 PAFT q=1 hard-bucket gain within or below GARL q=1's seed range",
+                 f"PAFT {np.mean(g):+.2f} [{min(g):+.2f}, {max(g):+.2f}], GARL [{min(gains[1.0]):+.2f}, "
+                 f"{max(gains[1.0]):+.2f}]", "holds" if np.mean(g) <= max(gains[1.0]) else "not met"))
+  slopes = {}
+  for runs in methods.values():
+    if runs[0]["estimator"] == "garl" and runs[0]["q"] in (0.0, 1.0):
+      esc = np.stack([run_escapes(summary, r) for r in runs])
+      slopes[runs[0]["q"]] = fit_escape_slope(np.tile(np.asarray(summary["probe"]["p0"]), len(runs)),
+                                              esc.reshape(-1))["slope"]
+  if slopes:
+    both = len(slopes) == 2 and all(np.isfinite(v) for v in slopes.values())
+    verdict = ("no fit (fewer than two decades of p0 escaped)" if not both
+               else "holds" if slopes[0.0] > slopes[1.0] else "contradicts")
+    rows.append(("H6 escape slope falls with q (slope q=0 > slope q=1)",
+                 ", ".join(f"q={q:g}: {v:.2f}" for q, v in slopes.items()), verdict))
+  return rows
 
 
 def _colors(n: int):

@@ -69,3 +69,32 @@ def test_tables_and_figures_are_written(tmp_path):
   assert "easy (p0 ~ 1e-01)" in text and "| theory 1-q |" in text
   for stem in ("demo_table_t.md", "demo_p0_hist_t.png", "demo_escape_t.png", "demo_curves_t.png"):
     assert (tmp_path / stem).stat().st_size > 0
+
+
+def test_prediction_checks_follow_the_decision_rules():
+  summary = _summary()
+  # Five GARL q whose hard-bucket P-hat grows with q by construction: H1 holds; GRPO's hard prompts do not move.
+  summary["methods"] = {"GRPO": summary["methods"]["GRPO"]}
+  for q in (0.0, 0.25, 0.5, 0.75, 1.0):
+    runs = []
+    for seed in range(3):
+      p_hat = [[0.1, 0.1, 1e-3, 1e-3], [0.2, 0.2, 1e-3 * 10 ** q, 1e-3 * 10 ** q],
+               [0.3, 0.3, 1e-3 * 10 ** (2 * q + 0.01 * seed), 1e-3 * 10 ** (2 * q)]]
+      run = dict(summary["methods"]["GRPO"][seed], estimator="garl", q=q, probe={"steps": [0, 10, 20],
+                                                                                 "p_hat": p_hat})
+      run["test/hard/p@1"] = 0.01 * q + 0.001 * seed
+      runs.append(run)
+    summary["methods"][f"GARL q={q:g}"] = runs
+  for r in summary["methods"]["GRPO"]:
+    r["probe"] = {"steps": [0, 10, 20], "p_hat": [[0.1, 0.1, 1e-3, 1e-3]] * 3}
+  checks = {row[0][:2]: row for row in demo_report.prediction_checks(summary)}
+  assert checks["H1"][2] == "holds" and "Spearman 1.00" in checks["H1"][1]
+  assert checks["H1"][1].startswith("q=0: +0.01 [+0.00, +0.01]")  # (0 + 0.01 seed) / 2 over the two hard prompts
+  assert checks["H2"][2] == "holds"
+  assert checks["H3"][2] == "holds"  # no GRPO hard prompt escapes; hard p@1 +1.0 point (10, 11, 12 vs 10)
+  assert checks["H6"][2].startswith("no fit")
+  # Reversed: q = 0 gains most -> H1 contradicts.
+  for q in (0.0, 1.0):
+    for r in summary["methods"][f"GARL q={q:g}"]:
+      r["probe"]["p_hat"][-1][2:] = [0.5, 0.5] if q == 0.0 else [1e-3, 1e-3]
+  assert {row[0][:2]: row for row in demo_report.prediction_checks(summary)}["H1"][2] == "contradicts"
