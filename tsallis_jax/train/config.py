@@ -42,7 +42,9 @@ class TrainConfig:
 
   # -- model --------------------------------------------------------------------------------------------------
   model: str = "tiny"  # ModelConfig preset (tiny, qwen3_0_6b, smollm2_135m), "hf" or "gguf" (then model_path)
-  model_path: str = ""  # HF folder (config.json + safetensors + tokenizer) or a .gguf file
+  # HF folder (config.json + safetensors + tokenizer), a Hub id org/name (a local folder of that name wins; the
+  # id resolves through the HF cache, HF_HUB_OFFLINE honoured; tsallis_jax/model/hub.py) or a .gguf file
+  model_path: str = ""
   model_overrides: str = ""  # "num_layers=2,embed_dim=64": dataclasses.replace on the ModelConfig preset
   dtype: str = "float32"  # compute dtype; log-softmax is float32 regardless (CONTRIBUTING.md)
   # Parameters to start from when the workdir holds no checkpoint (see `checkpoint.py` for the precedence rule):
