@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
-from tsallis_jax.model import safetensors_np
 from tsallis_jax.model.config import ModelConfig
-from tsallis_jax.model.safetensors_np import SafetensorsFile
 from tsallis_jax.model.sharding import param_shardings
 from tsallis_jax.model.transformer import Transformer, abstract_model
 
@@ -110,17 +110,18 @@ def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
         raise CheckpointError(f"{file} is listed in {index_path} but missing.")
     return files
   if single_path.is_file():
-    return {name: single_path for name in SafetensorsFile(single_path).keys()}
+    with safetensors.safe_open(single_path, framework="numpy") as f:
+      return {name: single_path for name in f.keys()}
   raise CheckpointError(f"No weights in {folder}: expected {WEIGHTS_FILE} or {INDEX_FILE} (PyTorch .bin files are "
                         "not read; re-save them with save_pretrained(safe_serialization=True)).")
 
 
 class _LazyTensors:
-  """Memory-maps each safetensors file once and reads tensors on demand (bfloat16 as `ml_dtypes.bfloat16`)."""
+  """Opens each safetensors file once and reads tensors on demand (bfloat16 as `ml_dtypes.bfloat16`)."""
 
   def __init__(self, files: dict[str, pathlib.Path]):
     self._files = files
-    self._readers: dict[pathlib.Path, SafetensorsFile] = {}
+    self._readers: dict[pathlib.Path, Any] = {}
 
   def __contains__(self, name: str) -> bool:
     return name in self._files
@@ -128,8 +129,8 @@ class _LazyTensors:
   def get(self, name: str) -> np.ndarray:
     file = self._files[name]
     if file not in self._readers:
-      self._readers[file] = SafetensorsFile(file)
-    return self._readers[file].get(name)
+      self._readers[file] = safetensors.safe_open(file, framework="numpy")
+    return self._readers[file].get_tensor(name)
 
 
 def _place(array: np.ndarray, sharding) -> jax.Array:
@@ -239,7 +240,7 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike) -> pathlib.P
     return folder
   folder.mkdir(parents=True, exist_ok=True)
   tmp_weights = folder / (WEIGHTS_FILE + ".tmp")
-  safetensors_np.save(tensors, tmp_weights)
+  safetensors.numpy.save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
   tmp_config = folder / (CONFIG_FILE + ".tmp")
   tmp_config.write_text(json.dumps(model.config.to_hf_config(), indent=2))
   os.replace(tmp_weights, folder / WEIGHTS_FILE)
