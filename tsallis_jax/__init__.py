@@ -31,10 +31,10 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-if TYPE_CHECKING:
-  from tsallis_jax.estimators import (SequenceLogProbs, garl_grad, garl_loss, grpo_advantages, grpo_grad, grpo_loss,
-                                      paft_grad, paft_loss)
-  from tsallis_jax.qlog import amplification, check_q, jq_loss, q_log, q_log_of_log, validate_q_schedule
+if TYPE_CHECKING:  # for type checkers and editors; at run time `__getattr__` loads them on first use
+  from tsallis_jax.estimators import SequenceLogProbs, garl_grad, garl_loss, grpo_advantages  # noqa: F401
+  from tsallis_jax.estimators import grpo_grad, grpo_loss, paft_grad, paft_loss  # noqa: F401
+  from tsallis_jax.qlog import amplification, check_q, jq_loss, q_log, q_log_of_log, validate_q_schedule  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
