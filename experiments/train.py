@@ -1,6 +1,7 @@
 """The training CLI: `python -m experiments.train --config NAME --workdir DIR [--set key=value ...]`.
 
-NAME is a module of `experiments/configs/` (its docstring gives the command, the expected runtime and result).
+NAME is a module of `experiments/configs/` (its docstring gives the command, the expected runtime and result)
+or the path of a .py file that defines `get_config()`.
 `--set` overrides any `TrainConfig` key (unknown keys and impossible values are errors that list the valid ones).
 On a multi-host job every process runs this same command (see tsallis_jax/distributed.py); a workdir that holds a
 checkpoint is resumed.
@@ -15,7 +16,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.splitlines()[0])
-  parser.add_argument("--config", required=True, help="a module name under experiments/configs (e.g. demo)")
+  parser.add_argument("--config", required=True,
+                      help="a module name under experiments/configs (e.g. demo) or a .py file defining get_config()")
   parser.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, tb/, results.json")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
   parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

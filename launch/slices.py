@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from tsallis_jax.distributed import resolve_axis_sizes
+from tsallis_jax.mesh_axes import resolve_axis_sizes  # standard library only: the wrapper runs without JAX
 
 
 @dataclasses.dataclass(frozen=True)

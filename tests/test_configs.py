@@ -116,3 +116,27 @@ def test_hf_model_gets_the_overrides(tmp_path):
   cfg = TrainConfig(model="hf", model_path=str(tmp_path), model_overrides="remat=true,attention_query_chunk=4")
   model, _ = loop.load_model(cfg, None)
   assert model.config.remat and model.config.attention_query_chunk == 4
+
+
+def test_config_may_be_a_file_path(tmp_path):
+  path = tmp_path / "my_run.py"
+  path.write_text("from tsallis_jax.train.config import TrainConfig\n\n\ndef get_config():\n"
+                  "  return TrainConfig(name='mine', num_steps=3)\n")
+  cfg = load_config(str(path), ["q=0.5"])
+  assert (cfg.name, cfg.num_steps, cfg.q) == ("mine", 3, 0.5)
+  assert load_config(str(CONFIG_DIR / "smoke.py")) == load_config("smoke")  # a shipped config by path
+  with pytest.raises(ConfigError, match="config file .*missing.py' does not exist"):
+    load_config(str(tmp_path / "missing.py"))
+  (tmp_path / "empty.py").write_text("x = 1\n")
+  with pytest.raises(ConfigError, match="defines no get_config"):
+    load_config(str(tmp_path / "empty.py"))
+
+
+def test_trl_and_tunix_names_are_aliases_or_name_the_right_key():
+  cfg = apply_overrides(TrainConfig(), ["num_generations=4", "beta=0.04", "epsilon=0.3", "max_steps=7"])
+  assert (cfg.num_samples, cfg.kl_coef, cfg.grpo_clip_eps, cfg.num_steps) == (4, 0.04, 0.3, 7)
+  with pytest.raises(ConfigError, match=r"max_completion_length \(TRL\) has no single equivalent.*rationale_budget"
+                                        r" \+ 1 .* \+ max_answer_len .*16 \+ 1 \+ 8 = 25.*rationale_budget=N-1-8"):
+    apply_overrides(TrainConfig(), ["max_completion_length=256"])
+  with pytest.raises(ConfigError, match="num_samples=1 < 2"):  # the alias is validated as its key
+    apply_overrides(TrainConfig(), ["num_generations=1"])

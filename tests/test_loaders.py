@@ -202,9 +202,9 @@ def test_bfloat16_checkpoint_loads_and_saves_back_bit_exact(tmp_path):
   import torch
   torch_model = _hf_model("qwen3", tmp_path / "f32", tie=True)
   torch_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-  from tsallis_jax.model.safetensors_np import SafetensorsFile
-  original = SafetensorsFile(tmp_path / "bf16" / "model.safetensors")
-  assert original.get("model.embed_tokens.weight").dtype == jnp.bfloat16
+  from safetensors.numpy import load_file
+  original = load_file(tmp_path / "bf16" / "model.safetensors")
+  assert original["model.embed_tokens.weight"].dtype == jnp.bfloat16
 
   upcast = load_hf_checkpoint(tmp_path / "bf16")  # float32 parameters from bfloat16 tensors
   want = torch_model.model.embed_tokens.weight.detach().float().numpy()
@@ -214,7 +214,7 @@ def test_bfloat16_checkpoint_loads_and_saves_back_bit_exact(tmp_path):
   assert model.embed[...].dtype == jnp.bfloat16
   logits = _forward(model, jnp.asarray(TOKENS_NxT), jnp.asarray(TOKENS_NxT != 0))
   assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
-  written = SafetensorsFile(save_hf_checkpoint(model, tmp_path / "out") / "model.safetensors")
-  assert set(written.keys()) == set(original.keys())
-  for name in original.keys():
-    np.testing.assert_array_equal(written.get(name).view(np.uint16), original.get(name).view(np.uint16), name)
+  written = load_file(save_hf_checkpoint(model, tmp_path / "out") / "model.safetensors")
+  assert set(written) == set(original)
+  for name in original:
+    np.testing.assert_array_equal(written[name].view(np.uint16), original[name].view(np.uint16), name)

@@ -223,7 +223,7 @@ class ModelConfig:
       "intermediate_size": self.mlp_dim, "num_attention_heads": self.num_heads,
       "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "rope_theta": self.rope_theta,
       "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu",
-      "torch_dtype": self.param_dtype,
+      "dtype": self.param_dtype,  # transformers 5 reads `dtype`; `torch_dtype` is its deprecated spelling
     }
     if self.arch != "qwen2":
       hf["attention_bias"] = False

@@ -22,8 +22,8 @@ from typing import Any
 
 import jax
 import numpy as np
+import safetensors.numpy
 
-from tsallis_jax.model import safetensors_np
 from tsallis_jax.model.config import ModelConfig
 from tsallis_jax.model.hf_io import CheckpointError, build_from_tensors, load_hf_checkpoint, load_tokenizer
 from tsallis_jax.model.transformer import Transformer
@@ -211,7 +211,7 @@ def convert_gguf_to_hf(path: str | os.PathLike, out: str | os.PathLike) -> pathl
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
   try:
     tensors = {name: load() for name, load in gguf_tensors(reader, hf_config).items()}
-    safetensors_np.save(tensors, tmp / "model.safetensors")
+    safetensors.numpy.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     del tensors
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     gguf_tokenizer(reader).save_pretrained(str(tmp))

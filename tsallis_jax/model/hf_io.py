@@ -3,7 +3,8 @@
 `load_hf_checkpoint(path, dtype=..., mesh=None)` builds the model by shape, then reads the safetensors lazily, one
 tensor at a time, converts it to this package's einsum layout (see `transformer.py`), checks its shape, and places it
 directly on its sharding (`jax.make_array_from_callback`), so no parameter is ever gathered on one device.
-`save_hf_checkpoint(model, path)` writes the same format back; loading what it wrote is the identity.
+`save_hf_checkpoint(model, path, tokenizer=...)` writes the same format back (sharded above `max_shard_size`, with
+the tokenizer and `generation_config.json`): `transformers` loads it, and loading it here is the identity.
 
 The tokenizer is read from the same folder with `transformers.AutoTokenizer` (offline; `jinja2` renders chat
 templates): `load_tokenizer(path)`.
@@ -18,11 +19,11 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
-from tsallis_jax.model import safetensors_np
 from tsallis_jax.model.config import ModelConfig
-from tsallis_jax.model.safetensors_np import SafetensorsFile
 from tsallis_jax.model.sharding import param_shardings
 from tsallis_jax.model.transformer import Transformer, abstract_model
 
@@ -110,17 +111,18 @@ def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
         raise CheckpointError(f"{file} is listed in {index_path} but missing.")
     return files
   if single_path.is_file():
-    return {name: single_path for name in SafetensorsFile(single_path).keys()}
+    with safetensors.safe_open(single_path, framework="numpy") as f:
+      return {name: single_path for name in f.keys()}
   raise CheckpointError(f"No weights in {folder}: expected {WEIGHTS_FILE} or {INDEX_FILE} (PyTorch .bin files are "
                         "not read; re-save them with save_pretrained(safe_serialization=True)).")
 
 
 class _LazyTensors:
-  """Memory-maps each safetensors file once and reads tensors on demand (bfloat16 as `ml_dtypes.bfloat16`)."""
+  """Opens each safetensors file once and reads tensors on demand (bfloat16 as `ml_dtypes.bfloat16`)."""
 
   def __init__(self, files: dict[str, pathlib.Path]):
     self._files = files
-    self._readers: dict[pathlib.Path, SafetensorsFile] = {}
+    self._readers: dict[pathlib.Path, Any] = {}
 
   def __contains__(self, name: str) -> bool:
     return name in self._files
@@ -128,8 +130,8 @@ class _LazyTensors:
   def get(self, name: str) -> np.ndarray:
     file = self._files[name]
     if file not in self._readers:
-      self._readers[file] = SafetensorsFile(file)
-    return self._readers[file].get(name)
+      self._readers[file] = safetensors.safe_open(file, framework="numpy")
+    return self._readers[file].get_tensor(name)
 
 
 def _place(array: np.ndarray, sharding) -> jax.Array:
@@ -225,25 +227,105 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
     yield hf_name, np.ascontiguousarray(array)
 
 
-def save_hf_checkpoint(model: Transformer, path: str | os.PathLike) -> pathlib.Path:
-  """Writes `config.json` and `model.safetensors` (HF names and layout, the parameters' dtype) into `path`.
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+  """Bytes from an int or a string such as "5GB" (decimal, as transformers' `max_shard_size`) or "512MiB"."""
+  if isinstance(size, int):
+    return size
+  text = size.strip().upper().replace(" ", "")
+  for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+    if text.endswith(unit) and text[:-len(unit)].replace(".", "", 1).isdigit():
+      return int(float(text[:-len(unit)]) * _SIZE_UNITS[unit])
+  if text.isdigit():
+    return int(text)
+  raise ValueError(f"size {size!r} is not a byte count or a number with a unit (KB, MB, GB, KiB, MiB, GiB)")
+
+
+def _shard_plan(specs: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+  """Tensor names grouped, in order, into shards of at most `max_bytes` (a larger tensor gets a shard alone)."""
+  shards: list[list[str]] = [[]]
+  size = 0
+  for name, nbytes in specs:
+    if shards[-1] and size + nbytes > max_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += nbytes
+  return shards
+
+
+def _token_ids(tokenizer: Any) -> dict[str, int | None]:
+  ids = {key: getattr(tokenizer, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+  return {k: (None if v is None else int(v)) for k, v in ids.items()}
+
+
+def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, *, tokenizer: Any = None,
+                       max_shard_size: int | str = "5GB", dtype: str | None = None,
+                       max_position_embeddings: int | None = None,
+                       generation: dict[str, Any] | None = None) -> pathlib.Path:
+  """Writes a folder that `transformers` (and `load_hf_checkpoint`) loads: config, weights, tokenizer, generation.
+
+  Files: `config.json` (`dtype`, `max_position_embeddings` when given, bos/eos/pad ids from the tokenizer);
+  `model.safetensors`, or above `max_shard_size` the shards `model-0000i-of-0000n.safetensors` with
+  `model.safetensors.index.json` (HF names and layout); with a tokenizer, its files (`save_pretrained`, added tokens
+  such as `<think>` included) and `generation_config.json` (its ids plus `generation`, e.g. temperature / top_k).
+  Weight files of the other layout left in `path` by an earlier save are removed, so loaders never read stale ones.
+
+  Args:
+    dtype: the stored dtype ("float32" / "bfloat16"); None keeps the parameters' dtype.
 
   Returns the folder. Parameters are gathered to the host one by one; on several hosts call it on every process
-  (the gather is collective): only process 0 writes.
-
-  Files are written to temporary names and renamed, so a crash never leaves a half-written checkpoint.
+  (the gather is collective): only process 0 writes. Each file is written to a temporary name and renamed.
   """
   folder = pathlib.Path(path)
-  tensors = dict(hf_tensors(model))
-  if jax.process_index() != 0:
+  cfg = model.config
+  out_dtype = jnp.dtype(dtype or cfg.param_dtype)
+  params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  specs = [(hf_tensor_spec(p, cfg)[0], int(np.prod(v.get_value().shape)) * out_dtype.itemsize) for p, v in params]
+  plan = _shard_plan(specs, parse_size(max_shard_size))
+  main = jax.process_index() == 0
+  if main:
+    folder.mkdir(parents=True, exist_ok=True)
+  files = ([WEIGHTS_FILE] if len(plan) == 1 else
+           [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+  shard_of = {name: i for i, names in enumerate(plan) for name in names}
+  pending: dict[str, np.ndarray] = {}
+  for name, array in hf_tensors(model):  # every process iterates: the gathers are collective
+    if not main:
+      continue
+    pending[name] = array.astype(out_dtype, copy=False)
+    shard = shard_of[name]
+    if all(n in pending for n in plan[shard]):
+      tmp = folder / (files[shard] + ".tmp")
+      safetensors.numpy.save_file({n: pending.pop(n) for n in plan[shard]}, str(tmp), metadata={"format": "pt"})
+      os.chmod(tmp, 0o644)  # the writer creates files owner-only; an export is meant to be shared
+      os.replace(tmp, folder / files[shard])
+  if not main:
     return folder
-  folder.mkdir(parents=True, exist_ok=True)
-  tmp_weights = folder / (WEIGHTS_FILE + ".tmp")
-  safetensors_np.save(tensors, tmp_weights)
-  tmp_config = folder / (CONFIG_FILE + ".tmp")
-  tmp_config.write_text(json.dumps(model.config.to_hf_config(), indent=2))
-  os.replace(tmp_weights, folder / WEIGHTS_FILE)
-  os.replace(tmp_config, folder / CONFIG_FILE)
+
+  def write_json(name: str, value: dict[str, Any]) -> None:
+    tmp = folder / (name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, folder / name)
+
+  stale = {folder / WEIGHTS_FILE, folder / INDEX_FILE, *folder.glob("model-*-of-*.safetensors")}
+  if len(plan) > 1:
+    write_json(INDEX_FILE, {"metadata": {"total_size": sum(n for _, n in specs)},
+                            "weight_map": {name: files[shard_of[name]] for name, _ in specs}})
+  for file in stale - {folder / f for f in files} - ({folder / INDEX_FILE} if len(plan) > 1 else set()):
+    file.unlink(missing_ok=True)
+  hf = cfg.to_hf_config()
+  hf["dtype"] = out_dtype.name
+  if max_position_embeddings is not None:
+    hf["max_position_embeddings"] = int(max_position_embeddings)
+  if tokenizer is not None:
+    hf.update(_token_ids(tokenizer))
+  write_json(CONFIG_FILE, hf)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(folder))
+    write_json("generation_config.json", {**_token_ids(tokenizer), **(generation or {})})
   return folder
 
 

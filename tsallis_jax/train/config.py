@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import math
+import os
+import pathlib
 from typing import Any
 
 ESTIMATORS = ("grpo", "garl", "paft")
@@ -42,7 +45,9 @@ class TrainConfig:
 
   # -- model --------------------------------------------------------------------------------------------------
   model: str = "tiny"  # ModelConfig preset (tiny, qwen3_0_6b, smollm2_135m), "hf" or "gguf" (then model_path)
-  model_path: str = ""  # HF folder (config.json + safetensors + tokenizer) or a .gguf file
+  # HF folder (config.json + safetensors + tokenizer), a Hub id org/name (a local folder of that name wins; the
+  # id resolves through the HF cache, HF_HUB_OFFLINE honoured; tsallis_jax/model/hub.py) or a .gguf file
+  model_path: str = ""
   model_overrides: str = ""  # "num_layers=2,embed_dim=64": dataclasses.replace on the ModelConfig preset
   dtype: str = "float32"  # compute dtype; log-softmax is float32 regardless (CONTRIBUTING.md)
   # Parameters to start from when the workdir holds no checkpoint (see `checkpoint.py` for the precedence rule):
@@ -313,28 +318,62 @@ def _parse_value(key: str, text: str) -> Any:
     raise ConfigError(f"--set {key}={text!r}: cannot parse {text!r} as {kind}") from None
 
 
+# Names users bring from TRL's GRPOConfig and tunix, accepted by `--set` as aliases of the key with the same meaning.
+ALIASES = {"num_generations": "num_samples", "beta": "kl_coef", "epsilon": "grpo_clip_eps", "max_steps": "num_steps"}
+
+
+def resolve_alias(key: str, cfg: TrainConfig) -> str:
+  """Our key for a TRL / tunix name (`ALIASES`); `max_completion_length` is rejected naming the keys to set."""
+  if key == "max_completion_length":
+    raise ConfigError(
+        "max_completion_length (TRL) has no single equivalent: a completion here is rationale_budget + 1 (the forced"
+        f" `</think>`) + max_answer_len tokens (now {cfg.rationale_budget} + 1 + {cfg.max_answer_len} ="
+        f" {cfg.rollout_len}); set rationale_budget (and max_answer_len) instead, e.g. rationale_budget=N-1-"
+        f"{cfg.max_answer_len} for a total of N")
+  return ALIASES.get(key, key)
+
+
 def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
-  """Applies `["key=value", ...]` (the CLI's `--set`); unknown keys raise with the valid ones listed."""
+  """Applies `["key=value", ...]` (the CLI's `--set`); unknown keys raise with the valid ones listed.
+
+  TRL / tunix names in `ALIASES` (num_generations, beta, epsilon, max_steps) set our key of the same meaning."""
   changes = {}
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"--set {item!r} is not of the form key=value")
     key, text = item.split("=", 1)
-    key = key.strip()
+    key = resolve_alias(key.strip(), cfg)
     _check_keys([key])
     changes[key] = _parse_value(key, text)
   return cfg.replace(**changes)
 
 
-def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-  """Loads `experiments/configs/<name>.py`'s `get_config()` and applies `overrides`."""
+def _config_module(name: str):
+  """The module of `name`: a file path (ends in .py or has a path separator) or a module of experiments/configs."""
+  if name.endswith(".py") or "/" in name or os.sep in name:
+    path = pathlib.Path(name).expanduser()
+    if not path.is_file():
+      raise ConfigError(f"config file {name!r} does not exist; give a .py file defining get_config() or the name of a"
+                        " module in experiments/configs")
+    spec = importlib.util.spec_from_file_location(f"_tsallis_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
   try:
-    module = importlib.import_module(f"experiments.configs.{name}")
+    return importlib.import_module(f"experiments.configs.{name}")
   except ModuleNotFoundError as e:
     if e.name and e.name.startswith("experiments.configs"):
-      raise ConfigError(f"no config named {name!r}; configs live in experiments/configs/<name>.py") from None
+      raise ConfigError(f"no config named {name!r}; configs live in experiments/configs/<name>.py (or pass a file"
+                        " path)") from None
     raise
+
+
+def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+  """Loads the `get_config()` of `experiments/configs/<name>.py` (or of the file `name`) and applies `overrides`."""
+  module = _config_module(name)
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"config {name!r} defines no get_config() returning a TrainConfig")
   cfg = module.get_config()
   if not isinstance(cfg, TrainConfig):
-    raise ConfigError(f"experiments.configs.{name}.get_config() returned {type(cfg).__name__}, not TrainConfig")
+    raise ConfigError(f"{name}: get_config() returned {type(cfg).__name__}, not TrainConfig")
   return apply_overrides(cfg, overrides)

@@ -131,12 +131,14 @@ def with_think_tokens(model: nnx.Module, tokenizer: Any, mesh) -> tuple[nnx.Modu
 
 
 def load_model(cfg: TrainConfig, mesh) -> tuple[nnx.Module, Any]:
-  """(model on the mesh, tokenizer or None): a preset with random init, an HF folder or a GGUF file."""
+  """(model on the mesh, tokenizer or None): a preset with random init, an HF folder or Hub id, or a GGUF file."""
   if cfg.model == "hf":
     from tsallis_jax.model.hf_io import load_hf_checkpoint, load_tokenizer, read_hf_config
-    check_fits(cfg, read_hf_config(cfg.model_path).get("max_position_embeddings"))
-    return with_think_tokens(load_hf_checkpoint(cfg.model_path, dtype=cfg.dtype, mesh=mesh, **model_overrides(cfg)),
-                             load_tokenizer(cfg.model_path), mesh)
+    from tsallis_jax.model.hub import resolve_model_path
+    folder = resolve_model_path(cfg.model_path)  # a local folder wins; else an org/name Hub id via the cache
+    check_fits(cfg, read_hf_config(folder).get("max_position_embeddings"))
+    return with_think_tokens(load_hf_checkpoint(folder, dtype=cfg.dtype, mesh=mesh, **model_overrides(cfg)),
+                             load_tokenizer(folder), mesh)
   if cfg.model == "gguf":
     from tsallis_jax.model import gguf_io
     from tsallis_jax.model.hf_io import load_hf_checkpoint, load_tokenizer, read_hf_config

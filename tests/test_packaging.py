@@ -1,0 +1,76 @@
+"""Packaging: dependencies declared as pinned, only the library installed, the laptop-side launch wrapper without
+JAX, and no "PyTorch was not found" advisory from transformers on our runs."""
+import os
+import pathlib
+import subprocess
+import sys
+import tomllib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Run in a fresh interpreter: hide the top-level packages named in argv[1] (comma-separated) as if they were not
+# installed (no import spec, no distribution metadata), then run the rest of argv as `python -m` / `-c`.
+HIDE = r"""
+import runpy, sys
+hidden = set(sys.argv[1].split(","))
+original = list(sys.meta_path)
+
+class Hide:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in hidden:
+      return None
+    for finder in original:
+      spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+      if spec is not None:
+        return spec
+    return None
+
+  def find_distributions(self, *args, **kwargs):
+    for finder in original:
+      for dist in getattr(finder, "find_distributions", lambda *a, **k: ())(*args, **kwargs):
+        if dist.metadata["Name"].lower().replace("-", "_") not in hidden:
+          yield dist
+
+sys.meta_path[:] = [Hide()]
+if sys.argv[2] == "-m":
+  sys.argv = [sys.argv[3], *sys.argv[4:]]
+  runpy.run_module(sys.argv[0], run_name="__main__")
+else:
+  exec(sys.argv[3])
+"""
+
+
+def _run_hiding(hidden: str, *args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+  return subprocess.run([sys.executable, "-c", HIDE, hidden, *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def _requirement_pins() -> list[str]:
+  lines = (REPO / "requirements.txt").read_text().splitlines()
+  return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+def test_pyproject_declares_the_pins_of_requirements_txt_and_installs_only_the_library():
+  project = tomllib.loads((REPO / "pyproject.toml").read_text())
+  assert project["project"]["dependencies"] == _requirement_pins()
+  assert all("==" in pin for pin in _requirement_pins())
+  assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["tsallis_jax*"]
+
+
+def test_launch_help_works_without_jax():
+  out = _run_hiding("jax,jaxlib", "-m", "launch.tpu", "--help")
+  assert out.returncode == 0, out.stderr
+  assert "usage: python -m launch.tpu" in out.stdout
+  check = _run_hiding("jax,jaxlib", "-c", "import launch.tpu, sys; assert 'jax' not in sys.modules; import jax")
+  assert "No module named 'jax'" in check.stderr  # the hiding works, and launch.tpu imported no JAX
+
+
+def test_no_pytorch_advisory_from_transformers_on_our_imports():
+  plain = _run_hiding("torch", "-c", "import transformers")
+  assert plain.returncode == 0 and "PyTorch was not found" in plain.stderr  # the advisory exists without torch
+  ours = _run_hiding("torch", "-c", "import tsallis_jax\nfrom tsallis_jax.data import synthetic\n"
+                     "import logging, transformers\nassert len(synthetic.make_tokenizer()) > 0\n"
+                     "logging.getLogger('transformers').warning('other messages still pass')")
+  assert ours.returncode == 0, ours.stderr
+  assert "PyTorch was not found" not in ours.stderr and "other messages still pass" in ours.stderr
