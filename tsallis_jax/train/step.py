@@ -86,6 +86,7 @@ def _sequence_pair(cfg: TrainConfig, logp_NxT, seqs: dict):
     return logp_z_BxG, logw_N.reshape(B, G)
   return logp_z_BxG, jnp.where(reward_BxG > 0, 0.0, -jnp.inf)
 
+
 def _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt: int, temperature: float, with_entropy: bool,
                          chunk: int = 0):
   """Per-token log-probs of the completion (and the entropy metric); `chunk` > 0 never builds the N x T x V logits."""
