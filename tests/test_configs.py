@@ -49,10 +49,21 @@ def test_unknown_key_names_the_key_a_suggestion_and_the_valid_keys():
     ("top_k=5", r"top_k=5, top_p=1.0: training rollouts would come from the top-k/top-p filtered policy.*set"
                 r" top_k=0 and top_p=1.0"),
     ("top_p=0.9", r"top_k=0, top_p=0.9: .*biases GARL, PAFT and GRPO"),
+    ("grpo_loss_type=ppo", r"grpo_loss_type='ppo' is not one of \['grpo', 'bnpo', 'dr_grpo', 'dapo', 'seq_sum'\]"),
+    ("grpo_scale_rewards=std", r"grpo_scale_rewards='std' is not one of \['group', 'batch', 'none'\]"),
 ])
 def test_impossible_values_are_rejected_at_config_time(override, message):
   with pytest.raises(ConfigError, match=message):
     apply_overrides(TrainConfig(), [override])
+
+
+def test_grpo_options_take_trls_names():
+  for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+    for scale in ("group", "batch", "none"):
+      cfg = apply_overrides(TrainConfig(), ["estimator=grpo", f"grpo_loss_type={loss_type}",
+                                            f"grpo_scale_rewards={scale}"])
+      assert (cfg.grpo_loss_type, cfg.grpo_scale_rewards) == (loss_type, scale)
+  assert (TrainConfig().grpo_loss_type, TrainConfig().grpo_scale_rewards) == ("grpo", "group")
 
 
 def test_evaluation_sampling_may_still_be_filtered():

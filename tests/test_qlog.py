@@ -5,10 +5,11 @@ from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import _tabular
-from tsallis_jax import amplification, jq_loss, q_log, q_log_of_log, validate_q_schedule
+from tsallis_jax import amplification, jq_loss, q_log, validate_q_schedule
 
 
 def _qlog_reference(u, q):
@@ -73,12 +74,30 @@ def test_fact3_per_example_amplification_ratio():
   amp = amplification(log_p, 0.75)
   np.testing.assert_allclose(amp[0] / amp[1], 50 ** 0.75, rtol=1e-5)
   assert abs(float(amp[0] / amp[1]) - 18.8) < 0.05
-  # Invariant to a global learning-rate rescaling: the ratio of per-example gradients of the loss in log P.
-  grad_B = jax.grad(lambda lp, q: jnp.sum(-q_log_of_log(lp, q)))(log_p, 0.75)
-  grad0_B = jax.grad(lambda lp, q: jnp.sum(-q_log_of_log(lp, q)))(log_p, 0.0)
-  for lr in (1e-3, 7.0):
-    ratio_B = (lr * grad_B) / (lr * grad0_B)
-    np.testing.assert_allclose(ratio_B[0] / ratio_B[1], 50 ** 0.75, rtol=1e-4)
+
+
+@pytest.mark.parametrize("learning_rate", [1e-3, 7.0])
+def test_fact3_amplification_ratio_of_sgd_updates_is_invariant_to_the_learning_rate(learning_rate):
+  """Fact 3 measured on parameter updates: two examples with their own softmax logits (K = 5 trajectories, one
+  correct, P_a = 0.01 and P_b = 0.5 by construction), one optax SGD step on the batch J_Q loss. The update of
+  example a relative to q = 0, over the same for b, is (P_a / P_b)^-q = 50^0.75 = 18.8 at every learning rate;
+  an Adam step, which normalises each coordinate, loses it (spec 1.5: Adam cannot substitute for q)."""
+  from tsallis_jax.theory import softmax_toy_init
+  theta_BxK = jnp.stack([softmax_toy_init(p0, num_trajectories=5) for p0 in (0.01, 0.5)]).astype(jnp.float32)
+  log_p_fn = lambda theta: jax.nn.log_softmax(theta, axis=-1)[:, 0]
+  np.testing.assert_allclose(np.exp(log_p_fn(theta_BxK)), [0.01, 0.5], rtol=1e-5)
+
+  def update_norms(q, tx):
+    grads = jax.grad(lambda theta: jq_loss(log_p_fn(theta), q))(theta_BxK)
+    updates, _ = tx.update(grads, tx.init(theta_BxK), theta_BxK)
+    return np.linalg.norm(np.asarray(updates, np.float64), axis=1)
+
+  sgd = optax.sgd(learning_rate)
+  norm_q, norm_0 = update_norms(0.75, sgd), update_norms(0.0, sgd)
+  np.testing.assert_allclose((norm_q[0] / norm_0[0]) / (norm_q[1] / norm_0[1]), 50 ** 0.75, rtol=1e-4)
+  adam = optax.adam(learning_rate)
+  norm_q, norm_0 = update_norms(0.75, adam), update_norms(0.0, adam)
+  np.testing.assert_allclose((norm_q[0] / norm_0[0]) / (norm_q[1] / norm_0[1]), 1.0, rtol=1e-3)
 
 
 def test_jq_loss_tiny_and_zero_p():

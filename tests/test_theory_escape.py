@@ -117,7 +117,32 @@ def test_paper_remainder_bound(q):
     leading = (p0 ** (q - 1.0) - 0.5 ** (q - 1.0)) / (1.0 - q)
     remainder = theory.escape_integral(q, p0) - leading
     assert 0.0 <= remainder <= 8.0 * 0.5 ** q / q
-    assert theory.escape_time_asymptotic(q, p0) == pytest.approx(p0 ** (q - 1.0) / (1.0 - q))
+
+
+@pytest.mark.parametrize("q", Q_GRID)
+@pytest.mark.parametrize("num_trajectories", [None, 10])
+def test_asymptotic_escape_time_is_the_leading_order_of_the_quadrature(q, num_trajectories):
+  """Thm 5.2 / spec 2.7: T_q = s p0^-(1-q)/(1-q) (1 + o(1)), and s ln(1/p0) (1 + o(1)) at q = 1, with s = 1 for the
+  sigmoid model and (K-1)/K for the softmax toy; checked against adaptive quadrature of eq. 15, not the formula.
+  The gap T - asymptotic stays within the spec's O(1) terms (within O(log 1/p0) at q = 0), so the relative error
+  falls as p0 -> 0."""
+  delta = 0.5
+  scale = 1.0 if num_trajectories is None else (num_trajectories - 1) / num_trajectories
+  errors = []
+  for p0 in (1e-2, 1e-4, 1e-6, 1e-8):
+    exact = scale * _quad_integral(q, p0, delta)
+    asymptotic = theory.escape_time_asymptotic(q, p0, num_trajectories=num_trajectories)
+    gap = (exact - asymptotic) / scale
+    if q == 0.0:  # I_0 - 1/p0 = -1/delta - 1/(1-p0) + 1/(1-delta) + 2 ln((1-p0) delta / (p0 (1-delta)))
+      assert -1.0 / delta - 1.0 <= gap <= 2.0 * math.log(1.0 / p0) + 1.0
+    elif q == 1.0:  # I_1 - ln(1/p0): ln(delta) from the lower terms, plus the remainder in [0, 8 (delta - p0)]
+      assert math.log(delta) <= gap <= math.log(delta) + 8.0 * (delta - p0)
+    else:  # I_q - p0^(q-1)/(1-q) = -delta^(q-1)/(1-q) + a remainder in [0, 8 delta^q / q]
+      lower = -delta ** (q - 1.0) / (1.0 - q)
+      assert lower <= gap <= lower + 8.0 * delta ** q / q
+    errors.append(abs(exact / asymptotic - 1.0))
+  assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+  assert errors[-1] < (0.2 if q == 1.0 else 0.05), errors
 
 
 def test_ordering_and_growing_ratios():

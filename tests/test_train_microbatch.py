@@ -40,14 +40,15 @@ def _one_step(cfg, mesh, q=0.75):
   return jax.device_get(state.params), jax.device_get(metrics), r.tokens_NxT
 
 
-@pytest.mark.parametrize("estimator", ["garl", "paft", "grpo"])
-def test_micro_batches_and_chunks_match_full_batch(estimator):
+@pytest.mark.parametrize("estimator, grpo_loss_type", [("garl", "grpo"), ("paft", "grpo"), ("grpo", "grpo"),
+                                                      ("grpo", "dapo"), ("grpo", "dr_grpo")])
+def test_micro_batches_and_chunks_match_full_batch(estimator, grpo_loss_type):
   mesh = distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   # PAFT's micro-batched step runs on 8 devices (data x fsdp), each micro-batch's rows split over all of them.
   micro_mesh = distributed.make_mesh({"data": 4, "fsdp": 2}) if estimator == "paft" else mesh
   # Plain SGD, so the parameters compare the gradients themselves (Adam's first step is sign-like and would blow
   # float noise on near-zero gradient coordinates up to the learning rate).
-  cfg = BASE.replace(estimator=estimator, optimizer="sgd", learning_rate=1.0)
+  cfg = BASE.replace(estimator=estimator, optimizer="sgd", learning_rate=1.0, grpo_loss_type=grpo_loss_type)
   params_full, metrics_full, tokens_full = _one_step(cfg, mesh)
   micro = cfg.replace(micro_batch_prompts=cfg.batch_size // 2, logprob_chunk=7)
   params_micro, metrics_micro, tokens_micro = _one_step(micro, micro_mesh)

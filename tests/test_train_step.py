@@ -4,12 +4,12 @@ Spec 1.6 (eq. 7): the weight w = p(y*|x, z) is the teacher-forced probability of
 rationale and `</think>`; these tests check the spliced sequences against a direct Python construction, and that the
 update on 8 devices (data x fsdp) equals the update on one device.
 """
-import dataclasses
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -182,9 +182,9 @@ def test_exact_match_reward():
   np.testing.assert_array_equal(np.asarray(reward), [1.0, 0.0, 0.0, 0.0])
 
 
-def _setup(cfg, mesh, seed=0):
+def _setup(cfg, mesh, seed=0, vocab=32):
   ids = TokenIds(stop_ids=(EOS,), pad_id=PAD, close_tag_ids=(TAG,))
-  mcfg = ModelConfig.tiny(vocab_size=32, num_layers=1, embed_dim=32, mlp_dim=64, num_heads=2, num_kv_heads=2)
+  mcfg = ModelConfig.tiny(vocab_size=vocab, num_layers=1, embed_dim=32, mlp_dim=64, num_heads=2, num_kv_heads=2)
   graphdef, abstract_vars = nnx.split(abstract_model(mcfg))
   programs = loop.get_programs(cfg, graphdef, abstract_vars, mesh, ids, mcfg.sharding_rules)
   params = state_lib.pure(nnx.state(create_model(mcfg, seed=seed)))
@@ -193,13 +193,13 @@ def _setup(cfg, mesh, seed=0):
   return programs, state
 
 
-def _batch(cfg, mesh, seed=0):
+def _batch(cfg, mesh, seed=0, vocab=32):
   rng = np.random.default_rng(seed)
   b, p, a = cfg.batch_size, cfg.max_prompt_len, cfg.max_answer_len
-  prompts = rng.integers(5, 32, size=(b, p)).astype(np.int32)
+  prompts = rng.integers(5, vocab, size=(b, p)).astype(np.int32)
   mask = np.ones((b, p), bool)
   mask[:, :2] = False  # left padding
-  answers = rng.integers(5, 32, size=(b, a)).astype(np.int32)
+  answers = rng.integers(5, vocab, size=(b, a)).astype(np.int32)
   answers[:, -1] = EOS
   local = {"prompt_tokens_BxT": prompts, "prompt_mask_BxT": mask, "answer_tokens_BxA": answers,
            "answer_mask_BxA": np.ones((b, a), bool)}
@@ -255,20 +255,192 @@ def test_runs_differing_in_q_share_one_compiled_step():
   assert not np.allclose(jax.tree.leaves(params_0)[0], jax.tree.leaves(params_1)[0])
 
 
-def test_pathwise_term_trains_the_gold_answer():
-  """GARL's loss depends on the gold answer tokens only through log w (the pathwise term, spec 2.2)."""
+def test_pathwise_term_trains_the_gold_answer(monkeypatch):
+  """GARL's pathwise term -sg(A w) log w (spec 2.2) is what trains the gold answer: five AdamW steps on one batch
+  with the step's gradient raise the mean teacher-forced w = p(y*|x, z) more than tenfold, while the same steps with
+  the pathwise term removed (log w stop-gradiented inside the step's GARL loss) leave it near where it started."""
+  from tsallis_jax.estimators import garl_loss
   mesh = distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   cfg = BASE.replace(estimator="garl", q=1.0, learning_rate=3e-2)
   programs, state = _setup(cfg, mesh)
   batch = _batch(cfg, mesh)
   rollout_key, step_key = loop._step_keys(state.key, 0)
   rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxT"], batch["prompt_mask_BxT"], rollout_key)
-  train_batch = {"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
-                 "answer_mask_BxA": batch["answer_mask_BxA"]}
-  q_range = jnp.asarray([1.0, 1.0], jnp.float32)
-  weights = []
-  for _ in range(5):
-    state, metrics = programs.train_step(state, train_batch, step_key, q_range)
-    weights.append(float(metrics["weight/mean"]))
-  assert weights[-1] > 2 * weights[0], weights
+  train_batch = jax.device_get({"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
+                                "answer_mask_BxA": batch["answer_mask_BxA"]})
+  params0 = jax.device_get(state.params)
+  graphdef = nnx.split(abstract_model(ModelConfig.tiny(vocab_size=32, num_layers=1, embed_dim=32, mlp_dim=64,
+                                                       num_heads=2, num_kv_heads=2)))[0]
+  ids = TokenIds(stop_ids=(EOS,), pad_id=PAD, close_tag_ids=(TAG,))
 
+  def weights_over_five_steps():
+    grad_fn = jax.jit(lambda p, b: step_lib.loss_and_metrics(p, None, graphdef, cfg, ids, b, step_key, cfg.q))
+    tx = programs.tx
+    params, opt_state, weights = params0, tx.init(params0), []
+    for _ in range(5):
+      grads, metrics = grad_fn(params, train_batch)
+      weights.append(float(metrics["weight/mean"]))
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+    return weights
+
+  full = weights_over_five_steps()
+  monkeypatch.setattr(step_lib, "garl_loss",
+                      lambda logp_z, logw, **kw: garl_loss(logp_z, jax.lax.stop_gradient(logw), **kw))
+  without_path = weights_over_five_steps()
+  assert full[0] == without_path[0]
+  assert full[-1] > 10 * full[0], full
+  assert full[-1] > 10 * without_path[-1], (full, without_path)
+
+
+# The jitted step against an independent computation: a plain forward of the same rollouts (model call, float32
+# log_softmax, gather), with the spliced sequences and masks built row by row in Python from the spec (1.6 eq. 7):
+# [prompt, sampled rationale (forced tag unscored), gold answer]; a rationale ended by EOS keeps the EOS in z and has
+# no answer (w = 0); GRPO scores the sampled completion with the exact-match reward.
+
+VOCAB = 12  # small, so that some rollouts sample EOS inside their rationale
+
+
+def _plain_token_logprobs(params, graphdef, tokens_NxS, pad_NxS):
+  """log p(token_s | tokens_<s) for s >= 1 (position 0 gets 0), by a plain model call on padded rows."""
+  s = tokens_NxS.shape[1]
+  positions_NxS = np.maximum(np.cumsum(pad_NxS, axis=1) - 1, 0).astype(np.int32)
+  attend_NxSxS = np.tril(np.ones((s, s), bool))[None] & pad_NxS[:, None, :]
+  logits_NxSxV, _ = nnx.merge(graphdef, params)(jnp.asarray(tokens_NxS), jnp.asarray(positions_NxS),
+                                                jnp.asarray(attend_NxSxS))
+  logq_NxSxV = jax.nn.log_softmax(logits_NxSxV.astype(jnp.float32), axis=-1)
+  picked_NxS1 = jnp.take_along_axis(logq_NxSxV[:, :-1], jnp.asarray(tokens_NxS)[:, 1:, None], axis=-1)[..., 0]
+  return jnp.pad(picked_NxS1, ((0, 0), (1, 0)))
+
+
+def _prompt_rows(r):
+  return [list(np.asarray(r.prompt_tokens_NxP[n])[np.asarray(r.prompt_mask_NxP[n])])
+          for n in range(r.tokens_NxT.shape[0])]
+
+
+def _pad_rows(rows, score_masks):
+  """Right-pads token rows; returns tokens, pad mask and each score mask as N x S arrays."""
+  s = max(len(row) for row in rows)
+  tokens = np.full((len(rows), s), PAD, np.int32)
+  pad = np.zeros((len(rows), s), bool)
+  masks = [np.zeros((len(rows), s), bool) for _ in score_masks]
+  for n, row in enumerate(rows):
+    tokens[n, :len(row)], pad[n, :len(row)] = row, True
+    for mask, positions in zip(masks, score_masks):
+      mask[n, positions[n]] = True
+  return tokens, pad, masks
+
+
+def _teacher_forced_rows(r, gold_BxA, gold_mask_BxA, G):
+  """Per row: the token list [prompt, rationale, tag, gold], z and y positions, and whether it answers."""
+  rows, z_pos, y_pos, answered = [], [], [], []
+  for n, prompt in enumerate(_prompt_rows(r)):
+    length = int(r.lengths_N[n])
+    toks, forced = list(np.asarray(r.tokens_NxT[n, :length])), np.asarray(r.forced_mask_NxT[n, :length])
+    if bool(r.closed_N[n]):
+      rationale = toks[:int(r.answer_start_N[n])]
+      gold = list(gold_BxA[n // G][gold_mask_BxA[n // G]])
+      answers = True
+    else:
+      assert toks[-1] == EOS  # under budget forcing an unclosed rollout stopped inside its rationale
+      rationale, gold, answers = toks, [], False
+    p = len(prompt)
+    rows.append(prompt + rationale + gold)
+    z_pos.append([p + i for i in range(len(rationale)) if not forced[i]])
+    y_pos.append([p + len(rationale) + j for j in range(len(gold))])
+    answered.append(answers)
+  return rows, z_pos, y_pos, np.asarray(answered)
+
+
+def _sgd_step_grads(cfg, mesh, gold_from_samples=False):
+  """The jitted step's gradient (plain SGD at lr 1: params before - after), its inputs and the host rollout."""
+  programs, state = _setup(cfg, mesh, vocab=VOCAB)
+  batch = _batch(cfg, mesh, vocab=VOCAB)
+  rollout_key, step_key = loop._step_keys(state.key, 0)
+  rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxT"], batch["prompt_mask_BxT"], rollout_key)
+  r = jax.device_get(rollout)
+  gold_BxA = np.array(jax.device_get(batch["answer_tokens_BxA"]))
+  gold_mask_BxA = np.ones(gold_BxA.shape, bool)
+  if gold_from_samples:  # each group's gold answer is its first closed rollout's answer: some rewards are 1
+    for b in range(cfg.batch_size):
+      closed = [n for n in range(b * cfg.num_samples, (b + 1) * cfg.num_samples) if r.closed_N[n]]
+      if closed:
+        answer = np.asarray(r.tokens_NxT[closed[0]])[np.asarray(r.answer_mask_NxT[closed[0]])]
+        gold_BxA[b, :len(answer)], gold_mask_BxA[b] = answer, np.arange(gold_BxA.shape[1]) < len(answer)
+  answers = loop._put_rows(mesh, {"answer_tokens_BxA": gold_BxA, "answer_mask_BxA": gold_mask_BxA},
+                           cfg.batch_size)
+  params = jax.device_get(state.params)
+  new_state, _ = programs.train_step(state, {"rollout": rollout, **answers}, step_key,
+                                     jnp.asarray([cfg.q, cfg.q], jnp.float32))
+  grads = jax.tree.map(lambda a, b: a - b, params, jax.device_get(new_state.params))
+  graphdef = nnx.split(abstract_model(ModelConfig.tiny(vocab_size=VOCAB, num_layers=1, embed_dim=32, mlp_dim=64,
+                                                       num_heads=2, num_kv_heads=2)))[0]
+  return grads, params, graphdef, r, gold_BxA, gold_mask_BxA, step_key
+
+
+def _assert_grads_close(got, want):
+  scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(want))
+  assert scale > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), got, want)
+
+
+SGD = dict(optimizer="sgd", learning_rate=1.0, grad_clip=0.0, num_samples=4, batch_size=8)
+
+
+@pytest.mark.parametrize("estimator, q", [("garl", 0.75), ("garl", 1.0), ("paft", 0.5)])
+def test_step_gradient_equals_the_estimator_on_an_independent_forward(estimator, q):
+  """GARL / PAFT gradients of the jitted step = jax.grad of garl_loss / paft_loss on log p(z|x) and log w from a
+  separate plain forward of the same rollouts (EOS-ended rationales included)."""
+  from tsallis_jax.estimators import garl_loss, paft_loss
+  mesh = distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+  cfg = BASE.replace(estimator=estimator, q=q, **SGD)
+  grads, params, graphdef, r, gold_BxA, gold_mask_BxA, step_key = _sgd_step_grads(cfg, mesh)
+  B, G = cfg.batch_size, cfg.num_samples
+  rows, z_pos, y_pos, answered_N = _teacher_forced_rows(r, gold_BxA, gold_mask_BxA, G)
+  assert 0 < np.sum(~answered_N) < len(rows), "want some rollouts that end with EOS inside the rationale"
+  tokens_NxS, pad_NxS, (z_NxS, y_NxS) = _pad_rows(rows, (z_pos, y_pos))
+
+  def loss_fn(p):
+    logp_NxS = _plain_token_logprobs(p, graphdef, tokens_NxS, pad_NxS)
+    logp_z_BxG = jnp.sum(jnp.where(z_NxS, logp_NxS, 0.0), axis=1).reshape(B, G)
+    logw_BxG = jnp.where(answered_N, jnp.sum(jnp.where(y_NxS, logp_NxS, 0.0), axis=1), -jnp.inf).reshape(B, G)
+    if estimator == "garl":
+      return garl_loss(logp_z_BxG, logw_BxG, q=q, baseline=cfg.baseline)[0]
+    return paft_loss(logp_z_BxG, logw_BxG, jax.random.split(step_key, B), q=q, num_resamples=cfg.resamples)[0]
+
+  _assert_grads_close(grads, jax.grad(loss_fn)(params))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_step_grpo_gradient_equals_a_hand_aggregation(loss_type):
+  """GRPO in the trainer (grpo_loss_type, TRL semantics) against a hand computation: advantages from exact-match
+  rewards (group std, ddof 1, eps 1e-4), one on-policy step, per-token weights grpo 1/(N |o_n|), bnpo and dapo
+  1/(completion tokens), dr_grpo 1/(N T) with T the completion buffer, on a plain forward of the sampled tokens."""
+  mesh = distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+  cfg = BASE.replace(estimator="grpo", grpo_loss_type=loss_type, **SGD)
+  grads, params, graphdef, r, gold_BxA, gold_mask_BxA, _ = _sgd_step_grads(cfg, mesh, gold_from_samples=True)
+  B, G = cfg.batch_size, cfg.num_samples
+  N, T = r.tokens_NxT.shape
+  rows, o_pos, reward_N = [], [], np.zeros(N)
+  for n, prompt in enumerate(_prompt_rows(r)):
+    length = int(r.lengths_N[n])
+    toks, forced = list(np.asarray(r.tokens_NxT[n, :length])), np.asarray(r.forced_mask_NxT[n, :length])
+    start = int(r.answer_start_N[n])
+    gold = list(gold_BxA[n // G][gold_mask_BxA[n // G]])
+    reward_N[n] = float(bool(r.closed_N[n]) and toks[start:] == gold)
+    rows.append(prompt + toks)
+    o_pos.append([len(prompt) + i for i in range(length) if not forced[i]])
+  reward_BxG = reward_N.reshape(B, G)
+  assert 0 < reward_BxG.mean() < 1
+  std_B1 = reward_BxG.std(axis=1, ddof=1, keepdims=True)
+  adv_N = np.where(std_B1 > 0, (reward_BxG - reward_BxG.mean(1, keepdims=True)) / (std_B1 + 1e-4), 0.0).reshape(N)
+  tokens_NxS, pad_NxS, (o_NxS,) = _pad_rows(rows, (o_pos,))
+  count_N = o_NxS.sum(1)
+  weight_N = {"grpo": 1.0 / (N * count_N), "bnpo": np.full(N, 1.0 / o_NxS.sum()),
+              "dapo": np.full(N, 1.0 / o_NxS.sum()), "dr_grpo": np.full(N, 1.0 / (N * T))}[loss_type]
+  coef_NxS = np.where(o_NxS, -(adv_N * weight_N)[:, None], 0.0).astype(np.float32)
+
+  def loss_fn(p):
+    return jnp.sum(coef_NxS * _plain_token_logprobs(p, graphdef, tokens_NxS, pad_NxS))
+
+  _assert_grads_close(grads, jax.grad(loss_fn)(params))

@@ -5,7 +5,8 @@ PPO-clipped -min(rho_t A, clip(rho_t, 1 - epsilon, 1 + epsilon_high) A), rho_t =
 the k3 estimate of KL(pi_theta || pi_ref), exp(ref - logp) - (ref - logp) - 1. On-policy (no old log-probs) rho = 1
 with the gradient of log pi.
 
-Options:
+Options (TRL's GRPOConfig names and semantics; TRL 1.x defaults are scale_rewards='group' and loss_type='dapo',
+trl/trainer/grpo_config.py; `grpo_loss` defaults to loss_type='grpo', and so does the trainer, `TrainConfig`):
   scale_rewards: 'group' (divide by the group's reward std, GRPO), 'batch' (by the std over the whole batch),
     'none' (Dr. GRPO: no scaling). A group with zero std gets advantage 0 exactly (no NaN even with std_eps = 0).
   std_ddof: 1 for the unbiased std (TRL, torch.std), 0 for the population std of spec 2.6 / fact 15; unbiased
@@ -14,7 +15,8 @@ Options:
     'grpo'    mean over sequences of the token-mean of each sequence (sequence-mean of token-means);
     'bnpo'    token-mean over the whole batch (sum of losses / number of real tokens);
     'dapo'    the same as 'bnpo' on one process (TRL normalises by the global token count across processes);
-    'dr_grpo' sum of losses / (N * T): a constant normaliser, no length bias;
+    'dr_grpo' sum of losses / (N * T): a constant normaliser, no length bias (T is TRL's max_completion_length:
+              the trainer's completion buffer, rationale budget + tag + answer budget);
     'seq_sum' mean over sequences of the token-sum (the sequence-level form of spec 2.6).
   With the pair form (logp_z_BxG sums, T = 1) every loss type is the sequence-level estimator.
 """

@@ -24,7 +24,8 @@ BASELINES = ("rloo", "none")
 WEIGHTS = ("likelihood", "reward")
 PROMPT_STYLES = ("cold", "warm")
 DTYPES = ("float32", "bfloat16")
-SCALE_REWARDS = ("group", "none")
+SCALE_REWARDS = ("group", "batch", "none")  # TRL's GRPOConfig.scale_rewards names
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "seq_sum")  # TRL's GRPOConfig.loss_type names, and seq_sum
 
 
 class ConfigError(ValueError):
@@ -81,8 +82,18 @@ class TrainConfig:
   num_samples: int = 8  # G = the paper's M, rationales per prompt in training (paper: 32)
   # GRPO (spec 2.6). The paper gives no clip or KL; we run one on-policy step per batch, so the PPO ratio is 1
   # and the clip is inactive; KL to the initial policy is logged always and added to the loss only if kl_coef > 0.
-  grpo_scale_rewards: str = "group"  # group: divide advantages by the group std (GRPO); none: Dr.GRPO
-  grpo_clip_eps: float = 0.2  # grpo_loss's loss_type is "grpo" (TRL's default: mean over sequences of token means)
+  # Names and semantics of TRL's GRPOConfig (trl/trainer/grpo_config.py, TRL 1.x, whose defaults are
+  # scale_rewards="group" and loss_type="dapo"). scale_rewards: group = divide the advantages by the group's reward
+  # std (GRPO); batch = by the std over the whole batch; none = no scaling (Dr. GRPO).
+  grpo_scale_rewards: str = "group"
+  # How per-token losses are aggregated (tsallis_jax.estimators.grpo): grpo = mean over sequences of each sequence's
+  # token mean; bnpo = sum over tokens / completion tokens in the batch (TRL: the local per-device batch; here the
+  # step's whole batch, micro-batches included); dapo = sum / completion tokens in the global batch, the same here;
+  # dr_grpo = sum / (sequences x completion buffer length, TRL's max_completion_length); seq_sum = mean over
+  # sequences of token sums (spec 2.6, not a TRL name). Our default stays "grpo" (TRL's is "dapo"); the README's
+  # GRPO paragraph says why the demo's comparison with GARL is fair with it.
+  grpo_loss_type: str = "grpo"
+  grpo_clip_eps: float = 0.2
   kl_coef: float = 0.0
   log_ref_kl: bool = True  # keep the initial params to log kl/ref (one extra forward per step); forced on by kl_coef
 
@@ -213,6 +224,7 @@ def _validate(cfg: TrainConfig) -> None:
   _choice(cfg, "prompt_style", PROMPT_STYLES)
   _choice(cfg, "dtype", DTYPES)
   _choice(cfg, "grpo_scale_rewards", SCALE_REWARDS)
+  _choice(cfg, "grpo_loss_type", GRPO_LOSS_TYPES)
   _choice(cfg, "progress_bar", ("auto", "on", "off"))
   _choice(cfg, "reward", ("exact_match",))
   from tsallis_jax import rewards as rewards_lib

@@ -35,7 +35,7 @@ def sampling_config(cfg: TrainConfig, *, stop_ids: tuple[int, ...], pad_id: int,
                         rationale_budget=max(cfg.rationale_budget, 1), answer_budget=cfg.max_answer_len)
 
 
-def rationale_extent(rollout: Rollout, stop_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+def rationale_extent(rollout: Rollout, stop_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(keep_N, closed_N, answered_N): the leading completion tokens that form the rationale scored by log p(z|x).
 
   A closed row keeps its rationale and closing tag (`answer_start_N` tokens). A row that ended inside its rationale

@@ -86,6 +86,7 @@ def _sequence_pair(cfg: TrainConfig, logp_NxT, seqs: dict):
     return logp_z_BxG, logw_N.reshape(B, G)
   return logp_z_BxG, jnp.where(reward_BxG > 0, 0.0, -jnp.inf)
 
+
 def _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt: int, temperature: float, with_entropy: bool,
                          chunk: int = 0):
   """Per-token log-probs of the completion (and the entropy metric); `chunk` > 0 never builds the N x T x V logits."""
@@ -134,7 +135,8 @@ def _estimator_loss(p, graphdef, cfg: TrainConfig, q, keys_B, seqs: dict, ref_lo
                     kl_tokens=None, loss_scale: float = 1.0):
   """The surrogate loss and its metrics on the groups in `seqs` (rows b*G+g). The whole batch by default; on a
   micro-batch `loss_scale` = m/B reweights the estimator's mean over prompts and `kl_tokens` (the whole batch's
-  rationale-token count) makes the KL penalty's token mean a sum over micro-batches."""
+  rationale-token count) makes the KL penalty's token mean, and GRPO's bnpo/dapo token mean, a sum over
+  micro-batches."""
   G = cfg.num_samples
   tokens_NxS, pad_NxS, z_NxT = seqs["tokens_NxS"], seqs["pad_NxS"], seqs["z_NxT"]
   reward_BxG = seqs["reward_BxG"]
@@ -155,11 +157,14 @@ def _estimator_loss(p, graphdef, cfg: TrainConfig, q, keys_B, seqs: dict, ref_lo
     seq = SequenceLogProbs(
         logp_z_BxGxT=logp_NxT.reshape(B, G, T), mask_z_BxGxT=z_NxT.reshape(B, G, T),
         ref_logp_z_BxGxT=None if ref_logp_NxT is None or cfg.kl_coef == 0 else ref_logp_NxT.reshape(B, G, T))
-    loss, est = grpo_loss(seq, reward_BxG, scale_rewards=cfg.grpo_scale_rewards, epsilon=cfg.grpo_clip_eps,
-                          beta=cfg.kl_coef)
+    loss, est = grpo_loss(seq, reward_BxG, loss_type=cfg.grpo_loss_type, scale_rewards=cfg.grpo_scale_rewards,
+                          epsilon=cfg.grpo_clip_eps, beta=cfg.kl_coef)
     est = {k: v for k, v in est.items() if k != "kl/ref" or ref_logp_NxT is None}
-    if loss_scale != 1.0:
-      loss = loss * loss_scale  # loss_type "grpo": a mean over sequences, so over equal-size micro-batches
+    if loss_scale != 1.0 and cfg.grpo_loss_type in ("bnpo", "dapo"):
+      # A token mean over this micro-batch -> its share of the token mean over the whole batch.
+      loss = loss * jnp.maximum(jnp.sum(z_NxT.astype(jnp.float32)), 1.0) / kl_tokens
+    elif loss_scale != 1.0:
+      loss = loss * loss_scale  # grpo, seq_sum: means over sequences; dr_grpo: a sum over (sequences x T)
     return loss, {**aux, **est}, None
   logp_z_BxG, logw_BxG = _sequence_pair(cfg, logp_NxT, seqs)
   if cfg.estimator == "garl":
