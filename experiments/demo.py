@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, or 5 with --long)")
   parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the demo config's)")
   parser.add_argument("--out", default=os.path.join(ROOT, "experiments", "results"), help="results folder")
-  parser.add_argument("--workroot", default="/tmp/tsallis_demo", help="run folders (checkpoints, metrics.jsonl)")
+  parser.add_argument("--workroot", default="/tmp/tsallis_demo",
+                      help="run folders (checkpoints, metrics.jsonl) go to WORKROOT/<default|long|tag>/<run>")
   parser.add_argument("--pretrain-only", action="store_true")
   parser.add_argument("--methods", default="", help="comma list of method indices into METHODS (default all)")
   parser.add_argument("--replot", metavar="JSON", help="rewrite the table and PNGs from a saved demo JSON and exit")
@@ -167,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
   probe_score = success.make_scorer(graphdef, num_samples=PROBE_SAMPLES, rationale_budget=base.rationale_budget,
                                     max_answer_len=base.max_answer_len, **ids)
   methods = [METHODS[int(i)] for i in args.methods.split(",")] if args.methods else list(METHODS)
-  os.makedirs(args.workroot, exist_ok=True)
+  suffix = ("_long" if args.long else "") + (f"_{args.tag}" if args.tag else "")
+  workroot = os.path.join(args.workroot, suffix.strip("_") or "default")  # a tagged run keeps the default's folders
+  os.makedirs(workroot, exist_ok=True)
 
   # The pretrained model itself, evaluated like the runs (test split, 16 samples per prompt, same sampling settings).
   s = loop.setup(base, task)
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in range(seeds):
       cfg = base.replace(estimator=estimator, q=0.0 if q is None else q, seed=seed,
                          name=f"{estimator}_q{q}_s{seed}")
-      workdir = _fresh(os.path.join(args.workroot, cfg.name))
+      workdir = _fresh(os.path.join(workroot, cfg.name))
       probe = Probe(probe_score, probes, task.tokenizer, cfg, PROBE_EVERY, seed)
       t = time.perf_counter()
       results = train_and_evaluate(cfg, workdir, task=task, observe=probe)
@@ -219,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
   summary["cpu_s"] = time.process_time() - cpu0
   summary["devices"] = str(jax.devices())
   os.makedirs(args.out, exist_ok=True)
-  suffix = ("_long" if args.long else "") + (f"_{args.tag}" if args.tag else "")
   with open(os.path.join(args.out, f"demo{suffix}.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print(demo_report.write_all(args.out, suffix, summary))

@@ -103,9 +103,10 @@ def write_table(path: str, summary: dict[str, Any]) -> str:
             f"from {probe['samples']} sampled rationales every {probe['every']} steps; escape = first probe step with "
             f"P-hat >= {ESCAPE_P}). Cells: probe prompts escaped / probed over all seeds, and their median escape "
             "step. Slope: least squares of log T on log(1/p0) over the escaped prompts of all seeds (theory: 1 - q "
-            "under gradient flow; censored prompts are left out, which flattens the fit).", "",
-            "| method | " + " | ".join(buckets) + " | fitted slope (n) | theory 1-q |",
-            "|---|" + "---|" * len(buckets) + "---|---|"]
+            "under gradient flow; censored prompts are left out, which flattens the fit). Hard-bucket gain: mean over "
+            f"the {' and '.join(HARD)} probe prompts of log10(P-hat at the last probe / p0), seed mean [min, max].", "",
+            "| method | " + " | ".join(buckets) + " | fitted slope (n) | theory 1-q | hard-bucket gain |",
+            "|---|" + "---|" * len(buckets) + "---|---|---|"]
   p0_P = np.asarray(probe["p0"])
   bucket_P = np.asarray(probe["bucket"])
   for name, runs in summary["methods"].items():
@@ -120,7 +121,9 @@ def write_table(path: str, summary: dict[str, Any]) -> str:
     th = theory_slope(runs[0]["estimator"], runs[0]["q"])
     slope = "—" if not np.isfinite(fit["slope"]) else f"{fit['slope']:.2f}"
     th_text = "—" if th is None else f"{th:g}"
-    lines.append(f"| {name} | " + " | ".join(cells) + f" | {slope} ({fit['n']}) | {th_text} |")
+    gains = [hard_gain(summary, r) for r in runs] if set(HARD) <= set(buckets) else []
+    gain = f"{np.mean(gains):+.2f} [{min(gains):+.2f}, {max(gains):+.2f}]" if gains else "—"
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {slope} ({fit['n']}) | {th_text} | {gain} |")
   checks = prediction_checks(summary)
   if checks:
     lines += ["", "Against the pre-registered decision rules ([demo_prediction.md](demo_prediction.md); H6 is decided "
