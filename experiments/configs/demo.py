@@ -10,6 +10,9 @@ Runtime:   the whole default demo is sized for about 10 minutes on 2 idle CPU co
            (experiments/results/demo_table.md records the measured wall and CPU time).
 Expected:  experiments/results/demo_prediction.md states the prediction and the decision rules, written and committed
            before the first run of this task; demo_table.md and the README report the measured result against it.
+           Measured (commit 2fcfc71, 3 seeds): no probe prompt of the medium / hard / hardest buckets reaches P = 1/2
+           in 200 steps; the hard-bucket log10 P gain rises with q (-5.3 at q = 0, +0.4 at q = 1: low q learns the easy
+           map and leaks it into the hard buckets); easy-bucket test p@1 gains most at q <= 0.5.
 
 The task (tsallis_jax.data.synthetic.mixed_task): chains of 4 modular operations (mod 10); the gold rationale writes
 every partial result; prompts come in four difficulty buckets (easy / medium / hard / hardest) whose answers are the
