@@ -14,6 +14,8 @@ import importlib
 import math
 from typing import Any
 
+from tsallis_jax.errors import InputError
+
 ESTIMATORS = ("grpo", "garl", "paft")
 Q_SCHEDULES = ("constant", "linear", "step", "cosine")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -24,8 +26,8 @@ DTYPES = ("float32", "bfloat16")
 SCALE_REWARDS = ("group", "none")
 
 
-class ConfigError(ValueError):
-  """An unknown key or an impossible value in a `TrainConfig`."""
+class ConfigError(InputError):
+  """An unknown key or an impossible value in a `TrainConfig` (a `ValueError`)."""
 
 
 @dataclasses.dataclass(frozen=True)
