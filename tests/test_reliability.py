@@ -302,3 +302,35 @@ def test_workdir_under_a_file_and_a_file_size_limit_are_refused(tmp_path, capsys
   assert result.returncode == 2 and err.splitlines() == [err.strip()], err
   assert err.startswith(f"error: workdir {tmp_path}/run cannot be written (OSError: File too large"), err
   assert not [p for p in (tmp_path / "run").iterdir()]  # the probe was removed, nothing else was written
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_of_two_stops_both_at_the_same_checkpoint(tmp_path):
+  """Multi-host: JAX's preemption service (not our handler) gets the SIGTERM of process 1; both processes reach
+  `reached_preemption_sync_point` at the same step, save that step together and exit 75."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  run = tmp_path / "run"
+  procs = []
+  for pid in range(2):
+    env = dict(_env(2), TSALLIS_COORDINATOR=f"127.0.0.1:{port}", TSALLIS_NUM_PROCESSES="2",
+               TSALLIS_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(_command(run), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE))
+  deadline = time.time() + 600
+  while len(seen := _loss_steps(run)) < 2:
+    assert all(p.poll() is None for p in procs), procs[0].stderr.read().decode()[-3000:]
+    assert time.time() < deadline, "the run never wrote metrics"
+    time.sleep(0.02)
+  os.kill(procs[1].pid, signal.SIGTERM)
+  errs = [p.communicate(timeout=600)[1].decode() for p in procs]
+  assert [p.returncode for p in procs] == [75, 75], [e[-2000:] for e in errs]
+  (saved,) = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+  assert max(seen) <= saved < STEPS
+  for err in errs:
+    assert err.strip().splitlines()[-1].startswith(f"preempted: saved the checkpoint of step {saved}")
+  state = run / "checkpoints" / str(saved) / "state"
+  assert {d.name for d in state.iterdir() if d.name.startswith("ocdbt.process_")} == {
+      "ocdbt.process_0", "ocdbt.process_1"}
+  assert not (run / workdir_lib.LOCK_NAME).exists()

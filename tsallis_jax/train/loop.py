@@ -302,6 +302,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Ta
   Writes `workdir/config.json`, `metrics.jsonl` (one row per step, plus eval rows), TensorBoard events,
   `checkpoints/`, `best/` and `results.json` (process 0 writes files; every process writes its checkpoint shards).
   `workdir` is a local folder or an object-store URI such as `gs://bucket/run` (see `checkpoint.resolve_workdir`).
+  Raises `workdir.WorkdirError` when another run holds the workdir or it cannot be written, and `preemption.Preempted`
+  after a preemption notice (SIGTERM, or JAX's sync point on a multi-host job), once the current step is saved.
   """
   workdir = ckpt_lib.resolve_workdir(workdir)
   # One run per workdir, a write probe first; a preemption notice ends the run at a step boundary (`Preempted`).
