@@ -24,12 +24,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--private", action="store_true", help="create the Hub repo private (with --push-to-hub)")
   args = parser.parse_args(argv)
 
-  from tsallis_jax.train.config import ConfigError
-  from tsallis_jax.train.export import ExportError, export_workdir, push_to_hub
+  from tsallis_jax.errors import InputError
+  from tsallis_jax.train.export import export_workdir, push_to_hub
   try:
     folder, step = export_workdir(args.workdir, args.out, best=args.best, dtype=args.dtype,
                                   max_shard_size=args.max_shard_size)
-  except (ExportError, ConfigError) as e:
+  except InputError as e:  # ExportError, ConfigError, a missing model or tokenizer file, ...
     print(f"export error: {e}", file=sys.stderr)
     return 2
   print(f"exported step {step} of {args.workdir} ({'best' if args.best else 'latest'}) to {folder}")

@@ -10,7 +10,9 @@
 # 3. install requirements.txt + the accelerator's jax extra + launch/requirements-cloud.txt, then the package,
 # unless the venv's stamp says exactly these are installed; 4. export the multi-host variables that
 # tsallis_jax.distributed.maybe_initialize reads; 5. run `python -m experiments.train`, its output also appended to
-# the log file.
+# the log file. A SIGTERM or SIGINT to this script is passed on to the trainer as SIGTERM (its preemption notice: it
+# saves the current step and exits 75); the script then exits with the trainer's status, and 75 means "run this
+# same command again to resume" (what `python -m launch.tpu up --retries N` does).
 #
 # Options:
 #   --config NAME            experiments/configs/NAME.py (required)
@@ -137,6 +139,23 @@ run() {  # print, then run unless --dry-run
   if [[ $DRY_RUN == 0 ]]; then "$@"; fi
 }
 
+PREEMPTED=75  # tsallis_jax.train.preemption.PREEMPTED_EXIT_STATUS
+run_trainer() {  # like run, but in the background so that a SIGTERM to this script reaches the trainer at once
+  printf '+'; printf ' %q' "$@"; printf '\n'
+  [[ $DRY_RUN == 0 ]] || return 0
+  "$@" & local trainer=$! code=0
+  trap 'kill -TERM '"$trainer"' 2> /dev/null || true' TERM INT
+  while true; do  # `wait` returns early when a trap ran; wait again until the trainer has exited
+    wait "$trainer" && code=0 || code=$?
+    kill -0 "$trainer" 2> /dev/null || break
+  done
+  trap - TERM INT
+  if [[ $code == "$PREEMPTED" ]]; then
+    echo "host.sh: the trainer was preempted and saved a checkpoint; run the same command again to resume" >&2
+  fi
+  return "$code"
+}
+
 cd "$REPO"
 if [[ $DRY_RUN == 0 ]]; then
   mkdir -p "$(dirname "$LOG")"
@@ -194,8 +213,9 @@ done
 TRAIN=(env "${ENV_ARGS[@]}" "$VENV/bin/python" -m experiments.train --config "$CONFIG" --workdir "$TRAIN_WORKDIR"
        "${FETCHED_ARGS[@]}" "${TRAIN_ARGS[@]}")
 if [[ $SYNC_WORKDIR == 0 ]]; then
-  run "${TRAIN[@]}"
-  exit 0
+  status=0
+  run_trainer "${TRAIN[@]}" || status=$?
+  exit "$status"
 fi
 
 # --sync-workdir: download the bucket's run (the resume point), train locally, upload periodically and at exit.
@@ -225,7 +245,7 @@ if [[ $DRY_RUN == 0 ]]; then
   UPLOADER=$!
 fi
 status=0
-run "${TRAIN[@]}" || status=$?
+run_trainer "${TRAIN[@]}" || status=$?
 if [[ -n "$UPLOADER" ]]; then kill "$UPLOADER" 2> /dev/null || true; wait "$UPLOADER" 2> /dev/null || true; fi
 upload
 exit "$status"

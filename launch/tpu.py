@@ -37,6 +37,10 @@ ACTIONS = ("up", "create", "sync", "run", "logs", "status", "delete", "local")
 DEAD_STATES = {"PREEMPTED", "TERMINATED", "FAILED", "SUSPENDED", "SUSPENDING"}
 READY_STATES = {"READY", "ACTIVE"}
 FETCH_KEYS = ("data_dir", "model_path", "init_checkpoint")  # config keys naming inputs the workers must copy
+# The trainer's exit status after a preemption notice (SIGTERM or JAX's preemption sync point) and a checkpoint of
+# the current step: "run me again". Equal to tsallis_jax.train.preemption.PREEMPTED_EXIT_STATUS (a test checks it;
+# this module does not import jax).
+PREEMPTED_EXIT_STATUS = 75
 
 
 class LaunchError(ValueError):
@@ -369,6 +373,10 @@ def up(plan: Plan, runner: Runner) -> int:
         runner.check(delete_command(plan))
       return 0
     state = slice_state(plan, runner)
+    if status == PREEMPTED_EXIT_STATUS and state in READY_STATES:
+      runner.note(f"attempt {attempt + 1}: the trainer was preempted on a live slice (exit {status}) and saved a "
+                  f"checkpoint; running it again to resume from {plan.workdir}")
+      continue
     if state not in DEAD_STATES and state is not None:
       print(f"training exited with status {status} on a {state} slice: not a preemption, not retrying. "
             f"Read the log with `python -m launch.tpu logs --name {plan.name} --zone {plan.zone}`.", file=sys.stderr)
@@ -418,8 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--spot", action="store_true", help="spot capacity (cheaper, can be preempted at any time)")
   parser.add_argument("--preemptible", action="store_true", help="legacy preemptible capacity (24 h limit)")
   parser.add_argument("--queued", action="store_true", help="request through a queued resource")
-  parser.add_argument("--retries", type=int, default=0, help="up: recreate and resume this many times after "
-                      "preemption")
+  parser.add_argument("--retries", type=int, default=0, help="up: resume this many times after a "
+                      "preemption: a dead slice is recreated; a trainer that exited 75 (preemption notice, checkpoint "
+                      "saved) on a live slice is run again")
   parser.add_argument("--detach", action="store_true", help="run under nohup; follow with the `logs` action")
   parser.add_argument("--delete-when-done", action="store_true", help="up: delete the slice after a clean finish")
   parser.add_argument("--sync-workdir", action="store_true", help="single-host slices: train in a local mirror "

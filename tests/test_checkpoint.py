@@ -53,13 +53,32 @@ def _damage_arrays(step_dir: pathlib.Path):
     p.write_bytes(data[:len(data) // 2])
 
 
-@pytest.mark.parametrize("damage", ["truncate_arrays", "corrupt_meta", "remove_state"])
+def _array_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  """The step's merged array data files (`state/d/*`; the per-process `ocdbt.process_*` copies are not read)."""
+  files = sorted(p for p in (step_dir / "state" / "d").iterdir() if p.is_file())
+  assert files, list((step_dir / "state").rglob("*"))
+  return files
+
+
+def _files(folder: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage", ["missing_array_file", "truncated_array_file", "garbage_state_metadata",
+                                    "truncate_arrays", "corrupt_meta", "remove_state"])
 def test_damaged_newest_step_falls_back_to_previous_with_a_warning(tmp_path, mesh, damage):
   ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
   for step in (1, 2):
     ckpt.save(step, _state(mesh, step), _meta(step))
   newest = tmp_path / "checkpoints" / "2"
-  if damage == "truncate_arrays":
+  if damage == "missing_array_file":
+    _array_files(newest)[0].unlink()
+  elif damage == "truncated_array_file":
+    first = _array_files(newest)[0]
+    first.write_bytes(first.read_bytes()[:len(first.read_bytes()) // 2])
+  elif damage == "garbage_state_metadata":
+    (newest / "state" / "_METADATA").write_bytes(b"\x00\xffgarbage{")
+  elif damage == "truncate_arrays":
     _damage_arrays(newest)
   elif damage == "corrupt_meta":
     for p in (newest / "meta").rglob("*"):
@@ -68,12 +87,14 @@ def test_damaged_newest_step_falls_back_to_previous_with_a_warning(tmp_path, mes
   else:
     import shutil
     shutil.rmtree(newest / "state")
-  with pytest.warns(CorruptCheckpointWarning, match="step 2"):
+  damaged = _files(newest)
+  kept = tmp_path / "checkpoints" / "2.corrupt"
+  with pytest.warns(CorruptCheckpointWarning, match=rf"step 2 in .* is unreadable .*moving it to {kept}"):
     step, restored, meta = ckpt.restore(jax.tree.map(jnp.zeros_like, _state(mesh, 0)))
   assert step == 1 and meta["step"] == 1
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(_state(mesh, 1)["w"]))
-  # The damaged step is kept aside for inspection, never read again, and step 2 can be written anew.
-  assert (tmp_path / "checkpoints" / "2.corrupt").is_dir() and not newest.exists()
+  # The damaged step is kept aside, byte for byte, for inspection, never read again, and step 2 can be written anew.
+  assert _files(kept) == damaged and not newest.exists()
   ckpt.save(2, _state(mesh, 2), _meta(2))
   step, restored, _ = ckpt.restore(jax.tree.map(jnp.zeros_like, _state(mesh, 0)))
   assert step == 2
@@ -131,3 +152,39 @@ def test_params_only_checkpoint_round_trip(tmp_path, mesh):
   np.testing.assert_array_equal(np.asarray(back["a"]), np.asarray(params["a"]))
   with pytest.raises(FileNotFoundError, match="init_checkpoint"):
     load_params(str(tmp_path / "missing"), params)
+
+
+_FAILING_SAVE = """
+import resource, sys
+import jax, jax.numpy as jnp
+from tsallis_jax.train.checkpoint import Checkpointer, CheckpointSaveError
+ckpt = Checkpointer(sys.argv[1], max_to_keep=1)
+ckpt.save(1, {"w": jnp.ones((4, 4))}, {"step": 1})
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # the disk is full from now on: writes over 4 KiB fail
+try:
+  ckpt.save(2, {"w": jax.random.normal(jax.random.key(0), (1024, 1024))}, {"step": 2})  # incompressible
+except CheckpointSaveError as e:
+  print("save failed:", e)
+else:
+  sys.exit("the save of a 4 MiB array under a 4 KiB file-size limit succeeded")
+"""
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
+  """With max_to_keep=1, a save that fails mid-write (file-size limit: EFBIG, as a full disk gives ENOSPC) leaves
+  step 1 readable; the next process resumes from it."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run([sys.executable, "-c", _FAILING_SAVE, str(tmp_path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "save failed: saving step 2" in result.stdout and "the previous checkpoints [1] are untouched" in result.stdout
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=1)
+  assert ckpt.latest.all_steps() == [1]
+  step, restored, meta = ckpt.restore({"w": jnp.zeros((4, 4))})
+  assert step == 1 and meta == {"step": 1}
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.ones((4, 4)))
+  ckpt.close()

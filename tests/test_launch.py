@@ -4,6 +4,7 @@ A fake `gcloud` on PATH records every call it receives, so the tests check both 
 real run executes, and that bad arguments fail before any gcloud command runs.
 """
 import os
+import pathlib
 import shlex
 import sys
 import tarfile
@@ -150,6 +151,11 @@ elif "create" in argv:
   open(state, "w").write("READY")
 elif "delete" in argv and os.path.exists(state):
   os.remove(state)
+elif "ssh" in argv and "host.sh" in argv[-1] and os.environ.get("FAKE_GCLOUD_EXIT_75_ONCE"):
+  marker = state + ".exit_75_once"
+  if not os.path.exists(marker):  # the trainer got a preemption notice, saved and exited 75; the slice lives on
+    open(marker, "w").close()
+    sys.exit(75)
 elif "ssh" in argv and "host.sh" in argv[-1] and os.environ.get("FAKE_GCLOUD_PREEMPT_ONCE"):
   os.environ.pop("FAKE_GCLOUD_PREEMPT_ONCE")
   marker = state + ".preempted_once"
@@ -213,6 +219,23 @@ def test_preempted_slice_is_recreated_and_the_run_repeated(fake_gcloud):
   assert creates[0] < runs[0] < creates[1] < runs[1]
   assert any(" tpu-vm delete " in c for c in calls[runs[0]:creates[1]])  # the dead slice is deleted first
   assert calls[runs[0]] == calls[runs[1]]  # the same command: the trainer resumes from the bucket workdir
+
+
+def test_trainer_exit_75_on_a_live_slice_is_run_again(fake_gcloud):
+  """Exit status 75 (the trainer saved a checkpoint after a preemption notice) means "resume": same slice, same
+  command; without --retries it is returned as is."""
+  from tsallis_jax.train import preemption
+  assert tpu.PREEMPTED_EXIT_STATUS == preemption.PREEMPTED_EXIT_STATUS == 75
+  args = ("up", *SLICE, "--config", SAMPLE, "--workdir", BUCKET, "--spot")
+  status, out, err, calls = fake_gcloud(*args, "--retries", "1", FAKE_GCLOUD_EXIT_75_ONCE="1")
+  assert status == 0, err
+  runs = [c for c in calls if "launch/host.sh" in c]
+  assert len(runs) == 2 and runs[0] == runs[1]
+  assert len([c for c in calls if " tpu-vm create " in c]) == 1  # the live slice is reused
+  assert "preempted on a live slice (exit 75)" in out
+  (pathlib.Path(os.environ["FAKE_GCLOUD_STATE"] + ".exit_75_once")).unlink()
+  status, out, err, calls = fake_gcloud(*args, FAKE_GCLOUD_EXIT_75_ONCE="1")
+  assert status == 1 and len([c for c in calls if "launch/host.sh" in c]) == 1  # no retries left
 
 
 # --- bad arguments fail before anything is created ------------------------------------------------------------------

@@ -165,6 +165,37 @@ def test_two_fake_hosts_resume_when_the_same_command_runs_again(tmp_path):
   assert rows[1]["learning_rate"] == pytest.approx(0.002)
 
 
+_FAKE_TRAINER = """#!/usr/bin/env bash
+# Stands in for `python -m experiments.train`: waits; on SIGTERM (a preemption notice) "saves" and exits 75.
+trap 'echo "trainer: SIGTERM, checkpoint saved"; exit 75' TERM
+echo "trainer: running"
+while true; do sleep 0.1; done
+"""
+
+
+def test_sigterm_reaches_the_trainer_and_exit_75_is_reported(tmp_path):
+  """A SIGTERM to host.sh (the VM's shutdown, or a scheduler) is forwarded to the trainer at once, and the script
+  exits with the trainer's 75, "run the same command again"."""
+  import signal
+  import time
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  (venv / "bin" / "python").write_text(_FAKE_TRAINER)
+  (venv / "bin" / "python").chmod(0o755)
+  log = tmp_path / "host.log"
+  proc = subprocess.Popen(["bash", HOST, "--skip-install", "--venv", str(venv), "--accelerator", "cpu", "--log",
+                           str(log), "--config", CONFIG, "--workdir", str(tmp_path / "run")], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 60
+  while "trainer: running" not in (log.read_text() if log.exists() else ""):
+    assert proc.poll() is None and time.time() < deadline, log.read_text() if log.exists() else ""
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=30)
+  assert proc.returncode == 75, out
+  assert "trainer: SIGTERM, checkpoint saved" in out and "run the same command again to resume" in out
+
+
 # --- --sync-workdir: a local mirror of the gs:// workdir --------------------------------------------------------------
 
 _FAKE_GCLOUD_STORAGE = """#!{python}

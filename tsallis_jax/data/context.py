@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from tsallis_jax.data.records import Record
+from tsallis_jax.data.records import BudgetError, Record
 
 
 def context_units(record: Record) -> list[tuple[int, str]]:
@@ -78,8 +78,9 @@ def fit_context(record: Record, count_tokens: Callable[[str], int], max_prompt_t
     return join_units(units), 0
   base = count_tokens("")
   if base > max_prompt_tokens:
-    raise ValueError(f"{record.where()}: the prompt without any context already has {base} tokens, over "
-                     f"max_prompt_tokens={max_prompt_tokens}; raise max_prompt_tokens.")
+    raise BudgetError(f"{record.where()}: the prompt without any context already has {base} tokens, over "
+                      f"max_prompt_tokens={max_prompt_tokens}; raise max_prompt_tokens (the config key "
+                      "max_prompt_len).")
   lo, hi = 0, len(units) - 1  # invariant: the prefix of length lo fits, the one of length hi + 1 does not
   while lo < hi:
     mid = (lo + hi + 1) // 2

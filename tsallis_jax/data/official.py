@@ -27,6 +27,7 @@ import os
 from typing import Any, Callable, Literal
 
 from tsallis_jax.data.records import Passage, Record, RecordError, require
+from tsallis_jax.errors import MissingFileError
 
 log = logging.getLogger(__name__)
 OnError = Literal["raise", "skip"]
@@ -122,7 +123,7 @@ READERS: dict[str, Callable[[Any, str, int], Record]] = {
 
 def _load(path: str) -> list[Any]:
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist; see builders.MANUAL_DOWNLOAD_INSTRUCTIONS for where to get "
+    raise MissingFileError(f"{path} does not exist; see builders.MANUAL_DOWNLOAD_INSTRUCTIONS for where to get "
                             "the official files.")
   with open(path, encoding="utf-8") as f:
     if path.endswith(".jsonl"):

@@ -31,7 +31,7 @@ import grain
 import numpy as np
 
 from tsallis_jax.data import prompts
-from tsallis_jax.data.records import Record
+from tsallis_jax.data.records import BudgetError, Record
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,9 @@ class PromptLoader:
                   c.max_prompt_tokens)
       a_ids = prompts.gold_answer_ids(record, self.tokenizer, style=c.style)
       if len(a_ids) > c.max_answer_tokens:
-        raise ValueError(f"{record.where()}: the gold answer has {len(a_ids)} tokens (EOS included), over "
-                         f"max_answer_tokens={c.max_answer_tokens}; raise max_answer_tokens.")
+        raise BudgetError(f"{record.where()}: the gold answer has {len(a_ids)} tokens (EOS included), over "
+                          f"max_answer_tokens={c.max_answer_tokens}; raise max_answer_tokens (the config key "
+                          "max_answer_len).")
       self._cache[index] = (p_ids, a_ids)
     return self._cache[index]
 

@@ -13,9 +13,15 @@ import dataclasses
 import json
 from typing import Any
 
+from tsallis_jax.errors import InputError
 
-class RecordError(ValueError):
+
+class RecordError(InputError):
   """A record in an official file is malformed. The message names the file, the record and the field."""
+
+
+class BudgetError(InputError):
+  """A record's prompt or gold answer does not fit its token budget (`max_prompt_len` / `max_answer_len`)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ import numpy as np
 
 from tsallis_jax.data import official
 from tsallis_jax.data.records import Record
+from tsallis_jax.errors import MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,10 @@ def required_files(dataset: str) -> list[str]:
 
 
 def check_files(dataset: str, folder: str) -> None:
-  """Raises `FileNotFoundError` listing the missing official files and how to get them."""
+  """Raises `MissingFileError` (a `FileNotFoundError`) listing the missing official files and how to get them."""
   missing = [f for f in required_files(dataset) if not os.path.isfile(os.path.join(folder, f))]
   if missing:
-    raise FileNotFoundError(f"{dataset}: missing {missing} in {folder!r}. {MANUAL_DOWNLOAD_INSTRUCTIONS[dataset]}")
+    raise MissingFileError(f"{dataset}: missing {missing} in {folder!r}. {MANUAL_DOWNLOAD_INSTRUCTIONS[dataset]}")
 
 
 def _permuted(records: list[Record], seed: int, file_name: str) -> list[Record]:

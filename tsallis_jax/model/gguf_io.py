@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import safetensors.numpy
 
+from tsallis_jax.errors import MissingFileError
 from tsallis_jax.model.config import ModelConfig
 from tsallis_jax.model.hf_io import CheckpointError, build_from_tensors, load_hf_checkpoint, load_tokenizer
 from tsallis_jax.model.transformer import Transformer
@@ -65,10 +66,10 @@ def smollm2_gguf_path() -> pathlib.Path:
   """The packaged SmolLM2-135M-Instruct GGUF file (found without importing the package, which needs `llm`)."""
   spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f"The package {SMOLLM2_PACKAGE} is not installed; run `{SMOLLM2_INSTALL}`.")
+    raise MissingFileError(f"The package {SMOLLM2_PACKAGE} is not installed; run `{SMOLLM2_INSTALL}`.")
   path = pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
   if not path.is_file():
-    raise FileNotFoundError(f"{path} is missing; reinstall with `{SMOLLM2_INSTALL}`.")
+    raise MissingFileError(f"{path} is missing; reinstall with `{SMOLLM2_INSTALL}`.")
   return path
 
 
@@ -227,6 +228,8 @@ def convert_gguf_to_hf(path: str | os.PathLike, out: str | os.PathLike) -> pathl
 def cached_hf_folder(gguf_path: str | os.PathLike) -> pathlib.Path:
   """The converted HF folder for a GGUF file, converting on first use; keyed by the file's name, size and mtime."""
   gguf_path = pathlib.Path(gguf_path)
+  if not gguf_path.is_file():
+    raise CheckpointError(f"GGUF file {gguf_path} does not exist; set model_path to a .gguf file (or 'smollm2')")
   stat = gguf_path.stat()
   folder = cache_root() / "gguf" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{CONVERTER_VERSION}"
   if not (folder / "model.safetensors").is_file():

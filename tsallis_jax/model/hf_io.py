@@ -23,6 +23,7 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
+from tsallis_jax.errors import InputError
 from tsallis_jax.model.config import ModelConfig
 from tsallis_jax.model.sharding import param_shardings
 from tsallis_jax.model.transformer import Transformer, abstract_model
@@ -34,7 +35,7 @@ INDEX_FILE = "model.safetensors.index.json"
 Path = tuple[Any, ...]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
   """A checkpoint that cannot be loaded: a missing file, a missing or mis-shaped tensor, an unknown architecture."""
 
 
@@ -332,4 +333,14 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, *, tokenizer
 def load_tokenizer(path: str | os.PathLike):
   """`transformers.AutoTokenizer` from the checkpoint folder, offline (`local_files_only=True`)."""
   from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  files = ("tokenizer.json", "tokenizer.model", "vocab.json")
+  if not pathlib.Path(path).is_dir() or not any((pathlib.Path(path) / f).is_file() for f in files):
+    # transformers would build an empty tokenizer from config.json alone and training would run on nothing.
+    raise CheckpointError(f"no tokenizer in {path}: expected one of {list(files)} (the files "
+                          "tokenizer.save_pretrained writes); copy them from the model's repository")
+  try:
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  except (OSError, ValueError) as e:  # transformers' "can't load tokenizer" errors
+    raise CheckpointError(f"no usable tokenizer in {path} ({type(e).__name__}: {' '.join(str(e).split())[:300]}); the "
+                          "folder needs tokenizer.json or the files save_pretrained writes (tokenizer_config.json, "
+                          "vocab/merges)") from None

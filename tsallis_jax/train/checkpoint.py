@@ -17,6 +17,7 @@ Atomicity (verified on orbax-checkpoint 0.12.8, see tests/test_checkpoint.py): o
 temporary folder `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only after every item committed, and
 `max_to_keep` deletes old steps only after the new step is finalised; so nothing is overwritten or removed before
 a new checkpoint is complete, and a killed save leaves only a tmp folder that is never listed as a step.
+A save that fails (disk full, permissions) raises `CheckpointSaveError` and leaves every earlier step in place.
 A step folder that exists but cannot be read (truncated or corrupt files) is detected at restore time: we warn,
 move it aside to `<step>.corrupt` (kept for inspection, never read again) and fall back to the previous step.
 A readable step whose arrays have other shapes than the model's (another config, or a checkpoint written before the
@@ -58,6 +59,10 @@ def resolve_workdir(path: str | os.PathLike) -> epath.Path:
 
 class CorruptCheckpointWarning(UserWarning):
   """A checkpoint step could not be restored and an older one is used instead."""
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (disk full, permissions); the previous checkpoints are untouched."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -127,8 +132,15 @@ class Checkpointer:
     manager = self.best if best else self.latest
     if step in manager.all_steps():
       return
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    manager.wait_until_finished()
+    try:
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 (orbax wraps OSErrors in its own types)
+      kept = [s for s in manager.all_steps() if s != step]
+      raise CheckpointSaveError(
+          f"saving step {step} into {manager.directory} failed ({type(e).__name__}: {str(e)[:300]}); the previous "
+          f"checkpoints {sorted(kept)} are untouched (orbax writes into a temporary folder and deletes old steps only "
+          "after a save completes). Free space or fix permissions, then run the same command to resume") from e
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()

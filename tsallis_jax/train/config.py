@@ -17,6 +17,8 @@ import os
 import pathlib
 from typing import Any
 
+from tsallis_jax.errors import InputError
+
 ESTIMATORS = ("grpo", "garl", "paft")
 Q_SCHEDULES = ("constant", "linear", "step", "cosine")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -28,8 +30,8 @@ SCALE_REWARDS = ("group", "batch", "none")  # TRL's GRPOConfig.scale_rewards nam
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "seq_sum")  # TRL's GRPOConfig.loss_type names, and seq_sum
 
 
-class ConfigError(ValueError):
-  """An unknown key or an impossible value in a `TrainConfig`."""
+class ConfigError(InputError):
+  """An unknown key or an impossible value in a `TrainConfig` (a `ValueError`)."""
 
 
 @dataclasses.dataclass(frozen=True)

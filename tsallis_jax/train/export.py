@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from tsallis_jax.errors import InputError
 from tsallis_jax.model import abstract_model
 from tsallis_jax.model.hf_io import read_hf_config, save_hf_checkpoint
 from tsallis_jax.train import checkpoint as ckpt_lib
@@ -36,7 +37,7 @@ from tsallis_jax.train.config import TrainConfig
 PRESET_MAX_POSITIONS = {"qwen3_0_6b": 40_960, "smollm2_135m": 8_192}
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
   """A workdir that cannot be exported: no config.json, no checkpoint, or params of another model."""
 
 

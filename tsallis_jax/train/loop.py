@@ -35,8 +35,10 @@ from tsallis_jax.model import ModelConfig, abstract_model, create_model
 from tsallis_jax.sampler import generate_impl
 from tsallis_jax.train import checkpoint as ckpt_lib
 from tsallis_jax.train import evaluate as eval_lib
+from tsallis_jax.train import preemption
 from tsallis_jax.train import rollout as rollout_lib
 from tsallis_jax.train import state as state_lib
+from tsallis_jax.train import workdir as workdir_lib
 from tsallis_jax.train.config import ConfigError, TrainConfig, check_fits, check_mesh, parse_options
 from tsallis_jax.train.schedules import make_optimizer
 from tsallis_jax.train.step import BATCH_AXES, TokenIds, make_train_step
@@ -306,8 +308,17 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Ta
   Writes `workdir/config.json`, `metrics.jsonl` (one row per step, plus eval rows), TensorBoard events,
   `checkpoints/`, `best/` and `results.json` (process 0 writes files; every process writes its checkpoint shards).
   `workdir` is a local folder or an object-store URI such as `gs://bucket/run` (see `checkpoint.resolve_workdir`).
+  Raises `workdir.WorkdirError` when another run holds the workdir or it cannot be written, and `preemption.Preempted`
+  after a preemption notice (SIGTERM, or JAX's sync point on a multi-host job), once the current step is saved.
   """
   workdir = ckpt_lib.resolve_workdir(workdir)
+  # One run per workdir, a write probe first; a preemption notice ends the run at a step boundary (`Preempted`).
+  with workdir_lib.hold(workdir), preemption.Watcher() as watcher:
+    return _train(cfg, workdir, task, watcher, observe)
+
+
+def _train(cfg: TrainConfig, workdir, task: Task | None, watcher: preemption.Watcher,
+           observe: Callable[[int, Any], None] | None) -> dict[str, Any]:
   s = setup(cfg, task)
   mesh, task, programs = s.mesh, s.task, s.programs
   abstract_params = s.abstract_params
@@ -322,6 +333,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Ta
           step=jnp.zeros((), jnp.int32), params=p, opt_state=programs.tx.init(p),
           key=jnp.zeros((2,), jnp.uint32), ref_params=p if with_ref else None), abstract_params),
       state_sh)
+  if distributed.is_main_process():
+    workdir_lib.check_free_space(workdir, 2 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)))
   restored = checkpointer.restore(abstract_state)
   meta: dict[str, Any] = {}
   if restored is not None:
@@ -423,6 +436,13 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Ta
       checkpointer.save(done, state, checkpoint_meta(done))
       last_good = done
       t_last = time.perf_counter()
+    if done < cfg.num_steps and watcher.requested(done):  # a preemption notice: save this step, flush, stop
+      if pending is not None:
+        flush(pending)
+      checkpointer.save(done, state, checkpoint_meta(done))  # a no-op when this step was just saved
+      writer.close()
+      checkpointer.close()
+      raise preemption.Preempted(done, workdir)
   if pending is not None:
     flush(pending)
 

@@ -100,8 +100,12 @@ def build_task(cfg: TrainConfig, tokenizer: Any = None) -> Task:
       from tsallis_jax.data import splits as splits_lib  # written by the data engineer (issue 6)
     except ImportError as e:
       raise ConfigError(f"task={cfg.task!r} needs tsallis_jax.data.splits, which is not available ({e})") from None
+    if not cfg.data_dir:
+      raise ConfigError(f"task={cfg.task!r} needs data_dir, the folder of its official files. "
+                        f"{splits_lib.MANUAL_DOWNLOAD_INSTRUCTIONS[cfg.task]}")
+    # The files first (a missing folder or a malformed record is the likelier mistake), then the tokenizer.
+    parts = {name: splits_lib.load_split(cfg.task, name, data_dir=cfg.data_dir) for name in ("train", "val", "test")}
     if tokenizer is None:
       raise ConfigError(f"task={cfg.task!r} needs the model's tokenizer (model=hf with model_path)")
-    parts = {name: splits_lib.load_split(cfg.task, name, data_dir=cfg.data_dir) for name in ("train", "val", "test")}
     return Task(tokenizer, parts["train"], parts["val"], parts["test"], {"task": cfg.task})
   raise ConfigError(f"task={cfg.task!r} is unknown; use synthetic, fixture, finqa, hotpotqa or musique")
