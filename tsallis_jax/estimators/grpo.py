@@ -44,6 +44,20 @@ def _std(x: jax.Array, axis, ddof: int) -> jax.Array:
   return jnp.sqrt(jnp.sum((x - mean) ** 2, axis=axis) / (count - ddof))
 
 
+K3_MAX_LOG_RATIO = 20.0  # verl's low_var_kl clamps the log ratio here too: exp(20) is finite, exp(89) is not
+
+
+def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+  """The k3 estimate of KL(pi || pi_ref) per sampled token, exp(d) - d - 1 with d = ref_logp - logp (>= 0).
+
+  d is clamped to +-K3_MAX_LOG_RATIO (as verl's `low_var_kl`), so a token the current policy has made ~90 nats less
+  likely than the reference gives a large finite penalty instead of inf (found by tests/test_fuzz.py). The one place
+  the trainer and `grpo_loss` compute it.
+  """
+  d = jnp.clip(ref_logp.astype(jnp.float32) - logp.astype(jnp.float32), -K3_MAX_LOG_RATIO, K3_MAX_LOG_RATIO)
+  return jnp.exp(d) - d - 1.0
+
+
 def grpo_advantages(rewards_BxG: jax.Array, *, scale_rewards: str = "group", std_eps: float = 1e-4,
                     std_ddof: int = 1) -> jax.Array:
   """Group-normalised advantages (r - group mean) / (std + std_eps); zero where the std is zero (spec 2.6)."""
@@ -124,8 +138,8 @@ def grpo_loss(
   per_token_BxGxT = -jnp.minimum(unclipped_BxGxT, clipped_BxGxT)
   kl_BxGxT = jnp.zeros_like(per_token_BxGxT)
   if seq.ref_logp_z_BxGxT is not None:
-    ref_minus_logp_BxGxT = jnp.where(mask_BxGxT > 0, seq.ref_logp_z_BxGxT.astype(jnp.float32), 0.0) - safe_logp_BxGxT
-    kl_BxGxT = jnp.exp(ref_minus_logp_BxGxT) - ref_minus_logp_BxGxT - 1.0
+    ref_BxGxT = jnp.where(mask_BxGxT > 0, seq.ref_logp_z_BxGxT.astype(jnp.float32), safe_logp_BxGxT)
+    kl_BxGxT = k3_kl(safe_logp_BxGxT, ref_BxGxT)
   if beta > 0:
     per_token_BxGxT = per_token_BxGxT + beta * kl_BxGxT
 

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tsallis_jax.estimators import SequenceLogProbs, garl_loss, grpo_loss, paft_loss
+from tsallis_jax.estimators import SequenceLogProbs, garl_loss, grpo_loss, k3_kl, paft_loss
 from tsallis_jax.model import make_attention_mask, make_positions
 from tsallis_jax.model.logprobs import token_logprobs, token_logprobs_from_hidden
 from tsallis_jax.sampler import Rollout
@@ -150,8 +150,7 @@ def _estimator_loss(p, graphdef, cfg: TrainConfig, q, keys_B, seqs: dict, ref_lo
                                                         - seqs["model_logp_NxT"]), z_NxT)}
   kl_NxT = None
   if ref_logp_NxT is not None:
-    delta_NxT = ref_logp_NxT - logp_NxT
-    kl_NxT = jnp.exp(delta_NxT) - delta_NxT - 1.0  # k3 estimate of KL(pi || pi_init) per sampled token
+    kl_NxT = k3_kl(logp_NxT, ref_logp_NxT)  # k3 estimate of KL(pi || pi_init) per sampled token
     aux["kl/ref"] = jax.lax.stop_gradient(_masked_mean(kl_NxT, z_NxT))
   if cfg.estimator == "grpo":
     seq = SequenceLogProbs(
