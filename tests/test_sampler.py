@@ -470,3 +470,16 @@ def test_greedy_equals_transformers_generate(family, tmp_path):
                                  attention_mask=torch.tensor(mask_BxP, dtype=torch.long), max_new_tokens=new,
                                  min_new_tokens=new, do_sample=False, pad_token_id=PAD)
   np.testing.assert_array_equal(np.asarray(rollout.tokens_NxT), expected[:, tokens_BxP.shape[1]:].numpy())
+
+
+# ------------------------------------------------------------------------------------------------ saved reference
+
+
+def test_samples_equal_the_saved_reference_bit_for_bit():
+  """Fixed-key rollouts of the tiny model equal those saved from the sampler before its split into stages
+  (`tests/fixtures/sampler_reference.py`): every field, tokens and log-probs, bit for bit."""
+  from tests.fixtures import sampler_reference
+  saved = np.load(sampler_reference.PATH)
+  for name, fields in sampler_reference.rollouts().items():
+    for field, value in fields.items():
+      np.testing.assert_array_equal(value, saved[f"{name}/{field}"], err_msg=f"{name}/{field}")
