@@ -396,7 +396,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Ta
     batch_np = next(data_iter)
     batch = _put_rows(mesh, {k: v for k, v in batch_np.items() if k != "index_B"}, cfg.batch_size)
     rollout_key, step_key = _step_keys(state.key, step)
-    rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxT"], batch["prompt_mask_BxT"], rollout_key)
+    rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"], rollout_key)
     train_batch = {"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
                    "answer_mask_BxA": batch["answer_mask_BxA"]}
     state, metrics_dev = programs.train_step(state, train_batch, step_key, q_range)
