@@ -35,7 +35,7 @@ from tsallis_jax.model import ModelConfig, abstract_model, create_model
 from tsallis_jax.sampler import generate_impl
 from tsallis_jax.train import checkpoint as ckpt_lib
 from tsallis_jax.train import evaluate as eval_lib
-from tsallis_jax.train import rollout as rollout_lib
+from tsallis_jax.train import completions as completions_lib
 from tsallis_jax.train import state as state_lib
 from tsallis_jax.train.config import ConfigError, TrainConfig, check_fits, check_mesh, parse_options
 from tsallis_jax.train.schedules import make_optimizer
@@ -130,11 +130,15 @@ def with_think_tokens(model: nnx.Module, tokenizer: Any, mesh) -> tuple[nnx.Modu
   return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params)), tokenizer
 
 
+# `with_think_tokens` makes `</think>` one token of every loaded tokenizer (`tasks.Task.close_tag_ids` requires it).
+THINK_CLOSE_LEN = 1
+
+
 def load_model(cfg: TrainConfig, mesh) -> tuple[nnx.Module, Any]:
   """(model on the mesh, tokenizer or None): a preset with random init, an HF folder or a GGUF file."""
   if cfg.model == "hf":
     from tsallis_jax.model.hf_io import load_hf_checkpoint, load_tokenizer, read_hf_config
-    check_fits(cfg, read_hf_config(cfg.model_path).get("max_position_embeddings"))
+    check_fits(cfg, read_hf_config(cfg.model_path).get("max_position_embeddings"), THINK_CLOSE_LEN)
     return with_think_tokens(load_hf_checkpoint(cfg.model_path, dtype=cfg.dtype, mesh=mesh, **model_overrides(cfg)),
                              load_tokenizer(cfg.model_path), mesh)
   if cfg.model == "gguf":
@@ -142,7 +146,7 @@ def load_model(cfg: TrainConfig, mesh) -> tuple[nnx.Module, Any]:
     from tsallis_jax.model.hf_io import load_hf_checkpoint, load_tokenizer, read_hf_config
     path = gguf_io.smollm2_gguf_path() if cfg.model_path == "smollm2" else cfg.model_path
     folder = gguf_io.cached_hf_folder(path)
-    check_fits(cfg, read_hf_config(folder).get("max_position_embeddings"))
+    check_fits(cfg, read_hf_config(folder).get("max_position_embeddings"), THINK_CLOSE_LEN)
     return with_think_tokens(load_hf_checkpoint(folder, dtype=cfg.dtype, mesh=mesh, **model_overrides(cfg)),
                              load_tokenizer(folder), mesh)
   return None, None
@@ -192,9 +196,9 @@ def get_programs(cfg: TrainConfig, graphdef, abstract_vars, mesh, ids: TokenIds,
   with_ref = cfg.kl_coef > 0 or cfg.log_ref_kl
   state_sh = state_lib.state_shardings(abstract_vars, tx, mesh, rules, with_ref)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_lib.pure(abstract_vars))
-  train_sampling = rollout_lib.sampling_config(cfg, stop_ids=ids.stop_ids, pad_id=ids.pad_id,
+  train_sampling = completions_lib.sampling_config(cfg, stop_ids=ids.stop_ids, pad_id=ids.pad_id,
                                                close_tag_ids=ids.close_tag_ids)
-  eval_sampling = rollout_lib.sampling_config(cfg, stop_ids=ids.stop_ids, pad_id=ids.pad_id,
+  eval_sampling = completions_lib.sampling_config(cfg, stop_ids=ids.stop_ids, pad_id=ids.pad_id,
                                               close_tag_ids=ids.close_tag_ids, evaluation=True)
   train_rollout = _rollout_program(graphdef, train_sampling, mesh, state_sh.params)
   eval_rollout = _rollout_program(graphdef, eval_sampling, mesh, state_sh.params)

@@ -1,6 +1,6 @@
 """The train step: one jitted, pure function `(state, batch, key, q_range) -> (state, metrics)` (STYLE.md point 4).
 
-The batch holds the rollout (G sampled completions per prompt, from `rollout.py`) and the gold answers. One forward
+The batch holds the rollout (G sampled completions per prompt, from the sampler) and the gold answers. One forward
 pass of the current params scores either
 
 * the teacher-forced sequences [prompt, rationale, `</think>`, gold answer] (GARL and PAFT with the paper's
@@ -34,7 +34,7 @@ from tsallis_jax.estimators import SequenceLogProbs, garl_loss, grpo_loss, paft_
 from tsallis_jax.model import make_attention_mask, make_positions
 from tsallis_jax.model.logprobs import token_logprobs, token_logprobs_from_hidden
 from tsallis_jax.sampler import Rollout
-from tsallis_jax.train import rollout as rollout_lib
+from tsallis_jax.train import completions as completions_lib
 from tsallis_jax.train.config import TrainConfig
 from tsallis_jax.train.schedules import learning_rate_schedule, q_schedule_from_config
 from tsallis_jax.train.state import TrainState, replicated
@@ -65,7 +65,7 @@ def _sequences(cfg: TrainConfig, ids: TokenIds, rollout: Rollout, gold_NxA, gold
   """Tokens, pad mask and segment masks of the sequences this estimator scores (see the module docstring)."""
   teacher = cfg.estimator in ("garl", "paft") and cfg.weights == "likelihood"
   if teacher:
-    comp_NxT, z_NxT, y_NxT, valid_NxT, answered_N = rollout_lib.teacher_forced_completion(
+    comp_NxT, z_NxT, y_NxT, valid_NxT, answered_N = completions_lib.teacher_forced_completion(
         rollout, gold_NxA, gold_mask_NxA, ids.close_tag_ids, ids.stop_ids, ids.pad_id)
   else:
     comp_NxT, valid_NxT = rollout.tokens_NxT, rollout.mask_NxT
@@ -257,7 +257,7 @@ def _batch_sequences(cfg: TrainConfig, ids: TokenIds, batch: dict) -> dict:
   B = rollout.tokens_NxT.shape[0] // G
   gold_NxA = jnp.repeat(batch["answer_tokens_BxA"], G, axis=0)
   gold_mask_NxA = jnp.repeat(batch["answer_mask_BxA"], G, axis=0)
-  reward_N = rollout_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
+  reward_N = completions_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
   tokens_NxS, pad_NxS, z_NxT, y_NxT, answered_N = _sequences(cfg, ids, rollout, gold_NxA, gold_mask_NxA)
   return {"tokens_NxS": tokens_NxS, "pad_NxS": pad_NxS, "z_NxT": z_NxT, "y_NxT": y_NxT, "answered_N": answered_N,
           "model_logp_NxT": rollout.model_logp_NxT, "reward_BxG": reward_N.reshape(B, G)}
