@@ -30,7 +30,7 @@ from flax import nnx
 
 from tsallis_jax.model.cache import KVCache
 from tsallis_jax.model.config import ModelConfig
-from tsallis_jax.model.sharding import constrain
+from tsallis_jax.model.sharding import constrain, param_shardings
 
 _INIT_STD = 0.02
 
@@ -344,13 +344,7 @@ def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | N
   """
   if mesh is None:
     return Transformer(cfg, rngs=nnx.Rngs(seed))
-  from tsallis_jax.model.sharding import param_shardings
   graphdef, abstract_state = nnx.split(abstract_model(cfg, seed=seed))
-  shardings = param_shardings(abstract_state, mesh, cfg.sharding_rules)
-
-  @jax.jit
-  def init():
-    return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
-
-  state = jax.jit(init, out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
+  init = jax.jit(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed))),
+                 out_shardings=param_shardings(abstract_state, mesh, cfg.sharding_rules))
+  return nnx.merge(graphdef, init())

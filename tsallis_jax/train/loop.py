@@ -60,11 +60,6 @@ class NonFiniteLossError(FloatingPointError):
 # ------------------------------------------------------------------------------------------------ model and mesh
 
 
-def make_mesh(cfg: TrainConfig):
-  data, fsdp = check_mesh(cfg, jax.device_count())
-  return distributed.make_mesh({"data": data, "fsdp": fsdp})
-
-
 _OVERRIDE_TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -257,7 +252,7 @@ class Setup:
 
 
 def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
-  mesh = make_mesh(cfg)
+  mesh = distributed.make_mesh(dict(zip(BATCH_AXES, check_mesh(cfg, jax.device_count()))))
   model, tokenizer = load_model(cfg, mesh)
   task = task or build_task(cfg, tokenizer)
   ids = TokenIds(stop_ids=task.stop_ids, pad_id=task.pad_id, close_tag_ids=task.close_tag_ids)
