@@ -145,20 +145,20 @@ def test_two_level_inverse_cdf_draws_the_same_tokens_as_the_flat_cdf():
   inverse CDF, up to rounding at the cell boundaries. Zero-weight (-inf) entries, a whole -inf block and a ragged
   last block included."""
   rng = np.random.default_rng(7)
-  C, U = 22, 20_000
+  C, N = 22, 20_000
   logits_C = rng.normal(size=C).astype(np.float32) * 2.0
   logits_C[[0, 5, 8, 9, 10, 11, 21]] = -np.inf  # block size 4: entries 8..11 are one all -inf block
-  u_U = jnp.asarray(rng.uniform(size=U).astype(np.float32))
-  scaled_UxC = jnp.broadcast_to(jnp.asarray(logits_C), (U, C))
-  flat_U, flat_log_z_U = sampler_lib.inverse_cdf_sample(u_U, scaled_UxC)
-  block_U, block_log_z_U = sampler_lib.inverse_cdf_sample(u_U, scaled_UxC, block=4)
-  flat_U, block_U = np.asarray(flat_U), np.asarray(block_U)
-  assert np.isfinite(logits_C[block_U]).all()  # never a zero-weight entry
-  assert (flat_U == block_U).mean() > 0.999
-  np.testing.assert_allclose(block_log_z_U, flat_log_z_U, rtol=1e-6)
+  u_N = jnp.asarray(rng.uniform(size=N).astype(np.float32))
+  scaled_NxC = jnp.broadcast_to(jnp.asarray(logits_C), (N, C))
+  flat_N, flat_log_z_N = sampler_lib.inverse_cdf_sample(u_N, scaled_NxC)
+  block_N, block_log_z_N = sampler_lib.inverse_cdf_sample(u_N, scaled_NxC, block=4)
+  flat_N, block_N = np.asarray(flat_N), np.asarray(block_N)
+  assert np.isfinite(logits_C[block_N]).all()  # never a zero-weight entry
+  assert (flat_N == block_N).mean() > 0.999
+  np.testing.assert_allclose(block_log_z_N, flat_log_z_N, rtol=1e-6)
   probs_C = np.exp(logits_C.astype(np.float64) - logits_C[np.isfinite(logits_C)].max())
   probs_C /= probs_C.sum()
-  assert _chisquare_pvalue(np.bincount(block_U, minlength=C), probs_C) > 1e-3
+  assert _chisquare_pvalue(np.bincount(block_N, minlength=C), probs_C) > 1e-3
 
 
 def test_sampled_distribution_over_a_large_vocabulary_uses_two_levels_and_fits():
