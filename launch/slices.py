@@ -43,6 +43,7 @@ FAMILIES: dict[str, Family] = {f.prefix: f for f in (
     Family("v6e", (1, 4, 8, 16, 32, 64, 128, 256), 1, 4, 8, "v2-alpha-tpuv6e", 32),
 )}
 _ALIASES = {"v5e": "v5litepod"}
+THINK_CLOSE_LEN = 1  # tokens of `</think>`: one in Qwen3's vocabulary and in every tokenizer the trainer loads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +217,8 @@ def estimate_for_config(cfg, accelerator: Accelerator, mesh: dict[str, int]) -> 
     return None
   overrides = _model_overrides(getattr(cfg, "model_overrides", ""))
   chunk = overrides.get("attention_query_chunk", "none")
-  return estimate_memory(dims, batch_size=cfg.batch_size, num_samples=cfg.num_samples, seq_len=cfg.total_len,
-                         devices=accelerator.devices, fsdp=mesh["fsdp"],
+  return estimate_memory(dims, batch_size=cfg.batch_size, num_samples=cfg.num_samples,
+                         seq_len=cfg.total_len(THINK_CLOSE_LEN), devices=accelerator.devices, fsdp=mesh["fsdp"],
                          compute_bytes=2 if cfg.dtype == "bfloat16" else 4,
                          ref_params=bool(getattr(cfg, "log_ref_kl", True) or getattr(cfg, "kl_coef", 0.0)),
                          remat=overrides.get("remat", "false") in ("1", "true", "yes"),
@@ -321,11 +322,12 @@ def paper_table(config_names: list[str]) -> str:
     cfg = load_config(name)
     pick = suggest_for_config(cfg)
     if pick is None:
-      lines.append(f"| {name} | {cfg.batch_size} x {cfg.num_samples} | {cfg.total_len} | none fits | | |")
+      lines.append(f"| {name} | {cfg.batch_size} x {cfg.num_samples} | {cfg.total_len(THINK_CLOSE_LEN)} | none fits"
+                   " | | |")
       continue
     acc, mesh, est = pick
-    lines.append(f"| {name} | {cfg.batch_size} x {cfg.num_samples} | {cfg.total_len} | {acc} | {mesh} | "
-                 f"{est.state:.1f} / {est.rollout_kv:.1f} / {est.train_activations:.1f} |")
+    lines.append(f"| {name} | {cfg.batch_size} x {cfg.num_samples} | {cfg.total_len(THINK_CLOSE_LEN)} | {acc} |"
+                 f" {mesh} | {est.state:.1f} / {est.rollout_kv:.1f} / {est.train_activations:.1f} |")
   return "\n".join(lines)
 
 

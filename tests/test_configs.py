@@ -51,6 +51,8 @@ def test_unknown_key_names_the_key_a_suggestion_and_the_valid_keys():
     ("top_p=0.9", r"top_k=0, top_p=0.9: .*biases GARL, PAFT and GRPO"),
     ("grpo_loss_type=ppo", r"grpo_loss_type='ppo' is not one of \['grpo', 'bnpo', 'dr_grpo', 'dapo', 'seq_sum'\]"),
     ("grpo_scale_rewards=std", r"grpo_scale_rewards='std' is not one of \['group', 'batch', 'none'\]"),
+    ("rationale_budget=0", "rationale_budget=0: budget forcing needs at least one rationale token.*set"
+                           " rationale_budget >= 1"),
 ])
 def test_impossible_values_are_rejected_at_config_time(override, message):
   with pytest.raises(ConfigError, match=message):
@@ -87,8 +89,10 @@ def test_mesh_and_budget_checks():
   assert check_mesh(TrainConfig(batch_size=8, eval_batch_size=8, mesh_fsdp=2), 8) == (4, 2)
   cfg = TrainConfig(max_prompt_len=2048, rationale_budget=4096 - 128, max_answer_len=128)
   with pytest.raises(ConfigError, match="exceeds the model's maximum length 4096"):
-    check_fits(cfg, 4096)
-  check_fits(cfg, 40960)
+    check_fits(cfg, 4096, 1)
+  check_fits(cfg, 40960, 1)
+  with pytest.raises(ConfigError, match="max_prompt_len \\+ rationale_budget \\+ 2"):
+    check_fits(cfg, cfg.total_len(1), 2)  # a two-token closing tag needs one slot more
 
 
 def test_unknown_config_name_model_override_and_task_option():

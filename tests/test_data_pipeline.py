@@ -25,19 +25,19 @@ def _loader(records, tok, **kw):
 
 def test_batch_contents(records, tok):
   batch = _loader(records, tok)[0]
-  assert set(batch) == {"prompt_tokens_BxT", "prompt_mask_BxT", "answer_tokens_BxA", "answer_mask_BxA", "index_B"}
-  b, t = batch["prompt_tokens_BxT"].shape
+  assert set(batch) == {"prompt_tokens_BxP", "prompt_mask_BxP", "answer_tokens_BxA", "answer_mask_BxA", "index_B"}
+  b, t = batch["prompt_tokens_BxP"].shape
   assert b == 4 and t % 8 == 0 and batch["answer_tokens_BxA"].shape == (4, 6)
   for row, idx in enumerate(batch["index_B"]):
     r = records[idx]
-    mask = batch["prompt_mask_BxT"][row]
+    mask = batch["prompt_mask_BxP"][row]
     assert mask[-1] and not mask[0]  # left padded
     assert np.all(np.diff(mask.astype(int)) >= 0)
-    assert tok.decode(batch["prompt_tokens_BxT"][row][mask]) == r.question + " <think>"
+    assert tok.decode(batch["prompt_tokens_BxP"][row][mask]) == r.question + " <think>"
     amask = batch["answer_mask_BxA"][row]
     assert np.all(np.diff(amask.astype(int)) <= 0)  # right padded
     assert tok.decode(batch["answer_tokens_BxA"][row][amask]) == r.answer + " <eos>"
-    assert batch["prompt_tokens_BxT"][row][~mask].tolist() == [tok.pad_token_id] * int((~mask).sum())
+    assert batch["prompt_tokens_BxP"][row][~mask].tolist() == [tok.pad_token_id] * int((~mask).sum())
 
 
 def test_each_epoch_is_a_permutation_reshuffled(records, tok):
@@ -187,7 +187,7 @@ def test_loader_on_fixture_records(dataset, name, style):
                                        max_answer_tokens=16)
   batch = loader[0]
   for row, idx in enumerate(batch["index_B"]):
-    text = tok.decode(batch["prompt_tokens_BxT"][row][batch["prompt_mask_BxT"][row]])
+    text = tok.decode(batch["prompt_tokens_BxP"][row][batch["prompt_mask_BxP"][row]])
     assert recs[idx].question in text and (("Question: " in text) == (style == "warm"))
     answer = tok.decode(batch["answer_tokens_BxA"][row][batch["answer_mask_BxA"][row]])
     assert answer == f"\n\n{recs[idx].answer}<|im_end|>"

@@ -70,7 +70,7 @@ def test_export_loads_in_transformers_with_the_same_logits_sharded_and_with_the_
   config = json.loads((out / "config.json").read_text())
   assert config["dtype"] == "float32" and "torch_dtype" not in config
   tok = synthetic.make_tokenizer()
-  assert config["max_position_embeddings"] == cfg.total_len
+  assert config["max_position_embeddings"] == cfg.total_len(1)
   assert (config["eos_token_id"], config["pad_token_id"], config["bos_token_id"]) == (
       tok.eos_token_id, tok.pad_token_id, None)
   generation = transformers.GenerationConfig.from_pretrained(out)

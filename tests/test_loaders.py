@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tsallis_jax.model import (CheckpointError, load_hf_checkpoint, load_tokenizer, make_attention_mask, make_mesh,
+from tsallis_jax import distributed
+from tsallis_jax.model import (CheckpointError, load_hf_checkpoint, load_tokenizer, make_attention_mask,
                                make_positions, save_hf_checkpoint)
 
 # The shared reference workload's builder lies in ../shared/bench beside the checkout (CI lays a copy there).
@@ -86,11 +87,11 @@ def test_sharded_index_loads_sharded_over_8_devices_and_round_trips(tmp_path):
   _hf_model("qwen2", original, tie=False, max_shard_size="20KB")
   assert (original / "model.safetensors.index.json").is_file()
   plain = load_hf_checkpoint(original)
-  mesh = make_mesh((1, 2, 4), ("data", "fsdp", "tensor"))
+  mesh = distributed.make_mesh({"data": 2, "fsdp": 4})
   sharded = load_hf_checkpoint(original, mesh=mesh)
   gate = sharded.layers[1].mlp.gate_proj[...]
-  assert gate.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")  # FxD, [out, in] as in the file
-  assert gate.addressable_shards[0].data.shape == (48 // 4, 32 // 2)
+  assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")  # FxD, [out, in] as in the file
+  assert gate.addressable_shards[0].data.shape == (48, 32 // 4)
   pad_NxT = jnp.asarray(TOKENS_NxT != 0)
   with jax.set_mesh(mesh):
     sharded_logits = _forward(sharded, jnp.asarray(TOKENS_NxT), pad_NxT)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tsallis_jax import distributed
 from tsallis_jax.model import (KVCache, ModelConfig, Transformer, abstract_model, create_model, init_cache,
-                               make_attention_mask, make_mesh, make_positions, param_shardings)
+                               make_attention_mask, make_positions, param_shardings)
 
 ARCH_CONFIGS = {
   "qwen3": ModelConfig.tiny(),
@@ -168,17 +169,17 @@ def test_remat_and_query_chunked_attention_give_the_same_loss_and_gradients():
 def test_sharded_build_and_forward_match_unsharded():
   assert jax.device_count() == 8
   cfg = ModelConfig.tiny(num_kv_heads=4)
-  mesh = make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+  mesh = distributed.make_mesh({"data": 2, "fsdp": 4})
   sharded = create_model(cfg, seed=0, mesh=mesh)
   plain = create_model(cfg, seed=0)
   chex.assert_trees_all_close(nnx.state(sharded), nnx.state(plain), atol=0)
-  # Parameters are really split: e.g. the MLP kernel over fsdp x tensor, the embedding over tensor x fsdp.
+  # Parameters are really split along the model width over fsdp: the MLP kernel, the embedding, the projections.
   gate = sharded.layers[0].mlp.gate_proj[...]
-  assert gate.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")  # FxD, [out, in]
-  assert gate.addressable_shards[0].data.shape == (cfg.mlp_dim // 2, cfg.embed_dim // 2)
-  assert sharded.embed[...].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")  # FxD, [out, in]
+  assert gate.addressable_shards[0].data.shape == (cfg.mlp_dim, cfg.embed_dim // 4)
+  assert sharded.embed[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
   q = sharded.layers[0].attn.q_proj[...]
-  assert q.addressable_shards[0].data.shape == (cfg.num_heads // 2, cfg.head_dim, cfg.embed_dim // 2)
+  assert q.addressable_shards[0].data.shape == (cfg.num_heads, cfg.head_dim, cfg.embed_dim // 4)
 
   tokens_NxT, pad_NxT = _left_padded_batch()
   tokens_NxT, pad_NxT = jnp.concatenate([tokens_NxT, tokens_NxT[:1]]), jnp.concatenate([pad_NxT, pad_NxT[:1]])
@@ -195,9 +196,11 @@ def test_sharded_build_and_forward_match_unsharded():
 
 
 def test_sharding_rules_drop_indivisible_and_missing_axes():
-  cfg = ModelConfig.tiny()  # 2 kv heads cannot split over a tensor axis of 4
-  mesh = make_mesh((2, 4), ("fsdp", "tensor"))
-  shardings = param_shardings(nnx.split(abstract_model(cfg))[1], mesh, cfg.sharding_rules)
+  cfg = ModelConfig.tiny()
+  mesh = distributed.make_mesh({"data": 2, "fsdp": 4})
+  # kv_heads -> tensor (a mesh axis this mesh lacks), then fsdp (4 does not divide the 2 kv heads): both dropped.
+  rules = cfg.sharding_rules + (("kv_heads", ("tensor", "fsdp")),)
+  shardings = param_shardings(nnx.split(abstract_model(cfg))[1], mesh, rules)
   k_spec = shardings["layers"][0]["attn"]["k_proj"].spec
   assert k_spec == jax.sharding.PartitionSpec(None, None, "fsdp")  # KxExD: kv_heads dropped, embed over fsdp
   norm_spec = shardings["final_norm"].spec

@@ -31,18 +31,18 @@ def _prompts(rng: np.random.Generator, lengths, vocab: int = 128):
 
 
 @jax.jit
-def _forward(graphdef, params, tokens_NxU, mask_NxU):
-  logits_NxUxV, _ = nnx.merge(graphdef, params)(tokens_NxU, make_positions(mask_NxU), make_attention_mask(mask_NxU))
-  return logits_NxUxV
+def _forward(graphdef, params, tokens_NxS, mask_NxS):
+  logits_NxSxV, _ = nnx.merge(graphdef, params)(tokens_NxS, make_positions(mask_NxS), make_attention_mask(mask_NxS))
+  return logits_NxSxV
 
 
 def _teacher_forced_logits(model, rollout):
   """Uncached forward over prompt + completion; returns the logits that predict each completion slot."""
-  tokens_NxU = jnp.concatenate([rollout.prompt_tokens_NxP, rollout.tokens_NxT], axis=1)
-  mask_NxU = jnp.concatenate([rollout.prompt_mask_NxP, rollout.mask_NxT], axis=1)
-  logits_NxUxV = _forward(*nnx.split(model), tokens_NxU, mask_NxU)
+  tokens_NxS = jnp.concatenate([rollout.prompt_tokens_NxP, rollout.tokens_NxT], axis=1)
+  mask_NxS = jnp.concatenate([rollout.prompt_mask_NxP, rollout.mask_NxT], axis=1)
+  logits_NxSxV = _forward(*nnx.split(model), tokens_NxS, mask_NxS)
   P = rollout.prompt_tokens_NxP.shape[1]
-  return logits_NxUxV[:, P - 1:-1]
+  return logits_NxSxV[:, P - 1:-1]
 
 
 def _generate(model, tokens_BxP, mask_BxP, key, config):
@@ -145,20 +145,20 @@ def test_two_level_inverse_cdf_draws_the_same_tokens_as_the_flat_cdf():
   inverse CDF, up to rounding at the cell boundaries. Zero-weight (-inf) entries, a whole -inf block and a ragged
   last block included."""
   rng = np.random.default_rng(7)
-  C, U = 22, 20_000
+  C, N = 22, 20_000
   logits_C = rng.normal(size=C).astype(np.float32) * 2.0
   logits_C[[0, 5, 8, 9, 10, 11, 21]] = -np.inf  # block size 4: entries 8..11 are one all -inf block
-  u_U = jnp.asarray(rng.uniform(size=U).astype(np.float32))
-  scaled_UxC = jnp.broadcast_to(jnp.asarray(logits_C), (U, C))
-  flat_U, flat_log_z_U = sampler_lib._inverse_cdf_sample(u_U, scaled_UxC)
-  block_U, block_log_z_U = sampler_lib._inverse_cdf_sample(u_U, scaled_UxC, block=4)
-  flat_U, block_U = np.asarray(flat_U), np.asarray(block_U)
-  assert np.isfinite(logits_C[block_U]).all()  # never a zero-weight entry
-  assert (flat_U == block_U).mean() > 0.999
-  np.testing.assert_allclose(block_log_z_U, flat_log_z_U, rtol=1e-6)
+  u_N = jnp.asarray(rng.uniform(size=N).astype(np.float32))
+  scaled_NxC = jnp.broadcast_to(jnp.asarray(logits_C), (N, C))
+  flat_N, flat_log_z_N = sampler_lib.inverse_cdf_sample(u_N, scaled_NxC)
+  block_N, block_log_z_N = sampler_lib.inverse_cdf_sample(u_N, scaled_NxC, block=4)
+  flat_N, block_N = np.asarray(flat_N), np.asarray(block_N)
+  assert np.isfinite(logits_C[block_N]).all()  # never a zero-weight entry
+  assert (flat_N == block_N).mean() > 0.999
+  np.testing.assert_allclose(block_log_z_N, flat_log_z_N, rtol=1e-6)
   probs_C = np.exp(logits_C.astype(np.float64) - logits_C[np.isfinite(logits_C)].max())
   probs_C /= probs_C.sum()
-  assert _chisquare_pvalue(np.bincount(block_U, minlength=C), probs_C) > 1e-3
+  assert _chisquare_pvalue(np.bincount(block_N, minlength=C), probs_C) > 1e-3
 
 
 def test_sampled_distribution_over_a_large_vocabulary_uses_two_levels_and_fits():
@@ -270,25 +270,25 @@ def test_prefill_runs_once_per_prompt_not_per_sample(model, monkeypatch):
   assert calls == [(3, 8), (15, 1)]  # one prefill of the B prompts, then one token per row per decode step
 
 
-def test_prompt_of_r_prefills_each_distinct_prompt_once_and_samples_as_unshared(model, monkeypatch):
+def test_prompt_of_b_prefills_each_distinct_prompt_once_and_samples_as_unshared(model, monkeypatch):
   prompts = _prompts(np.random.default_rng(4), [5, 3, 8])
   requests = [prompts[i] for i in (0, 1, 0, 2, 1, 0)]
   config = SamplingConfig(num_samples=2, max_new_tokens=6, temperature=1.0, stop_ids=(1,))
   graphdef, params = nnx.split(model)
   flat_BxP, flat_mask_BxP = sampler_lib.pad_prompts(requests, PAD, buckets=(8,))
   plain = _generate(model, flat_BxP, flat_mask_BxP, jax.random.key(3), config)
-  rows, prompt_of_R = sampler_lib.unique_prompts(requests)
+  rows, prompt_of_B = sampler_lib.unique_prompts(requests)
   assert len(rows) == 4 and rows[3] == rows[0]  # 3 distinct prompts, padded to a power of two
-  np.testing.assert_array_equal(prompt_of_R, [0, 1, 0, 2, 1, 0])
+  np.testing.assert_array_equal(prompt_of_B, [0, 1, 0, 2, 1, 0])
   tokens_UxP, mask_UxP = sampler_lib.pad_prompts(rows, PAD, buckets=(8,))
   shared = sampler_lib.generate(graphdef, params, jnp.asarray(tokens_UxP), jnp.asarray(mask_UxP), jax.random.key(3),
-                                config, jnp.asarray(prompt_of_R))
+                                config, jnp.asarray(prompt_of_B))
   chex.assert_trees_all_close(shared, plain, atol=1e-5)  # the same rollout, row for row
   np.testing.assert_array_equal(shared.tokens_NxT, plain.tokens_NxT)
 
   calls = _spy_on_model_calls(monkeypatch)
   jax.make_jaxpr(lambda p, t, m, k, r: sampler_lib.generate_impl(graphdef, p, t, m, k, config, r))(
-    params, jnp.asarray(tokens_UxP), jnp.asarray(mask_UxP), jax.random.key(0), jnp.asarray(prompt_of_R))
+    params, jnp.asarray(tokens_UxP), jnp.asarray(mask_UxP), jax.random.key(0), jnp.asarray(prompt_of_B))
   assert calls == [(4, 8), (12, 1)]  # the 4 prompt rows are prefilled, 6 requests x 2 samples decode
 
 
@@ -301,12 +301,13 @@ def test_text_sampler_shares_the_prefill_of_repeated_prompts(model):
   a, b = shared(batch, jax.random.key(2)), unshared(batch, jax.random.key(2))
   assert a.completions == b.completions
   np.testing.assert_array_equal(a.rollout.prompt_tokens_NxP, b.rollout.prompt_tokens_NxP)
-  assert shared._generate._cache_size() == 1  # one program: the shared-prefill one (4 prompt rows, 6 requests)
+  compiled = sampler_lib.generate._cache_size()
   shared(["t2", "t3", "t2", "t2", "t3", "t4"], jax.random.key(0))  # 3 distinct -> 4 rows: the same compiled shape
-  assert shared._generate._cache_size() == 1
+  assert sampler_lib.generate._cache_size() == compiled
   shared(["t2", "t3", "t4", "t2"], jax.random.key(0))  # 4 padded rows save nothing over 4 requests: plain path
+  plain = sampler_lib.generate._cache_size()
   shared(["t2", "t3", "t4", "t5"], jax.random.key(0))  # nothing repeats: plain path, the same shape
-  assert shared._generate._cache_size() == 2  # the shared program and one plain program, nothing else
+  assert sampler_lib.generate._cache_size() == plain
 
 
 def test_stop_tokens_end_sequences_and_mask_the_rest(model):
@@ -378,10 +379,11 @@ def test_budget_forcing_lets_the_model_close_the_rationale_itself(model):
 
 
 def test_sharded_params_and_data_sharded_batch_on_eight_devices(model):
-  """Params sharded by the model's logical-axis rules over `tensor`, prompts over `data`: same samples as 1 device."""
+  """Params sharded by the model's logical-axis rules over `fsdp`, prompts over `data`: same samples as 1 device."""
   assert jax.device_count() == 8
-  from tsallis_jax.model import make_mesh, param_shardings
-  mesh = make_mesh((4, 2), ("data", "tensor"))
+  from tsallis_jax import distributed
+  from tsallis_jax.model import param_shardings
+  mesh = distributed.make_mesh({"data": 4, "fsdp": 2})
   tokens_BxP, mask_BxP = sampler_lib.pad_prompts(_prompts(np.random.default_rng(8), [3, 5, 8, 1, 2, 6, 7, 4]), PAD,
                                                  buckets=(8,))
   config = SamplingConfig(num_samples=2, max_new_tokens=6, temperature=1.0, top_p=0.9)
@@ -421,10 +423,11 @@ def test_text_sampler_round_trip_and_one_compile_per_bucket(model):
     ids = np.asarray(out.rollout.tokens_NxT[n, :int(out.rollout.lengths_N[n])])
     assert text.split() == [f"t{i}" for i in ids if i > 1]
   np.testing.assert_array_equal(out.rollout.prompt_tokens_NxP[0, -3:], [5, 6, 7])
+  compiled = sampler_lib.generate._cache_size()  # the one jitted entry point
   sampler(["t3", "t4 t5 t6 t7 t8 t9 t10"], jax.random.key(1))  # another length in the same bucket
-  assert sampler._generate._cache_size() == 1
+  assert sampler_lib.generate._cache_size() == compiled
   sampler(["t3 " * 12], jax.random.key(1))  # the next bucket
-  assert sampler._generate._cache_size() == 2
+  assert sampler_lib.generate._cache_size() == compiled + 1
 
 
 def test_text_sampler_applies_the_chat_template(model):
@@ -470,3 +473,16 @@ def test_greedy_equals_transformers_generate(family, tmp_path):
                                  attention_mask=torch.tensor(mask_BxP, dtype=torch.long), max_new_tokens=new,
                                  min_new_tokens=new, do_sample=False, pad_token_id=PAD)
   np.testing.assert_array_equal(np.asarray(rollout.tokens_NxT), expected[:, tokens_BxP.shape[1]:].numpy())
+
+
+# ------------------------------------------------------------------------------------------------ saved reference
+
+
+def test_samples_equal_the_saved_reference_bit_for_bit():
+  """Fixed-key rollouts of the tiny model equal those saved from the sampler before its split into stages
+  (`tests/fixtures/sampler_reference.py`): every field, tokens and log-probs, bit for bit."""
+  from tests.fixtures import sampler_reference
+  saved = np.load(sampler_reference.PATH)
+  for name, fields in sampler_reference.rollouts().items():
+    for field, value in fields.items():
+      np.testing.assert_array_equal(value, saved[f"{name}/{field}"], err_msg=f"{name}/{field}")

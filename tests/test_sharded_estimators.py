@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import _tabular
-from tsallis_jax import garl_grad, grpo_grad, paft_grad
+from tsallis_jax import distributed, garl_grad, grpo_grad, paft_grad
 
 NUM_DEVICES = 8
 NUM_PROMPTS = 16
@@ -28,7 +28,7 @@ def setup():
   batch = {"idx_BxG": idx_BxG, "offset_BxK": offset_BxK, "phi_offset_BxK": phi_offset_BxK}
   rewards_BxG = (idx_BxG % 2 == 0).astype(jnp.float32).at[3].set(0.0)
   keys_B = jax.random.split(jax.random.key(7), NUM_PROMPTS)  # one resampling key per prompt, split before sharding
-  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = distributed.make_mesh({"data": NUM_DEVICES}, devices=jax.devices()[:NUM_DEVICES])
   return params, batch, rewards_BxG, keys_B, mesh
 
 

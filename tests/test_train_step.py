@@ -17,7 +17,7 @@ from tsallis_jax import distributed
 from tsallis_jax.model import ModelConfig, abstract_model, create_model
 from tsallis_jax.sampler import Rollout
 from tsallis_jax.train import loop
-from tsallis_jax.train import rollout as rollout_lib
+from tsallis_jax.train import completions as completions_lib
 from tsallis_jax.train import state as state_lib
 from tsallis_jax.train import step as step_lib
 from tsallis_jax.train.config import TrainConfig
@@ -54,7 +54,7 @@ def test_teacher_forced_completion_matches_python_splice():
   r = _rollout(tokens, np.array([5, 7, 2]), np.array([3, 4, 2]), np.array([True, True, False]), forced)
   gold = jnp.asarray([[2, 3, EOS], [2, 3, EOS], [2, 3, EOS]], jnp.int32)
   gold_mask = jnp.asarray([[1, 1, 1], [1, 1, 1], [1, 1, 1]], bool)
-  comp, z, y, valid, answered = rollout_lib.teacher_forced_completion(r, gold, gold_mask, (TAG,), (EOS,), PAD)
+  comp, z, y, valid, answered = completions_lib.teacher_forced_completion(r, gold, gold_mask, (TAG,), (EOS,), PAD)
   expect = [[7, 8, TAG, 2, 3, EOS, PAD, PAD],
             [7, 7, 7, TAG, 2, 3, EOS, PAD],
             [8, EOS, PAD, PAD, PAD, PAD, PAD, PAD]]
@@ -177,13 +177,12 @@ def test_exact_match_reward():
                np.zeros_like(tokens, bool))
   gold = jnp.asarray([[2, 3, EOS, PAD]] * 4, jnp.int32)
   gold_mask = jnp.asarray([[1, 1, 1, 0]] * 4, bool)
-  reward = rollout_lib.exact_match_reward(r, gold, gold_mask)
+  reward = completions_lib.exact_match_reward(r, gold, gold_mask)
   # Only row 0 answers exactly [2, 3, EOS]; row 1 lacks the EOS, row 2 is a prefix, row 3 never closed.
   np.testing.assert_array_equal(np.asarray(reward), [1.0, 0.0, 0.0, 0.0])
 
 
-def _setup(cfg, mesh, seed=0, vocab=32):
-  ids = TokenIds(stop_ids=(EOS,), pad_id=PAD, close_tag_ids=(TAG,))
+def _setup(cfg, mesh, seed=0, vocab=32, ids=TokenIds(stop_ids=(EOS,), pad_id=PAD, close_tag_ids=(TAG,))):
   mcfg = ModelConfig.tiny(vocab_size=vocab, num_layers=1, embed_dim=32, mlp_dim=64, num_heads=2, num_kv_heads=2)
   graphdef, abstract_vars = nnx.split(abstract_model(mcfg))
   programs = loop.get_programs(cfg, graphdef, abstract_vars, mesh, ids, mcfg.sharding_rules)
@@ -201,18 +200,25 @@ def _batch(cfg, mesh, seed=0, vocab=32):
   mask[:, :2] = False  # left padding
   answers = rng.integers(5, vocab, size=(b, a)).astype(np.int32)
   answers[:, -1] = EOS
-  local = {"prompt_tokens_BxT": prompts, "prompt_mask_BxT": mask, "answer_tokens_BxA": answers,
+  local = {"prompt_tokens_BxP": prompts, "prompt_mask_BxP": mask, "answer_tokens_BxA": answers,
            "answer_mask_BxA": np.ones((b, a), bool)}
   return loop._put_rows(mesh, local, b)
 
 
-def _one_step(cfg, mesh, q=0.75):
-  programs, state = _setup(cfg, mesh)
+def _sampled_batch(programs, state, cfg, mesh):
+  """The train batch of step 0 (`_batch`'s prompts and answers, their rollout) and the step key."""
   batch = _batch(cfg, mesh)
   rollout_key, step_key = loop._step_keys(state.key, 0)
-  rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxT"], batch["prompt_mask_BxT"], rollout_key)
+  rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"], rollout_key)
   train_batch = {"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
                  "answer_mask_BxA": batch["answer_mask_BxA"]}
+  return train_batch, step_key
+
+
+def _one_step(cfg, mesh, q=0.75):
+  programs, state = _setup(cfg, mesh)
+  train_batch, step_key = _sampled_batch(programs, state, cfg, mesh)
+  rollout = train_batch["rollout"]
   state, metrics = programs.train_step(state, train_batch, step_key, jnp.asarray([q, q], jnp.float32))
   return jax.device_get(state.params), jax.device_get(metrics), jax.device_get(rollout.tokens_NxT)
 
@@ -265,7 +271,7 @@ def test_pathwise_term_trains_the_gold_answer(monkeypatch):
   programs, state = _setup(cfg, mesh)
   batch = _batch(cfg, mesh)
   rollout_key, step_key = loop._step_keys(state.key, 0)
-  rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxT"], batch["prompt_mask_BxT"], rollout_key)
+  rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"], rollout_key)
   train_batch = jax.device_get({"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
                                 "answer_mask_BxA": batch["answer_mask_BxA"]})
   params0 = jax.device_get(state.params)
@@ -357,7 +363,7 @@ def _sgd_step_grads(cfg, mesh, gold_from_samples=False):
   programs, state = _setup(cfg, mesh, vocab=VOCAB)
   batch = _batch(cfg, mesh, vocab=VOCAB)
   rollout_key, step_key = loop._step_keys(state.key, 0)
-  rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxT"], batch["prompt_mask_BxT"], rollout_key)
+  rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"], rollout_key)
   r = jax.device_get(rollout)
   gold_BxA = np.array(jax.device_get(batch["answer_tokens_BxA"]))
   gold_mask_BxA = np.ones(gold_BxA.shape, bool)
@@ -444,3 +450,54 @@ def test_step_grpo_gradient_equals_a_hand_aggregation(loss_type):
     return jnp.sum(coef_NxS * _plain_token_logprobs(p, graphdef, tokens_NxS, pad_NxS))
 
   _assert_grads_close(grads, jax.grad(loss_fn)(params))
+
+
+def _two_token_tag_tokenizer():
+  """A word-level tokenizer in which `</think>` is two tokens, `</` and `think>`."""
+  from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  words = {"<pad>": PAD, "<eos>": EOS, "</": 2, "think>": 3, **{f"t{i}": i for i in range(4, 32)}}
+  backend = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
+  backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                   pre_tokenizers.Split(Regex("</"), behavior="isolated")])
+  return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_a_two_token_closing_tag_through_the_sampler_and_the_train_step():
+  """`</think>` of two tokens: the rollout buffer holds rationale + 2 + answer tokens, budget forcing feeds both tag
+  tokens, teacher forcing splices the gold answer after them, and the step trains on the result."""
+  tag = tuple(_two_token_tag_tokenizer().encode("</think>", add_special_tokens=False))
+  assert tag == (2, 3)
+  cfg = BASE.replace(estimator="garl", batch_size=2, eval_batch_size=2)
+  mesh = distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+  programs, state = _setup(cfg, mesh, ids=TokenIds(stop_ids=(EOS,), pad_id=PAD, close_tag_ids=tag))
+  train_batch, step_key = _sampled_batch(programs, state, cfg, mesh)
+  rollout = jax.device_get(train_batch["rollout"])
+
+  budget, T = cfg.rationale_budget, cfg.rollout_len(len(tag))
+  assert rollout.tokens_NxT.shape[1] == T == budget + 2 + cfg.max_answer_len
+  forced_N = np.asarray(rollout.forced_N)
+  assert forced_N.any()  # this key leaves some rows unclosed at the budget
+  np.testing.assert_array_equal(np.asarray(rollout.tokens_NxT)[forced_N, budget:budget + 2],
+                                np.broadcast_to(tag, (int(forced_N.sum()), 2)))
+  np.testing.assert_array_equal(np.asarray(rollout.answer_start_N)[forced_N], budget + 2)
+
+  gold_NxA = jnp.repeat(train_batch["answer_tokens_BxA"], cfg.num_samples, axis=0)
+  gold_mask_NxA = jnp.repeat(train_batch["answer_mask_BxA"], cfg.num_samples, axis=0)
+  comp_NxT, z_NxT, y_NxT, _, answered_N = completions_lib.teacher_forced_completion(
+      rollout, gold_NxA, gold_mask_NxA, tag, (EOS,), PAD)
+  comp_NxT, z_NxT, y_NxT = np.asarray(comp_NxT), np.asarray(z_NxT), np.asarray(y_NxT)
+  for n in range(comp_NxT.shape[0]):
+    if not bool(rollout.closed_N[n]):
+      continue
+    start = int(rollout.answer_start_N[n])
+    np.testing.assert_array_equal(comp_NxT[n, start - 2:start], tag)  # the tag, sampled or forced
+    np.testing.assert_array_equal(comp_NxT[n, start:start + cfg.max_answer_len], np.asarray(gold_NxA[n]))
+    assert y_NxT[n].sum() == cfg.max_answer_len and y_NxT[n, start:].all()
+    assert not z_NxT[n, start - 2:start].any() or not bool(rollout.forced_N[n])  # forced tag tokens are not z
+  assert np.asarray(answered_N)[np.asarray(rollout.closed_N)].all()
+
+  _, metrics = programs.train_step(state, train_batch, step_key, jnp.asarray([0.75, 0.75], jnp.float32))
+  metrics = jax.device_get(metrics)
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+  assert metrics["gen/forced_frac"] == forced_N.mean()

@@ -13,9 +13,9 @@ batch (store the state in the checkpoint).
 
 Each batch is a dict of numpy arrays (`b` rows):
 
-* `prompt_tokens_BxT` int32, left-padded with the pad id to `T` = the longest prompt of the batch rounded up to a
+* `prompt_tokens_BxP` int32, left-padded with the pad id to `P` = the longest prompt of the batch rounded up to a
   multiple of `pad_multiple` (capped at `max_prompt_tokens`): a few bucketed lengths, so few recompiles;
-* `prompt_mask_BxT` bool, True on real tokens;
+* `prompt_mask_BxP` bool, True on real tokens;
 * `answer_tokens_BxA` int32, right-padded to `A = max_answer_tokens`: the teacher-forced gold answer, the tokens the
   model emits after `</think>`, ending with EOS (`prompts.gold_answer_ids`);
 * `answer_mask_BxA` bool;
@@ -112,17 +112,11 @@ class PromptLoader:
     index_B = np.asarray(global_index_B[c.shard_index * b:(c.shard_index + 1) * b], np.int32)
     pairs = [self.tokens(int(i)) for i in index_B]
     longest = max(len(p) for p, _ in pairs)
-    t = min(_round_up(longest, c.pad_multiple), c.max_prompt_tokens)
-    prompt_tokens_BxT = np.full((b, t), self.pad_id, np.int32)
-    prompt_mask_BxT = np.zeros((b, t), bool)
-    answer_tokens_BxA = np.full((b, c.max_answer_tokens), self.pad_id, np.int32)
-    answer_mask_BxA = np.zeros((b, c.max_answer_tokens), bool)
-    for row, (p_ids, a_ids) in enumerate(pairs):
-      prompt_tokens_BxT[row, t - len(p_ids):] = p_ids
-      prompt_mask_BxT[row, t - len(p_ids):] = True
-      answer_tokens_BxA[row, :len(a_ids)] = a_ids
-      answer_mask_BxA[row, :len(a_ids)] = True
-    return dict(prompt_tokens_BxT=prompt_tokens_BxT, prompt_mask_BxT=prompt_mask_BxT,
+    length = min(_round_up(longest, c.pad_multiple), c.max_prompt_tokens)
+    prompt_tokens_BxP, prompt_mask_BxP = prompts.pad_rows([p for p, _ in pairs], length, self.pad_id, side="left")
+    answer_tokens_BxA, answer_mask_BxA = prompts.pad_rows([a for _, a in pairs], c.max_answer_tokens, self.pad_id,
+                                                          side="right")
+    return dict(prompt_tokens_BxP=prompt_tokens_BxP, prompt_mask_BxP=prompt_mask_BxP,
                 answer_tokens_BxA=answer_tokens_BxA, answer_mask_BxA=answer_mask_BxA, index_B=index_B)
 
 

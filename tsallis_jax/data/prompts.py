@@ -22,7 +22,9 @@ emits. `</think>` must be a single token of the vocabulary.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
+
+import numpy as np
 
 from tsallis_jax.data import context as context_lib
 from tsallis_jax.data.records import Record
@@ -185,3 +187,21 @@ def sft_example(record: Record, tokenizer: Any, *, style: Style = "cold",
   close_pos = max(i for i, t in enumerate(full_ids) if t == think_close_id(tokenizer))
   ids = full_ids[:close_pos + 1] + answer
   return ids, [i >= num_prompt for i in range(len(ids))]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, *, side: str = "left"
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Token-id lists padded with `pad_id` to `length`: `(tokens, mask)`, int32 and bool numpy arrays of
+  len(rows) x length, mask True on real tokens. Prompts are left-padded (every prompt ends at the same position),
+  answers right-padded."""
+  if side not in ("left", "right"):
+    raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
+  tokens = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), bool)
+  for i, ids in enumerate(rows):
+    if len(ids) > length:
+      raise ValueError(f"row {i} has {len(ids)} tokens, over the padded length {length}.")
+    span = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+    tokens[i, span] = ids
+    mask[i, span] = True
+  return tokens, mask

@@ -11,7 +11,7 @@ The cache's buffers `cache.k[l]`, `cache.v[l]` are NxKxSxE (kv-head major; logic
 """
 from tsallis_jax.model.cache import CACHE_LOGICAL_AXES, KVCache, init_cache, make_attention_mask, make_positions
 from tsallis_jax.model.config import DEFAULT_SHARDING_RULES, ModelConfig
-from tsallis_jax.model.sharding import constrain, logical_to_spec, make_mesh, param_shardings
+from tsallis_jax.model.sharding import constrain, logical_to_spec, param_shardings
 from tsallis_jax.model.transformer import Transformer, abstract_model, create_model
 from tsallis_jax.model.logprobs import (segment_logprob, sequence_logprobs, token_logprobs,
                                         token_logprobs_from_hidden)
@@ -21,6 +21,6 @@ from tsallis_jax.model.gguf_io import load_gguf, load_smollm2
 __all__ = [
   "CACHE_LOGICAL_AXES", "DEFAULT_SHARDING_RULES", "CheckpointError", "KVCache", "ModelConfig", "Transformer",
   "abstract_model", "constrain", "create_model", "init_cache", "load_gguf", "load_hf_checkpoint", "load_smollm2",
-  "load_tokenizer", "logical_to_spec", "make_attention_mask", "make_mesh", "make_positions", "param_shardings",
+  "load_tokenizer", "logical_to_spec", "make_attention_mask", "make_positions", "param_shardings",
   "save_hf_checkpoint", "segment_logprob", "sequence_logprobs", "token_logprobs", "token_logprobs_from_hidden",
 ]

@@ -17,22 +17,21 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-# A logical axis maps to None (replicated), one mesh axis, or a tuple of mesh axes. Mesh axes that the current mesh
-# lacks, or whose size does not divide the dimension, are dropped at placement time (see `sharding.py`).
+# A logical axis maps to None (replicated), one mesh axis, or a tuple of mesh axes; an axis without a rule is
+# replicated. Mesh axes that the current mesh lacks, or whose size does not divide the dimension, are dropped at
+# placement time (see `sharding.py`).
 ShardingRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
+# The trainer's mesh is data x fsdp (`distributed.make_mesh`, `TrainConfig.mesh_data` / `mesh_fsdp`): rows over both,
+# parameters over fsdp along the model width. The other logical axes (vocab, mlp, heads, kv_heads, act_vocab) have
+# no rule, so they are replicated; tensor parallelism would map them to a mesh axis of its own.
 DEFAULT_SHARDING_RULES: ShardingRules = (
   ("batch", ("data", "fsdp")),
   ("length", None),
-  ("vocab", "tensor"),
   ("embed", "fsdp"),
-  ("mlp", "tensor"),
-  ("heads", "tensor"),
-  ("kv_heads", "tensor"),
   ("head_dim", None),
   ("norm", None),
   ("act_embed", None),
-  ("act_vocab", "tensor"),
 )
 
 ARCHITECTURES = ("qwen3", "qwen2", "llama")

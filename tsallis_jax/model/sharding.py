@@ -2,8 +2,9 @@
 
 Every parameter carries a `logical_axes` metadata tuple (e.g. `("vocab", "embed")`). The rules in
 `ModelConfig.sharding_rules` map each logical name to mesh axes. Two relaxations keep one rule set valid on every mesh:
-mesh axes the mesh lacks are dropped, and so is a mesh axis whose size does not divide the dimension (e.g. 3 kv heads
-on a tensor axis of 2 are replicated). Without a mesh every helper is a no-op.
+mesh axes the mesh lacks are dropped, and so is a mesh axis whose size does not divide the dimension (e.g. a width of
+66 on an fsdp axis of 4 is replicated). Without a mesh every helper is a no-op. Meshes come from
+`tsallis_jax.distributed.make_mesh`.
 """
 from __future__ import annotations
 
@@ -16,13 +17,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tsallis_jax.model.config import ShardingRules
 
 LogicalAxes = tuple[str | None, ...]
-
-
-def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices=None) -> Mesh:
-  """`jax.make_mesh` with Auto axis types (its default is Explicit, which the model does not use)."""
-  kwargs = {} if devices is None else {"devices": devices}
-  return jax.make_mesh(tuple(shape), tuple(axis_names),
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names), **kwargs)
 
 
 def logical_to_spec(logical_axes: LogicalAxes, shape: Sequence[int] | None, rules: ShardingRules,

@@ -30,7 +30,7 @@ from flax import nnx
 
 from tsallis_jax.model.cache import KVCache
 from tsallis_jax.model.config import ModelConfig
-from tsallis_jax.model.sharding import constrain
+from tsallis_jax.model.sharding import constrain, param_shardings
 
 _INIT_STD = 0.02
 
@@ -114,7 +114,7 @@ def attend(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array, att
   """
   n, t, h, e = q_NxTxHxE.shape
   kv = k_NxKxSxE.shape[1]
-  # J = H / K query heads share one kv head (a local letter, not in the global legend).
+  # J = H / K query heads share one kv head.
   q_NxTxKxJxE = q_NxTxHxE.reshape(n, t, kv, h // kv, e)
   scores_NxKxJxTxS = jnp.einsum("ntkje,nkse->nkjts", q_NxTxKxJxE, k_NxKxSxE,
                                 preferred_element_type=jnp.float32) * (e ** -0.5)
@@ -128,18 +128,18 @@ def attend(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array, att
 
 def attend_in_query_chunks(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array,
                            attn_mask_NxTxS: jax.Array, chunk: int) -> jax.Array:
-  """`attend` over blocks of `chunk` queries (`lax.map`, rematerialised): exact, with peak score memory
-  N x H x chunk x S instead of N x H x T x S, for long sequences (the paper's rationales run to 4k tokens)."""
+  """`attend` over Z blocks of W = `chunk` queries (`lax.map`, rematerialised): exact, with peak score memory
+  N x H x W x S instead of N x H x T x S, for long sequences (the paper's rationales run to 4k tokens)."""
   n, t, h, e = q_NxTxHxE.shape
   blocks = -(-t // chunk)
-  pad = blocks * chunk - t
-  q_NxPxHxE = jnp.pad(q_NxTxHxE, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  mask_NxPxS = jnp.pad(attn_mask_NxTxS, ((0, 0), (0, pad), (0, 0)))
-  q_BxNxCxHxE = q_NxPxHxE.reshape(n, blocks, chunk, h, e).transpose(1, 0, 2, 3, 4)
-  mask_BxNxCxS = mask_NxPxS.reshape(n, blocks, chunk, -1).transpose(1, 0, 2, 3)
+  pad = blocks * chunk - t  # the queries are padded to Z*W
+  q_ZxNxWxHxE = (jnp.pad(q_NxTxHxE, ((0, 0), (0, pad), (0, 0), (0, 0)))
+                 .reshape(n, blocks, chunk, h, e).transpose(1, 0, 2, 3, 4))
+  mask_ZxNxWxS = (jnp.pad(attn_mask_NxTxS, ((0, 0), (0, pad), (0, 0)))
+                  .reshape(n, blocks, chunk, -1).transpose(1, 0, 2, 3))
   block_fn = jax.checkpoint(lambda q, m: attend(q, k_NxKxSxE, v_NxKxSxE, m))
-  out_BxNxCxHxE = jax.lax.map(lambda xs: block_fn(*xs), (q_BxNxCxHxE, mask_BxNxCxS))
-  return out_BxNxCxHxE.transpose(1, 0, 2, 3, 4).reshape(n, blocks * chunk, h, e)[:, :t]
+  out_ZxNxWxHxE = jax.lax.map(lambda xs: block_fn(*xs), (q_ZxNxWxHxE, mask_ZxNxWxS))
+  return out_ZxNxWxHxE.transpose(1, 0, 2, 3, 4).reshape(n, blocks * chunk, h, e)[:, :t]
 
 
 class Attention(nnx.Module):
@@ -344,13 +344,7 @@ def create_model(cfg: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | N
   """
   if mesh is None:
     return Transformer(cfg, rngs=nnx.Rngs(seed))
-  from tsallis_jax.model.sharding import param_shardings
   graphdef, abstract_state = nnx.split(abstract_model(cfg, seed=seed))
-  shardings = param_shardings(abstract_state, mesh, cfg.sharding_rules)
-
-  @jax.jit
-  def init():
-    return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
-
-  state = jax.jit(init, out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
+  init = jax.jit(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed))),
+                 out_shardings=param_shardings(abstract_state, mesh, cfg.sharding_rules))
+  return nnx.merge(graphdef, init())

@@ -76,7 +76,7 @@ class TrainConfig:
   q_schedule_steps: int = 0  # steps over which q moves from q to q_end (0 = num_steps)
   weights: str = "likelihood"  # GARL/PAFT weights: likelihood w = p(y*|x,z) (paper) or a 0/1 verifier reward
   # Training reward (GRPO, and GARL/PAFT with weights="reward"): exact match of the sampled answer tokens (stop token
-  # included) against the gold answer's tokens, computed inside jit; see rollout.exact_match_reward.
+  # included) against the gold answer's tokens, computed inside jit; see completions.exact_match_reward.
   reward: str = "exact_match"
   baseline: str = "rloo"  # GARL: rloo (eq. 12, Algorithm 1) or none (plug-in eq. 9)
   normalize_mq: bool = True  # Algorithms 1-2 divide by M^q (equivalent to a q-dependent learning-rate rescaling)
@@ -159,15 +159,14 @@ class TrainConfig:
     """PAFT's K (spec 2.3); the paper's experiments use K = M."""
     return self.paft_resamples or self.num_samples
 
-  @property
-  def rollout_len(self) -> int:
-    """Tokens generated per rollout: rationale budget, the forced `</think>`, then the answer."""
-    return self.rationale_budget + 1 + self.max_answer_len
+  def rollout_len(self, close_tag_len: int) -> int:
+    """Tokens generated per rollout: rationale budget, the forced closing tag of `close_tag_len` tokens
+    (`len(close_tag_ids)`), then the answer; the sampler's `SamplingConfig.completion_len`."""
+    return self.rationale_budget + close_tag_len + self.max_answer_len
 
-  @property
-  def total_len(self) -> int:
-    """Length of a full sequence [prompt, rationale, `</think>`, answer] (fixed buffers, one shape bucket)."""
-    return self.max_prompt_len + self.rollout_len
+  def total_len(self, close_tag_len: int) -> int:
+    """Length of a full sequence [prompt, rationale, closing tag, answer] (fixed buffers, one shape bucket)."""
+    return self.max_prompt_len + self.rollout_len(close_tag_len)
 
   def replace(self, **changes: Any) -> "TrainConfig":
     """A copy with `changes` applied (validated; unknown keys rejected)."""
@@ -243,7 +242,8 @@ def _validate(cfg: TrainConfig) -> None:
   _require(cfg.eval_num_samples >= 1, f"eval_num_samples={cfg.eval_num_samples} must be >= 1")
   for key in ("batch_size", "num_steps", "max_prompt_len", "max_answer_len", "eval_batch_size"):
     _require(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)} must be >= 1")
-  _require(cfg.rationale_budget >= 0, f"rationale_budget={cfg.rationale_budget} must be >= 0")
+  _require(cfg.rationale_budget >= 1, f"rationale_budget={cfg.rationale_budget}: budget forcing needs at least one"
+           " rationale token before `</think>` is forced; set rationale_budget >= 1")
   for key in ("micro_batch_prompts", "logprob_chunk"):
     _require(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0 (0 = off)")
   if cfg.micro_batch_prompts:
@@ -286,11 +286,12 @@ def _validate(cfg: TrainConfig) -> None:
   parse_options(cfg.task_options)
 
 
-def check_fits(cfg: TrainConfig, max_seq_len: int | None) -> None:
+def check_fits(cfg: TrainConfig, max_seq_len: int | None, close_tag_len: int) -> None:
   """Rejects budgets that do not fit the model's maximum length (spec 1.7: budget + answer within the window)."""
-  if max_seq_len is not None and cfg.total_len > max_seq_len:
+  if max_seq_len is not None and cfg.total_len(close_tag_len) > max_seq_len:
     raise ConfigError(
-        f"max_prompt_len + rationale_budget + 1 + max_answer_len = {cfg.total_len} exceeds the model's maximum"
+        f"max_prompt_len + rationale_budget + {close_tag_len} (`</think>`) + max_answer_len ="
+        f" {cfg.total_len(close_tag_len)} exceeds the model's maximum"
         f" length {max_seq_len}; lower rationale_budget (the paper reserves 128 tokens for the answer) or the"
         " prompt length")
 
@@ -342,7 +343,7 @@ def resolve_alias(key: str, cfg: TrainConfig) -> str:
     raise ConfigError(
         "max_completion_length (TRL) has no single equivalent: a completion here is rationale_budget + 1 (the forced"
         f" `</think>`) + max_answer_len tokens (now {cfg.rationale_budget} + 1 + {cfg.max_answer_len} ="
-        f" {cfg.rollout_len}); set rationale_budget (and max_answer_len) instead, e.g. rationale_budget=N-1-"
+        f" {cfg.rollout_len(1)}); set rationale_budget (and max_answer_len) instead, e.g. rationale_budget=N-1-"
         f"{cfg.max_answer_len} for a total of N")
   return ALIASES.get(key, key)
 

@@ -29,16 +29,14 @@ def to_host(x: jax.Array) -> np.ndarray:
 def prompt_arrays(records: Sequence[Record], tokenizer: Any, *, style: str, max_prompt_len: int,
                   pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded prompt ids of `records` at the fixed length `max_prompt_len` (one shape bucket)."""
-  tokens = np.full((len(records), max_prompt_len), pad_id, np.int32)
-  mask = np.zeros((len(records), max_prompt_len), bool)
-  for i, record in enumerate(records):
+  rows = []
+  for record in records:
     ids, _ = prompts_lib.prompt_ids(record, tokenizer, style=style, max_prompt_tokens=max_prompt_len)
     if len(ids) > max_prompt_len:
       raise ValueError(f"{record.where()}: the prompt has {len(ids)} tokens after context truncation, over"
                        f" max_prompt_len={max_prompt_len}; raise max_prompt_len")
-    tokens[i, max_prompt_len - len(ids):] = ids
-    mask[i, max_prompt_len - len(ids):] = True
-  return tokens, mask
+    rows.append(ids)
+  return prompts_lib.pad_rows(rows, max_prompt_len, pad_id, side="left")
 
 
 def decode_completions(tokenizer: Any, tokens_NxT: np.ndarray, lengths_N: np.ndarray) -> list[str]:

@@ -61,11 +61,13 @@ def rebuild_model(cfg: TrainConfig) -> tuple[Any, Any, int]:
       from tsallis_jax.model import gguf_io
       folder = gguf_io.cached_hf_folder(gguf_io.smollm2_gguf_path() if cfg.model_path == "smollm2"
                                         else cfg.model_path)
-    return model, tokenizer, int(read_hf_config(folder).get("max_position_embeddings") or cfg.total_len)
+    longest = cfg.total_len(loop.THINK_CLOSE_LEN)
+    return model, tokenizer, int(read_hf_config(folder).get("max_position_embeddings") or longest)
   from tsallis_jax.train.tasks import build_task
   tokenizer = build_task(cfg).tokenizer
   mcfg = loop.model_config(cfg, vocab_size=len(tokenizer))
-  return abstract_model(mcfg, seed=cfg.seed), tokenizer, PRESET_MAX_POSITIONS.get(cfg.model, cfg.total_len)
+  longest = cfg.total_len(loop.THINK_CLOSE_LEN)
+  return abstract_model(mcfg, seed=cfg.seed), tokenizer, PRESET_MAX_POSITIONS.get(cfg.model, longest)
 
 
 def _step_dir(workdir: str | os.PathLike, best: bool) -> tuple[int, Any]:
@@ -108,7 +110,7 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, best: 
   del model
   trained = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
   generation = {"do_sample": True, "temperature": cfg.eval_temperature, "top_k": cfg.eval_top_k,
-                "top_p": cfg.eval_top_p, "max_new_tokens": cfg.rollout_len}
+                "top_p": cfg.eval_top_p, "max_new_tokens": cfg.rollout_len(loop.THINK_CLOSE_LEN)}
   folder = save_hf_checkpoint(trained, out, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype,
                               max_position_embeddings=max_positions, generation=generation)
   return folder, step

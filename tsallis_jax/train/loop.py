@@ -35,8 +35,8 @@ from tsallis_jax.model import ModelConfig, abstract_model, create_model
 from tsallis_jax.sampler import generate_impl
 from tsallis_jax.train import checkpoint as ckpt_lib
 from tsallis_jax.train import evaluate as eval_lib
+from tsallis_jax.train import completions as completions_lib
 from tsallis_jax.train import preemption
-from tsallis_jax.train import rollout as rollout_lib
 from tsallis_jax.train import state as state_lib
 from tsallis_jax.train import workdir as workdir_lib
 from tsallis_jax.train.config import ConfigError, TrainConfig, check_fits, check_mesh, parse_options
@@ -60,11 +60,6 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ------------------------------------------------------------------------------------------------ model and mesh
-
-
-def make_mesh(cfg: TrainConfig):
-  data, fsdp = check_mesh(cfg, jax.device_count())
-  return distributed.make_mesh({"data": data, "fsdp": fsdp})
 
 
 _OVERRIDE_TYPES = {"int": int, "float": float, "str": str}
@@ -132,13 +127,17 @@ def with_think_tokens(model: nnx.Module, tokenizer: Any, mesh) -> tuple[nnx.Modu
   return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params)), tokenizer
 
 
+# `with_think_tokens` makes `</think>` one token of every loaded tokenizer (`tasks.Task.close_tag_ids` requires it).
+THINK_CLOSE_LEN = 1
+
+
 def load_model(cfg: TrainConfig, mesh) -> tuple[nnx.Module, Any]:
   """(model on the mesh, tokenizer or None): a preset with random init, an HF folder or Hub id, or a GGUF file."""
   if cfg.model == "hf":
     from tsallis_jax.model.hf_io import load_hf_checkpoint, load_tokenizer, read_hf_config
     from tsallis_jax.model.hub import resolve_model_path
     folder = resolve_model_path(cfg.model_path)  # a local folder wins; else an org/name Hub id via the cache
-    check_fits(cfg, read_hf_config(folder).get("max_position_embeddings"))
+    check_fits(cfg, read_hf_config(folder).get("max_position_embeddings"), THINK_CLOSE_LEN)
     return with_think_tokens(load_hf_checkpoint(folder, dtype=cfg.dtype, mesh=mesh, **model_overrides(cfg)),
                              load_tokenizer(folder), mesh)
   if cfg.model == "gguf":
@@ -146,7 +145,7 @@ def load_model(cfg: TrainConfig, mesh) -> tuple[nnx.Module, Any]:
     from tsallis_jax.model.hf_io import load_hf_checkpoint, load_tokenizer, read_hf_config
     path = gguf_io.smollm2_gguf_path() if cfg.model_path == "smollm2" else cfg.model_path
     folder = gguf_io.cached_hf_folder(path)
-    check_fits(cfg, read_hf_config(folder).get("max_position_embeddings"))
+    check_fits(cfg, read_hf_config(folder).get("max_position_embeddings"), THINK_CLOSE_LEN)
     return with_think_tokens(load_hf_checkpoint(folder, dtype=cfg.dtype, mesh=mesh, **model_overrides(cfg)),
                              load_tokenizer(folder), mesh)
   return None, None
@@ -196,9 +195,9 @@ def get_programs(cfg: TrainConfig, graphdef, abstract_vars, mesh, ids: TokenIds,
   with_ref = cfg.kl_coef > 0 or cfg.log_ref_kl
   state_sh = state_lib.state_shardings(abstract_vars, tx, mesh, rules, with_ref)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_lib.pure(abstract_vars))
-  train_sampling = rollout_lib.sampling_config(cfg, stop_ids=ids.stop_ids, pad_id=ids.pad_id,
+  train_sampling = completions_lib.sampling_config(cfg, stop_ids=ids.stop_ids, pad_id=ids.pad_id,
                                                close_tag_ids=ids.close_tag_ids)
-  eval_sampling = rollout_lib.sampling_config(cfg, stop_ids=ids.stop_ids, pad_id=ids.pad_id,
+  eval_sampling = completions_lib.sampling_config(cfg, stop_ids=ids.stop_ids, pad_id=ids.pad_id,
                                               close_tag_ids=ids.close_tag_ids, evaluation=True)
   train_rollout = _rollout_program(graphdef, train_sampling, mesh, state_sh.params)
   eval_rollout = _rollout_program(graphdef, eval_sampling, mesh, state_sh.params)
@@ -257,7 +256,7 @@ class Setup:
 
 
 def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
-  mesh = make_mesh(cfg)
+  mesh = distributed.make_mesh(dict(zip(BATCH_AXES, check_mesh(cfg, jax.device_count()))))
   model, tokenizer = load_model(cfg, mesh)
   task = task or build_task(cfg, tokenizer)
   ids = TokenIds(stop_ids=task.stop_ids, pad_id=task.pad_id, close_tag_ids=task.close_tag_ids)
@@ -411,7 +410,7 @@ def _train(cfg: TrainConfig, workdir, task: Task | None, watcher: preemption.Wat
     batch_np = next(data_iter)
     batch = _put_rows(mesh, {k: v for k, v in batch_np.items() if k != "index_B"}, cfg.batch_size)
     rollout_key, step_key = _step_keys(state.key, step)
-    rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxT"], batch["prompt_mask_BxT"], rollout_key)
+    rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"], rollout_key)
     train_batch = {"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
                    "answer_mask_BxA": batch["answer_mask_BxA"]}
     state, metrics_dev = programs.train_step(state, train_batch, step_key, q_range)

@@ -1,6 +1,6 @@
 """The train step: one jitted, pure function `(state, batch, key, q_range) -> (state, metrics)` (STYLE.md point 4).
 
-The batch holds the rollout (G sampled completions per prompt, from `rollout.py`) and the gold answers. One forward
+The batch holds the rollout (G sampled completions per prompt, from the sampler) and the gold answers. One forward
 pass of the current params scores either
 
 * the teacher-forced sequences [prompt, rationale, `</think>`, gold answer] (GARL and PAFT with the paper's
@@ -34,7 +34,7 @@ from tsallis_jax.estimators import SequenceLogProbs, garl_loss, grpo_loss, k3_kl
 from tsallis_jax.model import make_attention_mask, make_positions
 from tsallis_jax.model.logprobs import token_logprobs, token_logprobs_from_hidden
 from tsallis_jax.sampler import Rollout
-from tsallis_jax.train import rollout as rollout_lib
+from tsallis_jax.train import completions as completions_lib
 from tsallis_jax.train.config import TrainConfig
 from tsallis_jax.train.schedules import learning_rate_schedule, q_schedule_from_config
 from tsallis_jax.train.state import TrainState, replicated
@@ -65,7 +65,7 @@ def _sequences(cfg: TrainConfig, ids: TokenIds, rollout: Rollout, gold_NxA, gold
   """Tokens, pad mask and segment masks of the sequences this estimator scores (see the module docstring)."""
   teacher = cfg.estimator in ("garl", "paft") and cfg.weights == "likelihood"
   if teacher:
-    comp_NxT, z_NxT, y_NxT, valid_NxT, answered_N = rollout_lib.teacher_forced_completion(
+    comp_NxT, z_NxT, y_NxT, valid_NxT, answered_N = completions_lib.teacher_forced_completion(
         rollout, gold_NxA, gold_mask_NxA, ids.close_tag_ids, ids.stop_ids, ids.pad_id)
   else:
     comp_NxT, valid_NxT = rollout.tokens_NxT, rollout.mask_NxT
@@ -118,16 +118,16 @@ def _completion_logprobs_chunked(model, tokens_NxS, pad_NxS, num_prompt: int, te
   w_VxD = jax.lax.stop_gradient(model.head_weight().astype(hidden_NxTxD.dtype))
   n, t, d = hidden_NxTxD.shape
   chunks = -(-t // chunk)
-  hidden_NxPxD = jnp.pad(hidden_NxTxD, ((0, 0), (0, chunks * chunk - t), (0, 0)))
-  hidden_CxNxUxD = hidden_NxPxD.reshape(n, chunks, chunk, d).transpose(1, 0, 2, 3)
+  hidden_ZxNxWxD = (jnp.pad(hidden_NxTxD, ((0, 0), (0, chunks * chunk - t), (0, 0)))  # Z chunks of W positions
+                    .reshape(n, chunks, chunk, d).transpose(1, 0, 2, 3))
 
-  def chunk_entropy(h_NxUxD):
-    logits_NxUxV = jnp.einsum("nud,vd->nuv", h_NxUxD, w_VxD, preferred_element_type=jnp.float32) / temperature
-    logq_NxUxV = jax.nn.log_softmax(logits_NxUxV, axis=-1)
-    return -jnp.sum(jnp.exp(logq_NxUxV) * logq_NxUxV, axis=-1)
+  def chunk_entropy(h_NxWxD):
+    logits_NxWxV = jnp.einsum("nwd,vd->nwv", h_NxWxD, w_VxD, preferred_element_type=jnp.float32) / temperature
+    logq_NxWxV = jax.nn.log_softmax(logits_NxWxV, axis=-1)
+    return -jnp.sum(jnp.exp(logq_NxWxV) * logq_NxWxV, axis=-1)
 
-  entropy_CxNxU = jax.lax.map(chunk_entropy, hidden_CxNxUxD)
-  entropy_NxT = entropy_CxNxU.transpose(1, 0, 2).reshape(n, chunks * chunk)[:, :t]
+  entropy_ZxNxW = jax.lax.map(chunk_entropy, hidden_ZxNxWxD)
+  entropy_NxT = entropy_ZxNxW.transpose(1, 0, 2).reshape(n, chunks * chunk)[:, :t]
   return logp_NxT, entropy_NxT
 
 
@@ -189,21 +189,21 @@ _SUCCESS_WEIGHTED = ("jq/amp_mean", "jq/log_amp_mean", "jq/weight_ess")
 _TOKEN_WEIGHTED = ("policy/entropy", "mismatch/logp_abs_diff", "kl/ref", "ratio/clipfrac")
 
 
-def _combine_metric(name: str, values_K, tokens_K, success_K):
+def _combine_metric(name: str, values_Z, tokens_Z, success_Z):
   if name == "loss":
-    return jnp.sum(values_K)
+    return jnp.sum(values_Z)
   if name.endswith("_max"):
-    return jnp.max(values_K)
+    return jnp.max(values_Z)
   if name in _TOKEN_WEIGHTED or name in _SUCCESS_WEIGHTED:
-    count_K = tokens_K if name in _TOKEN_WEIGHTED else success_K
-    return jnp.sum(values_K * count_K) / jnp.maximum(jnp.sum(count_K), 1.0)
-  return jnp.mean(values_K)
+    count_Z = tokens_Z if name in _TOKEN_WEIGHTED else success_Z
+    return jnp.sum(values_Z * count_Z) / jnp.maximum(jnp.sum(count_Z), 1.0)
+  return jnp.mean(values_Z)
 
 
 def _micro_batched_grads(params, ref_params, graphdef, cfg: TrainConfig, seqs: dict, keys_B, q, num_prompt: int):
   """Gradient and metrics accumulated over B/m micro-batches of m prompts in a `lax.scan`.
 
-  Micro-batch k holds prompts k, k + K, k + 2K, ... (K = B/m); its m*G rows are split over all devices (a
+  Micro-batch z holds prompts z, z + Z, z + 2Z, ... (Z = B/m); its m*G rows are split over all devices (a
   multiple of the devices, `check_mesh`), so when m is a multiple of the devices every device keeps its own rows and
   otherwise only token ids and masks move. Equals the full-batch gradient in exact arithmetic: the estimators average
   over prompts, so each micro-batch's loss is scaled by m/B; a KL penalty's token mean divides by the whole batch's
@@ -211,17 +211,17 @@ def _micro_batched_grads(params, ref_params, graphdef, cfg: TrainConfig, seqs: d
   """
   G, m = cfg.num_samples, cfg.micro_batch_prompts
   B = keys_B.shape[0]
-  K = B // m
+  Z = B // m
   in_mesh = not jax.sharding.get_abstract_mesh().empty  # the train step runs under `jax.set_mesh`
   rows_over_devices = lambda x: (jax.lax.with_sharding_constraint(x, PartitionSpec(None, BATCH_AXES)) if in_mesh
                                  else x)
 
-  def split_rows(x_Nx):  # rows b*G+g with b = i*K+k -> [k, i*G+g]
-    x_mxKxGx = x_Nx.reshape(m, K, G, *x_Nx.shape[1:])
-    return rows_over_devices(jnp.swapaxes(x_mxKxGx, 0, 1).reshape(K, m * G, *x_Nx.shape[1:]))
+  def split_rows(x_Nx):  # rows b*G+g with b = i*Z+z -> [z, i*G+g]
+    x_mxZxGx = x_Nx.reshape(m, Z, G, *x_Nx.shape[1:])
+    return rows_over_devices(jnp.swapaxes(x_mxZxGx, 0, 1).reshape(Z, m * G, *x_Nx.shape[1:]))
 
   def split_prompts(x_Bx):
-    return rows_over_devices(jnp.swapaxes(x_Bx.reshape(m, K, *x_Bx.shape[1:]), 0, 1))
+    return rows_over_devices(jnp.swapaxes(x_Bx.reshape(m, Z, *x_Bx.shape[1:]), 0, 1))
 
   xs = {k: split_rows(v) for k, v in seqs.items() if v is not None and k != "reward_BxG"}
   xs["reward_BxG"] = split_prompts(seqs["reward_BxG"])
@@ -249,8 +249,8 @@ def _micro_batched_grads(params, ref_params, graphdef, cfg: TrainConfig, seqs: d
     return grads_acc, ({**aux, "loss": loss}, tokens, success)
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, (aux_K, tokens_K, success_K) = jax.lax.scan(body, zeros, xs)
-  aux = {k: _combine_metric(k, v_K, tokens_K, success_K) for k, v_K in aux_K.items()}
+  grads, (aux_Z, tokens_Z, success_Z) = jax.lax.scan(body, zeros, xs)
+  aux = {k: _combine_metric(k, v_Z, tokens_Z, success_Z) for k, v_Z in aux_Z.items()}
   return aux.pop("loss"), aux, grads
 
 
@@ -261,7 +261,7 @@ def _batch_sequences(cfg: TrainConfig, ids: TokenIds, batch: dict) -> dict:
   B = rollout.tokens_NxT.shape[0] // G
   gold_NxA = jnp.repeat(batch["answer_tokens_BxA"], G, axis=0)
   gold_mask_NxA = jnp.repeat(batch["answer_mask_BxA"], G, axis=0)
-  reward_N = rollout_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
+  reward_N = completions_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
   tokens_NxS, pad_NxS, z_NxT, y_NxT, answered_N = _sequences(cfg, ids, rollout, gold_NxA, gold_mask_NxA)
   return {"tokens_NxS": tokens_NxS, "pad_NxS": pad_NxS, "z_NxT": z_NxT, "y_NxT": y_NxT, "answered_N": answered_N,
           "model_logp_NxT": rollout.model_logp_NxT, "reward_BxG": reward_N.reshape(B, G)}

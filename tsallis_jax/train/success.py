@@ -24,7 +24,7 @@ from tsallis_jax.model import make_attention_mask, make_positions
 from tsallis_jax.model.logprobs import token_logprobs
 from tsallis_jax.sampler import SamplingConfig, generate_impl
 from tsallis_jax.train import evaluate as eval_lib
-from tsallis_jax.train import rollout as rollout_lib
+from tsallis_jax.train import completions as completions_lib
 
 Scorer = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -35,7 +35,7 @@ def make_scorer(graphdef: nnx.GraphDef, *, num_samples: int, rationale_budget: i
   """`score(params, prompt_BxP, prompt_mask_BxP, answer_BxA, answer_mask_BxA, key) -> (w_BxG, reward_BxG)`, jitted.
 
   w is p(y*|x, z) of each sampled rationale (0 for a rationale that can never reach y*, see
-  `rollout.teacher_forced_completion`); reward is the sampled answer's exact match.
+  `completions.teacher_forced_completion`); reward is the sampled answer's exact match.
   """
   sampling = SamplingConfig(num_samples=num_samples, max_new_tokens=rationale_budget + len(close_tag_ids)
                             + max_answer_len, temperature=temperature, stop_ids=stop_ids, pad_id=pad_id,
@@ -48,14 +48,14 @@ def make_scorer(graphdef: nnx.GraphDef, *, num_samples: int, rationale_budget: i
     rollout = generate_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, key, sampling)
     gold_NxA = jnp.repeat(answer_BxA, num_samples, axis=0)
     gold_mask_NxA = jnp.repeat(answer_mask_BxA, num_samples, axis=0)
-    comp_NxT, _, y_mask_NxT, valid_NxT, answered_N = rollout_lib.teacher_forced_completion(
+    comp_NxT, _, y_mask_NxT, valid_NxT, answered_N = completions_lib.teacher_forced_completion(
         rollout, gold_NxA, gold_mask_NxA, close_tag_ids, stop_ids, pad_id)
     tokens_NxS = jnp.concatenate([rollout.prompt_tokens_NxP, comp_NxT], axis=1)
     pad_NxS = jnp.concatenate([rollout.prompt_mask_NxP, valid_NxT], axis=1)
     logits, _ = nnx.merge(graphdef, params)(tokens_NxS, make_positions(pad_NxS), make_attention_mask(pad_NxS))
     logp_NxT = token_logprobs(logits, tokens_NxS)[:, P:]
     logw_N = jnp.sum(jnp.where(y_mask_NxT, logp_NxT, 0.0), axis=1)
-    reward_N = rollout_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
+    reward_N = completions_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
     w_N = jnp.where(answered_N, jnp.exp(logw_N), 0.0)  # EOS inside the rationale: no answer, w = 0
     return w_N.reshape(B, num_samples), reward_N.reshape(B, num_samples)
 
@@ -66,16 +66,12 @@ def answer_arrays(records: Sequence[Record], tokenizer: Any, *, max_answer_len: 
                   style: prompts_lib.Style = "cold") -> tuple[np.ndarray, np.ndarray]:
   """Right-padded gold answer ids (EOS included, as the train step teacher-forces them) and their mask."""
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  tokens = np.full((len(records), max_answer_len), pad, np.int32)
-  mask = np.zeros((len(records), max_answer_len), bool)
-  for i, record in enumerate(records):
-    ids = prompts_lib.gold_answer_ids(record, tokenizer, style=style)
+  rows = [prompts_lib.gold_answer_ids(record, tokenizer, style=style) for record in records]
+  for record, ids in zip(records, rows):
     if len(ids) > max_answer_len:
       raise ValueError(f"{record.where()}: the gold answer has {len(ids)} tokens (EOS included), over "
                        f"max_answer_len={max_answer_len}; raise max_answer_len")
-    tokens[i, :len(ids)] = ids
-    mask[i, :len(ids)] = True
-  return tokens, mask
+  return prompts_lib.pad_rows(rows, max_answer_len, pad, side="right")
 
 
 def success_by_prompt(score: Scorer, params: Any, records: Sequence[Record], tokenizer: Any, *, key: jax.Array,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from tsallis_jax.data import splits as splits_lib
 from tsallis_jax.data.records import Record
 from tsallis_jax.train.config import ConfigError, TrainConfig, parse_options
 
@@ -96,10 +97,6 @@ def build_task(cfg: TrainConfig, tokenizer: Any = None) -> Task:
                for i, (q, a) in enumerate(FIXTURE_QA)]
     return Task(tokenizer, records, records, records, {"task": "fixture"})
   if cfg.task in ("finqa", "hotpotqa", "musique"):
-    try:
-      from tsallis_jax.data import splits as splits_lib  # written by the data engineer (issue 6)
-    except ImportError as e:
-      raise ConfigError(f"task={cfg.task!r} needs tsallis_jax.data.splits, which is not available ({e})") from None
     if not cfg.data_dir:
       raise ConfigError(f"task={cfg.task!r} needs data_dir, the folder of its official files. "
                         f"{splits_lib.MANUAL_DOWNLOAD_INSTRUCTIONS[cfg.task]}")

@@ -1,4 +1,4 @@
-"""Rollouts for training and evaluation, and the sequences the train step scores (spec 1.6, 1.7).
+"""What the trainer makes of the sampler's completions: sampler settings, scored sequences, rewards (spec 1.6, 1.7).
 
 * `sampling_config` maps a `TrainConfig` onto the sampler's static `SamplingConfig` (budget forcing with
   `</think>`: the rationale budget, the forced tag, then the answer budget).
@@ -29,10 +29,11 @@ def sampling_config(cfg: TrainConfig, *, stop_ids: tuple[int, ...], pad_id: int,
     temperature, top_k, top_p, samples = cfg.eval_temperature, cfg.eval_top_k, cfg.eval_top_p, cfg.eval_num_samples
   else:
     temperature, top_k, top_p, samples = cfg.temperature, cfg.top_k, cfg.top_p, cfg.num_samples
-  return SamplingConfig(num_samples=samples, max_new_tokens=cfg.rollout_len, temperature=float(temperature),
-                        top_k=int(top_k), top_p=float(top_p), stop_ids=tuple(int(t) for t in stop_ids),
-                        pad_id=int(pad_id), close_tag_ids=tuple(int(t) for t in close_tag_ids),
-                        rationale_budget=max(cfg.rationale_budget, 1), answer_budget=cfg.max_answer_len)
+  return SamplingConfig(num_samples=samples, max_new_tokens=cfg.rollout_len(len(close_tag_ids)),
+                        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                        stop_ids=tuple(int(t) for t in stop_ids), pad_id=int(pad_id),
+                        close_tag_ids=tuple(int(t) for t in close_tag_ids), rationale_budget=cfg.rationale_budget,
+                        answer_budget=cfg.max_answer_len)
 
 
 def rationale_extent(rollout: Rollout, stop_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -45,8 +46,7 @@ def rationale_extent(rollout: Rollout, stop_ids: tuple[int, ...]) -> tuple[jax.A
   """
   closed_N = rollout.closed_N
   last_N = jnp.take_along_axis(rollout.tokens_NxT, jnp.maximum(rollout.lengths_N - 1, 0)[:, None], axis=1)[:, 0]
-  stop_C = jnp.asarray(stop_ids or (-1,), jnp.int32)
-  ended_on_stop_N = (rollout.lengths_N > 0) & jnp.any(last_N[:, None] == stop_C[None, :], axis=1)
+  ended_on_stop_N = (rollout.lengths_N > 0) & jnp.isin(last_N, jnp.asarray(stop_ids, jnp.int32))
   answered_N = closed_N | ~ended_on_stop_N
   keep_N = jnp.where(closed_N, rollout.answer_start_N, rollout.lengths_N)
   return keep_N, closed_N, answered_N
@@ -64,10 +64,10 @@ def teacher_forced_completion(rollout: Rollout, gold_NxA: jax.Array, gold_mask_N
   """
   N, T = rollout.tokens_NxT.shape
   A = gold_NxA.shape[1]
-  tag_C = jnp.asarray(close_tag_ids, jnp.int32)
-  C = tag_C.shape[0]
+  tag_Y = jnp.asarray(close_tag_ids, jnp.int32)
+  Y = tag_Y.shape[0]
   keep_N, closed_N, answered_N = rationale_extent(rollout, stop_ids)
-  tag_len_N = jnp.where(closed_N | ~answered_N, 0, C)
+  tag_len_N = jnp.where(closed_N | ~answered_N, 0, Y)
   slots_T = jnp.arange(T, dtype=jnp.int32)[None, :]
   in_rationale_NxT = slots_T < keep_N[:, None]
   tag_pos_NxT = slots_T - keep_N[:, None]
@@ -75,7 +75,7 @@ def teacher_forced_completion(rollout: Rollout, gold_NxA: jax.Array, gold_mask_N
   answer_pos_NxT = slots_T - (keep_N + tag_len_N)[:, None]
   gold_len_N = jnp.where(answered_N, jnp.sum(gold_mask_NxA.astype(jnp.int32), axis=1), 0)
   in_answer_NxT = (answer_pos_NxT >= 0) & (answer_pos_NxT < gold_len_N[:, None])
-  tag_tok_NxT = tag_C[jnp.clip(tag_pos_NxT, 0, C - 1)]
+  tag_tok_NxT = tag_Y[jnp.clip(tag_pos_NxT, 0, Y - 1)]
   gold_tok_NxT = jnp.take_along_axis(gold_NxA.astype(jnp.int32), jnp.clip(answer_pos_NxT, 0, A - 1), axis=1)
   tokens_NxT = jnp.where(in_rationale_NxT, rollout.tokens_NxT,
                          jnp.where(in_tag_NxT, tag_tok_NxT, jnp.where(in_answer_NxT, gold_tok_NxT, pad_id)))
