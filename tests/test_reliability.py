@@ -223,8 +223,12 @@ BAD_INPUTS = {
                             "error: finqa: missing ['dev.json', 'test.json', 'train.json'] in"),
     "malformed record": (lambda tmp: ["task=musique", f"data_dir={_musique_with_a_broken_line(tmp / 'musique')}"],
                          "error: " + str("{tmp}/musique/musique_ans_v1.0_train.jsonl, line 2: not valid JSON")),
-    "missing model file": (lambda tmp: ["model=hf", f"model_path={tmp / 'no_model'}"],
+    "missing model file": (lambda tmp: (tmp / "no_model").mkdir(exist_ok=True) or [
+                               "model=hf", f"model_path={tmp / 'no_model'}"],
                            "error: {tmp}/no_model/config.json is missing"),
+    "missing model path": (lambda tmp: ["model=hf", f"model_path={tmp / 'nowhere'}"],
+                           "error: model_path '{tmp}/nowhere' is neither an existing local path nor a Hugging Face"
+                           " Hub id"),
     "missing tokenizer file": (lambda tmp: ["model=hf", f"model_path={_hf_folder_without_tokenizer(tmp / 'hf')}",
                                             "model_overrides="],
                                "error: no tokenizer in {tmp}/hf"),
@@ -232,8 +236,9 @@ BAD_INPUTS = {
         lambda tmp: ["model=gguf", f"model_path={_gguf_of_unsupported_architecture(tmp / 'm.gguf')}",
                      "model_overrides="],
         "error: GGUF architecture 'falcon' is not supported"),
+    # The validation split (data seed 2) is read first: eval_at_start evaluates the initial model before step 1.
     "prompt over max_prompt_len": (lambda tmp: ["max_prompt_len=4"],
-                                   "error: synthetic:target-m10-L4-k1-s1, record"),
+                                   "error: synthetic:target-m10-L4-k1-s2, record 0"),
 }
 
 
