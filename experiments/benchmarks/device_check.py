@@ -1,0 +1,159 @@
+"""The prepared accelerator check (issue 17): the trainer's own GRPO / GARL step and sampler on Qwen3-0.6B shapes.
+
+    python -m experiments.benchmarks.device_check --out DIR/device_check.json            # on a GPU / TPU machine
+    python -m experiments.benchmarks.device_check --model tiny --steps 3 --out /tmp/dc.json  # the CPU smoke test
+
+Random weights of the preset (`qwen3_0_6b`: 28 layers, D 1024, the real 151936-token vocabulary), the synthetic task's
+prompts (their token ids are a handful of the vocabulary: only the shapes matter here). Every rollout runs to the
+full budget (random weights never close `</think>`, so budget forcing makes each completion rationale_budget + 1 +
+max_answer_len tokens), so every step does the same work.
+
+For each estimator (GRPO, GARL q = 0.75):
+- the trainer's jitted step through `train_and_evaluate` for `--steps` steps. `first_step_s` is compile + warm-up;
+  `step_s` is the median of the later steps; tokens/s is generated tokens per step time;
+- MFU = the step's model FLOPs (`flops.step_flops`, counted from the shapes) / step_s / the device's matmul peak
+  (`--peak-tflops`, default: a measured bf16 8192^3 product on this device);
+- peak device memory (`memory_stats()['peak_bytes_in_use']`, where the backend reports it).
+The sampler alone: the trainer's jitted rollout on one batch, median of `--sampler-reps` calls, tokens/s.
+Everything goes into one JSON (and is printed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+
+def matmul_peak_tflops(dtype: str, size: int = 8192, reps: int = 10) -> float:
+  """Measured square-matmul rate of the default device (a device's peak, the MFU denominator)."""
+  import jax
+  import jax.numpy as jnp
+  key = jax.random.key(0)
+  a = jax.random.normal(key, (size, size), jnp.dtype(dtype))
+  b = jax.random.normal(jax.random.fold_in(key, 1), (size, size), jnp.dtype(dtype))
+  mm = jax.jit(lambda x, y: x @ y)
+  for _ in range(3):
+    mm(a, b).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    mm(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * size ** 3 / statistics.median(times) / 1e12
+
+
+def check_config(model: str, estimator: str, steps: int, dtype: str, *, batch: int, samples: int, prompt_len: int,
+                 rationale: int, answer: int):
+  from tsallis_jax.train.config import TrainConfig
+  overrides = "vocab_size=151936" if model == "qwen3_0_6b" else ""  # the real vocabulary, not the task's 90 words
+  return TrainConfig(
+      name=f"device_check_{estimator}", model=model, model_overrides=overrides, dtype=dtype, task="synthetic",
+      task_options="p0=0.01,train=512,val=8,test=8", max_prompt_len=prompt_len, rationale_budget=rationale,
+      max_answer_len=answer, estimator=estimator, q=0.75, batch_size=batch, num_samples=samples, num_steps=steps,
+      learning_rate=1e-6, eval_every=0, eval_num_samples=2, eval_batch_size=8, checkpoint_every=0, max_to_keep=1,
+      progress_bar="off", tensorboard=False, log_ref_kl=False)
+
+
+def peak_memory_bytes() -> int | None:
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def time_step(cfg, flops_per_step: float, peak_tflops: float) -> dict[str, Any]:
+  """The trainer's step: first-step and median step time, tokens/s, MFU, peak memory."""
+  from tsallis_jax.train import train_and_evaluate
+  from tsallis_jax.train.writers import read_metrics
+  with tempfile.TemporaryDirectory() as workdir:
+    train_and_evaluate(cfg, workdir)
+    rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "perf/step_s" in r]
+  step_s = [r["perf/step_s"] for r in rows]
+  later = step_s[1:] or step_s
+  median = statistics.median(later)
+  tokens = statistics.median(r["gen/tokens"] for r in rows)
+  return {"first_step_s": step_s[0], "step_s": median, "steps_timed": len(later),
+          "generated_tokens_per_step": tokens, "tokens_per_s": tokens / median,
+          "model_tflops_per_step": flops_per_step / 1e12,
+          "mfu": flops_per_step / median / (peak_tflops * 1e12), "peak_memory_bytes": peak_memory_bytes()}
+
+
+def time_sampler(cfg, reps: int) -> dict[str, Any]:
+  """The trainer's jitted rollout alone on one batch of the task's prompts."""
+  import jax
+  import numpy as np
+
+  from tsallis_jax.train import loop
+  from tsallis_jax.train import evaluate as eval_lib
+  s = loop.setup(cfg)
+  params = loop.initial_params(s)
+  records = s.task.train[:cfg.batch_size]
+  tokens, mask = eval_lib.prompt_arrays(records, s.task.tokenizer, style=cfg.prompt_style,
+                                        max_prompt_len=cfg.max_prompt_len, pad_id=s.ids.pad_id)
+  key = jax.random.key(0)
+  times = []
+  for i in range(reps + 1):
+    t = time.perf_counter()
+    rollout = s.programs.train_rollout(params, tokens, mask, jax.random.fold_in(key, i))
+    jax.block_until_ready(rollout.tokens_NxT)
+    times.append(time.perf_counter() - t)
+  median = statistics.median(times[1:])
+  generated = int(np.asarray(rollout.lengths_N).sum())
+  return {"first_call_s": times[0], "call_s": median, "rows": int(rollout.tokens_NxT.shape[0]),
+          "generated_tokens": generated, "tokens_per_s": generated / median}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.device_check",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True, help="the JSON file to write")
+  parser.add_argument("--model", default="qwen3_0_6b", choices=("qwen3_0_6b", "smollm2_135m", "tiny"))
+  parser.add_argument("--dtype", default="bfloat16", help="activation / compute dtype (params stay float32)")
+  parser.add_argument("--steps", type=int, default=6)
+  parser.add_argument("--batch", type=int, default=8, help="prompts per step (B)")
+  parser.add_argument("--samples", type=int, default=8, help="rollouts per prompt (G, the paper's M)")
+  parser.add_argument("--prompt-len", type=int, default=128)
+  parser.add_argument("--rationale", type=int, default=512, help="rationale budget (the paper: 2k-4k minus 128)")
+  parser.add_argument("--answer", type=int, default=16)
+  parser.add_argument("--sampler-reps", type=int, default=3)
+  parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak; 0 = measure a bf16 matmul")
+  args = parser.parse_args(argv)
+
+  import jax
+
+  from experiments.benchmarks import flops
+  from tsallis_jax.data import synthetic
+  from tsallis_jax.train import loop
+  device = jax.devices()[0]
+  peak = args.peak_tflops or matmul_peak_tflops(args.dtype if device.platform != "cpu" else "float32",
+                                                size=8192 if device.platform != "cpu" else 1024, reps=5)
+  out: dict[str, Any] = {"jax": jax.__version__, "device": str(device), "device_kind": device.device_kind,
+                         "platform": device.platform, "model": args.model, "dtype": args.dtype,
+                         "shapes": {"B": args.batch, "G": args.samples, "P": args.prompt_len,
+                                    "rationale": args.rationale, "answer": args.answer},
+                         "peak_tflops": peak, "peak_measured": not args.peak_tflops}
+  for estimator in ("grpo", "garl"):
+    cfg = check_config(args.model, estimator, args.steps, args.dtype, batch=args.batch, samples=args.samples,
+                       prompt_len=args.prompt_len, rationale=args.rationale, answer=args.answer)
+    hf = loop.model_config(cfg, vocab_size=len(synthetic.make_tokenizer())).to_hf_config()
+    step_flops = flops.step_flops(hf, num_sequences=args.batch * args.samples, prompt_len=args.prompt_len,
+                                  max_new=cfg.rollout_len(loop.THINK_CLOSE_LEN), beta=0.0)["total"]
+    out[estimator] = time_step(cfg, step_flops, peak)
+    print(estimator, json.dumps(out[estimator]), flush=True)
+  out["sampler"] = time_sampler(check_config(args.model, "grpo", 1, args.dtype, batch=args.batch,
+                                             samples=args.samples, prompt_len=args.prompt_len,
+                                             rationale=args.rationale, answer=args.answer), args.sampler_reps)
+  out["peak_memory_bytes"] = peak_memory_bytes()
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(out, f, indent=1)
+  print(json.dumps(out, indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
