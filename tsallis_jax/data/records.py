@@ -6,6 +6,8 @@ official metrics accept (MuSiQue's `answer_aliases`). Optional fields carry what
 FinQA's table and gold program, HotPotQA's supporting facts, MuSiQue's answerability, a synthetic task's rationale.
 
 `source` and `index` name the file and the position in it, so every error about a record can say where it came from.
+A record read by the generic file task (`tsallis_jax.data.files`) also carries the row's other `columns` (name, text
+pairs) and the run's `template`, the warm prompt it is asked with (`prompts.user_message`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from tsallis_jax.errors import InputError
 
 
 class RecordError(InputError):
-  """A record in an official file is malformed. The message names the file, the record and the field."""
+  """A record in a data file is malformed. The message names the file, the record (or line) and the field."""
 
 
 class BudgetError(InputError):
@@ -51,6 +53,8 @@ class Record:
   dataset: str = ""
   source: str = ""
   index: int = -1
+  columns: tuple[tuple[str, str], ...] = ()  # the row's other columns, as (name, text), for the prompt template
+  template: str = ""  # the warm prompt template (`prompts.user_message`); "" = the dataset's own instructions
 
   @property
   def answers(self) -> tuple[str, ...]:
@@ -74,6 +78,7 @@ class Record:
     d["context"] = tuple(Passage(p["title"], tuple(p["sentences"])) for p in d["context"])
     d["table"] = tuple(tuple(row) for row in d["table"])
     d["supporting_facts"] = tuple((str(t), int(i)) for t, i in d["supporting_facts"])
+    d["columns"] = tuple((str(k), str(v)) for k, v in d.get("columns", ()))  # absent in files written before it
     return cls(**d)
 
 
