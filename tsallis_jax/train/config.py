@@ -160,6 +160,7 @@ class TrainConfig:
   # Further metric backends, comma-separated (TRL's report_to): "wandb" (needs the wandb package; project from
   # $WANDB_PROJECT, run name = name), "tensorboard" (the same as tensorboard=True), "none" or "" (nothing more).
   report_to: str = ""
+  log_completions: int = 8  # prompts per evaluation whose sampled completions go to completions.jsonl (0 = none)
 
   def __post_init__(self):
     _validate(self)
@@ -272,7 +273,7 @@ def _validate(cfg: TrainConfig) -> None:
              " all prompts, so micro-batches cannot reproduce it; use grpo_scale_rewards='group' or 'none', or"
              " micro_batch_prompts=0")
   for key in ("prompt_bucket", "paft_resamples", "q_schedule_steps", "warmup_steps", "eval_every", "eval_max_prompts",
-              "checkpoint_every", "top_k", "eval_top_k"):
+              "checkpoint_every", "top_k", "eval_top_k", "log_completions"):
     _require(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0")
   _require(cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1")
   _require(cfg.max_to_keep >= 1, f"max_to_keep={cfg.max_to_keep} must be >= 1 (the resume checkpoint)")
