@@ -39,7 +39,14 @@ class Passage:
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-  """One question with its context and gold answer (see the module docstring)."""
+  """One question with its context and gold answer (see the module docstring).
+
+  Fields: `id`; `question`; `answer` (the gold string the training reward and the teacher-forced weight use);
+  `aliases` (further accepted answers); `context` (titled passages, linearised by data/context.py); `table` (FinQA's
+  rows, header first) and `program` (its gold program); `supporting_facts` (title, sentence or paragraph index);
+  `answerable`; `rationale` (a gold rationale, synthetic tasks only); `dataset` (picks the warm instructions and the
+  evaluation group); `source`, `index` (file and position, for errors); `columns`, `template` (generic task).
+  """
   id: str
   question: str
   answer: str
