@@ -8,7 +8,7 @@
 * `.jsonl`: one JSON object per line (blank lines skipped); an error names the file and the line.
 * `.json`: a JSON list of objects; an error names the file and the record index.
 * `.csv` (`.tsv`): a header row, then one row per record (Python's `csv` module); an error names the file and line.
-* `.parquet`: read with `pyarrow` (installed with this package's dependencies); an error names the file and row.
+* `.parquet`: read with `pyarrow` (tensorflow-datasets, a dependency, brings it); an error names the file and row.
 * anything else (`hf:org/name`, a folder written by `Dataset.save_to_disk`-compatible loaders, a local dataset
   script): `datasets.load_dataset(name, config, split=...)` when the `datasets` library is installed (the Hub needs
   network; a local path does not). The split is `@split` at the end of the source (`hf:gsm8k@test`), else the split
@@ -96,7 +96,10 @@ def read_rows(source: str, *, split: str | None = None, hf_config: str = "") -> 
                               " different number of cells (quote cells that contain the delimiter)")
           yield f"{name}, line {reader.line_num}", index, row
     else:
-      import pyarrow.parquet as pq
+      try:
+        import pyarrow.parquet as pq
+      except ImportError:
+        raise InputError(f"{name}: reading Parquet needs pyarrow: pip install pyarrow") from None
       for index, row in enumerate(pq.read_table(source).to_pylist()):
         yield f"{name}, row {index}", index, row
     return
