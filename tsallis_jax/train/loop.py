@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 # train step (the demo's many runs compile each program once).
 _PROGRAM_NEUTRAL = ("name", "seed", "q", "q_end", "init_checkpoint", "eval_every", "eval_max_prompts",
                     "prompt_bucket", "checkpoint_every", "max_to_keep", "log_every", "progress_bar", "tensorboard",
-                    "task_options", "data_dir", "eval_at_start", "report_to", "log_completions", "data_columns", "prompt_template",
-                    "chat_template")
+                    "task_options", "data_dir", "eval_at_start", "report_to", "log_completions", "data_columns",
+                    "prompt_template", "chat_template")
 _PROGRAMS: dict[Any, Any] = {}
 
 
