@@ -11,7 +11,8 @@
   the paper's subsets (`data.splits`). Options: reader (tfds: the TFDS builder of `data.builders` prepares the
   subsets once as array_record files under tfds_dir, default `$TSALLIS_JAX_CACHE/tfds`, and the records are read back
   through `as_data_source`; files: the official files are read directly; both give the same records in the same
-  order), seed (0: the subset seed), train / val / test (0: the paper's sizes; n: n records of the subset draw; -1: all that remain, for small files).
+  order), seed (0: the subset seed), train / val / test (0: the paper's sizes; n: n records of the subset draw;
+  -1: all that remain, for small files).
 * `file`: your own data (`tsallis_jax.data.files`). Options: train, val, test (a .jsonl / .json / .csv / .parquet
   path, relative to `data_dir` when that is set, or a `datasets` name such as `hf:org/name`, which needs the
   `datasets` library; a `@split` suffix picks its split), val_frac / test_frac (held-out fractions of the train
