@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
       t = time.perf_counter()
       results = train_and_evaluate(cfg, workdir, task=task, observe=probe)
       rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-      train_rows = [r for r in rows if "reward/mean" in r]
+      train_rows = [r for r in rows if "reward" in r]
       curve = {k: [r.get(m) for r in train_rows] for k, m in (
-          ("step", "step"), ("success", "reward/mean"), ("weight_mean", "weight/mean"), ("kl_ref", "kl/ref"),
+          ("step", "step"), ("success", "reward"), ("weight_mean", "weight/mean"), ("kl_ref", "kl"),
           ("grad_norm", "grad_norm"))}
       run = {"seed": seed, "estimator": estimator, "q": q,
              **{k: v for k, v in results.items() if k.startswith("test/")}, "best": results["best"],

@@ -219,9 +219,10 @@ def _musique_with_a_broken_line(folder):
 
 BAD_INPUTS = {
     "unknown task": (lambda tmp: ["task=gsm8k"], "config error: task='gsm8k' is unknown"),
-    "missing data folder": (lambda tmp: ["task=finqa", f"data_dir={tmp / 'no_such_folder'}"],
+    "missing data folder": (lambda tmp: ["task=finqa", "task_options=", f"data_dir={tmp / 'no_such_folder'}"],
                             "error: finqa: missing ['dev.json', 'test.json', 'train.json'] in"),
-    "malformed record": (lambda tmp: ["task=musique", f"data_dir={_musique_with_a_broken_line(tmp / 'musique')}"],
+    "malformed record": (lambda tmp: ["task=musique", "task_options=",
+                                      f"data_dir={_musique_with_a_broken_line(tmp / 'musique')}"],
                          "error: " + str("{tmp}/musique/musique_ans_v1.0_train.jsonl, line 2: not valid JSON")),
     "missing model file": (lambda tmp: (tmp / "no_model").mkdir(exist_ok=True) or [
                                "model=hf", f"model_path={tmp / 'no_model'}"],
@@ -260,7 +261,7 @@ def test_bad_input_from_the_real_cli_has_no_traceback(tmp_path):
                           timeout=300)
   assert result.returncode == 2
   assert result.stderr.decode().splitlines() == [
-      "config error: task='gsm8k' is unknown; use synthetic, fixture, finqa, hotpotqa or musique"]
+      "config error: task='gsm8k' is unknown; use synthetic, fixture, finqa, hotpotqa, musique or file"]
 
 
 # --- the workdir must take a checkpoint before training starts ------------------------------------------------

@@ -9,10 +9,10 @@ import pytest
 from tsallis_jax.train import NonFiniteLossError, load_config, train_and_evaluate
 from tsallis_jax.train.writers import read_metrics
 
-TRAIN_KEYS = ("loss", "reward/mean", "reward/std", "groups/frac_all_wrong", "groups/frac_zero_std", "weight/mean",
-              "jq/q", "jq/amp_mean", "jq/amp_max", "jq/weight_ess", "jq/max_c_over_Mq", "policy/entropy", "kl/ref",
-              "mismatch/logp_abs_diff", "gen/len_mean", "gen/truncated_frac", "grad_norm", "learning_rate",
-              "perf/tokens_per_s")
+TRAIN_KEYS = ("loss", "reward", "reward_std", "groups/frac_all_wrong", "frac_reward_zero_std", "weight/mean",
+              "jq/q", "jq/amp_mean", "jq/amp_max", "jq/weight_ess", "jq/max_c_over_Mq", "entropy", "kl",
+              "mismatch/logp_abs_diff", "completions/mean_length", "completions/clipped_ratio", "grad_norm",
+              "learning_rate", "perf/tokens_per_s")
 
 
 _OBSERVED = []  # (step, sum of the embedding) of every observe() call of the smoke run
@@ -36,13 +36,17 @@ def test_run_writes_metrics_checkpoints_and_results(smoke_run):
     missing = [k for k in TRAIN_KEYS if k not in r]
     assert not missing, missing
     assert all(np.isfinite(v) for k, v in r.items() if isinstance(v, float))
-  assert train_rows[0]["kl/ref"] == 0.0 and train_rows[-1]["kl/ref"] > 0.0  # first step is on the initial policy
+  assert train_rows[0]["kl"] == 0.0 and train_rows[-1]["kl"] > 0.0  # first step is on the initial policy
   eval_rows = [r for r in rows if "eval/maj@4" in r]
   assert [r["step"] for r in eval_rows] == [0, 2, 4]  # eval_at_start: the initial model is a candidate
   best_step = max(eval_rows, key=lambda r: (r["eval/maj@4"], -r["step"]))["step"]
   assert results["best"]["step"] == best_step
   assert sorted(os.listdir(os.path.join(workdir, "best"))) == [str(best_step)]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  completions = read_metrics(os.path.join(workdir, "completions.jsonl"))
+  assert sorted({(r["step"], r["split"]) for r in completions}) == [(0, "eval"), (2, "eval"), (4, "eval"),
+                                                                     (4, "test")]
+  assert all(r["reward"] in (0.0, 1.0) and isinstance(r["completion"], str) for r in completions)
   for k in ("test/p@1", "test/pass@4", "test/maj@4"):
     assert 0.0 <= results[k] <= 1.0
   with open(os.path.join(workdir, "results.json")) as f:
@@ -57,12 +61,13 @@ def test_observe_sees_the_start_and_every_step(smoke_run):
   assert len(set(sums)) == 5, "each call gets the params after that step, not a stale copy"
 
 
-def test_workdir_checkpoint_wins_over_init_checkpoint(smoke_run, tmp_path):
+def test_workdir_checkpoint_wins_over_init_checkpoint(smoke_run, tmp_path, capsys):
   cfg, workdir, results = smoke_run
   # The run folder holds step 4 = num_steps: the run resumes there (nothing left to train) and ignores a bogus
   # init_checkpoint, which would raise FileNotFoundError if it were read.
   again = train_and_evaluate(cfg.replace(init_checkpoint=str(tmp_path / "does_not_exist")), workdir)
   assert again == results
+  assert f"resumed from step 4 of {workdir}\n" in capsys.readouterr().out
   with pytest.raises(FileNotFoundError, match="init_checkpoint"):
     train_and_evaluate(cfg.replace(init_checkpoint=str(tmp_path / "does_not_exist")), str(tmp_path / "fresh"))
 

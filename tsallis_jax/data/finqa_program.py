@@ -1,19 +1,31 @@
-"""An executor for FinQA's gold programs (issue 6; ECOSYSTEM.md, FinQA).
+"""An executor for FinQA's programs (issue 6; ECOSYSTEM.md, FinQA), checked against the official evaluator, the
+FinQA repository's `code/evaluate/evaluate.py` (`eval_program`, `process_row`, `str_to_num`).
 
 A program is a comma-separated list of steps `op(arg1, arg2)`; step k's result is referred to later as `#k`.
 
 * Operations: `add`, `subtract`, `multiply`, `divide`, `exp` (arg1 ** arg2), `greater` (the string "yes" or "no"),
   and the table operations `table_max`, `table_min`, `table_sum`, `table_average`, whose first argument names a
-  table row (the row's first cell, matched after lower-casing and collapsing spaces) and whose second is `none`;
-  they reduce the row's numeric cells.
-* Arguments: `#k`; `const_N` is N and `const_mN` is -N (`const_1_5` is 1.5); a literal number may carry `$`, thousands
-  commas and a trailing `%` (which divides by 100).
-* Table cells: `$`, commas and spaces are removed, `( 40 )` is read as -40 (the accounting convention), a trailing
-  `%` divides by 100; a cell that is still not a number is skipped (a row with no numeric cell raises).
+  table row and whose second is `none`; they reduce the row's cells after the first.
+* Arguments: `#k`; `const_N` is N and `const_m1` is -1; a literal number may carry thousands commas and a trailing
+  `%` (which divides by 100).
+* Table rows, `table_cells="official"` (the default; as evaluate.py's `process_row`): the row is found by its first
+  cell exactly; in each cell `$` is removed, the text from the first `(` on is dropped (`123 ( 45 )` reads 123,
+  `( 40 )` reads nothing), commas are removed and a `%` divides by 100; if any cell is then not a number (an empty
+  cell, `-`, `( 40 )`), the step is invalid (`ValueError`), as the official evaluator marks the program invalid.
+  `table_cells="accounting"` is the lenient reading: the row name matches after lower-casing and collapsing spaces,
+  `( 40 )` is -40 (the accounting convention), and cells that are still not numbers are skipped (a row with no
+  numeric cell is invalid).
 * The result of the last step, rounded to 5 decimals (FinQA's rounding), is the program's answer; `matches_exe_ans`
-  compares it with the record's `exe_ans` after the same rounding.
+  compares it with the record's `exe_ans`.
 
-Bad programs raise `ValueError` naming the program and the step.
+Differences from evaluate.py that remain, each tested in tests/test_data_official.py: (1) `matches_exe_ans` rounds
+the gold `exe_ans` to 5 decimals too (the official compares the rounded result with the stored value as is) and
+compares yes/no case-insensitively; (2) literal arguments are read more leniently: `$` and `( x )` are accepted
+(the official marks the program invalid) and `const_mN` / `const_N_M` are -N / N.M (the official reads only
+`const_m1`; FinQA's constant vocabulary has no others); (3) programs are parsed by their `op(a, b)` steps rather
+than by the official's token positions, so a table row name may contain `, ` or parentheses; (4) a table operation
+on `#k` is invalid here (the official reuses the previous table step's row, or fails). Bad programs raise
+`ValueError` naming the program and the step; the official's "invalid" is that `ValueError`.
 """
 from __future__ import annotations
 
@@ -80,10 +92,32 @@ def _norm_row(name: str) -> str:
   return " ".join(name.lower().split())
 
 
-def execute(program: str, table: Sequence[Sequence[str]] = ()) -> Value:
+def official_cell(text: str) -> float | None:
+  """A table cell as evaluate.py's `process_row` reads it (`$` removed, text from `(` on dropped), or None."""
+  s = text.replace("$", "").strip().split("(")[0].strip().replace(",", "")
+  try:
+    return float(s)
+  except ValueError:
+    pass
+  if "%" in s:
+    try:
+      return float(s.replace("%", "")) / 100.0
+    except ValueError:
+      return None
+  return None
+
+
+TABLE_CELLS = ("official", "accounting")
+
+
+def execute(program: str, table: Sequence[Sequence[str]] = (), *, table_cells: str = "official") -> Value:
   """The program's answer: a float rounded to 5 decimals, or "yes" / "no" (see the module docstring)."""
+  if table_cells not in TABLE_CELLS:
+    raise ValueError(f"table_cells={table_cells!r}: use one of {TABLE_CELLS}")
+  official = table_cells == "official"
+  row_key = (lambda name: name.strip()) if official else _norm_row
   results: list[Value] = []
-  rows = {_norm_row(row[0]): row[1:] for row in table if row}
+  rows = {row_key(row[0]): row[1:] for row in table if row}
 
   def arg(text: str, k: int) -> Value:
     if text.startswith("#"):
@@ -100,15 +134,23 @@ def execute(program: str, table: Sequence[Sequence[str]] = ()) -> Value:
 
   for k, (op, args) in enumerate(parse_steps(program)):
     if op in TABLE_OPS:
-      key = _norm_row(args[0])
+      key = row_key(args[0])
       if key not in rows:
         raise ValueError(f"FinQA program {program!r}: step {k} names row {args[0]!r}, not in the table "
                          f"(rows: {sorted(rows)}).")
-      cells = [x for x in (parse_number(c) for c in rows[key]) if x is not None]
-      if not cells:
-        raise ValueError(f"FinQA program {program!r}: step {k}: row {args[0]!r} has no numeric cell.")
-      results.append({"table_max": max, "table_min": min, "table_sum": math.fsum,
-                      "table_average": lambda v: math.fsum(v) / len(v)}[op](cells))
+      if official:
+        cells = [official_cell(c) for c in rows[key]]
+        if not cells or None in cells:
+          bad = [c for c, x in zip(rows[key], cells) if x is None]
+          raise ValueError(f"FinQA program {program!r}: step {k}: row {args[0]!r} has cells {bad} that are not a"
+                           " number under the official rule (evaluate.py marks the program invalid; see"
+                           " table_cells='accounting')")
+      else:
+        cells = [x for x in (parse_number(c) for c in rows[key]) if x is not None]
+        if not cells:
+          raise ValueError(f"FinQA program {program!r}: step {k}: row {args[0]!r} has no numeric cell.")
+      results.append({"table_max": max, "table_min": min, "table_sum": sum,
+                      "table_average": lambda v: sum(v) / len(v)}[op](cells))
       continue
     if op not in BINARY_OPS:
       raise ValueError(f"FinQA program {program!r}: step {k} uses unknown operation {op!r}; known: "

@@ -4,7 +4,9 @@ Two prompt styles, as in the paper's experiments (spec 1.7):
 
 * **warm**: a task description and answer-format instructions, then the context and the question, as the user turn
   of the model's chat template (Qwen3 thinking format: the model writes its rationale in `<think>...</think>`, then
-  the answer).
+  the answer). A record with a `template` (the config key `prompt_template`) is asked with that template instead:
+  a Python format string over `{question}`, `{context}` (the linearised, truncated context), `{id}`, `{dataset}` and
+  the record's other `columns`, or, prefixed `jinja:`, a Jinja template over the same names (needs `jinja2`).
 * **cold**: the linearised input only (context, then question): no description, no format instructions. The gold
   output is the bare answer string.
 
@@ -22,12 +24,14 @@ emits. `</think>` must be a single token of the vocabulary.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from tsallis_jax.data import context as context_lib
 from tsallis_jax.data.records import Record
+from tsallis_jax.errors import InputError
 
 Style = Literal["cold", "warm"]
 STYLES = ("cold", "warm")
@@ -43,7 +47,31 @@ WARM_INSTRUCTIONS = {
     "musique": ("Answer the multi-hop question using the paragraphs below. Reason step by step "
                 "first, then write only the final answer on one line: a short phrase from the "
                 "paragraphs, with no explanation."),
+    "file": ("Answer the question. Reason step by step first, then write only the final answer on one line, with "
+             "no explanation."),
 }
+
+
+@functools.lru_cache(maxsize=16)
+def _jinja(source: str):
+  import jinja2
+  return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(source)
+
+
+def render_template(record: Record, context_text: str) -> str:
+  """The user turn from `record.template` (module docstring); raises `InputError` naming a field the record lacks."""
+  fields = {**dict(record.columns), "question": record.question, "context": context_text, "id": record.id,
+            "dataset": record.dataset}
+  try:
+    if record.template.startswith("jinja:"):
+      return _jinja(record.template[len("jinja:"):]).render(**fields)
+    return record.template.format_map(fields)
+  except (KeyError, IndexError) as e:
+    raise InputError(f"{record.where()}: prompt_template uses {e}, which this record lacks; fields:"
+                     f" {sorted(fields)}") from None
+  except Exception as e:  # a user's template: a format or Jinja syntax error, Jinja's UndefinedError, ...
+    raise InputError(f"{record.where()}: prompt_template {record.template!r:.80} does not render:"
+                     f" {type(e).__name__}: {e} (fields: {sorted(fields)})") from None
 
 
 def _dataset_key(record: Record) -> str:
@@ -60,6 +88,8 @@ def user_message(record: Record, style: Style, context_text: str) -> str:
   """The user turn: (warm) instructions, then context, then question; (cold) context then question."""
   if style not in STYLES:
     raise ValueError(f"style={style!r}: use 'cold' or 'warm'.")
+  if record.template and style == "warm":
+    return render_template(record, context_text)
   key = _dataset_key(record)
   if key == "synthetic":
     parts = ([_synthetic_instructions(record)] if style == "warm" else []) + [record.question]

@@ -6,6 +6,8 @@ official metrics accept (MuSiQue's `answer_aliases`). Optional fields carry what
 FinQA's table and gold program, HotPotQA's supporting facts, MuSiQue's answerability, a synthetic task's rationale.
 
 `source` and `index` name the file and the position in it, so every error about a record can say where it came from.
+A record read by the generic file task (`tsallis_jax.data.files`) also carries the row's other `columns` (name, text
+pairs) and the run's `template`, the warm prompt it is asked with (`prompts.user_message`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from tsallis_jax.errors import InputError
 
 
 class RecordError(InputError):
-  """A record in an official file is malformed. The message names the file, the record and the field."""
+  """A record in a data file is malformed. The message names the file, the record (or line) and the field."""
 
 
 class BudgetError(InputError):
@@ -37,7 +39,14 @@ class Passage:
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-  """One question with its context and gold answer (see the module docstring)."""
+  """One question with its context and gold answer (see the module docstring).
+
+  Fields: `id`; `question`; `answer` (the gold string the training reward and the teacher-forced weight use);
+  `aliases` (further accepted answers); `context` (titled passages, linearised by data/context.py); `table` (FinQA's
+  rows, header first) and `program` (its gold program); `supporting_facts` (title, sentence or paragraph index);
+  `answerable`; `rationale` (a gold rationale, synthetic tasks only); `dataset` (picks the warm instructions and the
+  evaluation group); `source`, `index` (file and position, for errors); `columns`, `template` (generic task).
+  """
   id: str
   question: str
   answer: str
@@ -51,6 +60,8 @@ class Record:
   dataset: str = ""
   source: str = ""
   index: int = -1
+  columns: tuple[tuple[str, str], ...] = ()  # the row's other columns, as (name, text), for the prompt template
+  template: str = ""  # the warm prompt template (`prompts.user_message`); "" = the dataset's own instructions
 
   @property
   def answers(self) -> tuple[str, ...]:
@@ -74,6 +85,7 @@ class Record:
     d["context"] = tuple(Passage(p["title"], tuple(p["sentences"])) for p in d["context"])
     d["table"] = tuple(tuple(row) for row in d["table"])
     d["supporting_facts"] = tuple((str(t), int(i)) for t, i in d["supporting_facts"])
+    d["columns"] = tuple((str(k), str(v)) for k, v in d.get("columns", ()))  # absent in files written before it
     return cls(**d)
 
 

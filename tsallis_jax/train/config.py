@@ -25,6 +25,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 BASELINES = ("rloo", "none")
 WEIGHTS = ("likelihood", "reward")
 PROMPT_STYLES = ("cold", "warm")
+REPORT_TO = ("tensorboard", "wandb", "none")
 DTYPES = ("float32", "bfloat16")
 SCALE_REWARDS = ("group", "batch", "none")  # TRL's GRPOConfig.scale_rewards names
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "seq_sum")  # TRL's GRPOConfig.loss_type names, and seq_sum
@@ -63,6 +64,13 @@ class TrainConfig:
   task_options: str = ""  # task-specific "k=v,k=v" (e.g. the synthetic task's name and p0 knob)
   data_dir: str = ""  # manual-download folder for the real datasets
   prompt_style: str = "cold"  # cold: linearised (x*, y*) without instructions; warm: task prompt (spec 1.7)
+  # The warm prompt as a Python format string over the record's fields ({question}, {context}, {id}, {dataset} and a
+  # file's other columns), or "jinja:" + a Jinja template over the same names; "" = the dataset's instructions.
+  prompt_template: str = ""
+  chat_template: str = "auto"  # auto: the tokenizer's chat template if it has one; on: require it; off: plain prompts
+  # task="file": which column holds each role, "question=q,answer=a,aliases=alts,context=ctx,id=uid,split=part"
+  # (a role not named reads the column of its own name; tsallis_jax/data/files.py)
+  data_columns: str = ""
   max_prompt_len: int = 32  # prompt tokens (left-padded; longer contexts are truncated by tsallis_jax.data.context)
   prompt_bucket: int = 0  # training prompts are padded to a multiple of this (0 = max_prompt_len: one shape bucket)
   rationale_budget: int = 16  # rationale tokens before `</think>` is forced (s1-style budget forcing)
@@ -149,6 +157,10 @@ class TrainConfig:
   max_to_keep: int = 3  # latest checkpoints kept (the best-by-validation checkpoint is kept separately)
   progress_bar: str = "auto"  # auto (only on a TTY) | on | off
   tensorboard: bool = True
+  # Further metric backends, comma-separated (TRL's report_to): "wandb" (needs the wandb package; project from
+  # $WANDB_PROJECT, run name = name), "tensorboard" (the same as tensorboard=True), "none" or "" (nothing more).
+  report_to: str = ""
+  log_completions: int = 8  # prompts per evaluation whose sampled completions go to completions.jsonl (0 = none)
 
   def __post_init__(self):
     _validate(self)
@@ -227,6 +239,12 @@ def _validate(cfg: TrainConfig) -> None:
   _choice(cfg, "grpo_scale_rewards", SCALE_REWARDS)
   _choice(cfg, "grpo_loss_type", GRPO_LOSS_TYPES)
   _choice(cfg, "progress_bar", ("auto", "on", "off"))
+  _choice(cfg, "chat_template", ("auto", "on", "off"))
+  backends = [b.strip() for b in cfg.report_to.split(",") if b.strip()]
+  _require(all(b in REPORT_TO for b in backends), f"report_to={cfg.report_to!r}: names are among {list(REPORT_TO)}")
+  _require(not cfg.prompt_template or cfg.prompt_style == "warm",
+           f"prompt_template is the warm prompt, but prompt_style={cfg.prompt_style!r} (a cold prompt is the bare"
+           " context and question); set prompt_style=warm or drop prompt_template")
   _choice(cfg, "reward", ("exact_match",))
   from tsallis_jax import rewards as rewards_lib
   _choice(cfg, "eval_reward", tuple(rewards_lib.REWARDS))
@@ -255,7 +273,7 @@ def _validate(cfg: TrainConfig) -> None:
              " all prompts, so micro-batches cannot reproduce it; use grpo_scale_rewards='group' or 'none', or"
              " micro_batch_prompts=0")
   for key in ("prompt_bucket", "paft_resamples", "q_schedule_steps", "warmup_steps", "eval_every", "eval_max_prompts",
-              "checkpoint_every", "top_k", "eval_top_k"):
+              "checkpoint_every", "top_k", "eval_top_k", "log_completions"):
     _require(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0")
   _require(cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1")
   _require(cfg.max_to_keep >= 1, f"max_to_keep={cfg.max_to_keep} must be >= 1 (the resume checkpoint)")

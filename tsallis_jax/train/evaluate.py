@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from tsallis_jax import metrics as metrics_lib
+from tsallis_jax import rewards as rewards_lib
 from tsallis_jax.data import prompts as prompts_lib
 from tsallis_jax.data.records import Record
 
@@ -78,3 +79,13 @@ def evaluate(rollout_fn: Callable, params: Any, records: Sequence[Record], token
                                      reward_name=reward_name, k=num_samples)
       out.update({f"{group.split('/')[-1]}/{k.removeprefix('eval/')}": v for k, v in sub.items()})
   return out, predictions
+
+
+def completion_rows(records: Sequence[Record], completions: Sequence[Sequence[str]], *, reward_name: str,
+                    max_prompts: int) -> list[dict[str, Any]]:
+  """The first `max_prompts` records' sampled completions as rows for `MetricWriter.completions`: id, sample index,
+  completion text, extracted answer, its reward under `reward_name` and the gold answer."""
+  reward = rewards_lib.get_reward(reward_name)
+  return [{"id": r.id, "sample": j, "completion": c, "answer": rewards_lib.extract_answer(c),
+           "reward": float(reward(c, r)), "gold": r.answer}
+          for r, row in zip(records[:max_prompts], completions[:max_prompts]) for j, c in enumerate(row)]

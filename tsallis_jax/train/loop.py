@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 # train step (the demo's many runs compile each program once).
 _PROGRAM_NEUTRAL = ("name", "seed", "q", "q_end", "init_checkpoint", "eval_every", "eval_max_prompts",
                     "prompt_bucket", "checkpoint_every", "max_to_keep", "log_every", "progress_bar", "tensorboard",
-                    "task_options", "data_dir", "eval_at_start")
+                    "task_options", "data_dir", "eval_at_start", "report_to", "log_completions", "data_columns",
+                    "prompt_template", "chat_template")
 _PROGRAMS: dict[Any, Any] = {}
 
 
@@ -282,18 +283,23 @@ def initial_params(s: Setup) -> Any:
   return state_lib.pure(nnx.state(create_model(s.model_config, seed=s.cfg.seed, mesh=s.mesh)))
 
 
-def evaluate_split(s: Setup, params: Any, records, prefix: str, step: int) -> dict[str, float]:
-  """`{prefix}/p@1`, `{prefix}/pass@k`, `{prefix}/maj@k` of `params` on `records` (evaluation sampling settings)."""
+def evaluate_split(s: Setup, params: Any, records, prefix: str, step: int,
+                   writer: MetricWriter | None = None) -> dict[str, float]:
+  """`{prefix}/p@1`, `{prefix}/pass@k`, `{prefix}/maj@k` of `params` on `records` (evaluation sampling settings);
+  with a `writer`, the first `log_completions` prompts' samples go to its completions.jsonl."""
   cfg = s.cfg
 
   def put(arrays):
     return _put_rows(s.mesh, {k: v[_eval_rows(v, s.mesh)] for k, v in arrays.items()}, cfg.eval_batch_size)
 
   key = jax.random.fold_in(jax.random.key(cfg.seed + 1_000_003), step)
-  metrics, _ = eval_lib.evaluate(
+  metrics, completions = eval_lib.evaluate(
       s.programs.eval_rollout, params, records, s.task.tokenizer, style=cfg.prompt_style,
       max_prompt_len=cfg.max_prompt_len, pad_id=s.ids.pad_id, batch_size=cfg.eval_batch_size,
       num_samples=cfg.eval_num_samples, key=key, put=put, reward_name=cfg.eval_reward)
+  if writer is not None and cfg.log_completions:
+    writer.completions(step, prefix, eval_lib.completion_rows(records, completions, reward_name=cfg.eval_reward,
+                                                              max_prompts=cfg.log_completions))
   return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
 
@@ -364,13 +370,16 @@ def _train(cfg: TrainConfig, workdir, task: Task | None, watcher: preemption.Wat
     (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
   writer = MetricWriter(workdir, tensorboard=cfg.tensorboard, progress_bar=cfg.progress_bar,
                         total_steps=cfg.num_steps, start_step=start_step,
-                        keep_through_step=start_step if restored is not None else -1)
+                        keep_through_step=start_step if restored is not None else -1, report_to=cfg.report_to,
+                        run_name=cfg.name, config=cfg.to_dict())
+  if restored is not None:
+    writer.note(f"resumed from step {start_step} of {workdir}")
   q_range = jnp.asarray([cfg.q, cfg.q_end], jnp.float32)
   val_records = task.val[:cfg.eval_max_prompts or None]
   test_records = task.test[:cfg.eval_max_prompts or None]
 
   def run_eval(params, records, prefix, step):
-    return evaluate_split(s, params, records, prefix, step)
+    return evaluate_split(s, params, records, prefix, step, writer)
 
   def checkpoint_meta(step: int) -> dict[str, Any]:
     return {"step": step, "data_state": data_iter.get_state(), "best": best, "config": cfg.to_dict()}
