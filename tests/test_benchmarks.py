@@ -177,3 +177,21 @@ def test_decode_gemm_profile_times_both_layouts_of_the_same_product():
   result = decode_gemm.run(rows=2, reps=1)  # asserts the two layouts compute the same product first
   for chain in ("mlp", "head"):
     assert set(result[chain]["weight_gb_per_s"]) == {"x @ W", "linear"} and result[chain]["speedup_linear"] > 0
+
+
+@pytest.mark.slow
+def test_device_check_runs_the_trainer_step_and_writes_its_json(tmp_path):
+  """The prepared accelerator check (device_check.py) end to end on CPU with the tiny preset (8 fake devices)."""
+  import json
+
+  from experiments.benchmarks import device_check
+  out = tmp_path / "dc.json"
+  assert device_check.main(["--model", "tiny", "--dtype", "float32", "--steps", "3", "--batch", "8", "--samples", "2",
+                            "--prompt-len", "16", "--rationale", "6", "--answer", "4", "--sampler-reps", "1",
+                            "--peak-tflops", "1.0", "--out", str(out)]) == 0
+  result = json.loads(out.read_text())
+  for estimator in ("grpo", "garl"):
+    r = result[estimator]
+    assert r["steps_timed"] == 2 and r["step_s"] > 0 and 0 < r["mfu"] < 1
+    assert 0 < r["generated_tokens_per_step"] <= 8 * 2 * (6 + 1 + 4)  # a tiny vocabulary's random model hits EOS
+  assert result["sampler"]["rows"] == 16 and result["sampler"]["tokens_per_s"] > 0

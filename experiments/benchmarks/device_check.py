@@ -4,9 +4,9 @@
     python -m experiments.benchmarks.device_check --model tiny --steps 3 --out /tmp/dc.json  # the CPU smoke test
 
 Random weights of the preset (`qwen3_0_6b`: 28 layers, D 1024, the real 151936-token vocabulary), the synthetic task's
-prompts (their token ids are a handful of the vocabulary: only the shapes matter here). Every rollout runs to the
-full budget (random weights never close `</think>`, so budget forcing makes each completion rationale_budget + 1 +
-max_answer_len tokens), so every step does the same work.
+prompts (their token ids are a handful of the vocabulary: only the shapes matter here). With 151936 tokens, random
+weights almost never sample EOS or `</think>`, so budget forcing makes nearly every completion rationale_budget + 1
++ max_answer_len tokens and every step does about the same work (the JSON has the generated token count).
 
 For each estimator (GRPO, GARL q = 0.75):
 - the trainer's jitted step through `train_and_evaluate` for `--steps` steps. `first_step_s` is compile + warm-up;
