@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_train_step import BASE, _batch, _setup
+from tests.test_train_step import BASE, _batch, _setup, train_batch_of
 from tsallis_jax import distributed
 from tsallis_jax.train import loop
 from tsallis_jax.train.config import ConfigError, check_mesh
@@ -35,7 +35,7 @@ def _one_step(cfg, mesh, q=0.75):
       gold_BxA[i, :length] = r.tokens_NxT[n, start:start + length]
       gold_mask_BxA[i] = np.arange(a) < length
   answers = loop._put_rows(mesh, {"answer_tokens_BxA": gold_BxA, "answer_mask_BxA": gold_mask_BxA}, b)
-  train_batch = {"rollout": rollout, **answers}
+  train_batch = train_batch_of(cfg, mesh, rollout, answers)
   state, metrics = programs.train_step(state, train_batch, step_key, jnp.asarray([q, q], jnp.float32))
   return jax.device_get(state.params), jax.device_get(metrics), r.tokens_NxT
 

@@ -205,14 +205,27 @@ def _batch(cfg, mesh, seed=0, vocab=32):
   return loop._put_rows(mesh, local, b)
 
 
+def token_rewards(cfg, mesh, rollout, answers):
+  """rewards_BxG by token-id exact match (these tests have token ids but no tokenizer): what the string reward
+  `strict_match` computes on a word-level tokenizer (test_scoring.py checks that equivalence)."""
+  g = cfg.num_samples
+  reward_N = completions_lib.exact_match_reward(jax.device_get(rollout),
+                                                np.repeat(jax.device_get(answers["answer_tokens_BxA"]), g, axis=0),
+                                                np.repeat(jax.device_get(answers["answer_mask_BxA"]), g, axis=0))
+  return loop._put_rows(mesh, {"rewards_BxG": np.asarray(reward_N).reshape(-1, g)}, cfg.batch_size)["rewards_BxG"]
+
+
+def train_batch_of(cfg, mesh, rollout, answers):
+  return {"rollout": rollout, "answer_tokens_BxA": answers["answer_tokens_BxA"],
+          "answer_mask_BxA": answers["answer_mask_BxA"], "rewards_BxG": token_rewards(cfg, mesh, rollout, answers)}
+
+
 def _sampled_batch(programs, state, cfg, mesh):
-  """The train batch of step 0 (`_batch`'s prompts and answers, their rollout) and the step key."""
+  """The train batch of step 0 (`_batch`'s prompts and answers, their rollout, its rewards) and the step key."""
   batch = _batch(cfg, mesh)
   rollout_key, step_key = loop._step_keys(state.key, 0)
   rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"], rollout_key)
-  train_batch = {"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
-                 "answer_mask_BxA": batch["answer_mask_BxA"]}
-  return train_batch, step_key
+  return train_batch_of(cfg, mesh, rollout, batch), step_key
 
 
 def _one_step(cfg, mesh, q=0.75):
@@ -272,8 +285,7 @@ def test_pathwise_term_trains_the_gold_answer(monkeypatch):
   batch = _batch(cfg, mesh)
   rollout_key, step_key = loop._step_keys(state.key, 0)
   rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"], rollout_key)
-  train_batch = jax.device_get({"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
-                                "answer_mask_BxA": batch["answer_mask_BxA"]})
+  train_batch = jax.device_get(train_batch_of(cfg, mesh, rollout, batch))
   params0 = jax.device_get(state.params)
   graphdef = nnx.split(abstract_model(ModelConfig.tiny(vocab_size=32, num_layers=1, embed_dim=32, mlp_dim=64,
                                                        num_heads=2, num_kv_heads=2)))[0]
@@ -376,7 +388,7 @@ def _sgd_step_grads(cfg, mesh, gold_from_samples=False):
   answers = loop._put_rows(mesh, {"answer_tokens_BxA": gold_BxA, "answer_mask_BxA": gold_mask_BxA},
                            cfg.batch_size)
   params = jax.device_get(state.params)
-  new_state, _ = programs.train_step(state, {"rollout": rollout, **answers}, step_key,
+  new_state, _ = programs.train_step(state, train_batch_of(cfg, mesh, rollout, answers), step_key,
                                      jnp.asarray([cfg.q, cfg.q], jnp.float32))
   grads = jax.tree.map(lambda a, b: a - b, params, jax.device_get(new_state.params))
   graphdef = nnx.split(abstract_model(ModelConfig.tiny(vocab_size=VOCAB, num_layers=1, embed_dim=32, mlp_dim=64,

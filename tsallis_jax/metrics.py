@@ -76,11 +76,31 @@ def eval_metrics(completions: Sequence[Sequence[str]], records: Sequence[Record]
     raise ValueError("eval_metrics needs the same number of completions for every record.")
   if n < k:
     raise ValueError(f"eval_metrics: {n} completions per record, fewer than k={k}; sample at least k.")
+  if reward_name not in rewards_lib.REWARDS:
+    return _eval_metrics_of_func(completions, records, rewards_lib.get_reward_func(reward_name), n, k)
   score = rewards_lib.get_answer_scorer(reward_name)
   normalize = rewards_lib.get_normalizer(reward_name)
-  answers = [[rewards_lib.extract_answer(c) for c in row] for row in completions]
+  extract = rewards_lib.get_extractor(reward_name)
+  answers = [[extract(c) for c in row] for row in completions]
   correct_BxN = np.array([[score(a, r) > 0.5 for a in row] for row, r in zip(answers, records)])
   pass_k = [pass_at_k(n, int(row.sum()), k) for row in correct_BxN]
   maj_k = [maj_at_k(row, lambda a, r=r: score(a, r) > 0.5, k, normalize) for row, r in zip(answers, records)]
+  return {"eval/p@1": p_at_1(correct_BxN), f"eval/pass@{k}": float(np.mean(pass_k)),
+          f"eval/maj@{k}": float(np.mean(maj_k))}
+
+
+def _eval_metrics_of_func(completions, records, fn, n: int, k: int) -> dict[str, float]:
+  """`eval_metrics` for a user's batched reward function (`module:function`): a completion is correct when its
+  reward > 0.5; maj@k votes on `extract_answer` under `normalize_light` and scores the first completion that gave
+  the voted answer."""
+  flat = [c for row in completions for c in row]
+  values = rewards_lib.call_reward_func(fn, flat, [r for r in records for _ in range(n)])
+  correct_BxN = np.asarray(values).reshape(len(records), n) > 0.5
+  pass_k = [pass_at_k(n, int(row.sum()), k) for row in correct_BxN]
+  maj_k = []
+  for row, ok_N in zip(completions, correct_BxN):
+    answers = [rewards_lib.extract_answer(c) for c in row[:k]]
+    voted = majority_vote(answers, rewards_lib.normalize_light)
+    maj_k.append(float(voted is not None and bool(ok_N[answers.index(voted)])))
   return {"eval/p@1": p_at_1(correct_BxN), f"eval/pass@{k}": float(np.mean(pass_k)),
           f"eval/maj@{k}": float(np.mean(maj_k))}

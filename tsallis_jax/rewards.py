@@ -1,16 +1,27 @@
 """Rewards selected by name: answer extraction, exact / substring match, the official QA metrics (issue 6; spec 1.7).
 
 Every reward is a plain function `(completion_text, record) -> float` built from an answer scorer
-`(answer, record) -> float` applied to `extract_answer(completion_text)`; `get_reward(name)` returns the former,
-`get_answer_scorer(name)` the latter, and `get_normalizer(name)` the normalisation the metric compares under (maj@k
-votes on it, metrics.py).
+`(answer, record) -> float` applied to `extract_answer(completion_text)` (`answer_segment` for strict_match);
+`get_reward(name)` returns the former, `get_answer_scorer(name)` the latter, and `get_normalizer(name)` the
+normalisation the metric compares under (maj@k votes on it, metrics.py).
+
+Training and evaluation share this registry through one batched interface (TRL's `reward_funcs`):
+`reward_func(completions, records, **columns) -> list[float]`, one float per completion, where `columns` are the
+records' fields as lists (`answer`, `aliases`, `question`, ...) aligned with `completions`. `get_reward_func(spec)`
+returns one for a registered name or for a user's function given by dotted path `my_pkg.rewards:fn`.
 
 * `extract_answer`: the text after the *last* `</think>` (a completion without one has no answer, ""); end-of-turn
   markers removed; the first non-empty line; a leading `Answer:` / `Final answer:` / `The answer is` and a
   `\\boxed{...}` wrapper, surrounding quotes / `**` and a final period removed. This is the format the warm prompts
   ask for (prompts.py) and the one a cold-start model is trained into.
-* `exact_match` (the paper's training reward): the extracted answer equals the gold answer or an alias under
-  `normalize_light` (case folded, whitespace collapsed, a final period removed).
+* `strict_match` (the paper's training reward, spec 1.7; the trainer's default `reward_funcs`): the whole answer
+  segment as the sampler delimits it, the text after the *first* `</think>` with one final end-of-turn marker
+  removed (`answer_segment`), equals the gold answer or an alias exactly, surrounding whitespace aside. No
+  extraction, no case folding: on a word-level tokenizer (the synthetic task) it equals the token-id exact match
+  the trainer computed before (answer tokens and stop token equal the gold's), while on a subword tokenizer it
+  compares strings, so " Paris" and "Paris" tokenised differently still match.
+* `exact_match`: the extracted answer equals the gold answer or an alias under `normalize_light` (case folded,
+  whitespace collapsed, a final period removed).
 * `substring_match` (the paper's evaluation): some gold string (answer or alias), light-normalised, is a substring
   of the light-normalised extracted answer; an empty answer scores 0.
 * `hotpot_em`, `hotpot_f1`: HotPotQA's official normalisation (lower case, punctuation and the articles a/an/the
@@ -25,11 +36,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib
 import re
 import string
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from tsallis_jax.data.records import Record
+from tsallis_jax.errors import InputError
 
 THINK_CLOSE = "</think>"
 _END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<eos>", "</s>", "<pad>")
@@ -61,6 +74,18 @@ def extract_answer(completion_text: str) -> str:
     if answer.endswith("."):
       answer = answer[:-1].rstrip()
   return answer
+
+
+def answer_segment(completion_text: str) -> str:
+  """The text after the first `</think>`, one final end-of-turn marker (not padding) removed, whitespace stripped;
+  "" when there is no `</think>`. The sampler's answer segment as text (`strict_match`)."""
+  if THINK_CLOSE not in completion_text:
+    return ""
+  text = completion_text.split(THINK_CLOSE, 1)[1].strip()
+  for marker in _END_MARKERS:
+    if marker != "<pad>" and text.endswith(marker):
+      return text[:-len(marker)].strip()
+  return text
 
 
 def normalize_light(text: str) -> str:
@@ -95,6 +120,10 @@ def _f1(prediction: str, gold: str, *, yes_no_rule: bool) -> float:
 
 def exact_match_answer(answer: str, record: Record) -> float:
   return float(bool(answer) and any(normalize_light(answer) == normalize_light(g) for g in record.answers))
+
+
+def strict_match_answer(answer: str, record: Record) -> float:
+  return float(bool(answer) and answer in record.answers)
 
 
 def substring_match_answer(answer: str, record: Record) -> float:
@@ -158,12 +187,15 @@ def finqa_numeric_answer(answer: str, record: Record) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class RewardSpec:
-  """A registered reward: its answer scorer and the normalisation its metric compares under."""
+  """A registered reward: its answer scorer, the normalisation its metric compares under (maj@k votes on it) and
+  how the answer is taken from a completion."""
   score_answer: Callable[[str, Record], float]
   normalize: Callable[[str], str]
+  extract: Callable[[str], str] = extract_answer
 
 
 REWARDS: dict[str, RewardSpec] = {
+    "strict_match": RewardSpec(strict_match_answer, str.strip, answer_segment),
     "exact_match": RewardSpec(exact_match_answer, normalize_light),
     "substring_match": RewardSpec(substring_match_answer, normalize_light),
     "finqa_numeric": RewardSpec(finqa_numeric_answer, normalize_light),
@@ -190,13 +222,88 @@ def get_normalizer(name: str) -> Callable[[str], str]:
   return _spec(name).normalize
 
 
+def get_extractor(name: str) -> Callable[[str], str]:
+  """How reward `name` takes the answer from a completion (`extract_answer`, or `answer_segment` for strict_match)."""
+  return _spec(name).extract
+
+
 def get_reward(name: str) -> Callable[[str, Record], float]:
   """The registered reward `(completion_text, record) -> float` (module docstring)."""
-  score = _spec(name).score_answer
+  spec = _spec(name)
 
   def reward(completion_text: str, record: Record) -> float:
-    return score(extract_answer(completion_text), record)
+    return spec.score_answer(spec.extract(completion_text), record)
 
   reward.__name__ = name
   reward.__doc__ = f"`{name}` of the answer extracted from a completion (tsallis_jax.rewards)."
   return reward
+
+
+# ------------------------------------------------------------------------------------------------ batched interface
+
+RewardFunc = Callable[..., Sequence[float]]
+"""`(completions: list[str], records: list[Record], **columns) -> list[float]`, one reward per completion."""
+
+
+class RewardFuncError(InputError):
+  """A reward function that cannot be found, or that returned something other than one finite float per completion."""
+
+
+def record_columns(records: Sequence[Record]) -> dict[str, list[Any]]:
+  """The records' fields as columns (`answer`, `aliases`, `question`, ...), aligned with `records`."""
+  return {f.name: [getattr(r, f.name) for r in records] for f in dataclasses.fields(Record)}
+
+
+def get_reward_func(spec: str | RewardFunc) -> RewardFunc:
+  """The batched reward function of a registered name, of a dotted path `module:function`, or `spec` itself if it
+  is already callable. Raises `RewardFuncError` naming what could not be found."""
+  if callable(spec):
+    return spec
+  spec = spec.strip()
+  if spec in REWARDS:
+    reward = get_reward(spec)
+
+    def batched(completions: Sequence[str], records: Sequence[Record], **columns) -> list[float]:
+      del columns
+      return [reward(c, r) for c, r in zip(completions, records)]
+
+    batched.__name__ = spec
+    return batched
+  if ":" not in spec:
+    raise RewardFuncError(f"reward function {spec!r} is neither registered ({sorted(REWARDS)}) nor a dotted path"
+                          " `module:function` (e.g. my_pkg.rewards:my_reward)")
+  module_name, _, attr = spec.partition(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise RewardFuncError(f"reward function {spec!r}: cannot import module {module_name!r} ({e}); put it on"
+                          " PYTHONPATH or install it") from None
+  fn = module
+  for part in attr.split("."):
+    fn = getattr(fn, part, None)
+  if not callable(fn):
+    raise RewardFuncError(f"reward function {spec!r}: module {module_name!r} has no callable {attr!r}")
+  return fn
+
+
+def _func_name(fn: RewardFunc) -> str:
+  return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def call_reward_func(fn: RewardFunc, completions: Sequence[str], records: Sequence[Record]) -> list[float]:
+  """`fn(completions, records, **record_columns(records))`, checked: one finite float per completion, else a
+  `RewardFuncError` naming the function and the first bad row (its record's file, index and id)."""
+  out = fn(list(completions), list(records), **record_columns(records))
+  try:
+    values = [float(v) for v in out]
+  except (TypeError, ValueError) as e:
+    raise RewardFuncError(f"reward function {_func_name(fn)} returned {type(out).__name__} ({e}); it must return one"
+                          f" float per completion ({len(completions)})") from None
+  if len(values) != len(completions):
+    raise RewardFuncError(f"reward function {_func_name(fn)} returned {len(values)} values for {len(completions)}"
+                          " completions; return one float per completion, in order")
+  for i, v in enumerate(values):
+    if not (v == v and abs(v) != float("inf")):
+      raise RewardFuncError(f"reward function {_func_name(fn)} returned {v} for completion {i} ({records[i].where()},"
+                            f" completion text {completions[i][:80]!r}); rewards must be finite floats")
+  return values

@@ -1,35 +1,28 @@
-"""This project's GRPO / GARL / PAFT step on a benchmark workload (runs in the project venv).
+"""This project's GRPO / GARL / PAFT training step on a benchmark workload (runs in the project venv).
 
-  python -m experiments.benchmarks.ours_grpo --workload DIR --mode grpo|garl|paft [--steps N] [--fused]
+  python -m experiments.benchmarks.ours_grpo --workload DIR --mode grpo|garl|paft [--steps N]
 
 (The sampler alone is timed by `sampler_ours.py`.)
 
-The step is composed from the library's public pieces, jitted, with params and optimizer state donated:
+A step is what `tsallis_jax.train.train_and_evaluate` runs per step, with the trainer's own pieces:
 
-  rollout   `tsallis_jax.sampler.generate_impl` (prefill each prompt once, repeat its KV cache G times,
-            `lax.while_loop` decode), G samples per prompt, temperature 1, stop at `<eos>`
-  reward    1.0 when the completion contains the reward token (on device: the word-level tokenizer maps the reward
-            word to one id, so this equals the peers' string test)
-  log-probs one float32 policy forward over [prompt, completion] (`Transformer.hidden`, the LM head applied only at
-            completion positions) and, with beta > 0, one reference forward under stop-gradient
-  loss      `grpo_loss` (PPO-clip 0.2, advantages scaled by the group std, ddof 1, eps 1e-4, token mean per
-            sequence then mean over sequences, k3 KL with beta) or `garl_loss` (RLOO, 1/M^q) / `paft_loss`
-            (K = M resamples) at q = 0.75 on the same sequences with the same k3 KL term, so the three steps do
-            the same work except for the estimator
-  update    optax: global-norm clip 1.0, AdamW (lr from the workload, betas 0.9/0.999, eps 1e-8, no decay)
+  rollout   `tsallis_jax.sampler.generate_impl` jitted (prefill each prompt once, repeat its KV cache G times,
+            `lax.while_loop` decode), G samples per prompt, temperature 1, stop at `<eos>`; the workload has no
+            `</think>` (its completion is all "rationale": z = every sampled token)
+  reward    on the host through the trainer's reward interface (`tsallis_jax.train.scoring.rollout_rewards`): the
+            completions decoded, the peers' reward function `(completions, records) -> list[float]` (1.0 when the
+            completion's words contain the reward token, `peers.common.reward_contains`), `rewards_BxG` put on the
+            mesh
+  update    the trainer's jitted step (`tsallis_jax.train.step.make_train_step`, state donated): reference forward
+            (beta > 0), policy forward + backward of `grpo_loss` (PPO-clip 0.2, group-std advantages, token mean
+            per sequence; k3 KL with beta) or `garl_loss` (RLOO, 1/M^q) / `paft_loss` (K = M) at q = 0.75 with
+            weights="reward" (the 0/1 verifier as weight), the entropy / mismatch / KL metrics every run logs, and
+            optax (global-norm clip 1.0, AdamW: lr from the workload, betas 0.9/0.999, eps 1e-8, no decay)
 
-Why not the trainer's step (`tsallis_jax.train.step`)? It scores [prompt, rationale, </think>, answer] sequences
-against gold answers (the paper's tasks); this benchmark's reward is "contains a token", the peers' reference task.
-The pieces above are exactly what that step calls (sampler, model log-probs, estimator losses, optax).
-
-By default the step is two jitted calls, the rollout, then the update (log-probs + loss + AdamW in one jit),
-waited for one after the other so every step's time splits into `rollout` and `update` (`phases_median_s`);
-`--fused` puts both in one jit instead (no per-phase times).
+Each phase is waited for, so every step's time splits into `rollout`, `reward` and `update` (`phases_median_s`).
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 import sys
 import time
@@ -38,125 +31,33 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from experiments.benchmarks import workloads
 from experiments.benchmarks.peers import common
-from tsallis_jax.estimators import SequenceLogProbs, garl_loss, grpo_loss, paft_loss
-from tsallis_jax.model import hf_io, make_attention_mask, make_positions
+from tsallis_jax import distributed
+from tsallis_jax.data.records import Record
+from tsallis_jax.model import hf_io
 from tsallis_jax.sampler import SamplingConfig, generate_impl
+from tsallis_jax.train import scoring
+from tsallis_jax.train import state as state_lib
+from tsallis_jax.train.config import TrainConfig
+from tsallis_jax.train.schedules import make_optimizer
+from tsallis_jax.train.step import TokenIds, make_train_step
 
 ESTIMATORS = ("grpo", "garl", "paft")
+UPDATE_PHASE = "update (trainer step: ref fwd + policy fwd/bwd + AdamW)"
+REWARD_PHASE = "reward (host: decode + reward_funcs)"
 
 
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """Static settings of the benchmark step (hashable: one compiled step per config)."""
-  estimator: str
-  q: float
-  beta: float
-  reward_id: int
-  sampling: SamplingConfig
-  epsilon: float = 0.2
-  std_eps: float = 1e-4
-
-  def __post_init__(self):
-    if self.estimator not in ESTIMATORS:
-      raise ValueError(f"estimator={self.estimator!r}; choose one of {ESTIMATORS}.")
-    if not 0.0 <= self.q <= 1.0:
-      raise ValueError(f"q={self.q} must lie in [0, 1].")
-    if self.beta < 0:
-      raise ValueError(f"beta={self.beta} must be >= 0 (0 skips the reference forward).")
-
-
-def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
-  """Global-norm clip 1.0 then AdamW, as both peers are configured (workloads.WorkloadSpec)."""
-  return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
-
-
-def completion_logprobs(model, tokens_NxS: jax.Array, pad_NxS: jax.Array, num_prompt: int) -> jax.Array:
-  """float32 log p of each completion token (positions num_prompt..S-1); the LM head runs only where needed."""
-  hidden_NxSxD, _ = model.hidden(tokens_NxS, make_positions(pad_NxS), make_attention_mask(pad_NxS))
-  logits_NxTxV = model.logits(hidden_NxSxD[:, num_prompt - 1:-1])
-  completion_NxT = tokens_NxS[:, num_prompt:]
-  picked_NxT = jnp.take_along_axis(logits_NxTxV, completion_NxT[:, :, None], axis=-1)[:, :, 0]
-  return picked_NxT - jax.nn.logsumexp(logits_NxTxV, axis=-1)
-
-
-def rollout_and_rewards(graphdef, params, prompt_tokens_BxP, prompt_mask_BxP, key, cfg: StepConfig):
-  """G samples per prompt, the scored sequences and their 0/1 rewards (row b*G + g is sample g of prompt b)."""
-  rollout = generate_impl(graphdef, params, prompt_tokens_BxP, prompt_mask_BxP, key, cfg.sampling)
-  G = cfg.sampling.num_samples
-  tokens_NxS = jnp.concatenate([rollout.prompt_tokens_NxP, rollout.tokens_NxT], axis=1)
-  pad_NxS = jnp.concatenate([rollout.prompt_mask_NxP, rollout.mask_NxT], axis=1)
-  hit_N = jnp.any((rollout.tokens_NxT == cfg.reward_id) & rollout.mask_NxT, axis=-1)
-  rewards_BxG = hit_N.astype(jnp.float32).reshape(-1, G)
-  return tokens_NxS, pad_NxS, rollout.mask_NxT, rewards_BxG
-
-
-def update(graphdef, tx, cfg: StepConfig, params, opt_state, ref_params, tokens_NxS, pad_NxS, mask_NxT,
-           rewards_BxG, key):
-  """Reference forward (beta > 0), policy forward + backward of the estimator's surrogate loss, one AdamW update."""
-  B, G = rewards_BxG.shape
-  P = tokens_NxS.shape[1] - mask_NxT.shape[1]
-  to_BxGxT = lambda x_NxT: x_NxT.reshape(B, G, -1)
-  mask_BxGxT = to_BxGxT(mask_NxT)
-  ref_BxGxT = None
-  if cfg.beta > 0:
-    ref_model = nnx.merge(graphdef, ref_params)
-    ref_BxGxT = jax.lax.stop_gradient(to_BxGxT(completion_logprobs(ref_model, tokens_NxS, pad_NxS, P)))
-
-  def loss_fn(p):
-    logp_BxGxT = to_BxGxT(completion_logprobs(nnx.merge(graphdef, p), tokens_NxS, pad_NxS, P))
-    seq = SequenceLogProbs(logp_z_BxGxT=logp_BxGxT, mask_z_BxGxT=mask_BxGxT, ref_logp_z_BxGxT=ref_BxGxT)
-    if cfg.estimator == "grpo":
-      return grpo_loss(seq, rewards_BxG, loss_type="grpo", scale_rewards="group", epsilon=cfg.epsilon,
-                       beta=cfg.beta, std_eps=cfg.std_eps, std_ddof=1)
-    logp_z_BxG = seq.sequence_logp_z()
-    logw_BxG = jnp.where(rewards_BxG > 0, 0.0, -jnp.inf)  # 0/1 verifier: log w in {0, -inf}
-    if cfg.estimator == "garl":
-      loss, aux = garl_loss(logp_z_BxG, logw_BxG, q=cfg.q, baseline="rloo")
-    else:
-      loss, aux = paft_loss(logp_z_BxG, logw_BxG, key, q=cfg.q)
-    if cfg.beta > 0:  # the same k3 KL term as GRPO's (token mean per sequence, mean over sequences)
-      mask = mask_BxGxT.astype(jnp.float32)
-      diff = jnp.where(mask > 0, ref_BxGxT - logp_BxGxT, 0.0)
-      kl_BxG = jnp.sum((jnp.exp(diff) - diff - 1.0) * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
-      loss = loss + cfg.beta * jnp.mean(kl_BxG)
-    return loss, aux
-
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
-  metrics = {"loss": loss, "reward/mean": jnp.mean(rewards_BxG), "grad_norm": optax.tree.norm(grads)}
-  return params, opt_state, metrics
-
-
-UPDATE_PHASE = "update (ref fwd + policy fwd/bwd + AdamW)"
-
-
-def make_step(graphdef, tx, cfg: StepConfig, *, fused: bool = False):
-  """The step as `step(params, opt_state, ref_params, prompt_tokens_BxP, prompt_mask_BxP, key)`.
-
-  fused=False (default): two jitted calls, `rollout(params, prompts, key) -> batch` and
-  `update(params, opt_state, ref_params, *batch, key) -> (params, opt_state, metrics)` (params and optimizer state
-  donated), returned as a pair so the caller can time each phase. fused=True: one jitted function doing both.
-  """
-  if not fused:
-    rollout_fn = jax.jit(functools.partial(rollout_and_rewards, graphdef, cfg=cfg))
-    update_fn = jax.jit(functools.partial(update, graphdef, tx, cfg), donate_argnums=(0, 1))
-    return rollout_fn, update_fn
-
-  def step(params, opt_state, ref_params, prompt_tokens_BxP, prompt_mask_BxP, key):
-    key_sample, key_resample = jax.random.split(key)
-    tokens_NxS, pad_NxS, mask_NxT, rewards_BxG = rollout_and_rewards(
-      graphdef, params, prompt_tokens_BxP, prompt_mask_BxP, key_sample, cfg)
-    return update(graphdef, tx, cfg, params, opt_state, ref_params, tokens_NxS, pad_NxS, mask_NxT, rewards_BxG,
-                  key_resample)
-
-  return jax.jit(step, donate_argnums=(0, 1))
+def train_config(spec: workloads.WorkloadSpec, mode: str, q: float, beta: float) -> TrainConfig:
+  """The trainer's config for the workload's step (the peers' GRPO settings; TRL / tunix names in comments)."""
+  return TrainConfig(
+      name=f"bench-{spec.name}-{mode}", estimator=mode, q=q if mode != "grpo" else 0.0, weights="reward",
+      baseline="rloo", num_samples=spec.group_size, batch_size=spec.num_prompts, eval_batch_size=spec.num_prompts,
+      max_prompt_len=spec.prompt_len, rationale_budget=spec.max_new, max_answer_len=1, temperature=1.0,
+      learning_rate=spec.learning_rate, grad_clip=1.0, kl_coef=beta, log_ref_kl=beta > 0, grpo_loss_type="grpo",
+      grpo_scale_rewards="group", grpo_clip_eps=0.2, progress_bar="off", tensorboard=False)
 
 
 def load_workload(folder: str):
@@ -186,48 +87,63 @@ def sampling_config(spec: workloads.WorkloadSpec, num_samples: int) -> SamplingC
 
 
 def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: float | None = None,
-              fused: bool = False, seed: int = 0) -> dict[str, Any]:
-  """Times `steps` steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict.
-
-  Unfused (default), each step is the rollout call then the update call, each waited for, so the per-phase times
-  of every step come for free (the wait between them costs well under a millisecond).
-  """
+              seed: int = 0) -> dict[str, Any]:
+  """Times `steps` trainer steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict."""
+  if mode not in ESTIMATORS:
+    raise ValueError(f"mode={mode!r}; choose one of {ESTIMATORS}.")
   spec, model, tokenizer, prompt_tokens_BxP, prompt_mask_BxP = load_workload(folder)
   steps = steps or spec.grpo_steps
   beta = spec.beta if beta is None else beta
-  reward_id = tokenizer.convert_tokens_to_ids(spec.reward_token)
-  cfg = StepConfig(estimator=mode, q=q if mode != "grpo" else 0.0, beta=beta, reward_id=int(reward_id),
-                   sampling=sampling_config(spec, spec.group_size))
+  cfg = train_config(spec, mode, q, beta)
   sanity = sanity_logits(model)
-  graphdef, params = nnx.split(model)
-  ref_params = jax.tree.map(jnp.copy, params) if beta > 0 else None
-  tx = make_optimizer(spec.learning_rate)
-  opt_state = tx.init(params)
-  step = make_step(graphdef, tx, cfg, fused=fused)
-  key = jax.random.key(seed)
+  mesh = distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+  graphdef, abstract_vars = nnx.split(model)
+  with_ref = beta > 0
+  tx = make_optimizer(cfg)
+  state_sh = state_lib.state_shardings(abstract_vars, tx, mesh, model.config.sharding_rules, with_ref)
+  state = state_lib.init_state(state_lib.pure(abstract_vars), tx, seed, state_sh, with_ref)
+  del model, abstract_vars
+  sampling = sampling_config(spec, spec.group_size)
+  rollout_fn = jax.jit(lambda params, tokens, mask, key: generate_impl(graphdef, params, tokens, mask, key, sampling))
   prompts = (jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_mask_BxP))
-  times, rewards, phases = [], [], {"rollout": [], UPDATE_PHASE: []}
+  B = spec.num_prompts
+  answers = {"answer_tokens_BxA": jnp.full((B, 1), spec.pad_id, jnp.int32), "answer_mask_BxA": jnp.zeros((B, 1), bool)}
+  abstract_rollout = jax.eval_shape(rollout_fn, state.params, *prompts, jax.random.key(0))
+  abstract_batch = {"rollout": abstract_rollout, **jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                                answers),
+                    "rewards_BxG": jax.ShapeDtypeStruct((B, spec.group_size), jnp.float32)}
+  ids = TokenIds(stop_ids=(spec.eos_id,), pad_id=spec.pad_id, close_tag_ids=())
+  train_step = make_train_step(cfg, graphdef, tx, ids, mesh, state_sh, abstract_batch)
+  reward_token = spec.reward_token
+  contains = lambda completions, records, **columns: common.reward_contains(reward_token, completions)  # noqa: E731
+  reward_funcs = scoring.RewardFuncs((contains,), (1.0,))
+  records = [Record(id=f"bench-{i}", question=text, answer="", source=folder, index=i)
+             for i, text in enumerate(workloads.read_prompts(folder)[0][:B])]
+  q_range = jnp.asarray([cfg.q, cfg.q], jnp.float32)
+  key = jax.random.key(seed)
+  times, rewards, phases = [], [], {"rollout": [], REWARD_PHASE: [], UPDATE_PHASE: []}
   for i in range(steps):
-    key_sample, key_resample = jax.random.split(jax.random.fold_in(key, i))
+    rollout_key, step_key = jax.random.split(jax.random.fold_in(key, i))
     t0 = time.perf_counter()
-    if fused:
-      params, opt_state, metrics = step(params, opt_state, ref_params, *prompts, jax.random.fold_in(key, i))
-    else:
-      rollout_fn, update_fn = step
-      batch = jax.block_until_ready(rollout_fn(params, *prompts, key_sample))
-      phases["rollout"].append(time.perf_counter() - t0)
-      params, opt_state, metrics = update_fn(params, opt_state, ref_params, *batch, key_resample)
-    jax.block_until_ready(params)
-    times.append(time.perf_counter() - t0)
-    if not fused:
-      phases[UPDATE_PHASE].append(times[-1] - phases["rollout"][-1])
-    rewards.append(metrics["reward/mean"])  # fetched after the loop: no host sync inside it
+    rollout = jax.block_until_ready(rollout_fn(state.params, *prompts, rollout_key))
+    t1 = time.perf_counter()
+    rewards_BxG = jax.block_until_ready(scoring.rollout_rewards(reward_funcs, rollout, records, tokenizer, mesh, B))
+    t2 = time.perf_counter()
+    state, metrics = train_step(state, {"rollout": rollout, **answers, "rewards_BxG": rewards_BxG},
+                                jax.random.key_data(step_key), q_range)
+    jax.block_until_ready(state.params)
+    t3 = time.perf_counter()
+    times.append(t3 - t0)
+    phases["rollout"].append(t1 - t0)
+    phases[REWARD_PHASE].append(t2 - t1)
+    phases[UPDATE_PHASE].append(t3 - t2)
+    rewards.append(metrics["reward/mean"])  # fetched after the loop
   rewards = [float(r) * spec.num_sequences for r in jax.device_get(rewards)]
   return common.emit(system="ours", version=version(), spec=spec.to_json(), mode=mode, times_s=times,
-                     tokens_per_step=spec.generated_slots, phases=phases if not fused else None, sanity=sanity,
-                     extra={"beta": beta, "q": cfg.q, "rewards_per_step": rewards, "fused": fused,
-                            "step": "jit(sampler.generate_impl + reward) then jit(log-probs + estimator loss + "
-                                    "AdamW)" if not fused else "one jit: rollout + log-probs + loss + AdamW"})
+                     tokens_per_step=spec.generated_slots, phases=phases, sanity=sanity,
+                     extra={"beta": beta, "q": cfg.q, "rewards_per_step": rewards,
+                            "step": "jit(sampler.generate_impl), host rewards (train.scoring), then the trainer's "
+                                    "jitted step (train.step.make_train_step)"})
 
 
 def version() -> str:
@@ -244,10 +160,9 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=0)
   p.add_argument("--q", type=float, default=0.75)
   p.add_argument("--beta", type=float, default=None)
-  p.add_argument("--fused", action="store_true", help="rollout and update in one jit (no per-phase times)")
   args = p.parse_args(argv)
   print("ours runner:", version(), "devices", jax.devices(), flush=True)
-  run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, fused=args.fused)
+  run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta)
 
 
 if __name__ == "__main__":

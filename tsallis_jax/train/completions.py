@@ -7,8 +7,9 @@
   log w = log p(y*|x, z) on the gold-answer tokens (spec eq. 7), with the pathwise gradient. A rollout that sampled
   a stop token (EOS) inside its rationale ended without an answer: its z includes the stop token and its weight is
   0 (`answered_N` False, log w = -inf), since such an outcome can never produce y*.
-* `exact_match_reward` is the training reward of GRPO (spec 1.7: exact match against the gold answer), computed on
-  token ids inside jit (the sampled answer segment, stop token included, equals the gold answer's ids).
+* `exact_match_reward`: exact match against the gold answer on token ids inside jit (the sampled answer segment,
+  stop token included, equals the gold answer's ids): the sampled success rate of `success.py`. Training rewards
+  are strings, computed on the host (`scoring.py`; `rewards.strict_match` equals this on a word-level tokenizer).
 """
 from __future__ import annotations
 

@@ -83,9 +83,13 @@ class TrainConfig:
   q_end: float = 0.0  # end value of a q schedule (1 -> 0 is the paper's reading of SFT-then-RL)
   q_schedule_steps: int = 0  # steps over which q moves from q to q_end (0 = num_steps)
   weights: str = "likelihood"  # GARL/PAFT weights: likelihood w = p(y*|x,z) (paper) or a 0/1 verifier reward
-  # Training reward (GRPO, and GARL/PAFT with weights="reward"): exact match of the sampled answer tokens (stop token
-  # included) against the gold answer's tokens, computed inside jit; see completions.exact_match_reward.
-  reward: str = "exact_match"
+  # Training reward (GRPO, and GARL/PAFT with weights="reward"; logged as reward/* by every estimator): a comma list
+  # of reward functions `(completions, records, **columns) -> list[float]` run on the host between the rollout and
+  # the update (train/scoring.py), each a name registered in tsallis_jax.rewards or a dotted path my_pkg.rewards:fn;
+  # their weighted sum is the reward (TRL's reward_funcs / reward_weights). The default strict_match is the paper's
+  # exact match against the gold answer, on strings (the text after `</think>` equals the gold answer).
+  reward_funcs: str = "strict_match"
+  reward_weights: str = ""  # comma floats, one per reward function ("" = all 1.0)
   baseline: str = "rloo"  # GARL: rloo (eq. 12, Algorithm 1) or none (plug-in eq. 9)
   normalize_mq: bool = True  # Algorithms 1-2 divide by M^q (equivalent to a q-dependent learning-rate rescaling)
   paft_resamples: int = 0  # PAFT's K; 0 means K = M, as in the paper's experiments
@@ -221,6 +225,33 @@ def parse_options(text: str) -> dict[str, str]:
   return out
 
 
+def reward_func_names(cfg: TrainConfig) -> list[str]:
+  """`reward_funcs` as a list: registered names (tsallis_jax.rewards) or dotted paths `module:function`."""
+  from tsallis_jax import rewards as rewards_lib
+  names = [s.strip() for s in cfg.reward_funcs.split(",") if s.strip()]
+  _require(bool(names), "reward_funcs is empty; name at least one reward function (the default is strict_match)")
+  for name in names:
+    _require(name in rewards_lib.REWARDS or ":" in name,
+             f"reward_funcs entry {name!r} is neither registered ({sorted(rewards_lib.REWARDS)}) nor a dotted path"
+             " module:function (e.g. my_pkg.rewards:my_reward)")
+  return names
+
+
+def reward_weight_values(cfg: TrainConfig) -> list[float]:
+  """`reward_weights` as floats, one per reward function (all 1.0 when empty)."""
+  count = len(reward_func_names(cfg))
+  if not cfg.reward_weights.strip():
+    return [1.0] * count
+  try:
+    weights = [float(s) for s in cfg.reward_weights.split(",")]
+  except ValueError:
+    raise ConfigError(f"reward_weights={cfg.reward_weights!r} is not a comma list of numbers") from None
+  _require(len(weights) == count and all(math.isfinite(w) for w in weights),
+           f"reward_weights={cfg.reward_weights!r} must hold {count} finite number(s), one per reward_funcs entry"
+           f" ({cfg.reward_funcs!r})")
+  return weights
+
+
 def _validate(cfg: TrainConfig) -> None:
   # Types first, so that `--set` mistakes read clearly.
   for name, f in FIELDS.items():
@@ -245,9 +276,12 @@ def _validate(cfg: TrainConfig) -> None:
   _require(not cfg.prompt_template or cfg.prompt_style == "warm",
            f"prompt_template is the warm prompt, but prompt_style={cfg.prompt_style!r} (a cold prompt is the bare"
            " context and question); set prompt_style=warm or drop prompt_template")
-  _choice(cfg, "reward", ("exact_match",))
+  reward_func_names(cfg)
+  reward_weight_values(cfg)
   from tsallis_jax import rewards as rewards_lib
-  _choice(cfg, "eval_reward", tuple(rewards_lib.REWARDS))
+  _require(cfg.eval_reward in rewards_lib.REWARDS or ":" in cfg.eval_reward,
+           f"eval_reward={cfg.eval_reward!r} is not one of {list(rewards_lib.REWARDS)} nor a dotted path"
+           " module:function; set eval_reward to one of them")
   for key in ("q", "q_end"):
     v = getattr(cfg, key)
     _require(math.isfinite(v) and 0.0 <= v <= 1.0, f"{key}={v} is outside [0, 1]; commitment q lies in [0, 1]")

@@ -2,7 +2,8 @@
 
 Per step s (keys: k_s = fold_in(key, s); rollout and estimator keys split from k_s):
   1. the next prompt batch from the grain loader (each process reads its rows; global arrays over data x fsdp);
-  2. one jitted rollout (the sampler; one compiled program per prompt-shape bucket) of G completions per prompt;
+  2. one jitted rollout (the sampler; one compiled program per prompt-shape bucket) of G completions per prompt,
+     then the rewards on the host: each process decodes its rows and runs `reward_funcs` (`scoring.py`);
   3. one jitted train step (`step.py`): weights, estimator, optax update; the state is donated;
   4. the metrics of step s-1 are fetched (never those of the step just dispatched), checked for NaN/inf on the host
      and written (JSONL, TensorBoard, progress bar);
@@ -37,6 +38,7 @@ from tsallis_jax.train import checkpoint as ckpt_lib
 from tsallis_jax.train import evaluate as eval_lib
 from tsallis_jax.train import completions as completions_lib
 from tsallis_jax.train import preemption
+from tsallis_jax.train import scoring
 from tsallis_jax.train import state as state_lib
 from tsallis_jax.train import workdir as workdir_lib
 from tsallis_jax.train.config import ConfigError, TrainConfig, check_fits, check_mesh, parse_options
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 _PROGRAM_NEUTRAL = ("name", "seed", "q", "q_end", "init_checkpoint", "eval_every", "eval_max_prompts",
                     "prompt_bucket", "checkpoint_every", "max_to_keep", "log_every", "progress_bar", "tensorboard",
                     "task_options", "data_dir", "eval_at_start", "report_to", "log_completions", "data_columns",
-                    "prompt_template", "chat_template")
+                    "prompt_template", "chat_template", "reward_funcs", "reward_weights", "eval_reward")
 _PROGRAMS: dict[Any, Any] = {}
 
 
@@ -208,7 +210,8 @@ def get_programs(cfg: TrainConfig, graphdef, abstract_vars, mesh, ids: TokenIds,
       lambda params: generate_impl(graphdef, params, jnp.zeros((b, p), jnp.int32), jnp.ones((b, p), bool),
                                    jax.random.key(0), train_sampling), abstract_params)
   abstract_batch = {"rollout": abstract_rollout, "answer_tokens_BxA": jax.ShapeDtypeStruct((b, a), jnp.int32),
-                    "answer_mask_BxA": jax.ShapeDtypeStruct((b, a), bool)}
+                    "answer_mask_BxA": jax.ShapeDtypeStruct((b, a), bool),
+                    "rewards_BxG": jax.ShapeDtypeStruct((b, cfg.num_samples), jnp.float32)}
   step = make_train_step(cfg, graphdef, tx, ids, mesh, state_sh, abstract_batch)
   programs = Programs(train_rollout, eval_rollout, step, state_sh, tx)
   _PROGRAMS[key] = programs
@@ -326,6 +329,7 @@ def _train(cfg: TrainConfig, workdir, task: Task | None, watcher: preemption.Wat
            observe: Callable[[int, Any], None] | None) -> dict[str, Any]:
   s = setup(cfg, task)
   mesh, task, programs = s.mesh, s.task, s.programs
+  reward_funcs = scoring.RewardFuncs.from_config(cfg)  # imports user reward modules now: a missing one fails early
   abstract_params = s.abstract_params
   state_sh = programs.state_shardings
   with_ref = state_sh.ref_params is not None
@@ -420,8 +424,10 @@ def _train(cfg: TrainConfig, workdir, task: Task | None, watcher: preemption.Wat
     batch = _put_rows(mesh, {k: v for k, v in batch_np.items() if k != "index_B"}, cfg.batch_size)
     rollout_key, step_key = _step_keys(state.key, step)
     rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"], rollout_key)
+    rewards_BxG = scoring.rollout_rewards(reward_funcs, rollout, [task.train[i] for i in batch_np["index_B"]],
+                                          task.tokenizer, mesh, cfg.batch_size)
     train_batch = {"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
-                   "answer_mask_BxA": batch["answer_mask_BxA"]}
+                   "answer_mask_BxA": batch["answer_mask_BxA"], "rewards_BxG": rewards_BxG}
     state, metrics_dev = programs.train_step(state, train_batch, step_key, q_range)
     if pending is not None:
       flush(pending)

@@ -8,7 +8,11 @@ pass of the current params scores either
   so the gradient includes the pathwise term (spec eq. 7, 12, 14; spec 2.2, 2.3); a rollout that sampled EOS
   inside its rationale has no answer: its log p(z|x) includes the EOS token and its log w is -inf (w = 0), or
 * the sampled sequences [prompt, rationale, `</think>`, sampled answer] (GRPO, spec 2.6, and GARL/PAFT with a 0/1
-  verifier as weight): log p of every sampled token, with the exact-match reward.
+  verifier as weight): log p of every sampled token, with the reward.
+
+The reward `rewards_BxG` is part of the batch: the user's reward functions ran on the host between the rollout and
+the step (`scoring.py`; default: the string exact match against the gold answer). GRPO and weights="reward" use it;
+the likelihood weights ignore it (every estimator logs reward/* from it).
 
 The estimator (`garl_loss`, `paft_loss`, `grpo_loss` from `tsallis_jax.estimators`) turns these into a surrogate loss
 whose gradient is the estimator; optax (global-norm clip, AdamW, warm-up schedule) applies it. q is evaluated from
@@ -16,8 +20,11 @@ the step inside jit (`schedules.q_schedule`), from a traced (q_start, q_end) pai
 one compiled step. The state is donated; shardings are explicit (`state.state_shardings`, batch over data x fsdp).
 
 Memory (`TrainConfig.micro_batch_prompts`, `logprob_chunk`): the gradient can be accumulated over micro-batches of
-prompt groups in a `lax.scan`, and log-probs and the entropy metric computed from hidden states in chunks of
-positions, without the N x T x V logits; both leave the gradient unchanged in exact arithmetic.
+prompt groups (`accumulate_gradients`, a `lax.scan`), and log-probs and the entropy metric computed from hidden
+states in chunks of positions, without the N x T x V logits; both leave the gradient unchanged in exact arithmetic.
+With micro-batches the scan also returns every micro-batch's per-token log-probs (N x T floats, no vocabulary), and
+the loss and metrics are computed once on the whole batch from them: the same code as without micro-batches, so no
+metric needs a rule for merging micro-batches.
 """
 from __future__ import annotations
 
@@ -75,16 +82,23 @@ def _sequences(cfg: TrainConfig, ids: TokenIds, rollout: Rollout, gold_NxA, gold
   return tokens_NxS, pad_NxS, z_NxT, y_NxT, answered_N
 
 
-def _sequence_pair(cfg: TrainConfig, logp_NxT, seqs: dict):
-  """(log p(z|x), log w) per prompt and sample from per-token log-probs: masked sums; log w = -inf (w = 0) for a
-  rollout without an answer (EOS inside its rationale) or, with reward weights, a reward of 0."""
-  z_NxT, y_NxT, reward_BxG = seqs["z_NxT"], seqs["y_NxT"], seqs["reward_BxG"]
-  B, G = reward_BxG.shape
-  logp_z_BxG = jnp.sum(jnp.where(z_NxT, logp_NxT, 0.0), axis=1).reshape(B, G)
+def _teacher_forced_pair(logp_NxT, z_NxT, y_NxT, answered_N):
+  """(log p(z|x), log w = log p(y*|x, z)) per row from per-token log-probs of teacher-forced sequences: masked sums;
+  log w = -inf (w = 0) for a rollout without an answer (EOS inside its rationale)."""
+  logp_z_N = jnp.sum(jnp.where(z_NxT, logp_NxT, 0.0), axis=1)
+  logw_N = jnp.where(answered_N, jnp.sum(jnp.where(y_NxT, logp_NxT, 0.0), axis=1), -jnp.inf)
+  return logp_z_N, logw_N
+
+
+def _sequence_pair(cfg: TrainConfig, logp_NxT, seqs: dict, G: int):
+  """(log p(z|x), log w) per prompt and sample; with reward weights log w = 0 for a positive reward, else -inf."""
+  z_NxT = seqs["z_NxT"]
+  B = z_NxT.shape[0] // G
   if cfg.weights == "likelihood":
-    logw_N = jnp.where(seqs["answered_N"], jnp.sum(jnp.where(y_NxT, logp_NxT, 0.0), axis=1), -jnp.inf)
-    return logp_z_BxG, logw_N.reshape(B, G)
-  return logp_z_BxG, jnp.where(reward_BxG > 0, 0.0, -jnp.inf)
+    logp_z_N, logw_N = _teacher_forced_pair(logp_NxT, z_NxT, seqs["y_NxT"], seqs["answered_N"])
+    return logp_z_N.reshape(B, G), logw_N.reshape(B, G)
+  logp_z_BxG = jnp.sum(jnp.where(z_NxT, logp_NxT, 0.0), axis=1).reshape(B, G)
+  return logp_z_BxG, jnp.where(seqs["reward_BxG"] > 0, 0.0, -jnp.inf)
 
 
 def _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt: int, temperature: float, with_entropy: bool,
@@ -131,20 +145,17 @@ def _completion_logprobs_chunked(model, tokens_NxS, pad_NxS, num_prompt: int, te
   return logp_NxT, entropy_NxT
 
 
-def _estimator_loss(p, graphdef, cfg: TrainConfig, q, keys_B, seqs: dict, ref_logp_NxT, num_prompt: int,
+def _estimator_loss(cfg: TrainConfig, q, keys_B, seqs: dict, logp_NxT, entropy_NxT, ref_logp_NxT,
                     kl_tokens=None, loss_scale: float = 1.0):
-  """The surrogate loss and its metrics on the groups in `seqs` (rows b*G+g). The whole batch by default; on a
-  micro-batch `loss_scale` = m/B reweights the estimator's mean over prompts and `kl_tokens` (the whole batch's
-  rationale-token count) makes the KL penalty's token mean, and GRPO's bnpo/dapo token mean, a sum over
-  micro-batches."""
+  """The surrogate loss and its metrics from the per-token log-probs `logp_NxT` of the groups in `seqs` (rows
+  b*G+g). The whole batch by default; on a micro-batch `loss_scale` = m/B reweights the estimator's mean over prompts
+  and `kl_tokens` (the whole batch's rationale-token count) makes the KL penalty's token mean, and GRPO's bnpo/dapo
+  token mean, a sum over micro-batches."""
   G = cfg.num_samples
-  tokens_NxS, pad_NxS, z_NxT = seqs["tokens_NxS"], seqs["pad_NxS"], seqs["z_NxT"]
+  z_NxT = seqs["z_NxT"]
   reward_BxG = seqs["reward_BxG"]
   N, T = z_NxT.shape
   B = N // G
-  model = nnx.merge(graphdef, p)
-  logp_NxT, entropy_NxT = _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt, cfg.temperature, True,
-                                               cfg.logprob_chunk)
   aux = {"policy/entropy": _masked_mean(entropy_NxT, z_NxT),
          "mismatch/logp_abs_diff": _masked_mean(jnp.abs(jax.lax.stop_gradient(logp_NxT)
                                                         - seqs["model_logp_NxT"]), z_NxT)}
@@ -164,8 +175,8 @@ def _estimator_loss(p, graphdef, cfg: TrainConfig, q, keys_B, seqs: dict, ref_lo
       loss = loss * jnp.maximum(jnp.sum(z_NxT.astype(jnp.float32)), 1.0) / kl_tokens
     elif loss_scale != 1.0:
       loss = loss * loss_scale  # grpo, seq_sum: means over sequences; dr_grpo: a sum over (sequences x T)
-    return loss, {**aux, **est}, None
-  logp_z_BxG, logw_BxG = _sequence_pair(cfg, logp_NxT, seqs)
+    return loss, {**aux, **est}
+  logp_z_BxG, logw_BxG = _sequence_pair(cfg, logp_NxT, seqs, G)
   if cfg.estimator == "garl":
     loss, est = garl_loss(logp_z_BxG, logw_BxG, q=q, baseline=cfg.baseline, normalize_by_Mq=cfg.normalize_mq)
   else:
@@ -178,36 +189,39 @@ def _estimator_loss(p, graphdef, cfg: TrainConfig, q, keys_B, seqs: dict, ref_lo
       loss = loss + cfg.kl_coef * _masked_mean(kl_NxT, z_NxT)
     else:
       loss = loss + cfg.kl_coef * jnp.sum(jnp.where(z_NxT, kl_NxT, 0.0)) / kl_tokens
-  num_success = jnp.sum(jnp.any(~jnp.isneginf(jax.lax.stop_gradient(logw_BxG)), axis=1).astype(jnp.float32))
-  return loss, {**aux, **est}, num_success
+  return loss, {**aux, **est}
 
 
-# How `_micro_batched_grads` combines a metric over micro-batches (exact for equal-size micro-batches): the mean over
-# groups with a success, or over rationale tokens, is weighted by that count; "*_max" takes the max; the loss (each
-# micro-batch's share of the full-batch loss) is summed; everything else is a mean over prompts or sequences.
-_SUCCESS_WEIGHTED = ("jq/amp_mean", "jq/log_amp_mean", "jq/weight_ess")
-_TOKEN_WEIGHTED = ("policy/entropy", "mismatch/logp_abs_diff", "kl/ref", "ratio/clipfrac")
+def accumulate_gradients(loss_fn: Callable, params, xs):
+  """Gradient accumulation: the sum over the leading axis of `xs` of `jax.grad(loss_fn, has_aux=True)(params, x)`,
+  in a `lax.scan` (one micro-batch's activations alive at a time). `loss_fn(params, x) -> (loss, out)`; returns
+  (summed grads, the micro-batches' `out` stacked along a leading axis). Knows nothing of estimators or metrics."""
+
+  def body(grads_acc, x):
+    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x)
+    return jax.tree.map(jnp.add, grads_acc, grads), out
+
+  return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), xs)
 
 
-def _combine_metric(name: str, values_Z, tokens_Z, success_Z):
-  if name == "loss":
-    return jnp.sum(values_Z)
-  if name.endswith("_max"):
-    return jnp.max(values_Z)
-  if name in _TOKEN_WEIGHTED or name in _SUCCESS_WEIGHTED:
-    count_Z = tokens_Z if name in _TOKEN_WEIGHTED else success_Z
-    return jnp.sum(values_Z * count_Z) / jnp.maximum(jnp.sum(count_Z), 1.0)
-  return jnp.mean(values_Z)
+def _ref_logprobs(ref_params, graphdef, cfg: TrainConfig, seqs: dict, num_prompt: int):
+  if ref_params is None:
+    return None
+  logp_NxT, _ = _completion_logprobs(nnx.merge(graphdef, ref_params), seqs["tokens_NxS"], seqs["pad_NxS"], num_prompt,
+                                     cfg.temperature, False, cfg.logprob_chunk)
+  return jax.lax.stop_gradient(logp_NxT)
 
 
 def _micro_batched_grads(params, ref_params, graphdef, cfg: TrainConfig, seqs: dict, keys_B, q, num_prompt: int):
-  """Gradient and metrics accumulated over B/m micro-batches of m prompts in a `lax.scan`.
+  """Gradient over B/m micro-batches of m prompts (`accumulate_gradients`); loss and metrics of the whole batch.
 
   Micro-batch z holds prompts z, z + Z, z + 2Z, ... (Z = B/m); its m*G rows are split over all devices (a
   multiple of the devices, `check_mesh`), so when m is a multiple of the devices every device keeps its own rows and
   otherwise only token ids and masks move. Equals the full-batch gradient in exact arithmetic: the estimators average
   over prompts, so each micro-batch's loss is scaled by m/B; a KL penalty's token mean divides by the whole batch's
-  token count. PAFT's per-prompt keys are split from the step key before the split into micro-batches.
+  token count. PAFT's per-prompt keys are split from the step key before the split into micro-batches. The scan
+  returns each micro-batch's per-token log-probs (and entropies, reference log-probs); put back in batch order they
+  give the loss and every metric by the full-batch code (`_estimator_loss` on the whole batch, no gradient).
   """
   G, m = cfg.num_samples, cfg.micro_batch_prompts
   B = keys_B.shape[0]
@@ -220,6 +234,10 @@ def _micro_batched_grads(params, ref_params, graphdef, cfg: TrainConfig, seqs: d
     x_mxZxGx = x_Nx.reshape(m, Z, G, *x_Nx.shape[1:])
     return rows_over_devices(jnp.swapaxes(x_mxZxGx, 0, 1).reshape(Z, m * G, *x_Nx.shape[1:]))
 
+  def merge_rows(x_ZxMx):  # the inverse of split_rows
+    x_mxZxGx = jnp.swapaxes(x_ZxMx.reshape(Z, m, G, *x_ZxMx.shape[2:]), 0, 1)
+    return x_mxZxGx.reshape(B * G, *x_ZxMx.shape[2:])
+
   def split_prompts(x_Bx):
     return rows_over_devices(jnp.swapaxes(x_Bx.reshape(m, Z, *x_Bx.shape[1:]), 0, 1))
 
@@ -228,57 +246,64 @@ def _micro_batched_grads(params, ref_params, graphdef, cfg: TrainConfig, seqs: d
   xs["keys_B"] = split_prompts(keys_B)
   kl_tokens = jnp.maximum(jnp.sum(seqs["z_NxT"].astype(jnp.float32)), 1.0)
 
-  def body(grads_acc, x):
+  def micro_loss(p, x):
     mb = {"y_NxT": None, "answered_N": None, **x}
-    ref_logp_NxT = None
-    if ref_params is not None:
-      ref_model = nnx.merge(graphdef, ref_params)
-      ref_logp_NxT, _ = _completion_logprobs(ref_model, mb["tokens_NxS"], mb["pad_NxS"], num_prompt,
-                                             cfg.temperature, False, cfg.logprob_chunk)
-      ref_logp_NxT = jax.lax.stop_gradient(ref_logp_NxT)
+    ref_logp_NxT = _ref_logprobs(ref_params, graphdef, cfg, mb, num_prompt)
+    logp_NxT, entropy_NxT = _completion_logprobs(nnx.merge(graphdef, p), mb["tokens_NxS"], mb["pad_NxS"], num_prompt,
+                                                 cfg.temperature, True, cfg.logprob_chunk)
+    loss, _ = _estimator_loss(cfg, q, mb["keys_B"], mb, logp_NxT, entropy_NxT, ref_logp_NxT, kl_tokens=kl_tokens,
+                              loss_scale=m / B)
+    return loss, {"logp": jax.lax.stop_gradient(logp_NxT), "entropy": entropy_NxT, "ref": ref_logp_NxT}
 
-    def loss_fn(p):
-      loss, aux, num_success = _estimator_loss(p, graphdef, cfg, q, mb["keys_B"], mb, ref_logp_NxT, num_prompt,
-                                               kl_tokens=kl_tokens, loss_scale=m / B)
-      return loss, (aux, num_success)
-
-    (loss, (aux, num_success)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-    tokens = jnp.sum(mb["z_NxT"].astype(jnp.float32))
-    success = jnp.float32(0.0) if num_success is None else num_success
-    return grads_acc, ({**aux, "loss": loss}, tokens, success)
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, (aux_Z, tokens_Z, success_Z) = jax.lax.scan(body, zeros, xs)
-  aux = {k: _combine_metric(k, v_Z, tokens_Z, success_Z) for k, v_Z in aux_Z.items()}
-  return aux.pop("loss"), aux, grads
+  grads, scores_Z = accumulate_gradients(micro_loss, params, xs)
+  scores = jax.tree.map(merge_rows, scores_Z)
+  loss, aux = _estimator_loss(cfg, q, keys_B, seqs, scores["logp"], scores["entropy"], scores.get("ref"))
+  return loss, aux, grads
 
 
 def _batch_sequences(cfg: TrainConfig, ids: TokenIds, batch: dict) -> dict:
-  """The scored sequences, their masks and the exact-match rewards of a train batch (rows b*G+g)."""
+  """The scored sequences, their masks and the rewards of a train batch (rows b*G+g)."""
   rollout: Rollout = batch["rollout"]
   G = cfg.num_samples
   B = rollout.tokens_NxT.shape[0] // G
   gold_NxA = jnp.repeat(batch["answer_tokens_BxA"], G, axis=0)
   gold_mask_NxA = jnp.repeat(batch["answer_mask_BxA"], G, axis=0)
-  reward_N = completions_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
   tokens_NxS, pad_NxS, z_NxT, y_NxT, answered_N = _sequences(cfg, ids, rollout, gold_NxA, gold_mask_NxA)
   return {"tokens_NxS": tokens_NxS, "pad_NxS": pad_NxS, "z_NxT": z_NxT, "y_NxT": y_NxT, "answered_N": answered_N,
-          "model_logp_NxT": rollout.model_logp_NxT, "reward_BxG": reward_N.reshape(B, G)}
+          "model_logp_NxT": rollout.model_logp_NxT,
+          "reward_BxG": batch["rewards_BxG"].astype(jnp.float32).reshape(B, G)}
+
+
+def teacher_forced_scores(model, rollout: Rollout, gold_NxA, gold_mask_NxA, ids: TokenIds, *,
+                          temperature: float = 1.0, chunk: int = 0):
+  """(logp_z_N, logw_N): log p(z|x) of each sampled rationale and log w = log p(y*|x, z) of the gold answer
+  teacher-forced after it (-inf when the rollout never answers), from one forward at `temperature` (spec eq. 7).
+  The one teacher-forced scorer: the train step, `rationale_scores` and `success.make_scorer` all use it."""
+  comp_NxT, z_NxT, y_NxT, valid_NxT, answered_N = completions_lib.teacher_forced_completion(
+      rollout, gold_NxA, gold_mask_NxA, ids.close_tag_ids, ids.stop_ids, ids.pad_id)
+  tokens_NxS = jnp.concatenate([rollout.prompt_tokens_NxP, comp_NxT], axis=1)
+  pad_NxS = jnp.concatenate([rollout.prompt_mask_NxP, valid_NxT], axis=1)
+  logp_NxT, _ = _completion_logprobs(model, tokens_NxS, pad_NxS, rollout.prompt_tokens_NxP.shape[1], temperature,
+                                     False, chunk)
+  return _teacher_forced_pair(logp_NxT, z_NxT, y_NxT, answered_N)
 
 
 def rationale_scores(params, graphdef, cfg: TrainConfig, ids: TokenIds, batch: dict):
-  """(logp_z_BxG, logw_BxG): log p(z|x) and log w of every rollout exactly as the step scores them (GARL/PAFT)."""
-  seqs = _batch_sequences(cfg, ids, batch)
-  logp_NxT, _ = _completion_logprobs(nnx.merge(graphdef, params), seqs["tokens_NxS"], seqs["pad_NxS"],
-                                     batch["rollout"].prompt_tokens_NxP.shape[1], cfg.temperature, False,
-                                     cfg.logprob_chunk)
-  return _sequence_pair(cfg, logp_NxT, seqs)
+  """(logp_z_BxG, logw_BxG): log p(z|x) and log w of every rollout as the step scores them (GARL/PAFT, likelihood
+  weights)."""
+  G = cfg.num_samples
+  logp_z_N, logw_N = teacher_forced_scores(
+      nnx.merge(graphdef, params), batch["rollout"], jnp.repeat(batch["answer_tokens_BxA"], G, axis=0),
+      jnp.repeat(batch["answer_mask_BxA"], G, axis=0), ids, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
+  return logp_z_N.reshape(-1, G), logw_N.reshape(-1, G)
 
 
 def loss_and_metrics(params, ref_params, graphdef, cfg: TrainConfig, ids: TokenIds, batch: dict, key, q):
   """The estimator's surrogate loss and its metrics (everything but the optimizer)."""
   rollout: Rollout = batch["rollout"]
+  if "rewards_BxG" not in batch:
+    raise ValueError("the train batch has no rewards_BxG: compute them on the host between the rollout and the step"
+                     " (tsallis_jax.train.scoring.rollout_rewards)")
   G = cfg.num_samples
   B = rollout.tokens_NxT.shape[0] // G
   P = rollout.prompt_tokens_NxP.shape[1]
@@ -289,16 +314,12 @@ def loss_and_metrics(params, ref_params, graphdef, cfg: TrainConfig, ids: TokenI
   if cfg.micro_batch_prompts:
     loss, aux, grads = _micro_batched_grads(params, ref_params, graphdef, cfg, seqs, keys_B, q, P)
   else:
-    ref_logp_NxT = None
-    if ref_params is not None:
-      ref_model = nnx.merge(graphdef, ref_params)
-      ref_logp_NxT, _ = _completion_logprobs(ref_model, tokens_NxS, pad_NxS, P, cfg.temperature, False,
-                                             cfg.logprob_chunk)
-      ref_logp_NxT = jax.lax.stop_gradient(ref_logp_NxT)
+    ref_logp_NxT = _ref_logprobs(ref_params, graphdef, cfg, seqs, P)
 
     def loss_fn(p):
-      loss, aux, _ = _estimator_loss(p, graphdef, cfg, q, keys_B, seqs, ref_logp_NxT, P)
-      return loss, aux
+      logp_NxT, entropy_NxT = _completion_logprobs(nnx.merge(graphdef, p), tokens_NxS, pad_NxS, P, cfg.temperature,
+                                                   True, cfg.logprob_chunk)
+      return _estimator_loss(cfg, q, keys_B, seqs, logp_NxT, entropy_NxT, ref_logp_NxT)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   std_B = jnp.std(reward_BxG, axis=1)

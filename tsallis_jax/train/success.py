@@ -20,11 +20,10 @@ from flax import nnx
 
 from tsallis_jax.data import prompts as prompts_lib
 from tsallis_jax.data.records import Record
-from tsallis_jax.model import make_attention_mask, make_positions
-from tsallis_jax.model.logprobs import token_logprobs
 from tsallis_jax.sampler import SamplingConfig, generate_impl
 from tsallis_jax.train import evaluate as eval_lib
 from tsallis_jax.train import completions as completions_lib
+from tsallis_jax.train import step as step_lib
 
 Scorer = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -42,21 +41,17 @@ def make_scorer(graphdef: nnx.GraphDef, *, num_samples: int, rationale_budget: i
                             close_tag_ids=close_tag_ids, rationale_budget=rationale_budget,
                             answer_budget=max_answer_len)
 
+  ids = step_lib.TokenIds(stop_ids=stop_ids, pad_id=pad_id, close_tag_ids=close_tag_ids)
+
   @jax.jit
   def score(params, prompt_BxP, prompt_mask_BxP, answer_BxA, answer_mask_BxA, key):
-    B, P = prompt_BxP.shape
+    B = prompt_BxP.shape[0]
     rollout = generate_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, key, sampling)
     gold_NxA = jnp.repeat(answer_BxA, num_samples, axis=0)
     gold_mask_NxA = jnp.repeat(answer_mask_BxA, num_samples, axis=0)
-    comp_NxT, _, y_mask_NxT, valid_NxT, answered_N = completions_lib.teacher_forced_completion(
-        rollout, gold_NxA, gold_mask_NxA, close_tag_ids, stop_ids, pad_id)
-    tokens_NxS = jnp.concatenate([rollout.prompt_tokens_NxP, comp_NxT], axis=1)
-    pad_NxS = jnp.concatenate([rollout.prompt_mask_NxP, valid_NxT], axis=1)
-    logits, _ = nnx.merge(graphdef, params)(tokens_NxS, make_positions(pad_NxS), make_attention_mask(pad_NxS))
-    logp_NxT = token_logprobs(logits, tokens_NxS)[:, P:]
-    logw_N = jnp.sum(jnp.where(y_mask_NxT, logp_NxT, 0.0), axis=1)
+    _, logw_N = step_lib.teacher_forced_scores(nnx.merge(graphdef, params), rollout, gold_NxA, gold_mask_NxA, ids)
     reward_N = completions_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
-    w_N = jnp.where(answered_N, jnp.exp(logw_N), 0.0)  # EOS inside the rationale: no answer, w = 0
+    w_N = jnp.exp(logw_N)  # EOS inside the rationale: no answer, log w = -inf, w = 0
     return w_N.reshape(B, num_samples), reward_N.reshape(B, num_samples)
 
   return score
