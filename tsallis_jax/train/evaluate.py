@@ -85,7 +85,14 @@ def completion_rows(records: Sequence[Record], completions: Sequence[Sequence[st
                     max_prompts: int) -> list[dict[str, Any]]:
   """The first `max_prompts` records' sampled completions as rows for `MetricWriter.completions`: id, sample index,
   completion text, extracted answer, its reward under `reward_name` and the gold answer."""
-  reward = rewards_lib.get_reward(reward_name)
-  return [{"id": r.id, "sample": j, "completion": c, "answer": rewards_lib.extract_answer(c),
-           "reward": float(reward(c, r)), "gold": r.answer}
-          for r, row in zip(records[:max_prompts], completions[:max_prompts]) for j, c in enumerate(row)]
+  pairs = [(r, j, c) for r, row in zip(records[:max_prompts], completions[:max_prompts]) for j, c in enumerate(row)]
+  if reward_name in rewards_lib.REWARDS:
+    extract = rewards_lib.get_extractor(reward_name)
+    reward = rewards_lib.get_reward(reward_name)
+    scores = [float(reward(c, r)) for r, _, c in pairs]
+  else:  # a user's batched reward function `module:fn`, called as in training
+    extract = rewards_lib.extract_answer
+    scores = rewards_lib.call_reward_func(rewards_lib.get_reward_func(reward_name), [c for _, _, c in pairs],
+                                          [r for r, _, _ in pairs])
+  return [{"id": r.id, "sample": j, "completion": c, "answer": extract(c), "reward": float(score), "gold": r.answer}
+          for (r, j, c), score in zip(pairs, scores)]
