@@ -237,10 +237,32 @@ BAD_INPUTS = {
         lambda tmp: ["model=gguf", f"model_path={_gguf_of_unsupported_architecture(tmp / 'm.gguf')}",
                      "model_overrides="],
         "error: GGUF architecture 'falcon' is not supported"),
+    "reward function that raises": (lambda tmp: ["estimator=grpo", "reward_funcs=tests.test_reliability:bad_reward"],
+                                    "error: reward function tests.test_reliability:bad_reward raised ZeroDivisionError:"
+                                    " no reward for 7 on completion"),
+    "reward function that returns NaN": (lambda tmp: ["estimator=grpo",
+                                                      "reward_funcs=tests.test_reliability:nan_reward"],
+                                         "error: reward function tests.test_reliability:nan_reward returned nan for"
+                                         " completion 0 (synthetic:target-m10-L4-k1-s1, record"),
     # The validation split (data seed 2) is read first: eval_at_start evaluates the initial model before step 1.
     "prompt over max_prompt_len": (lambda tmp: ["max_prompt_len=4"],
                                    "error: synthetic:target-m10-L4-k1-s2, record 0"),
 }
+
+
+def bad_reward(completions, records, answer, **columns):
+  """A user's reward with a bug on some rows (the last row of every batch)."""
+  del records, columns
+  return [1.0 / (len(completions) - 1 - i) if i < len(completions) - 1 else _fail(7) for i, _ in enumerate(answer)]
+
+
+def _fail(value):
+  raise ZeroDivisionError(f"no reward for {value}")
+
+
+def nan_reward(completions, records, **columns):
+  del records, columns
+  return [float("nan")] * len(completions)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -290,10 +290,25 @@ def _func_name(fn: RewardFunc) -> str:
   return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
+def _raises(fn: RewardFunc, completions: Sequence[str], records: Sequence[Record]) -> bool:
+  try:
+    fn(list(completions), list(records), **record_columns(records))
+  except Exception:  # noqa: BLE001 (locating the row a user's function fails on)
+    return True
+  return False
+
+
 def call_reward_func(fn: RewardFunc, completions: Sequence[str], records: Sequence[Record]) -> list[float]:
   """`fn(completions, records, **record_columns(records))`, checked: one finite float per completion, else a
-  `RewardFuncError` naming the function and the first bad row (its record's file, index and id)."""
-  out = fn(list(completions), list(records), **record_columns(records))
+  `RewardFuncError` naming the function and the first bad row (its record's file, index and id). A function that
+  raises is called again row by row to name the first row it fails on."""
+  try:
+    out = fn(list(completions), list(records), **record_columns(records))
+  except Exception as e:  # the user's code: name the function and the first row it fails on, in one line
+    row = next((i for i in range(len(records)) if _raises(fn, completions[i:i + 1], records[i:i + 1])), None)
+    where = ("" if row is None else
+             f" on completion {row} ({records[row].where()}, completion text {completions[row][:80]!r})")
+    raise RewardFuncError(f"reward function {_func_name(fn)} raised {type(e).__name__}: {e}{where}") from e
   try:
     values = [float(v) for v in out]
   except (TypeError, ValueError) as e:
