@@ -109,3 +109,12 @@ def test_readme_lists_every_renamed_metric():
   readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
   for ours, trl in writers.LOGGED_NAMES.items():
     assert re.search(rf"\| `{re.escape(trl)}` \| `{re.escape(ours)}` \|", readme), (ours, trl)
+
+
+def test_console_log_off_keeps_the_files_and_notes(tmp_path, capsys):
+  writer = MetricWriter(str(tmp_path), tensorboard=False, progress_bar="off", total_steps=200, console_log=False)
+  writer.write(20, TRAIN)
+  writer.note("resumed from step 20 of /x")
+  writer.close()
+  assert capsys.readouterr().out == "resumed from step 20 of /x\n"  # no per-row line, the notes stay
+  assert read_metrics(str(tmp_path / "metrics.jsonl"))[0]["step"] == 20

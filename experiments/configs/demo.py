@@ -46,4 +46,4 @@ def get_config() -> TrainConfig:
       estimator="garl", q=0.75, weights="likelihood", baseline="rloo", num_samples=8, batch_size=8, num_steps=200,
       learning_rate=3e-4, warmup_steps=10, grad_clip=1.0, temperature=1.0, eval_temperature=1.0,
       eval_num_samples=16, eval_every=50, eval_batch_size=16, checkpoint_every=0, max_to_keep=1,
-      progress_bar="off", tensorboard=False, log_ref_kl=True)
+      progress_bar="off", console_log=False, tensorboard=False, log_ref_kl=True)

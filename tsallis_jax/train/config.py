@@ -160,6 +160,7 @@ class TrainConfig:
   checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
   max_to_keep: int = 3  # latest checkpoints kept (the best-by-validation checkpoint is kept separately)
   progress_bar: str = "auto"  # auto (only on a TTY) | on | off
+  console_log: bool = True  # without a progress bar, one console line per written metrics row (off: the demo's runs)
   tensorboard: bool = True
   # Further metric backends, comma-separated (TRL's report_to): "wandb" (needs the wandb package; project from
   # $WANDB_PROJECT, run name = name), "tensorboard" (the same as tensorboard=True), "none" or "" (nothing more).

@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 _PROGRAM_NEUTRAL = ("name", "seed", "q", "q_end", "init_checkpoint", "eval_every", "eval_max_prompts",
                     "prompt_bucket", "checkpoint_every", "max_to_keep", "log_every", "progress_bar", "tensorboard",
                     "task_options", "data_dir", "eval_at_start", "report_to", "log_completions", "data_columns",
-                    "prompt_template", "chat_template", "reward_funcs", "reward_weights", "eval_reward")
+                    "prompt_template", "chat_template", "reward_funcs", "reward_weights", "eval_reward",
+                    "console_log")
 _PROGRAMS: dict[Any, Any] = {}
 
 
@@ -375,7 +376,7 @@ def _train(cfg: TrainConfig, workdir, task: Task | None, watcher: preemption.Wat
   writer = MetricWriter(workdir, tensorboard=cfg.tensorboard, progress_bar=cfg.progress_bar,
                         total_steps=cfg.num_steps, start_step=start_step,
                         keep_through_step=start_step if restored is not None else -1, report_to=cfg.report_to,
-                        run_name=cfg.name, config=cfg.to_dict())
+                        run_name=cfg.name, config=cfg.to_dict(), console_log=cfg.console_log)
   if restored is not None:
     writer.note(f"resumed from step {start_step} of {workdir}")
   q_range = jnp.asarray([cfg.q, cfg.q_end], jnp.float32)

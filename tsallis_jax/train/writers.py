@@ -144,8 +144,9 @@ class MetricWriter:
   def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True, progress_bar: str = "auto",
                total_steps: int = 0, start_step: int = 0, keep_through_step: int = -1,
                rewrite: bool | None = None, report_to: str = "", run_name: str = "",
-               config: Mapping[str, Any] | None = None):
+               config: Mapping[str, Any] | None = None, console_log: bool = True):
     self.enabled = jax.process_index() == 0
+    self.console_log = console_log
     workdir = resolve_workdir(workdir)
     self.path = workdir / "metrics.jsonl"
     self.rewrite = is_remote(workdir) if rewrite is None else rewrite
@@ -182,7 +183,7 @@ class MetricWriter:
     self._metrics.append([row])
     for backend in self.backends:
       backend.scalars(step, row)
-    if self._bar is None:
+    if self._bar is None and self.console_log:
       self.note(self._console_line(step, named))
 
   def _console_line(self, step: int, row: Mapping[str, Any]) -> str:
