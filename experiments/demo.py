@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
              "probe": {"steps": probe.steps, "p_hat": probe.p_hat}, "curve": curve,
              "wall_s": time.perf_counter() - t}
       summary["methods"][name].append(run)
-      esc = demo_report.run_escapes(summary, run)
+      esc = demo_report.run_escapes(run)
       print(f"{name:>14} seed {seed}: test p@1 {run['test/p@1']:.3f} pass@16 {run['test/pass@16']:.3f} "
             f"maj@16 {run['test/maj@16']:.3f} (best step {run['best']['step']}); probe prompts escaped "
             f"{int(np.isfinite(esc).sum())}/{len(esc)} ({run['wall_s']:.0f} s)", flush=True)

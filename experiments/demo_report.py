@@ -57,7 +57,8 @@ def _short(values: Sequence[float]) -> str:
   return f"{a.mean():.1f}" if len(a) == 1 else f"{a.mean():.1f}±{a.std(ddof=1):.1f}"
 
 
-def run_escapes(summary: dict[str, Any], run: dict[str, Any]) -> np.ndarray:
+def run_escapes(run: dict[str, Any]) -> np.ndarray:
+  """Each probe prompt's escape step in one run (`escape_steps` of its probe curve)."""
   return escape_steps(run["probe"]["steps"], np.asarray(run["probe"]["p_hat"]))
 
 
@@ -110,7 +111,7 @@ def write_table(path: str, summary: dict[str, Any]) -> str:
   p0_P = np.asarray(probe["p0"])
   bucket_P = np.asarray(probe["bucket"])
   for name, runs in summary["methods"].items():
-    esc = np.stack([run_escapes(summary, r) for r in runs])  # seeds x P
+    esc = np.stack([run_escapes(r) for r in runs])  # seeds x P
     cells = []
     for b in buckets:
       sel = esc[:, bucket_P == b]
@@ -176,7 +177,7 @@ def prediction_checks(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
                  "holds" if above and separated else ("contradicts" if contra else "not met")))
   if "GRPO" in methods:
     sel = np.isin(np.asarray(summary["probe"]["bucket"]), HARD)
-    escaped = sum(int(np.isfinite(run_escapes(summary, r)[sel]).sum()) for r in methods["GRPO"])
+    escaped = sum(int(np.isfinite(run_escapes(r)[sel]).sum()) for r in methods["GRPO"])
     delta = 100 * (np.mean([_hard_p1(summary, r) for r in methods["GRPO"]]) - _hard_p1(summary, summary["initial"]))
     rows.append(("H3 GRPO does not learn the hard buckets", f"{escaped} hard probe prompts escaped; hard p@1 "
                  f"{delta:+.2f} points vs pretrained", "holds" if escaped == 0 and abs(delta) <= 1 else "not met"))
@@ -196,7 +197,7 @@ def prediction_checks(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
   slopes = {}
   for runs in methods.values():
     if runs[0]["estimator"] == "garl" and runs[0]["q"] in (0.0, 1.0):
-      esc = np.stack([run_escapes(summary, r) for r in runs])
+      esc = np.stack([run_escapes(r) for r in runs])
       slopes[runs[0]["q"]] = fit_escape_slope(np.tile(np.asarray(summary["probe"]["p0"]), len(runs)),
                                               esc.reshape(-1))["slope"]
   if slopes:
@@ -244,7 +245,7 @@ def plot_escape(summary: dict[str, Any]):
   top = summary["steps"] * 1.6
   for ax, name in zip(np.ravel(axes), names):
     runs = summary["methods"][name]
-    esc = np.stack([run_escapes(summary, r) for r in runs])
+    esc = np.stack([run_escapes(r) for r in runs])
     for b in summary["buckets"]:
       sel = bucket_P == b
       x = np.tile(p0_P[sel], len(runs))

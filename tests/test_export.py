@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from experiments import export as export_cli
+from test_loaders import _torch_logits  # transformers' logits with our positions, as the loader parity tests
 from tsallis_jax.data import synthetic
 from tsallis_jax.model import create_model, load_hf_checkpoint, make_attention_mask, make_positions
 from tsallis_jax.train import checkpoint as ckpt_lib
@@ -24,15 +25,6 @@ TOKENS_NxT = np.array([[3, 4, 5, 6, 7, 8, 9, 10], [0, 0, 0, 5, 6, 7, 8, 2], [0, 
 def _ours(model, tokens_NxT, pad_NxT):
   return np.asarray(model(jnp.asarray(tokens_NxT), make_positions(jnp.asarray(pad_NxT)),
                           make_attention_mask(jnp.asarray(pad_NxT)))[0])
-
-
-def _torch_logits(model, tokens_NxT, pad_NxT):
-  import torch
-  positions = np.maximum(np.cumsum(pad_NxT, axis=1) - 1, 0)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens_NxT), attention_mask=torch.tensor(pad_NxT.astype(np.int64)),
-                position_ids=torch.tensor(positions))
-  return out.logits.float().numpy()
 
 
 def _write_run(workdir, step=2):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from experiments import train as train_cli
+from test_resume import _env, _rows  # the same subprocess environment and metric rows as the SIGKILL test
 from tsallis_jax.train import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,18 +35,6 @@ def _command(workdir, overrides=OVERRIDES):
   for o in overrides:
     cmd += ["--set", o]
   return cmd
-
-
-def _env(devices=8):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
-
-
-def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
 
 
 def _loss_steps(workdir):

@@ -27,9 +27,9 @@ def _command(workdir):
   return cmd
 
 
-def _env():
+def _env(devices=8):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return env
 
 
