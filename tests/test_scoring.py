@@ -145,3 +145,28 @@ def test_training_reward_is_the_users_function(tmp_path):
   rows = [row for row in read_metrics(os.path.join(tmp_path, "metrics.jsonl")) if "loss" in row]
   assert [row["reward"] for row in rows] == [0.5, 0.5]
   assert all(row["frac_reward_zero_std"] == 1.0 and row["grad_norm"] == 0.0 for row in rows)
+  assert [(row["rewards/half_reward/mean"], row["rewards/half_reward/std"]) for row in rows] == [(0.5, 0.0)] * 2
+
+
+def test_per_function_rewards_are_logged_under_trls_names():
+  """`rollout_reward_table` returns each function's own rewards next to the weighted sum, and
+  `reward_func_metrics` gives TRL's `rewards/<name>/mean|std` (Bessel-corrected) from them, on 8 devices."""
+  tok, records, r = _sampled(0, num_samples=4)
+  mesh = distributed.make_mesh({"data": 4, "fsdp": 2})
+  sharded = jax.device_put(r, batch_sharding(mesh, r))
+  funcs = scoring.RewardFuncs((rewards_lib.get_reward_func("strict_match"), half_reward, half_reward), (1.0, 2.0, 0.0))
+  assert funcs.names == ("strict_match", "half_reward_1", "half_reward_2")
+  rewards_BxG, per_func_BxGxF = scoring.rollout_reward_table(funcs, sharded, records, tok, mesh, len(records))
+  completions = eval_lib.decode_completions(tok, r.tokens_NxT, r.lengths_N)
+  repeated = [rec for rec in records for _ in range(4)]
+  strict_N = np.asarray(rewards_lib.call_reward_func(rewards_lib.get_reward_func("strict_match"), completions,
+                                                     repeated), np.float32)
+  half_N = np.asarray(rewards_lib.call_reward_func(half_reward, completions, repeated), np.float32)
+  np.testing.assert_array_equal(np.asarray(per_func_BxGxF)[..., 0].reshape(-1), strict_N)
+  np.testing.assert_array_equal(np.asarray(per_func_BxGxF)[..., 1].reshape(-1), half_N)
+  np.testing.assert_allclose(np.asarray(rewards_BxG).reshape(-1), strict_N + 2 * half_N, rtol=1e-6)
+  metrics = scoring.reward_func_metrics(per_func_BxGxF, funcs.names)
+  assert set(metrics) == {f"rewards/{n}/{s}" for n in funcs.names for s in ("mean", "std")}
+  np.testing.assert_allclose(float(metrics["rewards/strict_match/mean"]), strict_N.mean(), rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["rewards/strict_match/std"]), strict_N.std(ddof=1), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["rewards/half_reward_1/mean"]), half_N.mean(), rtol=1e-6)

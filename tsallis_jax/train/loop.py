@@ -425,11 +425,12 @@ def _train(cfg: TrainConfig, workdir, task: Task | None, watcher: preemption.Wat
     batch = _put_rows(mesh, {k: v for k, v in batch_np.items() if k != "index_B"}, cfg.batch_size)
     rollout_key, step_key = _step_keys(state.key, step)
     rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"], rollout_key)
-    rewards_BxG = scoring.rollout_rewards(reward_funcs, rollout, [task.train[i] for i in batch_np["index_B"]],
-                                          task.tokenizer, mesh, cfg.batch_size)
+    rewards_BxG, per_func_BxGxF = scoring.rollout_reward_table(
+        reward_funcs, rollout, [task.train[i] for i in batch_np["index_B"]], task.tokenizer, mesh, cfg.batch_size)
     train_batch = {"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
                    "answer_mask_BxA": batch["answer_mask_BxA"], "rewards_BxG": rewards_BxG}
     state, metrics_dev = programs.train_step(state, train_batch, step_key, q_range)
+    metrics_dev = {**metrics_dev, **scoring.reward_func_metrics(per_func_BxGxF, reward_funcs.names)}
     if pending is not None:
       flush(pending)
     pending = (step + 1, metrics_dev, batch_np["index_B"])

@@ -6,6 +6,8 @@ The jitted rollout returns G completions per prompt as token ids. `rollout_rewar
 or a dotted path `my_pkg.rewards:fn`; `columns` are the records' fields as lists), checks one finite float per
 completion, sums them with `reward_weights` and returns the global array `rewards_BxG` that the jitted step reads
 (GRPO and weights="reward" train on it; the likelihood weights ignore it; every estimator logs reward/* from it).
+`rollout_reward_table` also returns each function's own rewards, from which `reward_func_metrics` gives TRL's
+per-function `rewards/<name>/mean` and `rewards/<name>/std`.
 
 Multi-process: each process scores only the rows it holds (`distributed.host_batch_slice` of the N = B*G rollout
 rows, which are exactly its prompts' G samples) and the global array is assembled from the processes' rows, so no
@@ -14,9 +16,11 @@ process decodes another's completions. Everything per token stays in jit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
@@ -42,11 +46,26 @@ class RewardFuncs:
     return cls(tuple(rewards_lib.get_reward_func(name) for name in reward_func_names(cfg)),
                tuple(reward_weight_values(cfg)))
 
+  @property
+  def names(self) -> tuple[str, ...]:
+    """One name per function for the logs (TRL's `reward_func.__name__`; a repeated name gets `_<index>`)."""
+    raw = [getattr(fn, "__name__", "") or f"reward_{i}" for i, fn in enumerate(self.funcs)]
+    return tuple(name if raw.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(raw))
+
+  def per_func(self, completions: Sequence[str], records: Sequence[Record]) -> np.ndarray:
+    """Every function's checked rewards, unweighted: float32, completions x functions (NxF)."""
+    columns = [np.asarray(rewards_lib.call_reward_func(fn, completions, records), np.float64) for fn in self.funcs]
+    return np.stack(columns, axis=1).astype(np.float32).reshape(len(completions), len(self.funcs))
+
   def __call__(self, completions: Sequence[str], records: Sequence[Record]) -> np.ndarray:
     """The weighted sum of every function's checked rewards, float32, one per completion."""
-    total = np.zeros(len(completions), np.float64)
-    for fn, weight in zip(self.funcs, self.weights):
-      total += weight * np.asarray(rewards_lib.call_reward_func(fn, completions, records), np.float64)
+    return self.total(self.per_func(completions, records))
+
+  def total(self, per_func_NxF: np.ndarray) -> np.ndarray:
+    """The weighted sum over functions of a `per_func` table, float32, one per completion."""
+    total = np.zeros(per_func_NxF.shape[0], np.float64)
+    for f, weight in enumerate(self.weights):
+      total += weight * per_func_NxF[:, f].astype(np.float64)
     return total.astype(np.float32)
 
 
@@ -69,6 +88,13 @@ def local_rows(x: jax.Array, rows: slice) -> np.ndarray:
 def rollout_rewards(reward_funcs: RewardFuncs, rollout: Rollout, records: Sequence[Record], tokenizer: Any,
                     mesh: Mesh, global_batch: int) -> jax.Array:
   """The global `rewards_BxG` of a training rollout; `records` are this process's prompts, in batch order."""
+  return rollout_reward_table(reward_funcs, rollout, records, tokenizer, mesh, global_batch)[0]
+
+
+def rollout_reward_table(reward_funcs: RewardFuncs, rollout: Rollout, records: Sequence[Record], tokenizer: Any,
+                         mesh: Mesh, global_batch: int) -> tuple[jax.Array, jax.Array]:
+  """The global `rewards_BxG` (weighted sum) and `per_func_BxGxF` (each function's own rewards, F = functions) of a
+  training rollout; `records` are this process's prompts, in batch order. Each function runs once per completion."""
   rows_B = distributed.host_batch_slice(global_batch, mesh, BATCH_AXES)
   if rows_B.stop - rows_B.start != len(records):
     raise ValueError(f"{len(records)} records for this process's {rows_B.stop - rows_B.start} prompt rows")
@@ -77,7 +103,23 @@ def rollout_rewards(reward_funcs: RewardFuncs, rollout: Rollout, records: Sequen
   rows_N = slice(rows_B.start * G, rows_B.stop * G)
   completions = eval_lib.decode_completions(tokenizer, local_rows(rollout.tokens_NxT, rows_N),
                                             local_rows(rollout.lengths_N, rows_N))
-  rewards_N = reward_funcs(completions, [r for r in records for _ in range(G)])
-  local = {"rewards_BxG": rewards_N.reshape(len(records), G)}
-  return distributed.global_batch_from_local(local, mesh, {"rewards_BxG": PartitionSpec(BATCH_AXES)},
-                                             global_batch)["rewards_BxG"]
+  per_func_NxF = reward_funcs.per_func(completions, [r for r in records for _ in range(G)])
+  F = per_func_NxF.shape[1]
+  local = {"rewards_BxG": reward_funcs.total(per_func_NxF).reshape(len(records), G),
+           "per_func_BxGxF": per_func_NxF.reshape(len(records), G, F)}
+  specs = {"rewards_BxG": PartitionSpec(BATCH_AXES), "per_func_BxGxF": PartitionSpec(BATCH_AXES)}
+  out = distributed.global_batch_from_local(local, mesh, specs, global_batch)
+  return out["rewards_BxG"], out["per_func_BxGxF"]
+
+
+@functools.partial(jax.jit, static_argnames="names")
+def reward_func_metrics(per_func_BxGxF: jax.Array, names: tuple[str, ...]) -> dict[str, jax.Array]:
+  """TRL's per-function metrics over the B*G completions of a step: `rewards/<name>/mean` and `rewards/<name>/std`
+  (Bessel-corrected, as TRL's `nanstd`; 0 for a single completion). Jitted: the table is a global array."""
+  table_NxF = per_func_BxGxF.reshape(-1, per_func_BxGxF.shape[-1]).astype(jnp.float32)
+  ddof = 1 if table_NxF.shape[0] > 1 else 0
+  metrics = {}
+  for f, name in enumerate(names):
+    metrics[f"rewards/{name}/mean"] = jnp.mean(table_NxF[:, f])
+    metrics[f"rewards/{name}/std"] = jnp.std(table_NxF[:, f], ddof=ddof)
+  return metrics

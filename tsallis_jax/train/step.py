@@ -328,7 +328,7 @@ def loss_and_metrics(params, ref_params, graphdef, cfg: TrainConfig, ids: TokenI
     "loss": loss,
     "jq/q": jnp.asarray(q, jnp.float32),
     "reward/mean": jnp.mean(reward_BxG),
-    "reward/std": jnp.std(reward_BxG),
+    "reward/std": jnp.std(reward_BxG, ddof=1 if reward_BxG.size > 1 else 0),  # Bessel-corrected, as TRL's
     "groups/frac_zero_std": jnp.mean((std_B <= 0).astype(jnp.float32)),
     "groups/frac_all_wrong": jnp.mean(jnp.all(reward_BxG <= 0, axis=1).astype(jnp.float32)),
     "groups/frac_all_correct": jnp.mean(jnp.all(reward_BxG >= 1, axis=1).astype(jnp.float32)),
