@@ -59,12 +59,14 @@ def is_file_source(source: str) -> bool:
   return source.lower().endswith(FILE_FORMATS)
 
 
-def read_rows(source: str, *, split: str | None = None, hf_config: str = "") -> Iterator[tuple[str, int, Any]]:
-  """Yields (where, index, row) for each row of `source` (see the module docstring); `where` names file and line."""
+def read_rows(source: str, *, split: str | None = None, hf_config: str = "", label: str | None = None
+              ) -> Iterator[tuple[str, int, Any]]:
+  """Yields (where, index, row) for each row of `source` (see the module docstring); `where` names the file (its
+  base name, or `label`) and the line. The one JSON / CSV / Parquet reader: the official datasets read through it."""
   if is_file_source(source):
     if not os.path.isfile(source):
       raise MissingFileError(f"data file {source!r} does not exist; give a .jsonl, .json, .csv or .parquet path")
-    name, ext = os.path.basename(source), os.path.splitext(source)[1].lower()
+    name, ext = label or os.path.basename(source), os.path.splitext(source)[1].lower()
     if ext == ".jsonl":
       with open(source, encoding="utf-8") as f:
         index = 0

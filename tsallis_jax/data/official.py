@@ -20,12 +20,12 @@ HotPotQA's test) are rejected as malformed: the answer is a required field.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from typing import Any, Callable, Literal
 
+from tsallis_jax.data import files
 from tsallis_jax.data.records import Passage, Record, RecordError, require
 from tsallis_jax.errors import MissingFileError
 
@@ -122,27 +122,11 @@ READERS: dict[str, Callable[[Any, str, int], Record]] = {
 
 
 def _load(path: str) -> list[Any]:
+  """The raw records of an official .json (a list) or .jsonl file, read by `files.read_rows`; errors name the path."""
   if not os.path.exists(path):
     raise MissingFileError(f"{path} does not exist; see builders.MANUAL_DOWNLOAD_INSTRUCTIONS for where to get "
                             "the official files.")
-  with open(path, encoding="utf-8") as f:
-    if path.endswith(".jsonl"):
-      raws = []
-      for lineno, line in enumerate(f):
-        if not line.strip():
-          continue
-        try:
-          raws.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise RecordError(f"{path}, line {lineno + 1}: not valid JSON ({e.msg}).") from e
-      return raws
-    try:
-      raws = json.load(f)
-    except json.JSONDecodeError as e:
-      raise RecordError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from e
-  if not isinstance(raws, list):
-    raise RecordError(f"{path}: expected a JSON list of records, got {type(raws).__name__}.")
-  return raws
+  return [row for _, _, row in files.read_rows(path, label=path)]
 
 
 def read_official(dataset: str, path: str, *, on_error: OnError = "raise",
