@@ -131,12 +131,13 @@ class ModelDims:
   head_dim: int
   vocab: int
   tied: bool = True
+  qk_norm: bool = True  # Qwen3's q/k RMSNorm weights (Llama / SmolLM2 have none)
 
   @property
   def params(self) -> int:
     """Parameter count (norm weights included)."""
     d, e = self.embed, self.head_dim
-    attn = d * self.heads * e * 2 + d * self.kv_heads * e * 2 + 2 * e  # q, o; k, v; q/k norms
+    attn = d * self.heads * e * 2 + d * self.kv_heads * e * 2 + (2 * e if self.qk_norm else 0)  # q, o; k, v
     block = attn + 3 * d * self.mlp + 2 * d
     return self.vocab * d * (1 if self.tied else 2) + self.layers * block + d
 
@@ -147,6 +148,9 @@ MODEL_DIMS: dict[str, ModelDims] = {
     "qwen3_1_7b": ModelDims(28, 2048, 6144, 16, 8, 128, 151_936),
     "qwen3_4b": ModelDims(36, 2560, 9728, 32, 8, 128, 151_936),
     "qwen3_8b": ModelDims(36, 4096, 12288, 32, 8, 128, 151_936, tied=False),
+    # The library's other presets (ModelConfig.tiny, ModelConfig.smollm2_135m), for tests and CPU checks.
+    "tiny": ModelDims(2, 64, 128, 4, 2, 16, 128),
+    "smollm2_135m": ModelDims(30, 576, 1536, 9, 3, 64, 49_152, qk_norm=False),
 }
 
 
@@ -156,8 +160,8 @@ class MemoryEstimate:
 
   state: float32 params, grads, two Adam moments (and the reference params when kl/ref is logged; and the gradient
     accumulator when micro-batching), over fsdp.
-  rollout_kv: the sampler's KV cache, B*G rows of the full sequence length in the compute dtype, rows over all
-    devices (the sampler repeats each prompt's cache G times).
+  rollout_kv: the sampler's KV cache, B*G rows (or `rollout_chunk_rows`) of the full sequence length in the KV-cache
+    dtype (default the compute dtype), rows over all devices (the sampler repeats each prompt's cache G times).
   train_activations: the teacher-forced forward kept for the backward, for the rows that live at once (one
     micro-batch's m*G when micro-batching, else B*G), over all devices: per layer about 8 D + 3 F values per token
     (all layers, or with remat each layer's input plus one layer's working set), the float32 attention scores
@@ -176,17 +180,20 @@ class MemoryEstimate:
 def estimate_memory(dims: ModelDims, *, batch_size: int, num_samples: int, seq_len: int, devices: int, fsdp: int,
                     compute_bytes: int = 4, ref_params: bool = True, remat: bool = False,
                     micro_batch_prompts: int = 0, logprob_chunk: int = 0,
-                    attention_query_chunk: int | None = None) -> MemoryEstimate:
+                    attention_query_chunk: int | None = None, kv_bytes: int | None = None,
+                    rollout_chunk_rows: int = 0) -> MemoryEstimate:
   """Per-device memory of one step; see `MemoryEstimate` for what each term holds.
 
   The knobs follow the trainer: `micro_batch_prompts` and `logprob_chunk` (`TrainConfig`), `remat` and
-  `attention_query_chunk` (`ModelConfig`, via `model_overrides`); 0 / None = off.
+  `attention_query_chunk` (`ModelConfig`, via `model_overrides`), `rollout_chunk_rows` and `kv_bytes` (the
+  `kv_cache_dtype`'s bytes; None = `compute_bytes`) (`TrainConfig`); 0 / None = off.
   """
   gib = 2.0**30
   rows = batch_size * num_samples
   act_rows = (micro_batch_prompts or batch_size) * num_samples  # rows whose activations live at once
   state = dims.params * (16 + (4 if ref_params else 0) + (4 if micro_batch_prompts else 0)) / fsdp
-  kv = rows * seq_len * 2 * dims.layers * dims.kv_heads * dims.head_dim * compute_bytes / devices
+  kv_rows = min(rollout_chunk_rows, rows) if rollout_chunk_rows else rows  # the rows whose cache lives at once
+  kv = kv_rows * seq_len * 2 * dims.layers * dims.kv_heads * dims.head_dim * (kv_bytes or compute_bytes) / devices
   queries = min(attention_query_chunk, seq_len) if attention_query_chunk else seq_len
   scores = act_rows * dims.heads * queries * seq_len * 4  # one layer's (or one query block's) float32 scores
   values = act_rows * seq_len * (8 * dims.embed + 3 * dims.mlp) * compute_bytes  # one layer's other activations
@@ -224,7 +231,9 @@ def estimate_for_config(cfg, accelerator: Accelerator, mesh: dict[str, int]) -> 
                          remat=overrides.get("remat", "false") in ("1", "true", "yes"),
                          micro_batch_prompts=getattr(cfg, "micro_batch_prompts", 0),
                          logprob_chunk=getattr(cfg, "logprob_chunk", 0),
-                         attention_query_chunk=int(chunk) if chunk.isdigit() else None)
+                         attention_query_chunk=int(chunk) if chunk.isdigit() else None,
+                         kv_bytes={"": None, "float32": 4, "bfloat16": 2}[getattr(cfg, "kv_cache_dtype", "")],
+                         rollout_chunk_rows=getattr(cfg, "rollout_chunk_rows", 0))
 
 
 @dataclasses.dataclass(frozen=True)

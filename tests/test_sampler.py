@@ -486,3 +486,87 @@ def test_samples_equal_the_saved_reference_bit_for_bit():
   for name, fields in sampler_reference.rollouts().items():
     for field, value in fields.items():
       np.testing.assert_array_equal(value, saved[f"{name}/{field}"], err_msg=f"{name}/{field}")
+
+
+# ------------------------------------------------------------------------------------------------ memory knobs
+
+
+def _rollouts_equal(got, want):
+  for name in ("tokens_NxT", "mask_NxT", "forced_mask_NxT", "answer_mask_NxT", "lengths_N", "answer_start_N",
+               "closed_N", "prompt_tokens_NxP", "num_steps"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+  np.testing.assert_allclose(got.logp_NxT, want.logp_NxT, atol=1e-5)
+  np.testing.assert_allclose(got.model_logp_NxT, want.model_logp_NxT, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_rows", [2, 4, 8])
+def test_chunked_rows_give_the_unchunked_samples(model, chunk_rows):
+  """chunk_rows bounds the KV cache to that many rows; the samples (budget forcing and early stops included) are the
+  ones of one pass over all N = 4*2 rows for the same key."""
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(_prompts(np.random.default_rng(3), [3, 5, 1, 6]), PAD, buckets=(8,))
+  config = SamplingConfig(num_samples=2, temperature=1.0, stop_ids=(1, 7), close_tag_ids=(9, 10),
+                          rationale_budget=5, answer_budget=3)
+  want = _generate(model, tokens_BxP, mask_BxP, jax.random.key(4), config)
+  got = _generate(model, tokens_BxP, mask_BxP, jax.random.key(4), SamplingConfig(
+    **{**config.__dict__, "chunk_rows": chunk_rows}))
+  chex.assert_trees_all_equal_shapes(got, want)
+  _rollouts_equal(got, want)
+
+
+def test_chunked_rows_with_shared_prompts(model):
+  """`prompt_of_B` (requests sharing prompt rows) under chunking: the same samples as without chunks."""
+  tokens_UxP, mask_UxP = sampler_lib.pad_prompts(_prompts(np.random.default_rng(5), [4, 2]), PAD, buckets=(4,))
+  prompt_of_B = jnp.asarray([1, 0, 1, 1], jnp.int32)
+  graphdef, params = nnx.split(model)
+  config = SamplingConfig(num_samples=3, max_new_tokens=5, temperature=0.7, top_k=20)
+  run = lambda c: sampler_lib.generate(graphdef, params, jnp.asarray(tokens_UxP), jnp.asarray(mask_UxP),
+                                       jax.random.key(6), c, prompt_of_B)
+  _rollouts_equal(run(SamplingConfig(**{**config.__dict__, "chunk_rows": 6})), run(config))
+
+
+def test_chunk_rows_must_hold_whole_prompts_and_divide_the_rows(model):
+  with pytest.raises(ValueError, match="chunk_rows=3 is not a multiple of num_samples=2"):
+    SamplingConfig(num_samples=2, chunk_rows=3)
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts([[5, 6], [7], [8]], PAD, buckets=(4,))
+  with pytest.raises(ValueError, match="does not divide the N = B\\*G = 3\\*2 = 6 rows"):
+    _generate(model, tokens_BxP, mask_BxP, jax.random.key(0), SamplingConfig(num_samples=2, max_new_tokens=2,
+                                                                              chunk_rows=4))
+
+
+def test_chunked_rows_on_eight_devices(model):
+  """Rows sharded over `data`: every chunk is spread over all data shards (request b = w*Z + z goes to chunk z), the
+  output keeps the rows' sharding, and the samples equal one device's unchunked ones."""
+  from tsallis_jax import distributed
+  mesh = distributed.make_mesh({"data": 8, "fsdp": 1})
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(
+    _prompts(np.random.default_rng(9), [3, 5, 8, 1, 2, 6, 7, 4] * 2), PAD, buckets=(8,))
+  config = SamplingConfig(num_samples=2, max_new_tokens=6, temperature=1.0, stop_ids=(1,))
+  want = _generate(model, tokens_BxP, mask_BxP, jax.random.key(2), config)
+  graphdef, params = nnx.split(model)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  chunked = SamplingConfig(**{**config.__dict__, "chunk_rows": 16})  # Z = 2 chunks of W = 8 prompts, one per device
+  with jax.set_mesh(mesh):
+    got = sampler_lib.generate(graphdef, params, jax.device_put(jnp.asarray(tokens_BxP), rows),
+                               jax.device_put(jnp.asarray(mask_BxP), rows), jax.random.key(2), chunked)
+  assert got.tokens_NxT.sharding.spec[0] == "data"
+  _rollouts_equal(got, want)
+
+
+def test_bfloat16_cache_agrees_with_float32(model):
+  """A bfloat16 KV cache rounds keys and values to 8 mantissa bits. Each cache's log-probs match the uncached
+  float32 forward over its own tokens: to 1e-4 with a float32 cache, to 0.05 nats with a bfloat16 one (relative
+  precision 2^-8 on logits of a few units on the scaled-up tiny model). Greedy decodes agree on at least 90% of
+  tokens: a near-tie can flip one token and the rest of its row with it, so exact equality is not asserted."""
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(_prompts(np.random.default_rng(11), [3, 5, 8, 2, 6, 7]), PAD,
+                                                 buckets=(8,))
+  greedy = SamplingConfig(num_samples=1, max_new_tokens=12, temperature=0.0, cache_dtype="float32")
+  f32 = _generate(model, tokens_BxP, mask_BxP, jax.random.key(0), greedy)
+  b16 = _generate(model, tokens_BxP, mask_BxP, jax.random.key(0),
+                  SamplingConfig(**{**greedy.__dict__, "cache_dtype": "bfloat16"}))
+  assert float(jnp.mean((f32.tokens_NxT == b16.tokens_NxT).astype(jnp.float32))) >= 0.9
+  for rollout, atol in ((f32, 1e-4), (b16, 5e-2)):
+    logits_NxTxV = _teacher_forced_logits(model, rollout)
+    ref_NxT = jnp.take_along_axis(jax.nn.log_softmax(logits_NxTxV, axis=-1), rollout.tokens_NxT[..., None],
+                                  axis=-1)[..., 0]
+    np.testing.assert_allclose(np.where(rollout.mask_NxT, rollout.model_logp_NxT, 0.0),
+                               np.where(rollout.mask_NxT, ref_NxT, 0.0), atol=atol)

@@ -27,7 +27,12 @@ class SamplingConfig:
     close_tag_ids: token ids of the closing tag (e.g. `</think>`); non-empty enables budget forcing (spec §1.7).
     rationale_budget: rationale tokens a row may sample before the closing tag is forced.
     answer_budget: tokens a row may sample after its closing tag.
-    cache_dtype: KV-cache dtype name; None uses the model's compute dtype.
+    cache_dtype: KV-cache dtype name ("float32", "bfloat16", "float16"); None uses the model's compute dtype. A
+      bfloat16 cache halves the rollout's largest buffer; keys and values are rounded when written, attention still
+      runs in the compute dtype.
+    chunk_rows: None samples all N = B*G rows at once; an int samples them in sequential chunks of that many rows
+      (whole prompts: a multiple of `num_samples`, dividing N) inside the one jitted program, so the KV cache holds
+      chunk_rows rows instead of N. The samples equal the unchunked ones for the same key.
   """
   num_samples: int = 1
   max_new_tokens: int = 256
@@ -40,6 +45,7 @@ class SamplingConfig:
   rationale_budget: int = 0
   answer_budget: int = 0
   cache_dtype: str | None = None
+  chunk_rows: int | None = None
 
   def __post_init__(self):
     for name in ("num_samples", "max_new_tokens"):
@@ -69,6 +75,16 @@ class SamplingConfig:
     if self.cache_dtype is not None and self.cache_dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"SamplingConfig.cache_dtype={self.cache_dtype!r}; use 'float32', 'bfloat16', 'float16' "
                        "or None (the model's compute dtype).")
+
+    if self.chunk_rows is not None:
+      if not isinstance(self.chunk_rows, (int, np.integer)) or self.chunk_rows <= 0:
+        raise ValueError(f"SamplingConfig.chunk_rows={self.chunk_rows!r} must be a positive int or None (all rows "
+                         "at once).")
+      if self.chunk_rows % self.num_samples:
+        raise ValueError(f"SamplingConfig.chunk_rows={self.chunk_rows} is not a multiple of num_samples="
+                         f"{self.num_samples}: a chunk holds whole prompts with all their samples (prefill once, "
+                         f"repeat G times); use a multiple of {self.num_samples}, e.g. "
+                         f"{max(1, self.chunk_rows // self.num_samples) * self.num_samples}.")
 
   @property
   def budget_forcing(self) -> bool:

@@ -8,6 +8,9 @@
    (`force_close_tag`); `decode_step` feeds token i-1 through the model for the logits of token i. A
    `lax.while_loop` runs `decode_step` until every row is done or the buffer of T tokens is full.
 4. `assemble`: the loop's buffers become the `Rollout`'s tokens, log-probs and segment masks.
+
+With `SamplingConfig.chunk_rows`, stages 1-4 run on chunks of whole prompts one after another (`lax.map`), so the
+KV cache holds one chunk's rows; the uniforms are drawn for all rows first, so the samples do not change.
 """
 from __future__ import annotations
 
@@ -276,14 +279,32 @@ def generate_impl(graphdef: nnx.GraphDef, params: Any, prompt_tokens_UxP: Array,
 
   Returns:
     A `Rollout` with N = B*G rows (row b*G + g is sample g of request b) and a completion buffer of
-    `config.completion_len` tokens.
+    `config.completion_len` tokens. With `config.chunk_rows` the rows are sampled chunk after chunk
+    (`_sample_in_chunks`), with the same samples.
   """
   model = nnx.merge(graphdef, params)
+  if model.config.remat:
+    # Sampling never differentiates, so remat saves nothing here, and its `nnx.remat` refuses the module inside the
+    # decode loop (a Variable from the outer trace): sample with the same weights, remat off.
+    model.config = model.config.replace(remat=False)
   _check_inputs(model.config, prompt_tokens_UxP, prompt_mask_UxP, config, prompt_of_B)
-  U, P = prompt_tokens_UxP.shape
-  B = U if prompt_of_B is None else prompt_of_B.shape[0]
+  B = prompt_tokens_UxP.shape[0] if prompt_of_B is None else prompt_of_B.shape[0]
   G, T = config.num_samples, config.completion_len
   N = B * G
+  # All the randomness up front, one uniform per row and step: no random-bit generation inside the loop, and row n's
+  # draws do not depend on which chunk samples it.
+  uniforms_TxN = jax.random.uniform(key, (T, N), jnp.float32)
+  if config.chunk_rows is None or config.chunk_rows >= N:
+    return _sample_rows(model, prompt_tokens_UxP, prompt_mask_UxP, uniforms_TxN, config, prompt_of_B)
+  return _sample_in_chunks(model, prompt_tokens_UxP, prompt_mask_UxP, uniforms_TxN, config, prompt_of_B)
+
+
+def _sample_rows(model: model_lib.Transformer, prompt_tokens_UxP: Array, prompt_mask_UxP: Array, uniforms_TxN: Array,
+                config: SamplingConfig, prompt_of_B: Array | None = None) -> Rollout:
+  """Prefill, expand, decode and assemble all N rows at once; `uniforms_TxN` drives the draws (`select_tokens`)."""
+  U, P = prompt_tokens_UxP.shape
+  G, T = config.num_samples, config.completion_len
+  N = uniforms_TxN.shape[1]
   cache_dtype = jnp.dtype(config.cache_dtype or model.config.dtype)
 
   cache, last_logits_UxV, prompt_tokens_UxP, prompt_mask_UxP = prefill(model, prompt_tokens_UxP, prompt_mask_UxP,
@@ -297,8 +318,7 @@ def generate_impl(graphdef: nnx.GraphDef, params: Any, prompt_tokens_UxP: Array,
     # The fed token always attends to itself, so an empty prompt cannot give an all-masked softmax row.
     prompt_keys_NxP=prompt_mask_NxP.at[:, -1].set(True),
     prompt_len_N=expand(jnp.sum(prompt_mask_UxP, axis=-1, dtype=jnp.int32)),
-    # All the randomness up front, one uniform per row and step: no random-bit generation inside the loop.
-    uniforms_TxN=jax.random.uniform(key, (T, N), jnp.float32),
+    uniforms_TxN=uniforms_TxN,
   )
 
   state = next_token(_initial_state(cache, N, T, config), expand(last_logits_UxV), cache, inputs.uniforms_TxN,
@@ -306,6 +326,52 @@ def generate_impl(graphdef: nnx.GraphDef, params: Any, prompt_tokens_UxP: Array,
   final = jax.lax.while_loop(lambda s: (s.step < T) & ~jnp.all(s.done_N),
                              lambda s: decode_step(model, s, inputs, config), state)
   return assemble(final, prompt_tokens_NxP, prompt_mask_NxP, config)
+
+
+def _sample_in_chunks(model: model_lib.Transformer, prompt_tokens_UxP: Array, prompt_mask_UxP: Array,
+                      uniforms_TxN: Array, config: SamplingConfig, prompt_of_B: Array | None) -> Rollout:
+  """`_sample_rows` over Z = N / chunk_rows chunks of W = chunk_rows / G requests, one after another (`lax.map`).
+
+  Request b = w*Z + z goes to chunk z (a stride, not a block): the data axis shards requests in contiguous blocks, so
+  every chunk takes the same share of every device's requests and all devices work on every chunk (per device, the
+  cache holds chunk_rows / devices rows when the devices divide W). Each chunk prefills its own requests' prompts,
+  so a prompt shared by requests (`prompt_of_B`) is prefilled once per request here. Row n keeps its uniforms, and
+  rows never interact, so the samples are the unchunked ones (to float rounding of batch-size-dependent kernels).
+  """
+  G, T = config.num_samples, config.completion_len
+  N = uniforms_TxN.shape[1]
+  B = N // G
+  if N % config.chunk_rows:
+    raise ValueError(f"SamplingConfig.chunk_rows={config.chunk_rows} does not divide the N = B*G = {B}*{G} = {N} "
+                     "rows; use a chunk_rows that divides N (a divisor of B times G), or None for all rows at once.")
+  W = config.chunk_rows // G
+  Z = B // W
+  if prompt_of_B is not None:
+    prompt_tokens_UxP = jnp.take(prompt_tokens_UxP, prompt_of_B.astype(jnp.int32), axis=0)
+    prompt_mask_UxP = jnp.take(prompt_mask_UxP, prompt_of_B.astype(jnp.int32), axis=0)
+  rules = model.config.sharding_rules
+
+  def split_requests(x_Bx):  # request b = w*Z + z -> [z, w]
+    x_ZxWx = jnp.swapaxes(x_Bx.reshape((W, Z) + x_Bx.shape[1:]), 0, 1)
+    return model_lib.constrain(x_ZxWx, (None, "batch") + (None,) * (x_Bx.ndim - 1), rules)
+
+  uniforms_ZxTxWxG = jnp.transpose(uniforms_TxN.reshape(T, W, Z, G), (2, 0, 1, 3))
+  uniforms_ZxTxN = model_lib.constrain(uniforms_ZxTxWxG.reshape(Z, T, W * G), (None, None, "batch"), rules)
+  xs = (split_requests(prompt_tokens_UxP), split_requests(prompt_mask_UxP), uniforms_ZxTxN)
+
+  def chunk(x):
+    tokens_WxP, mask_WxP, chunk_uniforms_TxN = x
+    return _sample_rows(model, tokens_WxP, mask_WxP, chunk_uniforms_TxN, config)
+
+  stacked = jax.lax.map(chunk, xs)
+
+  def merge_rows(x_ZxNx):  # [z, w*G + g] -> row (w*Z + z)*G + g
+    if x_ZxNx.ndim == 1:  # num_steps: the longest chunk's, as one loop over all rows would have run
+      return jnp.max(x_ZxNx)
+    x_ZxWxGx = x_ZxNx.reshape((Z, W, G) + x_ZxNx.shape[2:])
+    return jnp.swapaxes(x_ZxWxGx, 0, 1).reshape((N,) + x_ZxNx.shape[2:])
+
+  return jax.tree.map(merge_rows, stacked)
 
 
 generate = jax.jit(generate_impl, static_argnames=("graphdef", "config"))

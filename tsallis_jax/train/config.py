@@ -128,6 +128,14 @@ class TrainConfig:
   eval_at_start: bool = True
   eval_max_prompts: int = 0  # cap on validation/test prompts (0 = the whole split)
   eval_batch_size: int = 8  # prompts per evaluation rollout
+  # Memory of the rollouts (neither changes the samples). rollout_chunk_rows: 0 = sample all B*G rows at once; r > 0
+  # = in sequential chunks of r rows of whole prompts inside the one jitted rollout, so the KV cache holds r rows
+  # (per device r / devices), training and evaluation alike: r must be a multiple of num_samples and of
+  # eval_num_samples and divide batch_size*num_samples and eval_batch_size*eval_num_samples (and its prompts split
+  # over the devices, check_mesh). kv_cache_dtype: "" = the compute dtype, or "float32" / "bfloat16" (a bfloat16
+  # cache under float32 compute halves it; keys and values rounded to bfloat16 when written).
+  rollout_chunk_rows: int = 0
+  kv_cache_dtype: str = ""
 
   # -- optimisation ------------------------------------------------------------------------------------------
   batch_size: int = 4  # B, prompts per step (global, over all processes)
@@ -297,6 +305,16 @@ def _validate(cfg: TrainConfig) -> None:
     _require(getattr(cfg, key) >= 1, f"{key}={getattr(cfg, key)} must be >= 1")
   _require(cfg.rationale_budget >= 1, f"rationale_budget={cfg.rationale_budget}: budget forcing needs at least one"
            " rationale token before `</think>` is forced; set rationale_budget >= 1")
+  _choice(cfg, "kv_cache_dtype", ("",) + DTYPES)
+  if cfg.rollout_chunk_rows:
+    r = cfg.rollout_chunk_rows
+    _require(r > 0, f"rollout_chunk_rows={r} must be >= 0 (0 = all rows at once)")
+    for samples, prompts, what in ((cfg.num_samples, cfg.batch_size, ""), (cfg.eval_num_samples,
+                                                                            cfg.eval_batch_size, "eval_")):
+      _require(r % samples == 0 and (prompts * samples) % r == 0,
+               f"rollout_chunk_rows={r} must be a multiple of {what}num_samples={samples} (a chunk holds whole"
+               f" prompts) and divide {what}batch_size x {what}num_samples = {prompts * samples} rows; choose e.g."
+               f" {math.lcm(cfg.num_samples, cfg.eval_num_samples)} or 0 (all rows at once)")
   for key in ("micro_batch_prompts", "logprob_chunk"):
     _require(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0 (0 = off)")
   if cfg.micro_batch_prompts:
@@ -362,6 +380,12 @@ def check_mesh(cfg: TrainConfig, num_devices: int) -> tuple[int, int]:
     raise ConfigError(f"micro_batch_prompts x num_samples = {micro_rows} rows per micro-batch do not split over the"
                       f" {num_devices} devices (data x fsdp); make micro_batch_prompts x num_samples a multiple of"
                       f" {num_devices}")
+  for samples in (cfg.num_samples, cfg.eval_num_samples):
+    chunk_prompts = cfg.rollout_chunk_rows // samples
+    if chunk_prompts % num_devices:
+      raise ConfigError(f"rollout_chunk_rows={cfg.rollout_chunk_rows} rows hold {chunk_prompts} prompt(s) of"
+                        f" {samples} samples, which do not split over the {num_devices} devices (data x fsdp); make"
+                        f" rollout_chunk_rows a multiple of {samples * num_devices}")
   for key in ("batch_size", "eval_batch_size"):
     if getattr(cfg, key) % num_devices:
       raise ConfigError(f"{key}={getattr(cfg, key)} is not divisible by the {num_devices} devices the batch is split"

@@ -184,6 +184,7 @@ def _rollout_program(graphdef, sampling, mesh, params_sh):
     with jax.set_mesh(mesh):
       return jitted(params, prompt_tokens_BxP, prompt_mask_BxP, key)
 
+  run.jitted = jitted  # for ahead-of-time lowering (train/memory.py)
   return run
 
 
