@@ -88,7 +88,7 @@ def test_think_tokens_are_added_with_mean_embeddings():
   from transformers import PreTrainedTokenizerFast
 
   from tsallis_jax.model import ModelConfig, Transformer
-  from tsallis_jax.train.loop import with_think_tokens
+  from tsallis_jax.model.build import with_think_tokens
   vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "a", "b"])}
   raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
   raw.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
