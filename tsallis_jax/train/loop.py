@@ -1,5 +1,12 @@
 """`train_and_evaluate(config, workdir)`: the training loop, the same on a laptop CPU and a TPU pod.
 
+The story of a run, top to bottom:
+  setup      the mesh, the model (`model.build.build_model`), the task, the token ids and the compiled programs
+             (`programs.build_programs`, or the `programs=` a caller passes to share them between runs); a frozen
+             `Setup` plus the loaded HF / GGUF params, which only the initial state keeps;
+  state      resume from `workdir` > `init_checkpoint` > the model's weights (typed PRNG key `jax.random.key(seed)`);
+  steps      below; then the final test evaluation.
+
 Per step s (keys: k_s = fold_in(key, s); rollout and estimator keys split from k_s):
   1. the next prompt batch from the grain loader (each process reads its rows; global arrays over data x fsdp);
   2. one jitted rollout (the sampler; one compiled program per prompt-shape bucket) of G completions per prompt,
