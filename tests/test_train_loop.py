@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from tsallis_jax.train import NonFiniteLossError, load_config, train_and_evaluate
+from tsallis_jax.train import NonFiniteLossError, load_config, loop, train_and_evaluate
 from tsallis_jax.train.writers import read_metrics
 
 TRAIN_KEYS = ("loss", "reward", "reward_std", "groups/frac_all_wrong", "frac_reward_zero_std", "weight/mean",
@@ -70,6 +70,16 @@ def test_workdir_checkpoint_wins_over_init_checkpoint(smoke_run, tmp_path, capsy
   assert f"resumed from step 4 of {workdir}\n" in capsys.readouterr().out
   with pytest.raises(FileNotFoundError, match="init_checkpoint"):
     train_and_evaluate(cfg.replace(init_checkpoint=str(tmp_path / "does_not_exist")), str(tmp_path / "fresh"))
+
+
+def test_programs_are_passed_in_explicitly_and_checked(smoke_run, tmp_path):
+  """A run can use the programs of another run's setup (the demo's way of compiling once per estimator): the
+  resumed smoke run evaluates with them to the same results; programs of another estimator are refused."""
+  cfg, workdir, results = smoke_run
+  programs = loop.setup(cfg.replace(seed=7, q=0.25))[0].programs
+  assert train_and_evaluate(cfg, workdir, programs=programs) == results
+  with pytest.raises(ValueError, match=r"config keys \['estimator'\] differ"):
+    train_and_evaluate(cfg.replace(estimator="paft"), str(tmp_path / "other"), programs=programs)
 
 
 def test_non_finite_loss_stops_with_step_batch_and_last_good_checkpoint(tmp_path):
