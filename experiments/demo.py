@@ -42,9 +42,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _pretrain_setup():
   from experiments.configs import demo as demo_cfg
   from tsallis_jax.data import synthetic
-  from tsallis_jax.train import loop, pretrain, tasks
+  from tsallis_jax.model.build import preset_config
+  from tsallis_jax.train import pretrain, tasks
+  from tsallis_jax.train.config import model_spec
   probe = demo_cfg.get_config()
-  model_cfg = loop.model_config(probe, vocab_size=len(synthetic.make_tokenizer()))
+  model_cfg = preset_config(model_spec(probe), vocab_size=len(synthetic.make_tokenizer()))
   mix, _ = tasks.synthetic_target(probe)
   return model_cfg, mix, pretrain.PretrainConfig(steps=demo_cfg.DEMO_PRETRAIN_STEPS)
 
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
   os.makedirs(workroot, exist_ok=True)
 
   # The pretrained model itself, evaluated like the runs (test split, 16 samples per prompt, same sampling settings).
-  s = loop.setup(base, task)
+  s, _ = loop.setup(base, task)
   initial = loop.evaluate_split(s, loop.initial_params(s), task.test, "test", 0)
   print(f"pretrained model: test p@1 {initial['test/p@1']:.3f} pass@16 {initial['test/pass@16']:.3f} "
         f"maj@16 {initial['test/maj@16']:.3f}", flush=True)
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                        "p0": [float(v) for v in probe_p0]},
              "pretrain": {"status": "cached" if cached else "trained", **info}, "methods": {},
              "config": base.to_dict()}
+  programs = {}  # compiled once per estimator: runs that differ only in q and seed share them (PROGRAM_NEUTRAL)
   for estimator, q in methods:
     name = method_name(estimator, q)
     summary["methods"][name] = []
@@ -203,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
       workdir = _fresh(os.path.join(workroot, cfg.name))
       probe = Probe(probe_score, probes, task.tokenizer, cfg, PROBE_EVERY, seed)
       t = time.perf_counter()
-      results = train_and_evaluate(cfg, workdir, task=task, observe=probe)
+      if estimator not in programs:
+        programs[estimator] = loop.setup(cfg, task)[0].programs
+      results = train_and_evaluate(cfg, workdir, task=task, observe=probe, programs=programs[estimator])
       rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
       train_rows = [r for r in rows if "reward" in r]
       curve = {k: [r.get(m) for r in train_rows] for k, m in (

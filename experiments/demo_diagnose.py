@@ -75,13 +75,15 @@ def main(argv: list[str] | None = None) -> int:
 
   from experiments.configs import demo as demo_cfg
   from tsallis_jax.model import Transformer
+  from tsallis_jax.model.build import preset_config
+  from tsallis_jax.train.config import model_spec
   from tsallis_jax.train import checkpoint as ckpt_lib
   from tsallis_jax.train import export, tasks
   from tsallis_jax.train.state import pure
   cfg = demo_cfg.get_config()
   mix, _ = tasks.synthetic_target(cfg)
   task = tasks.build_task(cfg)
-  mcfg = export.loop.model_config(cfg, vocab_size=len(task.tokenizer))
+  mcfg = preset_config(model_spec(cfg), vocab_size=len(task.tokenizer))
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
   abstract = pure(abstract)
   models = {"pretrained": ckpt_lib.load_params(demo_cfg.DEMO_INIT, abstract)}

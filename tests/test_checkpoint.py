@@ -7,6 +7,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -30,6 +31,22 @@ def mesh():
 
 def _meta(step):
   return {"step": step, "data_state": {"next_index": 3 * step}, "best": {"metric": 0.5, "step": step}}
+
+
+def test_typed_prng_key_round_trips_as_its_key_data(tmp_path, mesh):
+  """The train state holds a typed key; the checkpoint stores its key data and restore wraps it back."""
+  rep = NamedSharding(mesh, PartitionSpec())
+  state = {"step": jax.device_put(jnp.int32(5), rep), "key": jax.device_put(jax.random.key(42), rep)}
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=2)
+  ckpt.save(5, state, _meta(5))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+  _, restored, _ = ckpt.restore(target)
+  ckpt.close()
+  assert jax.dtypes.issubdtype(restored["key"].dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(restored["key"]), jax.random.key_data(jax.random.key(42)))
+  np.testing.assert_array_equal(jax.random.bits(restored["key"]), jax.random.bits(jax.random.key(42)))
+  stored = ocp.StandardCheckpointer().metadata(tmp_path / "checkpoints" / "5" / "state").item_metadata
+  assert tuple(stored["key"].shape) == (2,)  # raw uint32 key data on disk
 
 
 def test_round_trip_keeps_values_and_shardings(tmp_path, mesh):

@@ -4,8 +4,8 @@ import pathlib
 
 import pytest
 
-from tsallis_jax.train import loop
-from tsallis_jax.train.config import (ConfigError, TrainConfig, apply_overrides, check_fits, check_mesh,
+from tsallis_jax.model.build import build_model, preset_config, typed_overrides
+from tsallis_jax.train.config import (ConfigError, TrainConfig, apply_overrides, check_fits, check_mesh, model_spec,
                                       load_config)
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
@@ -109,26 +109,30 @@ def test_unknown_config_name_model_override_and_task_option():
   with pytest.raises(ConfigError, match="no config named 'nope'"):
     load_config("nope")
   with pytest.raises(ConfigError, match="model_overrides key 'layers' is not a scalar ModelConfig field"):
-    loop.model_config(TrainConfig(model_overrides="layers=2"))
-  assert loop.model_config(TrainConfig(model_overrides="num_layers=3"), vocab_size=50).num_layers == 3
+    preset_config(model_spec(TrainConfig(model_overrides="layers=2")))
+  assert preset_config(model_spec(TrainConfig(model_overrides="num_layers=3")), vocab_size=50).num_layers == 3
   from tsallis_jax.train.tasks import build_task
   with pytest.raises(ConfigError, match=r"task_options \['p00'\] are unknown"):
     build_task(TrainConfig(task_options="p00=0.1"))
 
 
+def model_overrides(cfg):
+  return typed_overrides(model_spec(cfg).overrides)
+
+
 def test_model_overrides_are_typed_and_reach_hf_checkpoints_too():
-  changes = loop.model_overrides(TrainConfig(model_overrides="remat=true,attention_query_chunk=512,rope_theta=1e5"))
+  changes = model_overrides(TrainConfig(model_overrides="remat=true,attention_query_chunk=512,rope_theta=1e5"))
   assert changes == {"remat": True, "attention_query_chunk": 512, "rope_theta": 1e5}
-  assert loop.model_overrides(TrainConfig(model_overrides="attention_query_chunk=none")) == {
+  assert model_overrides(TrainConfig(model_overrides="attention_query_chunk=none")) == {
       "attention_query_chunk": None}
   with pytest.raises(ConfigError, match="expected true or false"):
-    loop.model_overrides(TrainConfig(model_overrides="remat=maybe"))
+    model_overrides(TrainConfig(model_overrides="remat=maybe"))
   with pytest.raises(ConfigError, match="expected a int"):
-    loop.model_overrides(TrainConfig(model_overrides="num_layers=two"))
+    model_overrides(TrainConfig(model_overrides="num_layers=two"))
   with pytest.raises(ConfigError, match="not a scalar ModelConfig field"):
-    loop.model_overrides(TrainConfig(model_overrides="rope_llama3=1"))
+    model_overrides(TrainConfig(model_overrides="rope_llama3=1"))
   paper = load_config("paper_finqa")
-  assert loop.model_overrides(paper) == {"remat": True, "attention_query_chunk": 512}
+  assert model_overrides(paper) == {"remat": True, "attention_query_chunk": 512}
 
 
 def test_hf_model_gets_the_overrides(tmp_path):
@@ -139,7 +143,7 @@ def test_hf_model_gets_the_overrides(tmp_path):
   tok.save_pretrained(tmp_path)
   save_hf_checkpoint(create_model(ModelConfig.tiny().replace(vocab_size=len(tok))), tmp_path)
   cfg = TrainConfig(model="hf", model_path=str(tmp_path), model_overrides="remat=true,attention_query_chunk=4")
-  model, _ = loop.load_model(cfg, None)
+  model, _ = build_model(model_spec(cfg))
   assert model.config.remat and model.config.attention_query_chunk == 4
 
 

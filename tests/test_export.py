@@ -14,9 +14,9 @@ from tsallis_jax.data import synthetic
 from tsallis_jax.model import create_model, load_hf_checkpoint, make_attention_mask, make_positions
 from tsallis_jax.train import checkpoint as ckpt_lib
 from tsallis_jax.train import export as export_lib
-from tsallis_jax.train import loop
+from tsallis_jax.model.build import preset_config
 from tsallis_jax.train import state as state_lib
-from tsallis_jax.train.config import load_config
+from tsallis_jax.train.config import load_config, model_spec
 from tsallis_jax.train.schedules import make_optimizer
 
 TOKENS_NxT = np.array([[3, 4, 5, 6, 7, 8, 9, 10], [0, 0, 0, 5, 6, 7, 8, 2], [0, 11, 12, 13, 14, 15, 16, 17]])
@@ -32,7 +32,7 @@ def _write_run(workdir, step=2):
   away from the initialisation so that an export of the init would be caught."""
   cfg = load_config("smoke")
   tok = synthetic.make_tokenizer()
-  params = state_lib.pure(nnx.state(create_model(loop.model_config(cfg, vocab_size=len(tok)), seed=cfg.seed)))
+  params = state_lib.pure(nnx.state(create_model(preset_config(model_spec(cfg), vocab_size=len(tok)), seed=cfg.seed)))
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(7), len(leaves))
   params = treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
@@ -44,7 +44,7 @@ def _write_run(workdir, step=2):
   checkpointer = ckpt_lib.Checkpointer(workdir, cfg.max_to_keep)
   checkpointer.save(step, state, {"step": step, "data_state": None, "best": {}, "config": cfg.to_dict()})
   checkpointer.close()
-  graphdef = nnx.split(create_model(loop.model_config(cfg, vocab_size=len(tok))))[0]
+  graphdef = nnx.split(create_model(preset_config(model_spec(cfg), vocab_size=len(tok))))[0]
   return cfg, nnx.merge(graphdef, params)
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from tsallis_jax.model import ModelConfig, create_model, save_hf_checkpoint
 from tsallis_jax.model.hub import ModelPathError, parse_hub_id, resolve_model_path
-from tsallis_jax.train import loop
-from tsallis_jax.train.config import TrainConfig
+from tsallis_jax.model.build import build_model
+from tsallis_jax.train.config import TrainConfig, model_spec
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -45,8 +45,8 @@ def test_hub_id_resolves_from_the_offline_cache_and_trains_the_same_model(hub_ca
   snapshot = hub_cache / "models--org--tiny" / "snapshots" / COMMIT
   assert resolve_model_path("org/tiny").resolve() == snapshot.resolve()
   assert resolve_model_path(f"org/tiny@{COMMIT}").resolve() == snapshot.resolve()
-  by_id, tok = loop.load_model(TrainConfig(model="hf", model_path="org/tiny"), None)
-  by_folder, _ = loop.load_model(TrainConfig(model="hf", model_path=str(snapshot)), None)
+  by_id, tok = build_model(model_spec(TrainConfig(model="hf", model_path="org/tiny")))
+  by_folder, _ = build_model(model_spec(TrainConfig(model="hf", model_path=str(snapshot))))
   np.testing.assert_array_equal(np.asarray(by_id.embed[...]), np.asarray(by_folder.embed[...]))
   assert tok.convert_tokens_to_ids("</think>") != tok.unk_token_id
 
@@ -54,9 +54,9 @@ def test_hub_id_resolves_from_the_offline_cache_and_trains_the_same_model(hub_ca
 def test_an_existing_local_folder_wins_over_the_hub_id(hub_cache):
   _checkpoint(pathlib.Path("org/tiny"), seed=1)  # relative to the cwd, the same text as the cached id
   assert resolve_model_path("org/tiny") == pathlib.Path("org/tiny")
-  local, _ = loop.load_model(TrainConfig(model="hf", model_path="org/tiny"), None)
-  cached, _ = loop.load_model(TrainConfig(model="hf", model_path=str(
-      hub_cache / "models--org--tiny" / "snapshots" / COMMIT)), None)
+  local, _ = build_model(model_spec(TrainConfig(model="hf", model_path="org/tiny")))
+  cached, _ = build_model(model_spec(TrainConfig(model="hf", model_path=str(
+      hub_cache / "models--org--tiny" / "snapshots" / COMMIT))))
   assert not np.array_equal(np.asarray(local.embed[...]), np.asarray(cached.embed[...]))
 
 
@@ -67,4 +67,4 @@ def test_unresolvable_paths_name_both_options(hub_cache):
   with pytest.raises(ModelPathError, match=r"neither an existing local path nor a Hugging Face Hub id"):
     resolve_model_path("./models/missing/folder")
   with pytest.raises(ValueError, match="org/missing"):  # through the trainer's loader as well
-    loop.load_model(TrainConfig(model="hf", model_path="org/missing"), None)
+    build_model(model_spec(TrainConfig(model="hf", model_path="org/missing")))

@@ -74,3 +74,62 @@ def test_no_pytorch_advisory_from_transformers_on_our_imports():
                      "logging.getLogger('transformers').warning('other messages still pass')")
   assert ours.returncode == 0, ours.stderr
   assert "PyTorch was not found" not in ours.stderr and "other messages still pass" in ours.stderr
+
+
+def _import_graph(*, top_level_only: bool) -> dict[str, set[str]]:
+  """module -> the tsallis_jax modules it imports (read with `ast`, nothing imported); function-level imports too
+  unless `top_level_only`."""
+  import ast
+  root = REPO / "tsallis_jax"
+  names = {}
+  for path in root.rglob("*.py"):
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+  graph = {}
+  for name, path in names.items():
+    tree = ast.parse(path.read_text())
+    deps = set()
+    for node in (tree.body if top_level_only else ast.walk(tree)):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tsallis_jax"):
+        deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module for a in node.names}
+      elif isinstance(node, ast.Import):
+        deps |= {a.name for a in node.names if a.name.startswith("tsallis_jax")}
+    graph[name] = deps - {name}
+  return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One cycle of `graph` as a list of nodes, or None."""
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = "open"
+    stack.append(node)
+    for dep in sorted(graph.get(node, ())):
+      if state.get(dep) == "open":
+        return stack[stack.index(dep):] + [dep]
+      if dep not in state and (found := visit(dep)):
+        return found
+    state[node] = "done"
+    stack.pop()
+    return None
+
+  for node in sorted(graph):
+    if node not in state and (found := visit(node)):
+      return found
+  return None
+
+
+def test_no_import_cycles_and_the_model_never_imports_the_trainer():
+  """Modules import each other without a cycle, subpackages too (counting imports inside functions), and the
+  layers point one way: `tsallis_jax.model` (building a model included) knows nothing of `tsallis_jax.train`."""
+  assert _cycle(_import_graph(top_level_only=True)) is None
+  packages: dict[str, set[str]] = {}
+  for module, deps in _import_graph(top_level_only=False).items():
+    if module.count(".") >= 1:  # the root package's own __init__ re-exports from every layer
+      pkg = ".".join(module.split(".")[:2])
+      packages.setdefault(pkg, set()).update(".".join(d.split(".")[:2]) for d in deps)
+  packages = {k: v - {k, "tsallis_jax"} for k, v in packages.items()}
+  assert _cycle(packages) is None, _cycle(packages)
+  assert "tsallis_jax.train" not in packages["tsallis_jax.model"]
+  assert not packages["tsallis_jax.data"] - {"tsallis_jax.errors"}

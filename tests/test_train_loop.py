@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from tsallis_jax.train import NonFiniteLossError, load_config, train_and_evaluate
+from tsallis_jax.train import NonFiniteLossError, load_config, loop, train_and_evaluate
 from tsallis_jax.train.writers import read_metrics
 
 TRAIN_KEYS = ("loss", "reward", "reward_std", "groups/frac_all_wrong", "frac_reward_zero_std", "weight/mean",
@@ -72,6 +72,16 @@ def test_workdir_checkpoint_wins_over_init_checkpoint(smoke_run, tmp_path, capsy
     train_and_evaluate(cfg.replace(init_checkpoint=str(tmp_path / "does_not_exist")), str(tmp_path / "fresh"))
 
 
+def test_programs_are_passed_in_explicitly_and_checked(smoke_run, tmp_path):
+  """A run can use the programs of another run's setup (the demo's way of compiling once per estimator): the
+  resumed smoke run evaluates with them to the same results; programs of another estimator are refused."""
+  cfg, workdir, results = smoke_run
+  programs = loop.setup(cfg.replace(seed=7, q=0.25))[0].programs
+  assert train_and_evaluate(cfg, workdir, programs=programs) == results
+  with pytest.raises(ValueError, match=r"config keys \['estimator'\] differ"):
+    train_and_evaluate(cfg.replace(estimator="paft"), str(tmp_path / "other"), programs=programs)
+
+
 def test_non_finite_loss_stops_with_step_batch_and_last_good_checkpoint(tmp_path):
   # lr 1e30: step 1 is finite, its update sends every parameter to ~1e30, so step 2's forward overflows.
   cfg = load_config("smoke", ["learning_rate=1e30", "num_steps=4", "checkpoint_every=1", "eval_every=0"])
@@ -88,7 +98,7 @@ def test_think_tokens_are_added_with_mean_embeddings():
   from transformers import PreTrainedTokenizerFast
 
   from tsallis_jax.model import ModelConfig, Transformer
-  from tsallis_jax.train.loop import with_think_tokens
+  from tsallis_jax.model.build import with_think_tokens
   vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "a", "b"])}
   raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
   raw.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()

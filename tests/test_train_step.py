@@ -18,6 +18,7 @@ from tsallis_jax.model import ModelConfig, abstract_model, create_model
 from tsallis_jax.sampler import Rollout
 from tsallis_jax.train import loop
 from tsallis_jax.train import completions as completions_lib
+from tsallis_jax.train import programs as programs_lib
 from tsallis_jax.train import state as state_lib
 from tsallis_jax.train import step as step_lib
 from tsallis_jax.train.config import TrainConfig
@@ -185,7 +186,7 @@ def test_exact_match_reward():
 def _setup(cfg, mesh, seed=0, vocab=32, ids=TokenIds(stop_ids=(EOS,), pad_id=PAD, close_tag_ids=(TAG,))):
   mcfg = ModelConfig.tiny(vocab_size=vocab, num_layers=1, embed_dim=32, mlp_dim=64, num_heads=2, num_kv_heads=2)
   graphdef, abstract_vars = nnx.split(abstract_model(mcfg))
-  programs = loop.get_programs(cfg, graphdef, abstract_vars, mesh, ids, mcfg.sharding_rules)
+  programs = programs_lib.build_programs(cfg, graphdef, abstract_vars, mesh, ids, mcfg.sharding_rules)
   params = state_lib.pure(nnx.state(create_model(mcfg, seed=seed)))
   params = jax.device_get(params)
   state = state_lib.init_state(params, programs.tx, cfg.seed, programs.state_shardings, True)
@@ -262,11 +263,19 @@ def test_update_on_8_devices_equals_one_device(estimator):
 
 
 def test_runs_differing_in_q_share_one_compiled_step():
+  """Programs are values: those built for one config serve a config that differs only in neutral keys (q, seed,
+  name), and are refused, naming the keys, for one whose programs differ."""
   mesh = distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   cfg = BASE.replace(estimator="garl")
-  programs_a, _ = _setup(cfg.replace(q=0.0, seed=1), mesh)
-  programs_b, _ = _setup(cfg.replace(q=1.0, seed=2, name="other"), mesh)
-  assert programs_a is programs_b
+  programs, _ = _setup(cfg.replace(q=0.0, seed=1), mesh)
+  ids = TokenIds(stop_ids=(EOS,), pad_id=PAD, close_tag_ids=(TAG,))
+  graphdef = nnx.split(abstract_model(ModelConfig.tiny(vocab_size=32, num_layers=1, embed_dim=32, mlp_dim=64,
+                                                       num_heads=2, num_kv_heads=2)))[0]
+  programs.check(cfg.replace(q=1.0, seed=2, name="other"), graphdef, mesh, ids)
+  with pytest.raises(ValueError, match=r"config keys \['estimator'\]"):
+    programs.check(cfg.replace(estimator="paft"), graphdef, mesh, ids)
+  with pytest.raises(ValueError, match="the token ids"):
+    programs.check(cfg, graphdef, mesh, TokenIds(stop_ids=(EOS,), pad_id=PAD, close_tag_ids=(TAG, TAG)))
   params_0, metrics_0, _ = _one_step(cfg, mesh, q=0.0)
   params_1, metrics_1, _ = _one_step(cfg, mesh, q=1.0)
   assert metrics_0["jq/q"] == 0.0 and metrics_1["jq/q"] == 1.0

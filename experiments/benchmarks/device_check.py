@@ -89,8 +89,8 @@ def time_sampler(cfg, reps: int) -> dict[str, Any]:
 
   from tsallis_jax.train import loop
   from tsallis_jax.train import evaluate as eval_lib
-  s = loop.setup(cfg)
-  params = loop.initial_params(s)
+  s, pretrained = loop.setup(cfg)
+  params = loop.initial_params(s, pretrained)
   records = s.task.train[:cfg.batch_size]
   tokens, mask = eval_lib.prompt_arrays(records, s.task.tokenizer, style=cfg.prompt_style,
                                         max_prompt_len=cfg.max_prompt_len, pad_id=s.ids.pad_id)
@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
   import jax
 
   from experiments.benchmarks import flops
-  from tsallis_jax.data import synthetic
-  from tsallis_jax.train import loop
+  from tsallis_jax.data import prompts, synthetic
+  from tsallis_jax.model.build import preset_config
+  from tsallis_jax.train.config import model_spec
   device = jax.devices()[0]
   peak = args.peak_tflops or matmul_peak_tflops(args.dtype if device.platform != "cpu" else "float32",
                                                 size=8192 if device.platform != "cpu" else 1024, reps=5)
@@ -139,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
   for estimator in ("grpo", "garl"):
     cfg = check_config(args.model, estimator, args.steps, args.dtype, batch=args.batch, samples=args.samples,
                        prompt_len=args.prompt_len, rationale=args.rationale, answer=args.answer)
-    hf = loop.model_config(cfg, vocab_size=len(synthetic.make_tokenizer())).to_hf_config()
+    tokenizer = synthetic.make_tokenizer()
+    hf = preset_config(model_spec(cfg), vocab_size=len(tokenizer)).to_hf_config()
     step_flops = flops.step_flops(hf, num_sequences=args.batch * args.samples, prompt_len=args.prompt_len,
-                                  max_new=cfg.rollout_len(loop.THINK_CLOSE_LEN), beta=0.0)["total"]
+                                  max_new=cfg.rollout_len(len(prompts.close_tag_ids(tokenizer))), beta=0.0)["total"]
     out[estimator] = time_step(cfg, step_flops, peak)
     print(estimator, json.dumps(out[estimator]), flush=True)
   out["sampler"] = time_sampler(check_config(args.model, "grpo", 1, args.dtype, batch=args.batch,

@@ -130,7 +130,7 @@ def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: flo
     rewards_BxG = jax.block_until_ready(scoring.rollout_rewards(reward_funcs, rollout, records, tokenizer, mesh, B))
     t2 = time.perf_counter()
     state, metrics = train_step(state, {"rollout": rollout, **answers, "rewards_BxG": rewards_BxG},
-                                jax.random.key_data(step_key), q_range)
+                                step_key, q_range)
     jax.block_until_ready(state.params)
     t3 = time.perf_counter()
     times.append(t3 - t0)

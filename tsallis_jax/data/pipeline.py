@@ -154,7 +154,7 @@ def make_prompt_loader(records: Sequence[Record], tokenizer: Any, *, batch_size:
     raise ValueError("max_prompt_tokens, max_answer_tokens and pad_multiple must be positive, prefetch_batches >= 0.")
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs={num_epochs} must be >= 1, or None for endless repetition.")
-  prompts.think_close_id(tokenizer)
+  prompts.close_tag_ids(tokenizer)
   config = LoaderConfig(batch_size=batch_size, seed=seed, style=style, max_prompt_tokens=max_prompt_tokens,
                         max_answer_tokens=max_answer_tokens, shard_index=shard_index, shard_count=shard_count,
                         num_epochs=num_epochs, pad_multiple=pad_multiple, prefetch_batches=prefetch_batches)

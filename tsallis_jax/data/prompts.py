@@ -20,7 +20,8 @@ is `<think>\\n{rationale}\\n</think>\\n\\n{answer}` followed by the template's e
 up to and including the first EOS (the chat template's end-of-turn token is the EOS of Qwen3 instruct tokenizers):
 exactly the sequence whose teacher-forced probability is the paper's weight w = p(y* | x, z) (spec 1.6, eq. 7).
 They are computed on the real rendering, so merges across the `</think>` boundary cannot differ from what the model
-emits. `</think>` must be a single token of the vocabulary.
+emits. `</think>` is one token of the vocabulary or several (`close_tag_ids`: its tokens as encoded alone, which
+must appear as such in the rendering).
 """
 from __future__ import annotations
 
@@ -111,15 +112,29 @@ def has_chat_template(tokenizer: Any) -> bool:
   return bool(getattr(tokenizer, "chat_template", None))
 
 
-def think_close_id(tokenizer: Any) -> int:
-  """The id of the single `</think>` token; raises `ValueError` (with the fix) when the vocabulary lacks it."""
-  ids = tokenizer.convert_tokens_to_ids([THINK_CLOSE])
-  tid = ids[0] if ids else None
-  if tid is None or tid == tokenizer.unk_token_id:
-    raise ValueError(f"the tokenizer has no single token {THINK_CLOSE!r}; add it with "
+def close_tag_ids(tokenizer: Any) -> tuple[int, ...]:
+  """The token ids of the closing tag `</think>`: its single token when the vocabulary has one (Qwen3, the synthetic
+  tokenizer, SmolLM2 after `model.build.with_think_tokens`), else its tokens as encoded alone (several tokens).
+
+  Raises `ValueError` (with the fix) when the tokenizer cannot write the tag (unknown tokens)."""
+  tid = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+  if tid is not None and tid != tokenizer.unk_token_id:
+    return (int(tid),)
+  ids = tuple(int(t) for t in _encode(tokenizer, THINK_CLOSE))
+  if not ids or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
+    raise ValueError(f"the tokenizer cannot write {THINK_CLOSE!r} (it encodes to {list(ids)}); add it with "
                      f"tokenizer.add_special_tokens({{'additional_special_tokens': ['{THINK_OPEN}', '{THINK_CLOSE}']}})"
                      " (and resize the model's embeddings).")
-  return tid
+  return ids
+
+
+def _last_tag_end(ids: list[int], tag: tuple[int, ...]) -> int | None:
+  """The index just past the last occurrence of the token sequence `tag` in `ids` (None when absent)."""
+  n = len(tag)
+  for start in range(len(ids) - n, -1, -1):
+    if tuple(ids[start:start + n]) == tag:
+      return start + n
+  return None
 
 
 def eos_id(tokenizer: Any) -> int:
@@ -166,12 +181,13 @@ def _conversation_ids(record: Record, tokenizer: Any, *, style: Style, context_t
 
 
 def _after_think(ids: list[int], tokenizer: Any, where: str) -> list[int]:
-  close_id, end_id = think_close_id(tokenizer), eos_id(tokenizer)
-  positions = [i for i, t in enumerate(ids) if t == close_id]
-  if not positions:
-    raise ValueError(f"{where}: the rendered completion has no {THINK_CLOSE!r} token; the chat template must keep "
-                     "the rationale (Qwen3 thinking format).")
-  tail = ids[positions[-1] + 1:]
+  end_id = eos_id(tokenizer)
+  tag_end = _last_tag_end(ids, close_tag_ids(tokenizer))
+  if tag_end is None:
+    raise ValueError(f"{where}: the rendered completion has no {THINK_CLOSE!r} (as the tokens "
+                     f"{list(close_tag_ids(tokenizer))}); the chat template must keep the rationale (Qwen3 thinking "
+                     "format), and a tag of several tokens must tokenise alike alone and in the text.")
+  tail = ids[tag_end:]
   if end_id in tail:
     return tail[:tail.index(end_id) + 1]
   return tail + [end_id]
@@ -180,8 +196,9 @@ def _after_think(ids: list[int], tokenizer: Any, where: str) -> list[int]:
 def gold_answer_ids(record: Record, tokenizer: Any, *, style: Style = "cold") -> list[int]:
   """The tokens the model emits after `</think>` for the gold answer, ending with EOS (see the module docstring).
 
-  They do not depend on the rationale or the context (`</think>` is a single token, so tokenisation restarts after
-  it), so a one-token placeholder rationale and no context are rendered.
+  They do not depend on the rationale or the context (tokenisation restarts after `</think>`, a special token or a
+  tag that tokenises alike alone and in the text), so a one-token placeholder rationale and no context are
+  rendered.
   """
   full_ids, _ = _conversation_ids(record, tokenizer, style=style, context_text="", rationale="r",
                                   answer=record.answer)
@@ -214,8 +231,7 @@ def sft_example(record: Record, tokenizer: Any, *, style: Style = "cold",
   full_ids, num_prompt = _conversation_ids(record, tokenizer, style=style, context_text=ctx,
                                            rationale=record.rationale, answer=record.answer)
   answer = _after_think(full_ids, tokenizer, record.where())
-  close_pos = max(i for i, t in enumerate(full_ids) if t == think_close_id(tokenizer))
-  ids = full_ids[:close_pos + 1] + answer
+  ids = full_ids[:_last_tag_end(full_ids, close_tag_ids(tokenizer))] + answer
   return ids, [i >= num_prompt for i in range(len(ids))]
 
 

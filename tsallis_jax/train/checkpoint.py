@@ -114,6 +114,30 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _is_key(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _stored(tree: Any) -> Any:
+  """`tree` with each typed PRNG key (array or ShapeDtypeStruct) replaced by its raw `key_data`, which orbax saves.
+
+  With `_unstored`, the one place where the train state's typed key meets its stored form."""
+  def store(x):
+    if not _is_key(x):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      data = jax.eval_shape(jax.random.key_data, x)
+      return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+    return jax.random.key_data(x)
+  return jax.tree.map(store, tree)
+
+
+def _unstored(target: Any, restored: Any) -> Any:
+  """Restored arrays with the leaves that are typed keys in `target` wrapped back (`wrap_key_data`)."""
+  return jax.tree.map(lambda t, r: jax.random.wrap_key_data(r) if _is_key(t) else r, target, restored)
+
+
 class Checkpointer:
   """The run's checkpoints: `latest` (resume, `max_to_keep`) and `best` (kept by validation metric)."""
 
@@ -128,12 +152,14 @@ class Checkpointer:
     self.best = ocp.CheckpointManager(self.workdir / "best", options=best_options, item_handlers=handlers())
 
   def save(self, step: int, state: Any, meta: dict[str, Any], best: bool = False) -> None:
-    """Writes `state` (a pytree of arrays) and `meta` (JSON) at `step`, into `best/` when `best`."""
+    """Writes `state` (a pytree of arrays; typed PRNG keys as their key data) and `meta` (JSON) at `step`, into
+    `best/` when `best`."""
     manager = self.best if best else self.latest
     if step in manager.all_steps():
       return
     try:
-      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_stored(state)),
+                                                 meta=ocp.args.JsonSave(meta)))
       manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001 (orbax wraps OSErrors in its own types)
       kept = [s for s in manager.all_steps() if s != step]
@@ -146,14 +172,14 @@ class Checkpointer:
     return self.latest.latest_step()
 
   def restore(self, target: Any, best: bool = False) -> tuple[int, Any, dict[str, Any]] | None:
-    """Restores the newest readable step into the structure and shardings of `target`.
+    """Restores the newest readable step into the structure and shardings of `target` (its typed PRNG keys too).
 
     Returns (step, state, meta), or None when no checkpoint exists. A damaged newest step raises a
     `CorruptCheckpointWarning`, is moved aside to `<step>.corrupt` and the previous step is tried. A readable step
     whose arrays have other shapes than `target`'s raises `CheckpointMismatchError` and nothing is moved.
     """
     manager = self.best if best else self.latest
-    abstract = _abstract(target)
+    abstract = _abstract(_stored(target))
     for step in sorted(manager.all_steps(), reverse=True):
       _check_shapes(lambda: manager.item_metadata(step)["state"], abstract,
                     f"checkpoint step {step} in {manager.directory}")
@@ -163,7 +189,7 @@ class Checkpointer:
         meta = out["meta"]
         if not isinstance(meta, dict) or "step" not in meta or meta["step"] != step:
           raise ValueError(f"meta item of step {step} is missing or does not name step {step}")
-        return step, out["state"], meta
+        return step, _unstored(target, out["state"]), meta
       except Exception as e:  # noqa: BLE001 (any read failure means the step is unusable)
         path = epath.Path(manager.directory) / str(step)
         warnings.warn(

@@ -17,7 +17,7 @@ import os
 import pathlib
 from typing import Any
 
-from tsallis_jax.errors import InputError
+from tsallis_jax.errors import ConfigError, InputError  # noqa: F401 (ConfigError is re-exported here)
 
 ESTIMATORS = ("grpo", "garl", "paft")
 Q_SCHEDULES = ("constant", "linear", "step", "cosine")
@@ -29,10 +29,6 @@ REPORT_TO = ("tensorboard", "wandb", "none")
 DTYPES = ("float32", "bfloat16")
 SCALE_REWARDS = ("group", "batch", "none")  # TRL's GRPOConfig.scale_rewards names
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "seq_sum")  # TRL's GRPOConfig.loss_type names, and seq_sum
-
-
-class ConfigError(InputError):
-  """An unknown key or an impossible value in a `TrainConfig` (a `ValueError`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +351,12 @@ def _validate(cfg: TrainConfig) -> None:
            f"model={cfg.model!r} needs model_path (an HF folder or a .gguf file)")
   parse_options(cfg.model_overrides)
   parse_options(cfg.task_options)
+
+
+def model_spec(cfg: TrainConfig):
+  """The `tsallis_jax.model.build.ModelSpec` of a run: `model`, `model_path`, `dtype`, `model_overrides`, `seed`."""
+  from tsallis_jax.model.build import ModelSpec
+  return ModelSpec(cfg.model, cfg.model_path, cfg.dtype, tuple(parse_options(cfg.model_overrides).items()), cfg.seed)
 
 
 def check_fits(cfg: TrainConfig, max_seq_len: int | None, close_tag_len: int) -> None:

@@ -27,12 +27,13 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from tsallis_jax.errors import InputError
-from tsallis_jax.model import abstract_model
-from tsallis_jax.model.hf_io import read_hf_config, save_hf_checkpoint
+from tsallis_jax.data import prompts
+from tsallis_jax.model import build as model_build
+from tsallis_jax.model.hf_io import save_hf_checkpoint
 from tsallis_jax.train import checkpoint as ckpt_lib
-from tsallis_jax.train import loop
 from tsallis_jax.train import state as state_lib
-from tsallis_jax.train.config import TrainConfig
+from tsallis_jax.train.config import TrainConfig, model_spec
+from tsallis_jax.train.tasks import build_task
 
 PRESET_MAX_POSITIONS = {"qwen3_0_6b": 40_960, "smollm2_135m": 8_192}
 
@@ -52,22 +53,15 @@ def read_run_config(workdir: str | os.PathLike) -> TrainConfig:
 
 def rebuild_model(cfg: TrainConfig) -> tuple[Any, Any, int]:
   """(abstract or loaded model, tokenizer, max_position_embeddings) of a run, as `loop.setup` builds them."""
-  model, tokenizer = loop.load_model(cfg, None)
-  if model is not None:
-    if cfg.model == "hf":
-      from tsallis_jax.model.hub import resolve_model_path
-      folder = resolve_model_path(cfg.model_path)
-    else:
-      from tsallis_jax.model import gguf_io
-      folder = gguf_io.cached_hf_folder(gguf_io.smollm2_gguf_path() if cfg.model_path == "smollm2"
-                                        else cfg.model_path)
-    longest = cfg.total_len(loop.THINK_CLOSE_LEN)
-    return model, tokenizer, int(read_hf_config(folder).get("max_position_embeddings") or longest)
-  from tsallis_jax.train.tasks import build_task
+  spec = model_spec(cfg)
+  if spec.pretrained:
+    model, tokenizer = model_build.build_model(spec)
+    longest = cfg.total_len(len(prompts.close_tag_ids(tokenizer)))
+    return model, tokenizer, int(model_build.max_positions(spec) or longest)
   tokenizer = build_task(cfg).tokenizer
-  mcfg = loop.model_config(cfg, vocab_size=len(tokenizer))
-  longest = cfg.total_len(loop.THINK_CLOSE_LEN)
-  return abstract_model(mcfg, seed=cfg.seed), tokenizer, PRESET_MAX_POSITIONS.get(cfg.model, longest)
+  model, _ = model_build.build_model(spec, tokenizer=tokenizer, abstract=True)
+  longest = cfg.total_len(len(prompts.close_tag_ids(tokenizer)))
+  return model, tokenizer, PRESET_MAX_POSITIONS.get(cfg.model, longest)
 
 
 def _step_dir(workdir: str | os.PathLike, best: bool) -> tuple[int, Any]:
@@ -104,13 +98,14 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, best: 
   cfg = read_run_config(workdir)
   step, state_dir = _step_dir(workdir, best)
   model, tokenizer, max_positions = rebuild_model(cfg)
+  close_tag_len = len(prompts.close_tag_ids(tokenizer))
   graphdef, abstract_vars = nnx.split(model)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_lib.pure(abstract_vars))
   params = restore_params(state_dir, abstract_params)
   del model
   trained = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
   generation = {"do_sample": True, "temperature": cfg.eval_temperature, "top_k": cfg.eval_top_k,
-                "top_p": cfg.eval_top_p, "max_new_tokens": cfg.rollout_len(loop.THINK_CLOSE_LEN)}
+                "top_p": cfg.eval_top_p, "max_new_tokens": cfg.rollout_len(close_tag_len)}
   folder = save_hf_checkpoint(trained, out, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype,
                               max_position_embeddings=max_positions, generation=generation)
   return folder, step

@@ -1,5 +1,12 @@
 """`train_and_evaluate(config, workdir)`: the training loop, the same on a laptop CPU and a TPU pod.
 
+The story of a run, top to bottom:
+  setup      the mesh, the model (`model.build.build_model`), the task, the token ids and the compiled programs
+             (`programs.build_programs`, or the `programs=` a caller passes to share them between runs); a frozen
+             `Setup` plus the loaded HF / GGUF params, which only the initial state keeps;
+  state      resume from `workdir` > `init_checkpoint` > the model's weights (typed PRNG key `jax.random.key(seed)`);
+  steps      below; then the final test evaluation.
+
 Per step s (keys: k_s = fold_in(key, s); rollout and estimator keys split from k_s):
   1. the next prompt batch from the grain loader (each process reads its rows; global arrays over data x fsdp);
   2. one jitted rollout (the sampler; one compiled program per prompt-shape bucket) of G completions per prompt,
@@ -28,196 +35,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from tsallis_jax import distributed
 from tsallis_jax.data import pipeline
-from tsallis_jax.model import ModelConfig, abstract_model, create_model
-from tsallis_jax.sampler import generate_impl
+from tsallis_jax.model import ModelConfig, create_model
+from tsallis_jax.model.build import build_model, max_positions
 from tsallis_jax.train import checkpoint as ckpt_lib
 from tsallis_jax.train import evaluate as eval_lib
-from tsallis_jax.train import completions as completions_lib
 from tsallis_jax.train import preemption
 from tsallis_jax.train import scoring
 from tsallis_jax.train import state as state_lib
 from tsallis_jax.train import workdir as workdir_lib
-from tsallis_jax.train.config import ConfigError, TrainConfig, check_fits, check_mesh, parse_options
-from tsallis_jax.train.schedules import make_optimizer
-from tsallis_jax.train.step import BATCH_AXES, TokenIds, make_train_step
+from tsallis_jax.train.config import TrainConfig, check_fits, check_mesh, model_spec
+from tsallis_jax.train.programs import Programs, build_programs
+from tsallis_jax.train.step import BATCH_AXES, TokenIds
 from tsallis_jax.train.tasks import Task, build_task
 from tsallis_jax.train.writers import MetricWriter
 
 log = logging.getLogger(__name__)
 
-# Config keys that do not change any compiled program: runs that differ only in these share the jitted rollout and
-# train step (the demo's many runs compile each program once).
-_PROGRAM_NEUTRAL = ("name", "seed", "q", "q_end", "init_checkpoint", "eval_every", "eval_max_prompts",
-                    "prompt_bucket", "checkpoint_every", "max_to_keep", "log_every", "progress_bar", "tensorboard",
-                    "task_options", "data_dir", "eval_at_start", "report_to", "log_completions", "data_columns",
-                    "prompt_template", "chat_template", "reward_funcs", "reward_weights", "eval_reward",
-                    "console_log")
-_PROGRAMS: dict[Any, Any] = {}
-
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or the gradient norm became NaN or inf; the message names the step, the batch and the last checkpoint."""
-
-
-# ------------------------------------------------------------------------------------------------ model and mesh
-
-
-_OVERRIDE_TYPES = {"int": int, "float": float, "str": str}
-
-
-def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
-  """Parses `model_overrides` ("remat=true,attention_query_chunk=512") into typed ModelConfig changes.
-
-  Applies to presets and to HF / GGUF checkpoints alike (e.g. remat and query-chunked attention for the paper runs).
-  Only scalar fields can be overridden; "none" clears an optional one.
-  """
-  fields = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
-  scalar = {k: t for k, t in fields.items() if t.split(" | ")[0] in ("bool", *_OVERRIDE_TYPES)}
-  changes: dict[str, Any] = {}
-  for k, text in parse_options(cfg.model_overrides).items():
-    if k not in scalar:
-      raise ConfigError(f"model_overrides key {k!r} is not a scalar ModelConfig field; valid: {sorted(scalar)}")
-    kind, _, optional = scalar[k].partition(" | ")
-    if optional == "None" and text.lower() == "none":
-      changes[k] = None
-    elif kind == "bool":
-      if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise ConfigError(f"model_overrides {k}={text!r}: expected true or false")
-      changes[k] = text.lower() in ("1", "true", "yes")
-    else:
-      try:
-        changes[k] = _OVERRIDE_TYPES[kind](text)
-      except ValueError:
-        raise ConfigError(f"model_overrides {k}={text!r}: expected a {kind}") from None
-  return changes
-
-
-def model_config(cfg: TrainConfig, vocab_size: int | None = None) -> ModelConfig:
-  """The ModelConfig preset with `model_overrides` (and the task tokenizer's vocabulary for random-init models)."""
-  presets = {"tiny": ModelConfig.tiny, "qwen3_0_6b": ModelConfig.qwen3_0_6b, "smollm2_135m": ModelConfig.smollm2_135m}
-  if cfg.model not in presets:
-    raise ConfigError(f"model={cfg.model!r} is not a preset {sorted(presets)} nor 'hf' / 'gguf'")
-  changes: dict[str, Any] = {"dtype": cfg.dtype}
-  if vocab_size is not None:
-    changes["vocab_size"] = vocab_size
-  changes.update(model_overrides(cfg))
-  return presets[cfg.model](**changes)
-
-
-def with_think_tokens(model: nnx.Module, tokenizer: Any, mesh) -> tuple[nnx.Module, Any]:
-  """Adds `<think>` / `</think>` to a tokenizer that lacks them (SmolLM2) and grows the embedding to match.
-
-  New rows are the mean of the existing embeddings (a neutral start); the tied LM head follows. Qwen3 has both tokens
-  and is returned unchanged.
-  """
-  close = tokenizer.convert_tokens_to_ids("</think>")
-  if close is not None and close != tokenizer.unk_token_id:
-    return model, tokenizer
-  tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
-  old = model.config
-  new_cfg = old.replace(vocab_size=max(len(tokenizer), old.vocab_size))
-  params = state_lib.pure(nnx.state(model))
-  embed = np.asarray(jax.device_get(params["embed"]))
-  extra = np.repeat(embed.mean(0, keepdims=True), new_cfg.vocab_size - old.vocab_size, axis=0)
-  params["embed"] = np.concatenate([embed, extra], axis=0)
-  if not old.tie_embeddings:
-    head = np.asarray(jax.device_get(params["lm_head"]))
-    params["lm_head"] = np.concatenate([head, np.zeros((head.shape[0], extra.shape[0]), head.dtype)], axis=1)
-  graphdef, _ = nnx.split(abstract_model(new_cfg))
-  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params)), tokenizer
-
-
-# `with_think_tokens` makes `</think>` one token of every loaded tokenizer (`tasks.Task.close_tag_ids` requires it).
-THINK_CLOSE_LEN = 1
-
-
-def load_model(cfg: TrainConfig, mesh) -> tuple[nnx.Module, Any]:
-  """(model on the mesh, tokenizer or None): a preset with random init, an HF folder or Hub id, or a GGUF file."""
-  if cfg.model == "hf":
-    from tsallis_jax.model.hf_io import load_hf_checkpoint, load_tokenizer, read_hf_config
-    from tsallis_jax.model.hub import resolve_model_path
-    folder = resolve_model_path(cfg.model_path)  # a local folder wins; else an org/name Hub id via the cache
-    check_fits(cfg, read_hf_config(folder).get("max_position_embeddings"), THINK_CLOSE_LEN)
-    return with_think_tokens(load_hf_checkpoint(folder, dtype=cfg.dtype, mesh=mesh, **model_overrides(cfg)),
-                             load_tokenizer(folder), mesh)
-  if cfg.model == "gguf":
-    from tsallis_jax.model import gguf_io
-    from tsallis_jax.model.hf_io import load_hf_checkpoint, load_tokenizer, read_hf_config
-    path = gguf_io.smollm2_gguf_path() if cfg.model_path == "smollm2" else cfg.model_path
-    folder = gguf_io.cached_hf_folder(path)
-    check_fits(cfg, read_hf_config(folder).get("max_position_embeddings"), THINK_CLOSE_LEN)
-    return with_think_tokens(load_hf_checkpoint(folder, dtype=cfg.dtype, mesh=mesh, **model_overrides(cfg)),
-                             load_tokenizer(folder), mesh)
-  return None, None
-
-
-# ------------------------------------------------------------------------------------------------ programs
-
-
-@dataclasses.dataclass
-class Programs:
-  """The jitted functions of a run (shared by runs whose configs differ only in `_PROGRAM_NEUTRAL` keys)."""
-  train_rollout: Any
-  eval_rollout: Any
-  train_step: Any
-  state_shardings: state_lib.TrainState
-  tx: Any
-
-
-def _rollout_program(graphdef, sampling, mesh, params_sh):
-  row = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-  rep = state_lib.replicated(mesh)
-
-  def fn(params, prompt_tokens_BxP, prompt_mask_BxP, key):
-    return generate_impl(graphdef, params, prompt_tokens_BxP, prompt_mask_BxP, jax.random.wrap_key_data(key),
-                         sampling)
-
-  jitted = jax.jit(fn, in_shardings=(params_sh, row, row, rep))
-
-  def run(params, prompt_tokens_BxP, prompt_mask_BxP, key):
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-      key = jax.random.key_data(key)
-    with jax.set_mesh(mesh):
-      return jitted(params, prompt_tokens_BxP, prompt_mask_BxP, key)
-
-  run.jitted = jitted  # for ahead-of-time lowering (train/memory.py)
-  return run
-
-
-def get_programs(cfg: TrainConfig, graphdef, abstract_vars, mesh, ids: TokenIds, rules) -> Programs:
-  """The run's jitted programs, from the cache when an equivalent run built them already.
-
-  `abstract_vars` is the model's nnx.State of Variables (their logical-axis metadata gives the shardings)."""
-  key = (cfg.replace(**{k: TrainConfig.__dataclass_fields__[k].default for k in _PROGRAM_NEUTRAL}), graphdef, mesh,
-         ids)
-  if key in _PROGRAMS:
-    return _PROGRAMS[key]
-  tx = make_optimizer(cfg)
-  with_ref = cfg.kl_coef > 0 or cfg.log_ref_kl
-  state_sh = state_lib.state_shardings(abstract_vars, tx, mesh, rules, with_ref)
-  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_lib.pure(abstract_vars))
-  train_sampling = completions_lib.sampling_config(cfg, stop_ids=ids.stop_ids, pad_id=ids.pad_id,
-                                               close_tag_ids=ids.close_tag_ids)
-  eval_sampling = completions_lib.sampling_config(cfg, stop_ids=ids.stop_ids, pad_id=ids.pad_id,
-                                              close_tag_ids=ids.close_tag_ids, evaluation=True)
-  train_rollout = _rollout_program(graphdef, train_sampling, mesh, state_sh.params)
-  eval_rollout = _rollout_program(graphdef, eval_sampling, mesh, state_sh.params)
-  # The batch's structure (shapes vary by prompt bucket; shardings depend on ranks only).
-  b, p, a = cfg.batch_size, cfg.max_prompt_len, cfg.max_answer_len
-  abstract_rollout = jax.eval_shape(
-      lambda params: generate_impl(graphdef, params, jnp.zeros((b, p), jnp.int32), jnp.ones((b, p), bool),
-                                   jax.random.key(0), train_sampling), abstract_params)
-  abstract_batch = {"rollout": abstract_rollout, "answer_tokens_BxA": jax.ShapeDtypeStruct((b, a), jnp.int32),
-                    "answer_mask_BxA": jax.ShapeDtypeStruct((b, a), bool),
-                    "rewards_BxG": jax.ShapeDtypeStruct((b, cfg.num_samples), jnp.float32)}
-  step = make_train_step(cfg, graphdef, tx, ids, mesh, state_sh, abstract_batch)
-  programs = Programs(train_rollout, eval_rollout, step, state_sh, tx)
-  _PROGRAMS[key] = programs
-  return programs
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -234,10 +74,10 @@ def _fetch(tree: Any) -> dict[str, float]:
   return {k: np.asarray(v.addressable_data(0)).item() for k, v in tree.items()}
 
 
-def _step_keys(base_key: jax.Array, step: int) -> tuple[jax.Array, jax.Array]:
-  k = jax.random.fold_in(jax.random.wrap_key_data(base_key), step)
-  rollout_key, step_key = jax.random.split(k)
-  return jax.random.key_data(rollout_key), jax.random.key_data(step_key)
+def _step_keys(key: jax.Array, step: int) -> tuple[jax.Array, jax.Array]:
+  """(rollout key, step key) of step `step`: split from fold_in(key, step); typed keys in and out."""
+  rollout_key, step_key = jax.random.split(jax.random.fold_in(key, step))
+  return rollout_key, step_key
 
 
 def _is_finite(metrics: dict[str, float]) -> bool:
@@ -247,9 +87,9 @@ def _is_finite(metrics: dict[str, float]) -> bool:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Setup:
-  """What a run needs before its state: mesh, task, model shapes and the compiled programs."""
+  """What a run needs before its state: mesh, task, token ids, model shapes and the compiled programs."""
   cfg: TrainConfig
   mesh: Any
   task: Task
@@ -258,33 +98,41 @@ class Setup:
   graphdef: Any
   abstract_params: Any
   programs: Programs
-  model: Any = None  # the loaded HF / GGUF model, if any (its params start a fresh run)
 
 
-def setup(cfg: TrainConfig, task: Task | None = None) -> Setup:
+def setup(cfg: TrainConfig, task: Task | None = None, programs: Programs | None = None) -> tuple[Setup, Any]:
+  """(Setup, pretrained params): the mesh, the model (`model.build.build_model`), the task and the programs
+  (`programs` if given, checked against `cfg`; else built). The params are the loaded HF / GGUF weights, or None for
+  a preset; the model object is not kept (`initial_params` takes them, then the caller drops them)."""
   mesh = distributed.make_mesh(dict(zip(BATCH_AXES, check_mesh(cfg, jax.device_count()))))
-  model, tokenizer = load_model(cfg, mesh)
-  task = task or build_task(cfg, tokenizer)
-  ids = TokenIds(stop_ids=task.stop_ids, pad_id=task.pad_id, close_tag_ids=task.close_tag_ids)
-  if model is None:
-    mcfg = model_config(cfg, vocab_size=len(task.tokenizer))
-    graphdef, abstract_vars = nnx.split(abstract_model(mcfg, seed=cfg.seed))
+  spec = model_spec(cfg)
+  if spec.pretrained:
+    model, tokenizer = build_model(spec, mesh)
+    task = task or build_task(cfg, tokenizer)
   else:
-    mcfg = model.config
-    graphdef, abstract_vars = nnx.split(model)
-  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_lib.pure(abstract_vars))
-  programs = get_programs(cfg, graphdef, abstract_vars, mesh, ids, mcfg.sharding_rules)
-  return Setup(cfg, mesh, task, ids, mcfg, graphdef, abstract_params, programs, model)
+    task = task or build_task(cfg)
+    model, _ = build_model(spec, mesh, tokenizer=task.tokenizer, abstract=True)
+  ids = TokenIds(stop_ids=task.stop_ids, pad_id=task.pad_id, close_tag_ids=task.close_tag_ids)
+  check_fits(cfg, max_positions(spec), len(ids.close_tag_ids))
+  mcfg, (graphdef, variables) = model.config, nnx.split(model)
+  del model
+  pretrained = state_lib.pure(variables) if spec.pretrained else None
+  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_lib.pure(variables))
+  if programs is None:
+    programs = build_programs(cfg, graphdef, variables, mesh, ids, mcfg.sharding_rules)
+  else:
+    programs.check(cfg, graphdef, mesh, ids)
+  return Setup(cfg, mesh, task, ids, mcfg, graphdef, abstract_params, programs), pretrained
 
 
-def initial_params(s: Setup) -> Any:
-  """Params of a fresh run: `init_checkpoint`, else the loaded HF / GGUF model, else a random initialisation."""
+def initial_params(s: Setup, pretrained: Any = None) -> Any:
+  """Params of a fresh run: `init_checkpoint`, else the loaded HF / GGUF params, else a random initialisation."""
   if s.cfg.init_checkpoint:
     return ckpt_lib.load_params(s.cfg.init_checkpoint, jax.tree.map(
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s.abstract_params,
         s.programs.state_shardings.params))
-  if s.model is not None:
-    return state_lib.pure(nnx.state(s.model))
+  if pretrained is not None:
+    return pretrained
   return state_lib.pure(nnx.state(create_model(s.model_config, seed=s.cfg.seed, mesh=s.mesh)))
 
 
@@ -309,11 +157,14 @@ def evaluate_split(s: Setup, params: Any, records, prefix: str, step: int,
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Task | None = None,
-                       observe: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
+                       observe: Callable[[int, Any], None] | None = None,
+                       programs: Programs | None = None) -> dict[str, Any]:
   """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the final validation / test metrics.
 
   `observe(step, params)`, if given, is called with the starting params and after every step (the demo's per-prompt
-  probe); it must not keep `params` (the next step donates them).
+  probe); it must not keep `params` (the next step donates them). `programs` (from `setup(cfg).programs` of a run
+  whose config differs only in `programs.PROGRAM_NEUTRAL` keys, e.g. the seed or q) saves compiling them again;
+  without it the run builds its own.
 
   Writes `workdir/config.json`, `metrics.jsonl` (one row per step, plus eval rows), TensorBoard events,
   `checkpoints/`, `best/` and `results.json` (process 0 writes files; every process writes its checkpoint shards).
@@ -324,26 +175,20 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Ta
   workdir = ckpt_lib.resolve_workdir(workdir)
   # One run per workdir, a write probe first; a preemption notice ends the run at a step boundary (`Preempted`).
   with workdir_lib.hold(workdir), preemption.Watcher() as watcher:
-    return _train(cfg, workdir, task, watcher, observe)
+    return _train(cfg, workdir, task, programs, watcher, observe)
 
 
-def _train(cfg: TrainConfig, workdir, task: Task | None, watcher: preemption.Watcher,
+def _train(cfg: TrainConfig, workdir, task: Task | None, programs: Programs | None, watcher: preemption.Watcher,
            observe: Callable[[int, Any], None] | None) -> dict[str, Any]:
-  s = setup(cfg, task)
+  s, pretrained = setup(cfg, task, programs)
   mesh, task, programs = s.mesh, s.task, s.programs
   reward_funcs = scoring.RewardFuncs.from_config(cfg)  # imports user reward modules now: a missing one fails early
-  abstract_params = s.abstract_params
   state_sh = programs.state_shardings
   with_ref = state_sh.ref_params is not None
 
   # -- state: resume > init_checkpoint > fresh --------------------------------------------------------------
   checkpointer = ckpt_lib.Checkpointer(workdir, cfg.max_to_keep)
-  abstract_state = jax.tree.map(
-      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-      jax.eval_shape(lambda p: state_lib.TrainState(
-          step=jnp.zeros((), jnp.int32), params=p, opt_state=programs.tx.init(p),
-          key=jnp.zeros((2,), jnp.uint32), ref_params=p if with_ref else None), abstract_params),
-      state_sh)
+  abstract_state = state_lib.abstract_state(s.abstract_params, programs.tx, state_sh, with_ref)
   if distributed.is_main_process():
     workdir_lib.check_free_space(workdir, 2 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)))
   restored = checkpointer.restore(abstract_state)
@@ -354,8 +199,8 @@ def _train(cfg: TrainConfig, workdir, task: Task | None, watcher: preemption.Wat
       log.info("resuming from %s step %d; init_checkpoint %s is ignored", workdir, start_step, cfg.init_checkpoint)
   else:
     start_step = 0
-    state = state_lib.init_state(initial_params(s), programs.tx, cfg.seed, state_sh, with_ref)
-  s.model = None
+    state = state_lib.init_state(initial_params(s, pretrained), programs.tx, cfg.seed, state_sh, with_ref)
+  del pretrained  # loaded HF / GGUF weights live on in the state only
 
   # -- data -------------------------------------------------------------------------------------------------
   rows = distributed.host_batch_slice(cfg.batch_size, mesh, BATCH_AXES)

@@ -1,6 +1,6 @@
 """XLA's own memory numbers for a run's two big programs, the rollout and the train step, from shapes alone.
 
-`analyse(cfg)` builds the run's jitted programs exactly as the trainer does (`loop.get_programs`), lowers them on
+`analyse(cfg)` builds the run's jitted programs exactly as the trainer does (`programs.build_programs`), lowers them on
 abstract shapes (`jax.ShapeDtypeStruct`; the model from `abstract_model`, so nothing is allocated) and compiles them
 for one device; `compiled.memory_analysis()` then gives the buffer sizes XLA assigned. Peak device memory of a
 program is about arguments + outputs + temporaries - aliased (donated state written in place); generated code is
@@ -63,24 +63,26 @@ def analyse(cfg: TrainConfig, model_cfg: ModelConfig | None = None, ids: TokenId
     ids: stop / pad / `</think>` ids (any in-vocabulary ids give the same memory).
     mesh: default a one-device mesh (the numbers are per device).
   """
-  from tsallis_jax.train import loop  # the trainer's programs (loop imports the data stack)
-  mcfg = model_cfg or loop.model_config(cfg)
+  from tsallis_jax.model.build import preset_config
+  from tsallis_jax.train.config import model_spec
+  from tsallis_jax.train.programs import build_programs
+  mcfg = model_cfg or preset_config(model_spec(cfg))
   ids = ids or TokenIds(stop_ids=(1,), pad_id=0, close_tag_ids=(2,))
   mesh = mesh or distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   graphdef, abstract_vars = nnx.split(abstract_model(mcfg, seed=cfg.seed))
-  programs = loop.get_programs(cfg, graphdef, abstract_vars, mesh, ids, mcfg.sharding_rules)
+  programs = build_programs(cfg, graphdef, abstract_vars, mesh, ids, mcfg.sharding_rules)
   params = state_lib.pure(abstract_vars)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   b, p, a = cfg.batch_size, cfg.max_prompt_len, cfg.max_answer_len
   tokens = jax.ShapeDtypeStruct((b, p), jnp.int32)
   mask = jax.ShapeDtypeStruct((b, p), bool)
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  key = jax.eval_shape(lambda: jax.random.key(0))  # a typed key, as the loop passes
   with_ref = programs.state_shardings.ref_params is not None
   with jax.set_mesh(mesh):
     rollout_compiled = programs.train_rollout.jitted.lower(params, tokens, mask, key).compile()
     rollout = jax.eval_shape(programs.train_rollout.jitted, params, tokens, mask, key)
     state = jax.eval_shape(lambda p_: state_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=p_, opt_state=programs.tx.init(p_), key=jnp.zeros((2,), jnp.uint32),
+        step=jnp.zeros((), jnp.int32), params=p_, opt_state=programs.tx.init(p_), key=jax.random.key(0),
         ref_params=p_ if with_ref else None), params)
     batch = {"rollout": rollout, "answer_tokens_BxA": jax.ShapeDtypeStruct((b, a), jnp.int32),
              "answer_mask_BxA": jax.ShapeDtypeStruct((b, a), bool),
@@ -127,11 +129,11 @@ if __name__ == "__main__":  # python -m tsallis_jax.train.memory paper_finqa_1gp
   import json
   import sys
 
-  from tsallis_jax.train import loop
-  from tsallis_jax.train.config import load_config
+  from tsallis_jax.model.build import preset_config
+  from tsallis_jax.train.config import load_config, model_spec
   train_cfg = load_config(sys.argv[1])
   preset = sys.argv[2] if len(sys.argv) > 2 else train_cfg.model
-  model = loop.model_config(train_cfg.replace(model=preset, model_path=""))
+  model = preset_config(model_spec(train_cfg.replace(model=preset, model_path="")))
   if len(sys.argv) > 3:
     result = analyse_by_layers(train_cfg, model, tuple(int(n) for n in sys.argv[3].split(",")))
   else:

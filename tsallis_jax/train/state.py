@@ -5,7 +5,8 @@
   step        int32 scalar, updates applied so far
   params      nnx.State of the policy's parameters
   opt_state   optax state (mirrors params)
-  key         uint32 raw PRNG key data; per-step keys are fold_in(key, step), so the key never changes
+  key         typed PRNG key (`jax.random.key(seed)`); per-step keys are fold_in(key, step), so the key never
+              changes. Checkpoints hold its `key_data` (the one conversion, in checkpoint.py)
   ref_params  nnx.State of the initial policy (KL to the initial policy), or None when not needed
 """
 from __future__ import annotations
@@ -64,6 +65,15 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int, shardin
 
   def build(p):
     return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                      key=jax.random.key_data(jax.random.key(seed)), ref_params=p if with_ref else None)
+                      key=jax.random.key(seed), ref_params=p if with_ref else None)
 
   return jax.jit(build, out_shardings=shardings)(params)
+
+
+def abstract_state(abstract_params: Any, tx: optax.GradientTransformation, shardings: TrainState,
+                   with_ref: bool) -> TrainState:
+  """The state's shapes, dtypes and shardings (ShapeDtypeStructs): the target a checkpoint is restored into."""
+  shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                                               key=jax.random.key(0), ref_params=p if with_ref else None),
+                          abstract_params)
+  return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)

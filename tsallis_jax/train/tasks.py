@@ -83,10 +83,13 @@ class Task:
 
   @property
   def close_tag_ids(self) -> tuple[int, ...]:
-    tid = self.tokenizer.convert_tokens_to_ids("</think>")
-    if tid is None or tid == self.tokenizer.unk_token_id:
-      raise ConfigError("the tokenizer has no `</think>` token; budget forcing and the teacher-forced weight need it")
-    return (int(tid),)
+    """The tokens of `</think>` (one or several; `prompts.close_tag_ids`): what budget forcing feeds and the
+    teacher-forced weight splices between the rationale and the gold answer."""
+    from tsallis_jax.data import prompts
+    try:
+      return prompts.close_tag_ids(self.tokenizer)
+    except ValueError as e:
+      raise ConfigError(f"{e} Budget forcing and the teacher-forced weight need the closing tag.") from None
 
 
 def _options(cfg: TrainConfig, defaults: dict[str, Any]) -> dict[str, Any]:
