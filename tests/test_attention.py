@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from tsallis_jax.model import ModelConfig, Transformer, init_cache, make_attention_mask, make_positions
-from tsallis_jax.model.transformer import attend, attend_in_query_chunks, resolve_attention_impl
+from tsallis_jax.model.transformer import attend, attend_in_query_chunks
 
 from test_model import _left_padded_batch, _random_params  # random norms/biases; rows with 0, 2 and 4 pad tokens
 
@@ -113,10 +113,12 @@ def test_model_xla_kv_cache_prefill_and_decode_equal_einsum():
   chex.assert_trees_all_close(got["xla"], got["einsum"], atol=2e-5, rtol=1e-5)
 
 
-def test_auto_is_einsum_on_cpu_and_configs_validate_the_impl():
-  assert jax.default_backend() == "cpu" and resolve_attention_impl("auto") == "einsum"
+def test_auto_is_the_default_and_configs_validate_the_impl():
   assert ModelConfig.tiny().attention_impl == "auto"
-  assert resolve_attention_impl("xla") == "xla"
+  q_NxTxHxE, k_NxKxSxE, v_NxKxSxE = _qkv()
+  mask_NxTxT = make_attention_mask(_left_padded_batch()[1])
+  np.testing.assert_array_equal(attend(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, mask_NxTxT, impl="auto"),
+                                attend(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, mask_NxTxT, impl="xla"))  # XLA on CPU
   with pytest.raises(ValueError, match="attention_impl='flash'"):
     ModelConfig.tiny(attention_impl="flash")
   with pytest.raises(ValueError, match="attention_impl='cudnn' needs dtype='bfloat16'"):
@@ -129,5 +131,5 @@ def test_cudnn_on_cpu_raises_a_clear_error():
   cfg = ModelConfig.tiny(attention_impl="cudnn", dtype="bfloat16")
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   tokens_NxT, pad_NxT = _left_padded_batch()
-  with pytest.raises(ValueError, match="attention_impl='cudnn' needs a CUDA GPU backend.*attention_impl='xla'"):
+  with pytest.raises(ValueError, match="attention_impl='cudnn' needs a CUDA GPU backend.*attention_impl='auto'"):
     model(tokens_NxT, make_positions(pad_NxT), make_attention_mask(pad_NxT))

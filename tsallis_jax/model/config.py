@@ -36,9 +36,9 @@ DEFAULT_SHARDING_RULES: ShardingRules = (
 
 ARCHITECTURES = ("qwen3", "qwen2", "llama")
 
-#: How attention is computed (`ModelConfig.attention_impl`, see `transformer.attend`): "einsum" (grouped einsums on
-#: the kv-head-major layout), "xla" / "cudnn" (`jax.nn.dot_product_attention` with that implementation), "auto"
-#: (einsum on CPU, where it measured faster, `jax.nn.dot_product_attention`'s own choice elsewhere).
+#: How attention is computed (`ModelConfig.attention_impl`, see `transformer.attend`): "auto" (the default:
+#: `jax.nn.dot_product_attention` with JAX's choice of implementation, XLA today), "xla" / "cudnn" (that
+#: implementation), "einsum" (grouped einsums on the kv-head-major cache layout, the reference).
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
 
 _HF_MODEL_TYPES = {

@@ -109,54 +109,47 @@ def rope(x_NxTxHxE: jax.Array, positions_NxT: jax.Array, inv_freq: np.ndarray) -
   return (x32 * cos_NxTx1xE + rotated * sin_NxTx1xE).astype(x_NxTxHxE.dtype)
 
 
-def resolve_attention_impl(impl: str) -> str:
-  """`ModelConfig.attention_impl` -> the implementation `attend` runs: "auto" is "einsum" on CPU and "xla" elsewhere.
-
-  "einsum" is a CPU path kept because it measured faster there than `jax.nn.dot_product_attention` (XLA
-  implementation): 1.2x to 1.6x on SmolLM2-135M's attention (`python -m experiments.benchmarks.attention_impl`,
-  results in `experiments/benchmarks/README.md`). On other backends "auto" passes `implementation=None` semantics
-  through "xla", JAX's own default; cuDNN is opt-in ("cudnn"), as its masks, dtypes and head dims are restricted.
-  """
-  if impl == "auto":
-    return "einsum" if jax.default_backend() == "cpu" else "xla"
-  return impl
-
-
 def attend_dot_product(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array, attn_mask_NxTxS: jax.Array,
                        *, impl: str) -> jax.Array:
-  """`attend` through `jax.nn.dot_product_attention` (impl "xla" or "cudnn"), GQA native, boolean mask.
+  """`attend` through `jax.nn.dot_product_attention`: impl "auto" (JAX's choice, XLA today), "xla" or "cudnn".
 
-  The XLA implementation fills masked scores with -0.7 * max(float32) and takes the softmax in float32, so a fully
-  masked row (a left-padding query) gets uniform weights and stays finite, as in the einsum path. cuDNN turns the
-  mask into an additive bias of the same value.
+  GQA is native (K kv heads in BTNH layout); the boolean mask is broadcast over heads. The XLA implementation fills
+  masked scores with -0.7 * max(float32) and takes the softmax in float32, so a fully masked row (a left-padding
+  query) gets uniform weights and stays finite, as in the einsum path; cuDNN turns the mask into an additive bias of
+  the same value.
   """
+  if impl not in ("auto", "xla", "cudnn"):
+    raise ValueError(f"attend_dot_product: impl must be 'auto', 'xla' or 'cudnn', got {impl!r}.")
   if impl == "cudnn" and jax.default_backend() != "gpu":
     raise ValueError(f"attention_impl='cudnn' needs a CUDA GPU backend, but JAX's default backend is "
-                     f"{jax.default_backend()!r}; use attention_impl='xla' or 'auto' here.")
-  if impl not in ("xla", "cudnn"):
-    raise ValueError(f"attend_dot_product: impl must be 'xla' or 'cudnn', got {impl!r}.")
-  # BTNH layout: keys and values seq-major (a transpose of the kv-head-major cache).
+                     f"{jax.default_backend()!r}; use attention_impl='auto' or 'xla' here.")
+  # BTNH layout: keys and values seq-major, a transpose of the kv-head-major cache (without a cache the model's
+  # transpose to kv-head major and this one cancel).
   k_NxSxKxE = k_NxKxSxE.transpose(0, 2, 1, 3)
   v_NxSxKxE = v_NxKxSxE.transpose(0, 2, 1, 3)
   mask_Nx1xTxS = attn_mask_NxTxS.astype(bool)[:, None]
   try:
-    return jax.nn.dot_product_attention(q_NxTxHxE, k_NxSxKxE, v_NxSxKxE, mask=mask_Nx1xTxS, implementation=impl)
+    return jax.nn.dot_product_attention(q_NxTxHxE, k_NxSxKxE, v_NxSxKxE, mask=mask_Nx1xTxS,
+                                        implementation=None if impl == "auto" else impl)
   except (NotImplementedError, RuntimeError) as err:
     if impl != "cudnn":
       raise
     raise ValueError(f"attention_impl='cudnn' cannot run this attention (q {q_NxTxHxE.shape} {q_NxTxHxE.dtype}, "
-                     f"kv length {k_NxKxSxE.shape[2]}): {err}. Use attention_impl='xla' for this model.") from err
+                     f"kv length {k_NxKxSxE.shape[2]}): {err}. Use attention_impl='auto' for this model.") from err
 
 
 def attend(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array, attn_mask_NxTxS: jax.Array,
            *, impl: str = "einsum") -> jax.Array:
   """Softmax attention with grouped kv heads; scores and softmax in float32, fully masked rows stay finite.
 
-  Keys and values come kv-head major (the KV cache's layout), so both einsums batch over (N, K) without copying
-  them. `impl` "xla" / "cudnn" goes through `attend_dot_product` instead (same inputs, same result up to float
-  summation order); "auto" is resolved first (`resolve_attention_impl`).
+  `impl` is `ModelConfig.attention_impl`: "auto", "xla" or "cudnn" go through `attend_dot_product`
+  (`jax.nn.dot_product_attention`); "einsum", this function's own default, runs two grouped einsums on the kv-head-
+  major layout of the KV cache, batching over (N, K) without copying keys or values. The einsum path is the
+  reference the others are tested against (`tests/test_attention.py`); it is not the model's default because on XLA
+  CPU it measured no faster than `jax.nn.dot_product_attention` in the model (`python -m
+  experiments.benchmarks.attention_impl`: the SmolLM2-135M train step 0.90-0.94x and decode step 0.75-0.95x with
+  the XLA implementation, the attention kernel alone 1.11-1.17x in training).
   """
-  impl = resolve_attention_impl(impl)
   if impl != "einsum":
     return attend_dot_product(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, impl=impl)
   n, t, h, e = q_NxTxHxE.shape
@@ -241,7 +234,7 @@ class Attention(nnx.Module):
       new_layer_cache = (k_NxKxSxE, v_NxKxSxE)
       k_NxKxSxE, v_NxKxSxE = k_NxKxSxE.astype(dt), v_NxKxSxE.astype(dt)
 
-    chunk, impl = cfg.attention_query_chunk, resolve_attention_impl(cfg.attention_impl)
+    chunk, impl = cfg.attention_query_chunk, cfg.attention_impl
     if chunk is None or q_NxTxHxE.shape[1] <= chunk:
       out_NxTxHxE = attend(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, impl=impl)
     else:
