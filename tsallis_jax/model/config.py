@@ -36,8 +36,8 @@ DEFAULT_SHARDING_RULES: ShardingRules = (
 
 ARCHITECTURES = ("qwen3", "qwen2", "llama")
 
-#: How attention is computed (`ModelConfig.attention_impl`, see `transformer.attend`): "auto" (the default:
-#: `jax.nn.dot_product_attention` with JAX's choice of implementation, XLA today), "xla" / "cudnn" (that
+#: How attention is computed (`ModelConfig.attention_impl`, see `transformer.attend`): "auto" (the default: "einsum"
+#: on CPU, `jax.nn.dot_product_attention` with JAX's choice of implementation elsewhere), "xla" / "cudnn" (that
 #: implementation), "einsum" (grouped einsums on the kv-head-major cache layout, the reference).
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
 

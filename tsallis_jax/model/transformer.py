@@ -139,17 +139,23 @@ def attend_dot_product(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: ja
 
 
 def attend(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array, attn_mask_NxTxS: jax.Array,
-           *, impl: str = "einsum") -> jax.Array:
+           *, impl: str = "auto") -> jax.Array:
   """Softmax attention with grouped kv heads; scores and softmax in float32, fully masked rows stay finite.
 
-  `impl` is `ModelConfig.attention_impl`: "auto", "xla" or "cudnn" go through `attend_dot_product`
-  (`jax.nn.dot_product_attention`); "einsum", this function's own default, runs two grouped einsums on the kv-head-
-  major layout of the KV cache, batching over (N, K) without copying keys or values. The einsum path is the
-  reference the others are tested against (`tests/test_attention.py`); it is not the model's default because on XLA
-  CPU it measured no faster than `jax.nn.dot_product_attention` in the model (`python -m
-  experiments.benchmarks.attention_impl`: the SmolLM2-135M train step 0.90-0.94x and decode step 0.75-0.95x with
-  the XLA implementation, the attention kernel alone 1.11-1.17x in training).
+  `impl` is `ModelConfig.attention_impl`. "einsum" runs two grouped einsums on the kv-head-major layout of the KV
+  cache, batching over (N, K) without copying keys or values; it is the reference the other paths are tested
+  against (`tests/test_attention.py`). "xla" / "cudnn" go through `attend_dot_product`
+  (`jax.nn.dot_product_attention`). "auto" is the einsum path on CPU and `jax.nn.dot_product_attention` with JAX's
+  choice of implementation elsewhere.
+
+  Why einsum on CPU (a CPU choice, not a CPU-only path: the einsum path is the reference on every backend): side by
+  side on XLA CPU at SmolLM2-135M's widths (`python -m experiments.benchmarks.attention_impl`, quietest run) the two
+  tie in the model, XLA / einsum = 1.01x for the forward + backward of 8 x 48 tokens and 1.02x for a 16-row decode
+  step (1.13x for the decode attention alone), and einsum keeps every committed CPU result bit-identical (the
+  sampler's saved reference rollouts, the demo's numbers), which the XLA path's other summation order does not.
   """
+  if impl == "auto" and jax.default_backend() == "cpu":
+    impl = "einsum"
   if impl != "einsum":
     return attend_dot_product(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, impl=impl)
   n, t, h, e = q_NxTxHxE.shape
