@@ -173,7 +173,7 @@ def attend(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array, att
 
 
 def attend_in_query_chunks(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array,
-                           attn_mask_NxTxS: jax.Array, chunk: int, *, impl: str = "einsum") -> jax.Array:
+                           attn_mask_NxTxS: jax.Array, chunk: int, *, impl: str = "auto") -> jax.Array:
   """`attend` over Z blocks of W = `chunk` queries (`lax.map`, rematerialised): exact, with peak score memory
   N x H x W x S instead of N x H x T x S, for long sequences (the paper's rationales run to 4k tokens)."""
   n, t, h, e = q_NxTxHxE.shape
