@@ -179,6 +179,13 @@ def test_decode_gemm_profile_times_both_layouts_of_the_same_product():
     assert set(result[chain]["weight_gb_per_s"]) == {"x @ W", "linear"} and result[chain]["speedup_linear"] > 0
 
 
+def test_attention_impl_profile_times_both_implementations_of_the_same_attention():
+  from experiments.benchmarks import attention_impl
+  result = attention_impl.run(reps=1, layers=1, rows_train=2, len_train=8, rows_decode=2, slots=8)  # checks parity
+  for name in ("train", "decode", "attn_train", "attn_decode"):
+    assert set(result[name]["median_s"]) == {"einsum", "xla"} and result[name]["ratio_xla_over_einsum"] > 0
+
+
 @pytest.mark.slow
 def test_device_check_runs_the_trainer_step_and_writes_its_json(tmp_path):
   """The prepared accelerator check (device_check.py) end to end on CPU with the tiny preset (8 fake devices)."""
@@ -195,3 +202,6 @@ def test_device_check_runs_the_trainer_step_and_writes_its_json(tmp_path):
     assert r["steps_timed"] == 2 and r["step_s"] > 0 and 0 < r["mfu"] < 1
     assert 0 < r["generated_tokens_per_step"] <= 8 * 2 * (6 + 1 + 4)  # a tiny vocabulary's random model hits EOS
   assert result["sampler"]["rows"] == 16 and result["sampler"]["tokens_per_s"] > 0
+  for impl in ("einsum", "xla"):  # no GPU: no cudnn entry
+    assert result["attention"][impl]["finite"] and result["attention"][impl]["grad_max_rel_err"] < 1e-5
+  assert "cudnn" not in result["attention"]

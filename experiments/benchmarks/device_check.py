@@ -15,6 +15,10 @@ For each estimator (GRPO, GARL q = 0.75):
   (`--peak-tflops`, default: a measured bf16 8192^3 product on this device);
 - peak device memory (`memory_stats()['peak_bytes_in_use']`, where the backend reports it).
 The sampler alone: the trainer's jitted rollout on one batch, median of `--sampler-reps` calls, tokens/s.
+Attention (`attention_parity`, seconds): at the preset's head shapes in `--dtype`, with left padding (fully masked
+query rows), each `attention_impl` ("einsum", "xla", and "cudnn" on a GPU) against a float32 einsum reference:
+output and gradient max errors, finiteness, and the median time of forward + backward. A cuDNN failure is recorded
+in the JSON, not raised. `--attention-impl` picks the implementation the trainer's steps use.
 Everything goes into one JSON (and is printed).
 """
 from __future__ import annotations
@@ -47,10 +51,56 @@ def matmul_peak_tflops(dtype: str, size: int = 8192, reps: int = 10) -> float:
   return 2 * size ** 3 / statistics.median(times) / 1e12
 
 
+def attention_parity(model: str, dtype: str, *, rows: int, length: int, reps: int = 5) -> dict[str, Any]:
+  """Each attention implementation vs a float32 einsum reference (see the module docstring)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from tsallis_jax.model import ModelConfig, make_attention_mask
+  from tsallis_jax.model.transformer import attend
+  mcfg = getattr(ModelConfig, model)()
+  h, k, e = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
+  rng = np.random.default_rng(0)
+  q32, k32, v32 = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
+                   for shape in ((rows, length, h, e), (rows, k, length, e), (rows, k, length, e)))
+  pad_NxT = jnp.asarray(np.arange(length)[None] >= rng.integers(0, length // 2, (rows, 1)))  # left padding
+  mask_NxTxT = make_attention_mask(pad_NxT)
+
+  def value_and_grads(impl, q, kk, v):
+    loss = lambda q, kk, v: jnp.sum(jnp.where(pad_NxT[:, :, None, None],
+                                              attend(q, kk, v, mask_NxTxT, impl=impl).astype(jnp.float32), 0.0) ** 2)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, kk, v)
+
+  ref = jax.jit(lambda *a: value_and_grads("einsum", *a))(q32, k32, v32)
+  impls = ["einsum", "xla"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+  out: dict[str, Any] = {"shape": [rows, length, h, k, e], "dtype": dtype}
+  for impl in impls:
+    try:
+      fn = jax.jit(lambda *a, impl=impl: value_and_grads(impl, *a))
+      args = tuple(x.astype(dtype) for x in (q32, k32, v32))
+      got = jax.block_until_ready(fn(*args))
+      times = []
+      for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+      leaves = lambda tree: [np.asarray(x, np.float32) for x in jax.tree.leaves(tree)]
+      rel = lambda a, b: float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+      out[impl] = {"finite": bool(all(np.isfinite(x).all() for x in leaves(got))),
+                   "loss_rel_err": rel(*leaves((got[0], ref[0]))),
+                   "grad_max_rel_err": max(rel(a, b) for a, b in zip(leaves(got[1]), leaves(ref[1]))),
+                   "fwd_bwd_s": statistics.median(times)}
+    except Exception as err:  # noqa: BLE001 -- a failing implementation is a result here
+      out[impl] = {"error": f"{type(err).__name__}: {err}"[:500]}
+  return out
+
+
 def check_config(model: str, estimator: str, steps: int, dtype: str, *, batch: int, samples: int, prompt_len: int,
-                 rationale: int, answer: int):
+                 rationale: int, answer: int, attention_impl: str = "auto"):
   from tsallis_jax.train.config import TrainConfig
-  overrides = "vocab_size=151936" if model == "qwen3_0_6b" else ""  # the real vocabulary, not the task's 90 words
+  overrides = "vocab_size=151936," if model == "qwen3_0_6b" else ""  # the real vocabulary, not the task's 90 words
+  overrides += f"attention_impl={attention_impl}"
   return TrainConfig(
       name=f"device_check_{estimator}", model=model, model_overrides=overrides, dtype=dtype, task="synthetic",
       task_options="p0=0.01,train=512,val=8,test=8", max_prompt_len=prompt_len, rationale_budget=rationale,
@@ -120,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--rationale", type=int, default=512, help="rationale budget (the paper: 2k-4k minus 128)")
   parser.add_argument("--answer", type=int, default=16)
   parser.add_argument("--sampler-reps", type=int, default=3)
+  parser.add_argument("--attention-impl", default="auto", help="ModelConfig.attention_impl of the timed steps")
+  parser.add_argument("--attention-len", type=int, default=0, help="attention parity check length (0 = the "
+                      "prompt length + rationale budget + answer, rounded up to even)")
   parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak; 0 = measure a bf16 matmul")
   args = parser.parse_args(argv)
 
@@ -134,12 +187,17 @@ def main(argv: list[str] | None = None) -> int:
                                                 size=8192 if device.platform != "cpu" else 1024, reps=5)
   out: dict[str, Any] = {"jax": jax.__version__, "device": str(device), "device_kind": device.device_kind,
                          "platform": device.platform, "model": args.model, "dtype": args.dtype,
+                         "attention_impl": args.attention_impl,
                          "shapes": {"B": args.batch, "G": args.samples, "P": args.prompt_len,
                                     "rationale": args.rationale, "answer": args.answer},
                          "peak_tflops": peak, "peak_measured": not args.peak_tflops}
+  length = args.attention_len or 2 * (-(-(args.prompt_len + args.rationale + args.answer) // 2))
+  out["attention"] = attention_parity(args.model, args.dtype, rows=args.batch, length=length)
+  print("attention", json.dumps(out["attention"]), flush=True)
   for estimator in ("grpo", "garl"):
     cfg = check_config(args.model, estimator, args.steps, args.dtype, batch=args.batch, samples=args.samples,
-                       prompt_len=args.prompt_len, rationale=args.rationale, answer=args.answer)
+                       prompt_len=args.prompt_len, rationale=args.rationale, answer=args.answer,
+                       attention_impl=args.attention_impl)
     tokenizer = synthetic.make_tokenizer()
     hf = preset_config(model_spec(cfg), vocab_size=len(tokenizer)).to_hf_config()
     step_flops = flops.step_flops(hf, num_sequences=args.batch * args.samples, prompt_len=args.prompt_len,
@@ -148,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     print(estimator, json.dumps(out[estimator]), flush=True)
   out["sampler"] = time_sampler(check_config(args.model, "grpo", 1, args.dtype, batch=args.batch,
                                              samples=args.samples, prompt_len=args.prompt_len,
-                                             rationale=args.rationale, answer=args.answer), args.sampler_reps)
+                                             rationale=args.rationale, answer=args.answer,
+                                             attention_impl=args.attention_impl), args.sampler_reps)
   out["peak_memory_bytes"] = peak_memory_bytes()
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:

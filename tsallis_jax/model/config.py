@@ -36,6 +36,11 @@ DEFAULT_SHARDING_RULES: ShardingRules = (
 
 ARCHITECTURES = ("qwen3", "qwen2", "llama")
 
+#: How attention is computed (`ModelConfig.attention_impl`, see `transformer.attend`): "auto" (the default: "einsum"
+#: on CPU, `jax.nn.dot_product_attention` with JAX's choice of implementation elsewhere), "xla" / "cudnn" (that
+#: implementation), "einsum" (grouped einsums on the kv-head-major cache layout, the reference).
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+
 _HF_MODEL_TYPES = {
   "qwen3": "qwen3",
   "qwen2": "qwen2",
@@ -64,11 +69,16 @@ class ModelConfig:
     qkv_bias: q/k/v projections carry a bias (Qwen2).
     qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3).
     tie_embeddings: the LM head is the token embedding itself (VxD, [out, in] like every projection).
-    dtype: compute dtype name ("float32" or "bfloat16"); logits and log-softmax stay float32.
-    param_dtype: parameter storage dtype name.
+    dtype: compute dtype name ("float32" or "bfloat16"): activations and matmul operands. Logits, log-softmax,
+      attention softmax, RMSNorm and RoPE stay float32 (the precision contract in `tsallis_jax/model/README.md`).
+    param_dtype: parameter storage dtype name; keep "float32" for training (the optimizer updates float32 params,
+      and each weight is cast to `dtype` where it is used, so gradients arrive in float32).
     remat: rematerialise each decoder block in the backward pass (`nnx.remat`).
     attention_query_chunk: if set, attention runs over blocks of this many queries (exact; peak score memory
       N x H x chunk x S instead of N x H x T x S), for long teacher-forced sequences.
+    attention_impl: one of `ATTENTION_IMPLS`. "cudnn" (cuDNN flash attention) needs a GPU backend, dtype
+      bfloat16 or float16 and head_dim a multiple of 8 up to 256 (128 before Hopper); a bad combination raises
+      ValueError here or at the first call.
     sharding_rules: (logical axis, mesh axes) pairs; see `DEFAULT_SHARDING_RULES`.
   """
   vocab_size: int
@@ -89,6 +99,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: bool = False
   attention_query_chunk: int | None = None
+  attention_impl: str = "auto"
   sharding_rules: ShardingRules = DEFAULT_SHARDING_RULES
 
   def __post_init__(self):
@@ -114,6 +125,15 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; use 'float32', 'bfloat16' or 'float16'.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}; use one of {ATTENTION_IMPLS}.")
+    if self.attention_impl == "cudnn":
+      if self.dtype == "float32":
+        raise ValueError("attention_impl='cudnn' needs dtype='bfloat16' or 'float16' (cuDNN flash attention has no "
+                         "float32 kernel); set dtype='bfloat16', or attention_impl='xla' for float32 compute.")
+      if self.head_dim % 8 or self.head_dim > 256:
+        raise ValueError(f"attention_impl='cudnn' needs head_dim a multiple of 8 and at most 256, got "
+                         f"{self.head_dim}; use attention_impl='xla'.")
 
   @property
   def compute_dtype(self) -> jnp.dtype:

@@ -2,6 +2,9 @@
 
 Pre-RMSNorm blocks with grouped-query attention (optional per-head q/k RMSNorm, optional q/k/v biases), rotary
 embeddings in the split-halves (rotate-half) convention of Hugging Face, a SwiGLU MLP, and a tied or untied LM head.
+Attention runs as grouped einsums or through `jax.nn.dot_product_attention` (XLA or cuDNN), per
+`cfg.attention_impl` (`attend`). Precision: activations in `cfg.dtype` from float32 parameters; RMSNorm, RoPE, the
+attention softmax and the logits in float32 (the contract in `tsallis_jax/model/README.md`).
 
 Weights are stored [out, in] as in Hugging Face (the output axis split per head), each with `logical_axes` metadata
 for sharding. Every projection is one `linear` call, which multiplies decode-sized batches with the weight as the
@@ -106,12 +109,55 @@ def rope(x_NxTxHxE: jax.Array, positions_NxT: jax.Array, inv_freq: np.ndarray) -
   return (x32 * cos_NxTx1xE + rotated * sin_NxTx1xE).astype(x_NxTxHxE.dtype)
 
 
-def attend(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array, attn_mask_NxTxS: jax.Array
-           ) -> jax.Array:
+def attend_dot_product(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array, attn_mask_NxTxS: jax.Array,
+                       *, impl: str) -> jax.Array:
+  """`attend` through `jax.nn.dot_product_attention`: impl "auto" (JAX's choice, XLA today), "xla" or "cudnn".
+
+  GQA is native (K kv heads in BTNH layout); the boolean mask is broadcast over heads. The XLA implementation fills
+  masked scores with -0.7 * max(float32) and takes the softmax in float32, so a fully masked row (a left-padding
+  query) gets uniform weights and stays finite, as in the einsum path; cuDNN turns the mask into an additive bias of
+  the same value.
+  """
+  if impl not in ("auto", "xla", "cudnn"):
+    raise ValueError(f"attend_dot_product: impl must be 'auto', 'xla' or 'cudnn', got {impl!r}.")
+  if impl == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"attention_impl='cudnn' needs a CUDA GPU backend, but JAX's default backend is "
+                     f"{jax.default_backend()!r}; use attention_impl='auto' or 'xla' here.")
+  # BTNH layout: keys and values seq-major, a transpose of the kv-head-major cache (without a cache the model's
+  # transpose to kv-head major and this one cancel).
+  k_NxSxKxE = k_NxKxSxE.transpose(0, 2, 1, 3)
+  v_NxSxKxE = v_NxKxSxE.transpose(0, 2, 1, 3)
+  mask_Nx1xTxS = attn_mask_NxTxS.astype(bool)[:, None]
+  try:
+    return jax.nn.dot_product_attention(q_NxTxHxE, k_NxSxKxE, v_NxSxKxE, mask=mask_Nx1xTxS,
+                                        implementation=None if impl == "auto" else impl)
+  except (NotImplementedError, RuntimeError) as err:
+    if impl != "cudnn":
+      raise
+    raise ValueError(f"attention_impl='cudnn' cannot run this attention (q {q_NxTxHxE.shape} {q_NxTxHxE.dtype}, "
+                     f"kv length {k_NxKxSxE.shape[2]}): {err}. Use attention_impl='auto' for this model.") from err
+
+
+def attend(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array, attn_mask_NxTxS: jax.Array,
+           *, impl: str = "auto") -> jax.Array:
   """Softmax attention with grouped kv heads; scores and softmax in float32, fully masked rows stay finite.
 
-  Keys and values come kv-head major (the KV cache's layout), so both dots batch over (N, K) without copying them.
+  `impl` is `ModelConfig.attention_impl`. "einsum" runs two grouped einsums on the kv-head-major layout of the KV
+  cache, batching over (N, K) without copying keys or values; it is the reference the other paths are tested
+  against (`tests/test_attention.py`). "xla" / "cudnn" go through `attend_dot_product`
+  (`jax.nn.dot_product_attention`). "auto" is the einsum path on CPU and `jax.nn.dot_product_attention` with JAX's
+  choice of implementation elsewhere.
+
+  Why einsum on CPU (a CPU choice, not a CPU-only path: the einsum path is the reference on every backend): side by
+  side on XLA CPU at SmolLM2-135M's widths (`python -m experiments.benchmarks.attention_impl`, quietest run) the two
+  tie in the model, XLA / einsum = 1.01x for the forward + backward of 8 x 48 tokens and 1.02x for a 16-row decode
+  step (1.13x for the decode attention alone), and einsum keeps every committed CPU result bit-identical (the
+  sampler's saved reference rollouts, the demo's numbers), which the XLA path's other summation order does not.
   """
+  if impl == "auto" and jax.default_backend() == "cpu":
+    impl = "einsum"
+  if impl != "einsum":
+    return attend_dot_product(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, impl=impl)
   n, t, h, e = q_NxTxHxE.shape
   kv = k_NxKxSxE.shape[1]
   # J = H / K query heads share one kv head.
@@ -127,7 +173,7 @@ def attend(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array, att
 
 
 def attend_in_query_chunks(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE: jax.Array,
-                           attn_mask_NxTxS: jax.Array, chunk: int) -> jax.Array:
+                           attn_mask_NxTxS: jax.Array, chunk: int, *, impl: str = "auto") -> jax.Array:
   """`attend` over Z blocks of W = `chunk` queries (`lax.map`, rematerialised): exact, with peak score memory
   N x H x W x S instead of N x H x T x S, for long sequences (the paper's rationales run to 4k tokens)."""
   n, t, h, e = q_NxTxHxE.shape
@@ -137,7 +183,7 @@ def attend_in_query_chunks(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE
                  .reshape(n, blocks, chunk, h, e).transpose(1, 0, 2, 3, 4))
   mask_ZxNxWxS = (jnp.pad(attn_mask_NxTxS, ((0, 0), (0, pad), (0, 0)))
                   .reshape(n, blocks, chunk, -1).transpose(1, 0, 2, 3))
-  block_fn = jax.checkpoint(lambda q, m: attend(q, k_NxKxSxE, v_NxKxSxE, m))
+  block_fn = jax.checkpoint(lambda q, m: attend(q, k_NxKxSxE, v_NxKxSxE, m, impl=impl))
   out_ZxNxWxHxE = jax.lax.map(lambda xs: block_fn(*xs), (q_ZxNxWxHxE, mask_ZxNxWxS))
   return out_ZxNxWxHxE.transpose(1, 0, 2, 3, 4).reshape(n, blocks * chunk, h, e)[:, :t]
 
@@ -194,11 +240,11 @@ class Attention(nnx.Module):
       new_layer_cache = (k_NxKxSxE, v_NxKxSxE)
       k_NxKxSxE, v_NxKxSxE = k_NxKxSxE.astype(dt), v_NxKxSxE.astype(dt)
 
-    chunk = cfg.attention_query_chunk
+    chunk, impl = cfg.attention_query_chunk, cfg.attention_impl
     if chunk is None or q_NxTxHxE.shape[1] <= chunk:
-      out_NxTxHxE = attend(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS)
+      out_NxTxHxE = attend(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, impl=impl)
     else:
-      out_NxTxHxE = attend_in_query_chunks(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, chunk)
+      out_NxTxHxE = attend_in_query_chunks(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, chunk, impl=impl)
     # One contracting axis of H*E (a free reshape of both operands): contracting (h, e) as two axes let XLA CPU
     # pick an (e, h) order and copy o_proj transposed at every decode step.
     h, e = out_NxTxHxE.shape[2:]

@@ -122,7 +122,7 @@ def measure_p0(graphdef: nnx.GraphDef, params: Any, records: Sequence[Record], t
 
 # ModelConfig fields that change speed or memory but not the trained function; None-valued (off) options are dropped
 # too, so that a new optional model feature does not invalidate the cache.
-_PERFORMANCE_ONLY = ("sharding_rules", "remat", "attention_query_chunk")
+_PERFORMANCE_ONLY = ("sharding_rules", "remat", "attention_query_chunk", "attention_impl")
 
 
 def cache_key(model_cfg: ModelConfig, target: Any, cfg: PretrainConfig) -> str:
