@@ -32,7 +32,23 @@ DEFAULT_SHARDING_RULES: ShardingRules = (
   ("head_dim", None),
   ("norm", None),
   ("act_embed", None),
+  ("layers", None),  # the stacked-layer axis of scanned parameters and caches (`scan_layers`) is never sharded
 )
+
+#: `ModelConfig.remat` values: what each decoder block keeps for the backward pass (the rest is recomputed).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+_REMAT_BOOLS = {"true": "full", "1": "full", "yes": "full", "false": "none", "0": "none", "no": "none"}
+
+
+def remat_policy_name(value: "str | bool") -> str:
+  """A `REMAT_POLICIES` name from a name or the old bool / its text (True / "true" -> "full", False -> "none")."""
+  if isinstance(value, bool):
+    return "full" if value else "none"
+  text = str(value).strip().lower()
+  text = _REMAT_BOOLS.get(text, text)
+  if text not in REMAT_POLICIES:
+    raise ValueError(f"remat={value!r} is not one of {REMAT_POLICIES} (or true / false for full / none).")
+  return text
 
 ARCHITECTURES = ("qwen3", "qwen2", "llama")
 
@@ -66,7 +82,14 @@ class ModelConfig:
     tie_embeddings: the LM head is the token embedding itself (VxD, [out, in] like every projection).
     dtype: compute dtype name ("float32" or "bfloat16"); logits and log-softmax stay float32.
     param_dtype: parameter storage dtype name.
-    remat: rematerialise each decoder block in the backward pass (`nnx.remat`).
+    remat: what each decoder block keeps for the backward pass (`nnx.remat`): "none" (keep everything, no
+      rematerialisation), "full" (keep only the block's input; recompute the rest), "dots_saveable" (keep the
+      matmul outputs, recompute the elementwise rest; `jax.checkpoint_policies.dots_saveable`) or
+      "dots_with_no_batch_dims_saveable". The old bools are accepted: True -> "full", False -> "none".
+    scan_layers: the L decoder blocks' parameters are stacked along a leading "layers" axis and the forward is one
+      `nnx.scan` over them (compile time independent of L; the KV cache is stacked LxNxKxSxE too). False keeps one
+      module per layer, looped in Python (unrolled under jit). Both compute the same function; their parameter
+      trees (and so their Orbax checkpoints) differ, their Hugging Face files do not.
     attention_query_chunk: if set, attention runs over blocks of this many queries (exact; peak score memory
       N x H x chunk x S instead of N x H x T x S), for long teacher-forced sequences.
     sharding_rules: (logical axis, mesh axes) pairs; see `DEFAULT_SHARDING_RULES`.
@@ -87,11 +110,13 @@ class ModelConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"
+  scan_layers: bool = True
   attention_query_chunk: int | None = None
   sharding_rules: ShardingRules = DEFAULT_SHARDING_RULES
 
   def __post_init__(self):
+    object.__setattr__(self, "remat", remat_policy_name(self.remat))
     positive = ("vocab_size", "num_layers", "embed_dim", "mlp_dim", "num_heads", "num_kv_heads", "head_dim")
     for name in positive:
       value = getattr(self, name)

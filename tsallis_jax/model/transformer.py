@@ -142,6 +142,29 @@ def attend_in_query_chunks(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE
   return out_ZxNxWxHxE.transpose(1, 0, 2, 3, 4).reshape(n, blocks * chunk, h, e)[:, :t]
 
 
+def write_layer_cache(layer_cache: tuple, k_NxKxTxE: jax.Array, v_NxKxTxE: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+  """Writes one layer's T new keys/values at slot `index`; returns (k_NxKxSxE, v_NxKxSxE, new buffers).
+
+  `layer_cache` is `(k_NxKxSxE, v_NxKxSxE, index)` for one layer's own buffers (unrolled layers), or
+  `(k_LxNxKxSxE, v_LxNxKxSxE, index, layer)` for the stacked buffers of all layers carried through the scan: the
+  write goes to layer `layer` in place (`dynamic_update_slice` on the carry) and that layer's slab is read back.
+  """
+  if len(layer_cache) == 3:
+    k_buf, v_buf, index = layer_cache
+    k_NxKxSxE = jax.lax.dynamic_update_slice(k_buf, k_NxKxTxE.astype(k_buf.dtype), (0, 0, index, 0))
+    v_NxKxSxE = jax.lax.dynamic_update_slice(v_buf, v_NxKxTxE.astype(v_buf.dtype), (0, 0, index, 0))
+    return k_NxKxSxE, v_NxKxSxE, (k_NxKxSxE, v_NxKxSxE)
+  k_LxNxKxSxE, v_LxNxKxSxE, index, layer = layer_cache
+  k_LxNxKxSxE = jax.lax.dynamic_update_slice(k_LxNxKxSxE, k_NxKxTxE[None].astype(k_LxNxKxSxE.dtype),
+                                             (layer, 0, 0, index, 0))
+  v_LxNxKxSxE = jax.lax.dynamic_update_slice(v_LxNxKxSxE, v_NxKxTxE[None].astype(v_LxNxKxSxE.dtype),
+                                             (layer, 0, 0, index, 0))
+  k_NxKxSxE = jax.lax.dynamic_index_in_dim(k_LxNxKxSxE, layer, axis=0, keepdims=False)
+  v_NxKxSxE = jax.lax.dynamic_index_in_dim(v_LxNxKxSxE, layer, axis=0, keepdims=False)
+  return k_NxKxSxE, v_NxKxSxE, (k_LxNxKxSxE, v_LxNxKxSxE)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention; query head h reads kv head h // (H / K), without repeating k or v."""
 
@@ -188,10 +211,7 @@ class Attention(nnx.Module):
     if layer_cache is None:
       k_NxKxSxE, v_NxKxSxE, new_layer_cache = k_NxKxTxE, v_NxKxTxE, None
     else:
-      k_buf, v_buf, index = layer_cache
-      k_NxKxSxE = jax.lax.dynamic_update_slice(k_buf, k_NxKxTxE.astype(k_buf.dtype), (0, 0, index, 0))
-      v_NxKxSxE = jax.lax.dynamic_update_slice(v_buf, v_NxKxTxE.astype(v_buf.dtype), (0, 0, index, 0))
-      new_layer_cache = (k_NxKxSxE, v_NxKxSxE)
+      k_NxKxSxE, v_NxKxSxE, new_layer_cache = write_layer_cache(layer_cache, k_NxKxTxE, v_NxKxTxE)
       k_NxKxSxE, v_NxKxSxE = k_NxKxSxE.astype(dt), v_NxKxSxE.astype(dt)
 
     chunk = cfg.attention_query_chunk
@@ -247,6 +267,25 @@ class Block(nnx.Module):
     return x_NxTxD, new_layer_cache
 
 
+def stacked_blocks(cfg: ModelConfig, keys_L: jax.Array) -> Block:
+  """L blocks as one `Block` whose parameters carry a leading L axis (logical axis "layers"), built by one
+  `nnx.vmap` of the block's initialiser over the L keys: layer l's values equal `Block(cfg, key=keys_L[l])`'s."""
+  blocks = nnx.vmap(lambda key: Block(cfg, key=key), in_axes=0, out_axes=0)(keys_L)
+  for _, var in nnx.iter_graph(blocks):
+    if isinstance(var, nnx.Variable):
+      var.set_metadata("logical_axes", ("layers", *var.get_metadata()["logical_axes"]))
+  return blocks
+
+
+def remat_block(fn, policy: str, *, prevent_cse: bool):
+  """`fn` (a block's call) rematerialised by `ModelConfig.remat`'s policy; `fn` itself for "none"."""
+  if policy == "none":
+    return fn
+  policies = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
+              "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+  return nnx.remat(fn, policy=policies[policy], prevent_cse=prevent_cse)
+
+
 def _check_inputs(cfg: ModelConfig, tokens_NxT, positions_NxT, attn_mask_NxTxS, cache, cache_index):
   if tokens_NxT.ndim != 2:
     raise ValueError(f"tokens must be rank 2 (rows x tokens), got shape {tokens_NxT.shape}.")
@@ -262,8 +301,12 @@ def _check_inputs(cfg: ModelConfig, tokens_NxT, positions_NxT, attn_mask_NxTxS, 
       raise ValueError("A cache was given without cache_index; pass the slot where the new tokens go (0 for prefill).")
     if cache.batch_size != n:
       raise ValueError(f"The cache holds {cache.batch_size} rows but the tokens have {n}.")
-    if len(cache.k) != cfg.num_layers:
-      raise ValueError(f"The cache has {len(cache.k)} layers, the model {cfg.num_layers}; build it with "
+    if cache.stacked != cfg.scan_layers:
+      layouts = {True: "stacked LxNxKxSxE (scan_layers=True)", False: "per-layer tuples (scan_layers=False)"}
+      raise ValueError(f"The cache is {layouts[cache.stacked]} but the model has scan_layers={cfg.scan_layers}; "
+                       "build it with init_cache(model.config, ...).")
+    if cache.num_layers != cfg.num_layers:
+      raise ValueError(f"The cache has {cache.num_layers} layers, the model {cfg.num_layers}; build it with "
                        "init_cache(cfg, ...).")
 
 
@@ -281,9 +324,13 @@ class Transformer(nnx.Module):
     self.config = cfg
     # One draw from `rngs`, split explicitly: every `rngs.params()` call under `nnx.eval_shape` costs time that grows
     # with the traced program, which made abstract builds of 30-layer models take seconds.
-    embed_key, head_key, *layer_keys = jax.random.split(rngs.params(), cfg.num_layers + 2)
+    keys = jax.random.split(rngs.params(), cfg.num_layers + 2)
+    embed_key, head_key, layer_keys_L = keys[0], keys[1], keys[2:]
     self.embed = _param(embed_key, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.weight_dtype)
-    self.layers = nnx.List([Block(cfg, key=key) for key in layer_keys])
+    if cfg.scan_layers:
+      self.layers = stacked_blocks(cfg, layer_keys_L)
+    else:
+      self.layers = nnx.List([Block(cfg, key=key) for key in layer_keys_L])
     self.final_norm = _param(None, (cfg.embed_dim,), ("norm",), cfg.weight_dtype, "ones")
     if not cfg.tie_embeddings:
       self.lm_head = _param(head_key, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.weight_dtype)
@@ -297,20 +344,54 @@ class Transformer(nnx.Module):
     x_NxTxD = jnp.take(self.embed[...], tokens_NxT, axis=0).astype(cfg.compute_dtype)
     x_NxTxD = constrain(x_NxTxD, ("batch", "length", "act_embed"), cfg.sharding_rules)
     attn_mask_NxTxS = attn_mask_NxTxS.astype(bool)
+    if cfg.scan_layers:
+      x_NxTxD, new_cache = self._scan_blocks(x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index)
+    else:
+      x_NxTxD, new_cache = self._loop_blocks(x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index)
+    hidden_NxTxD = rms_norm(x_NxTxD, self.final_norm[...], cfg.norm_eps)
+    return hidden_NxTxD, new_cache
+
+  def _loop_blocks(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index):
+    """The unrolled form (`scan_layers=False`): a Python loop over the `nnx.List` of blocks."""
+    call = remat_block(Block.__call__, self.config.remat, prevent_cse=True)
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i], jnp.asarray(cache_index, jnp.int32))
-      if cfg.remat:
-        x_NxTxD, new_layer_cache = nnx.remat(Block.__call__)(block, x_NxTxD, positions_NxT, attn_mask_NxTxS,
-                                                             layer_cache)
-      else:
-        x_NxTxD, new_layer_cache = block(x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache)
+      x_NxTxD, new_layer_cache = call(block, x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache)
       if new_layer_cache is not None:
         new_k.append(new_layer_cache[0])
         new_v.append(new_layer_cache[1])
-    hidden_NxTxD = rms_norm(x_NxTxD, self.final_norm[...], cfg.norm_eps)
-    new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
-    return hidden_NxTxD, new_cache
+    return x_NxTxD, None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+
+  def _scan_blocks(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index):
+    """The scanned form (`scan_layers=True`): one `nnx.scan` over the stacked blocks.
+
+    The carry is the residual stream and, with a cache, the whole stacked LxNxKxSxE buffers, which each layer
+    updates in place at its own index (the scanned input alongside its parameters); positions and mask are closed
+    over (the same for every layer).
+    """
+    call = remat_block(Block.__call__, self.config.remat, prevent_cse=False)  # scan already keeps CSE apart
+
+    if cache is None:
+      def body(block, x_NxTxD, layer):
+        del layer
+        return call(block, x_NxTxD, positions_NxT, attn_mask_NxTxS, None)[0]
+      carry = x_NxTxD
+    else:
+      index = jnp.asarray(cache_index, jnp.int32)
+
+      def body(block, carry, layer):
+        x_NxTxD, k_LxNxKxSxE, v_LxNxKxSxE = carry
+        x_NxTxD, (k_LxNxKxSxE, v_LxNxKxSxE) = call(block, x_NxTxD, positions_NxT, attn_mask_NxTxS,
+                                                   (k_LxNxKxSxE, v_LxNxKxSxE, index, layer))
+        return x_NxTxD, k_LxNxKxSxE, v_LxNxKxSxE
+      carry = (x_NxTxD, cache.k, cache.v)
+    layers_L = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+    carry = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)(self.layers, carry, layers_L)
+    if cache is None:
+      return carry, None
+    x_NxTxD, k_LxNxKxSxE, v_LxNxKxSxE = carry
+    return x_NxTxD, KVCache(k=k_LxNxKxSxE, v=v_LxNxKxSxE)
 
   def head_weight(self) -> jax.Array:
     """The VxD output projection, [out, in] like every weight (the embedding itself when tied)."""

@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tsallis_jax import distributed
 from tsallis_jax.data import pipeline
 from tsallis_jax.model import ModelConfig, abstract_model, create_model
+from tsallis_jax.model.config import remat_policy_name
 from tsallis_jax.sampler import generate_impl
 from tsallis_jax.train import checkpoint as ckpt_lib
 from tsallis_jax.train import evaluate as eval_lib
@@ -82,7 +83,12 @@ def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
     if k not in scalar:
       raise ConfigError(f"model_overrides key {k!r} is not a scalar ModelConfig field; valid: {sorted(scalar)}")
     kind, _, optional = scalar[k].partition(" | ")
-    if optional == "None" and text.lower() == "none":
+    if k == "remat":  # a policy name, or the old true / false
+      try:
+        changes[k] = remat_policy_name(text)
+      except ValueError as e:
+        raise ConfigError(f"model_overrides {k}={text!r}: {e}") from None
+    elif optional == "None" and text.lower() == "none":
       changes[k] = None
     elif kind == "bool":
       if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
