@@ -204,8 +204,10 @@ def test_sharding_rules_drop_indivisible_and_missing_axes():
   # kv_heads -> tensor (a mesh axis this mesh lacks), then fsdp (4 does not divide the 2 kv heads): both dropped.
   rules = cfg.sharding_rules + (("kv_heads", ("tensor", "fsdp")),)
   shardings = param_shardings(nnx.split(abstract_model(cfg))[1], mesh, rules)
-  k_spec = shardings["layers"][0]["attn"]["k_proj"].spec
-  assert k_spec == jax.sharding.PartitionSpec(None, None, "fsdp")  # KxExD: kv_heads dropped, embed over fsdp
+  k_spec = shardings["layers"]["attn"]["k_proj"].spec  # LxKxExD (scan_layers): layers unsharded
+  assert k_spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")  # kv_heads dropped, embed over fsdp
+  unrolled = param_shardings(nnx.split(abstract_model(cfg.replace(scan_layers=False)))[1], mesh, rules)
+  assert unrolled["layers"][0]["attn"]["k_proj"].spec == jax.sharding.PartitionSpec(None, None, "fsdp")
   norm_spec = shardings["final_norm"].spec
   assert norm_spec == jax.sharding.PartitionSpec(None)
 

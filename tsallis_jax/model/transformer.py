@@ -15,9 +15,16 @@ left operand on CPU (the layout XLA CPU streams fastest):
 | `gate_proj`, `up_proj` / `down_proj` | FxD / DxF | mlp, embed / embed, mlp |
 | `lm_head` (untied only) | VxD | vocab, embed |
 
-Layers are a Python loop over an `nnx.List` (unrolled under jit). That keeps the parameter tree identical to the HF
-layout, one entry per layer; compile time grows with L, which is acceptable up to Qwen3-0.6B's 28 layers.
-With `cfg.remat` each block is rematerialised in the backward pass.
+Layers (`cfg.scan_layers`, default True) are one `Block` whose parameters carry a leading L axis (logical axis
+"layers", never sharded), e.g. `layers.attn.q_proj` LxHxExD, initialised by one `nnx.vmap` over L keys (layer l equals
+the unrolled layer l bit for bit), and the forward is one `jax.lax.scan` over them, so the compiled program holds one
+block whatever L (compile time flat in depth; `python -m experiments.benchmarks.compile_depth`). The KV cache is then
+stacked LxNxKxSxE and carried through the scan. With `scan_layers=False` the layers are an `nnx.List` of L blocks
+looped in Python (unrolled under jit; one subtree `layers.{l}` per layer, per-layer cache buffers): the same function,
+kept for comparison. The Hugging Face files are per layer in both forms (`hf_io` stacks and unstacks); Orbax
+checkpoints hold the tree of the form that wrote them.
+`cfg.remat` picks what each block keeps for the backward pass: "none", "full", "dots_saveable" (or
+"dots_with_no_batch_dims_saveable"), as a `jax.checkpoint` policy around each block.
 """
 from __future__ import annotations
 
@@ -277,13 +284,16 @@ def stacked_blocks(cfg: ModelConfig, keys_L: jax.Array) -> Block:
   return blocks
 
 
-def remat_block(fn, policy: str, *, prevent_cse: bool):
-  """`fn` (a block's call) rematerialised by `ModelConfig.remat`'s policy; `fn` itself for "none"."""
+def remat_block(fn, policy: str, *, prevent_cse: bool, checkpoint=nnx.remat):
+  """`fn` (a block's call) rematerialised by `ModelConfig.remat`'s policy; `fn` itself for "none".
+
+  `checkpoint` is `nnx.remat` for a call that takes the `Block` module (the unrolled loop), `jax.checkpoint` for a
+  pure function of arrays (the scan's step)."""
   if policy == "none":
     return fn
   policies = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
               "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-  return nnx.remat(fn, policy=policies[policy], prevent_cse=prevent_cse)
+  return checkpoint(fn, policy=policies[policy], prevent_cse=prevent_cse)
 
 
 def _check_inputs(cfg: ModelConfig, tokens_NxT, positions_NxT, attn_mask_NxTxS, cache, cache_index):
@@ -364,33 +374,40 @@ class Transformer(nnx.Module):
     return x_NxTxD, None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
 
   def _scan_blocks(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index):
-    """The scanned form (`scan_layers=True`): one `nnx.scan` over the stacked blocks.
+    """The scanned form (`scan_layers=True`): one `jax.lax.scan` over the stacked blocks' split state.
 
-    The carry is the residual stream and, with a cache, the whole stacked LxNxKxSxE buffers, which each layer
-    updates in place at its own index (the scanned input alongside its parameters); positions and mask are closed
-    over (the same for every layer).
+    Each step merges one layer's slice of the parameters into a `Block` and calls it. The carry is the residual
+    stream and, with a cache, the whole stacked LxNxKxSxE buffers, which each layer updates in place at its own index
+    (scanned alongside its parameters); positions and mask are closed over (the same for every layer).
+
+    `jax.lax.scan` over `nnx.split` rather than `nnx.scan`: nnx.scan refuses a module captured from an outer trace
+    ("Cannot extract graph node from different trace level"), which is how the sampler's decode `while_loop` and the
+    trainer's micro-batch `lax.scan` call the model; the pure scan has no such check and lowers to the same loop.
     """
-    call = remat_block(Block.__call__, self.config.remat, prevent_cse=False)  # scan already keeps CSE apart
+    graphdef, state = nnx.split(self.layers)
 
-    if cache is None:
-      def body(block, x_NxTxD, layer):
-        del layer
-        return call(block, x_NxTxD, positions_NxT, attn_mask_NxTxS, None)[0]
-      carry = x_NxTxD
-    else:
-      index = jnp.asarray(cache_index, jnp.int32)
-
-      def body(block, carry, layer):
-        x_NxTxD, k_LxNxKxSxE, v_LxNxKxSxE = carry
-        x_NxTxD, (k_LxNxKxSxE, v_LxNxKxSxE) = call(block, x_NxTxD, positions_NxT, attn_mask_NxTxS,
-                                                   (k_LxNxKxSxE, v_LxNxKxSxE, index, layer))
-        return x_NxTxD, k_LxNxKxSxE, v_LxNxKxSxE
-      carry = (x_NxTxD, cache.k, cache.v)
+    def block_fn(state_l, x_NxTxD, layer_cache):
+      return Block.__call__(nnx.merge(graphdef, state_l), x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache)
+    # prevent_cse=False: the scan already keeps the recomputation from being merged with the forward.
+    block_fn = remat_block(block_fn, self.config.remat, prevent_cse=False, checkpoint=jax.checkpoint)
     layers_L = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-    carry = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)(self.layers, carry, layers_L)
+
     if cache is None:
-      return carry, None
-    x_NxTxD, k_LxNxKxSxE, v_LxNxKxSxE = carry
+      def body(x_NxTxD, xs):
+        state_l, _ = xs
+        return block_fn(state_l, x_NxTxD, None)[0], None
+      x_NxTxD, _ = jax.lax.scan(body, x_NxTxD, (state, layers_L))
+      return x_NxTxD, None
+
+    index = jnp.asarray(cache_index, jnp.int32)
+
+    def body_cached(carry, xs):
+      x_NxTxD, k_LxNxKxSxE, v_LxNxKxSxE = carry
+      state_l, layer = xs
+      x_NxTxD, (k_LxNxKxSxE, v_LxNxKxSxE) = block_fn(state_l, x_NxTxD, (k_LxNxKxSxE, v_LxNxKxSxE, index, layer))
+      return (x_NxTxD, k_LxNxKxSxE, v_LxNxKxSxE), None
+    (x_NxTxD, k_LxNxKxSxE, v_LxNxKxSxE), _ = jax.lax.scan(body_cached, (x_NxTxD, cache.k, cache.v),
+                                                         (state, layers_L))
     return x_NxTxD, KVCache(k=k_LxNxKxSxE, v=v_LxNxKxSxE)
 
   def head_weight(self) -> jax.Array:
