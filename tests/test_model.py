@@ -199,7 +199,7 @@ def test_sharded_build_and_forward_match_unsharded(scan_layers):
 
 
 def test_sharding_rules_drop_indivisible_and_missing_axes():
-  cfg = ModelConfig.tiny()
+  cfg = ModelConfig.tiny(scan_layers=True)
   mesh = distributed.make_mesh({"data": 2, "fsdp": 4})
   # kv_heads -> tensor (a mesh axis this mesh lacks), then fsdp (4 does not divide the 2 kv heads): both dropped.
   rules = cfg.sharding_rules + (("kv_heads", ("tensor", "fsdp")),)

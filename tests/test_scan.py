@@ -13,7 +13,7 @@ from tsallis_jax.model.config import REMAT_POLICIES
 from tsallis_jax.model.hf_io import hf_tensors, load_hf_checkpoint, save_hf_checkpoint
 from tsallis_jax.train import checkpoint as ckpt_lib
 
-CFG = ModelConfig.tiny(num_layers=3)
+CFG = ModelConfig.tiny(num_layers=3, scan_layers=True)
 
 
 def _random_params(model: Transformer, seed: int = 1) -> Transformer:

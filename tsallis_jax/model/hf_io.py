@@ -3,7 +3,7 @@
 `load_hf_checkpoint(path, dtype=..., mesh=None)` builds the model by shape, then reads the safetensors lazily, one
 tensor at a time, converts it to this package's einsum layout (see `transformer.py`), checks its shape, and places it
 directly on its sharding (`jax.make_array_from_callback`), so no parameter is ever gathered on one device. With
-`scan_layers` (the default) the L per-layer tensors `model.layers.{l}.*` of one block parameter are stacked into its
+`scan_layers=True` the L per-layer tensors `model.layers.{l}.*` of one block parameter are stacked into its
 Lx... array on load and unstacked on save, so the files are the same in both layouts.
 `save_hf_checkpoint(model, path, tokenizer=...)` writes the same format back (sharded above `max_shard_size`, with
 the tokenizer and `generation_config.json`): `transformers` loads it, and loading it here is the identity.

@@ -15,13 +15,14 @@ left operand on CPU (the layout XLA CPU streams fastest):
 | `gate_proj`, `up_proj` / `down_proj` | FxD / DxF | mlp, embed / embed, mlp |
 | `lm_head` (untied only) | VxD | vocab, embed |
 
-Layers (`cfg.scan_layers`, default True) are one `Block` whose parameters carry a leading L axis (logical axis
-"layers", never sharded), e.g. `layers.attn.q_proj` LxHxExD, initialised by one `nnx.vmap` over L keys (layer l equals
-the unrolled layer l bit for bit), and the forward is one `jax.lax.scan` over them, so the compiled program holds one
-block whatever L (compile time flat in depth; `python -m experiments.benchmarks.compile_depth`). The KV cache is then
-stacked LxNxKxSxE and carried through the scan. With `scan_layers=False` the layers are an `nnx.List` of L blocks
-looped in Python (unrolled under jit; one subtree `layers.{l}` per layer, per-layer cache buffers): the same function,
-kept for comparison. The Hugging Face files are per layer in both forms (`hf_io` stacks and unstacks); Orbax
+Layers come in two forms computing the same function (`cfg.scan_layers`). Scanned (True): one `Block` whose
+parameters carry a leading L axis (logical axis "layers", never sharded), e.g. `layers.attn.q_proj` LxHxExD,
+initialised by one `nnx.vmap` over L keys (layer l equals the unrolled layer l bit for bit); the forward is one
+`jax.lax.scan` over them, so the compiled program holds one block whatever L, and the KV cache is stacked LxNxKxSxE
+and carried through the scan. Unrolled (False, the default): an `nnx.List` of L blocks looped in Python (unrolled
+under jit; one subtree `layers.{l}` per layer, per-layer cache buffers). On CPU the unrolled form runs faster and
+compiles the train step no slower up to 30 layers (`python -m experiments.benchmarks.compile_depth`); the scan is
+for deep models on accelerators, where compile time grows with the unrolled program. The Hugging Face files are per layer in both forms (`hf_io` stacks and unstacks); Orbax
 checkpoints hold the tree of the form that wrote them.
 `cfg.remat` picks what each block keeps for the backward pass: "none", "full", "dots_saveable" (or
 "dots_with_no_batch_dims_saveable"), as a `jax.checkpoint` policy around each block.
