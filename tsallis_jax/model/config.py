@@ -89,7 +89,8 @@ class ModelConfig:
     scan_layers: the L decoder blocks' parameters are stacked along a leading "layers" axis and the forward is one
       scan over them (the compiled program holds one block whatever L; the KV cache is stacked LxNxKxSxE too).
       False (the default) keeps one module per layer, looped in Python (unrolled under jit), which measured faster
-      at run time on CPU (1.78x on SmolLM2-135M's train step, 1.2x on sampling; `compile_depth` benchmark). Both
+      at run time on CPU (SmolLM2-135M widths: scan 1.2x slower sampling, 1.05-1.8x slower train step, and no
+      faster first train step up to 30 layers; `experiments/benchmarks/README.md`, compile time). Both
       compute the same function; their parameter trees (and so their Orbax checkpoints) differ, their Hugging Face
       files do not.
     attention_query_chunk: if set, attention runs over blocks of this many queries (exact; peak score memory
