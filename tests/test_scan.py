@@ -175,3 +175,17 @@ def test_a_checkpoint_of_the_other_layout_names_scan_layers(tmp_path):
   step, state, _ = checkpointer.restore({"params": nnx.state(unrolled, nnx.Param)})
   assert step == 1
   checkpointer.close()
+
+
+def test_export_rebuilds_the_layout_the_checkpoint_was_written_in(tmp_path):
+  import orbax.checkpoint as ocp
+  from tsallis_jax.train import export
+  from tsallis_jax.train.config import TrainConfig
+  scanned, _ = _pair()
+  state_dir = tmp_path / "state"
+  ocp.PyTreeCheckpointer().save(state_dir, {"params": nnx.to_pure_dict(nnx.state(scanned, nnx.Param))})
+  cfg = TrainConfig(model="tiny", model_overrides="remat=true,scan_layers=false")
+  assert export._with_stored_layout(cfg, state_dir).model_overrides == "remat=true,scan_layers=true"
+  assert export._with_stored_layout(TrainConfig(model="tiny"), state_dir).model_overrides == "scan_layers=true"
+  same = TrainConfig(model="tiny", model_overrides="scan_layers=true")
+  assert export._with_stored_layout(same, state_dir) is same

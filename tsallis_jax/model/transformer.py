@@ -22,8 +22,8 @@ initialised by one `nnx.vmap` over L keys (layer l equals the unrolled layer l b
 and carried through the scan. Unrolled (False, the default): an `nnx.List` of L blocks looped in Python (unrolled
 under jit; one subtree `layers.{l}` per layer, per-layer cache buffers). On CPU the unrolled form runs faster and
 compiles the train step no slower up to 30 layers (`python -m experiments.benchmarks.compile_depth`); the scan is
-for deep models on accelerators, where compile time grows with the unrolled program. The Hugging Face files are per layer in both forms (`hf_io` stacks and unstacks); Orbax
-checkpoints hold the tree of the form that wrote them.
+for deep models on accelerators, where compile time grows with the unrolled program. The Hugging Face files are per
+layer in both forms (`hf_io` stacks and unstacks); Orbax checkpoints hold the tree of the form that wrote them.
 `cfg.remat` picks what each block keeps for the backward pass: "none", "full", "dots_saveable" (or
 "dots_with_no_batch_dims_saveable"), as a `jax.checkpoint` policy around each block.
 """
@@ -382,8 +382,8 @@ class Transformer(nnx.Module):
     (scanned alongside its parameters); positions and mask are closed over (the same for every layer).
 
     `jax.lax.scan` over `nnx.split` rather than `nnx.scan`: nnx.scan refuses a module captured from an outer trace
-    ("Cannot extract graph node from different trace level"), which is how the sampler's decode `while_loop` and the
-    trainer's micro-batch `lax.scan` call the model; the pure scan has no such check and lowers to the same loop.
+    ("Cannot extract graph node from different trace level"), which is how the sampler's decode `while_loop` calls
+    the model (a module closed over by a `lax` loop); the pure scan has no such check and lowers to the same loop.
     """
     graphdef, state = nnx.split(self.layers)
 
