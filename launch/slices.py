@@ -228,7 +228,8 @@ def estimate_for_config(cfg, accelerator: Accelerator, mesh: dict[str, int]) -> 
                          seq_len=cfg.total_len(THINK_CLOSE_LEN), devices=accelerator.devices, fsdp=mesh["fsdp"],
                          compute_bytes=2 if cfg.dtype == "bfloat16" else 4,
                          ref_params=bool(getattr(cfg, "log_ref_kl", True) or getattr(cfg, "kl_coef", 0.0)),
-                         remat=overrides.get("remat", "false") in ("1", "true", "yes"),
+                         # any remat policy ("full", "dots_saveable", ... or the old "true") counts as remat here
+                         remat=overrides.get("remat", "none") not in ("none", "false", "0", "no"),
                          micro_batch_prompts=getattr(cfg, "micro_batch_prompts", 0),
                          logprob_chunk=getattr(cfg, "logprob_chunk", 0),
                          attention_query_chunk=int(chunk) if chunk.isdigit() else None,

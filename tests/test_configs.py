@@ -122,17 +122,21 @@ def model_overrides(cfg):
 
 def test_model_overrides_are_typed_and_reach_hf_checkpoints_too():
   changes = model_overrides(TrainConfig(model_overrides="remat=true,attention_query_chunk=512,rope_theta=1e5"))
-  assert changes == {"remat": True, "attention_query_chunk": 512, "rope_theta": 1e5}
+  assert changes == {"remat": "full", "attention_query_chunk": 512, "rope_theta": 1e5}
+  assert model_overrides(TrainConfig(model_overrides="remat=dots_saveable,scan_layers=false")) == {
+      "remat": "dots_saveable", "scan_layers": False}
   assert model_overrides(TrainConfig(model_overrides="attention_query_chunk=none")) == {
       "attention_query_chunk": None}
-  with pytest.raises(ConfigError, match="expected true or false"):
+  with pytest.raises(ConfigError, match="remat='maybe'.*not one of"):
     model_overrides(TrainConfig(model_overrides="remat=maybe"))
+  with pytest.raises(ConfigError, match="expected true or false"):
+    model_overrides(TrainConfig(model_overrides="scan_layers=maybe"))
   with pytest.raises(ConfigError, match="expected a int"):
     model_overrides(TrainConfig(model_overrides="num_layers=two"))
   with pytest.raises(ConfigError, match="not a scalar ModelConfig field"):
     model_overrides(TrainConfig(model_overrides="rope_llama3=1"))
   paper = load_config("paper_finqa")
-  assert model_overrides(paper) == {"remat": True, "attention_query_chunk": 512}
+  assert model_overrides(paper) == {"remat": "full", "attention_query_chunk": 512}
 
 
 def test_hf_model_gets_the_overrides(tmp_path):
@@ -144,7 +148,7 @@ def test_hf_model_gets_the_overrides(tmp_path):
   save_hf_checkpoint(create_model(ModelConfig.tiny().replace(vocab_size=len(tok))), tmp_path)
   cfg = TrainConfig(model="hf", model_path=str(tmp_path), model_overrides="remat=true,attention_query_chunk=4")
   model, _ = build_model(model_spec(cfg))
-  assert model.config.remat and model.config.attention_query_chunk == 4
+  assert model.config.remat == "full" and model.config.attention_query_chunk == 4
 
 
 def test_config_may_be_a_file_path(tmp_path):

@@ -88,10 +88,10 @@ def test_sharded_index_loads_sharded_over_8_devices_and_round_trips(tmp_path):
   assert (original / "model.safetensors.index.json").is_file()
   plain = load_hf_checkpoint(original)
   mesh = distributed.make_mesh({"data": 2, "fsdp": 4})
-  sharded = load_hf_checkpoint(original, mesh=mesh)
-  gate = sharded.layers[1].mlp.gate_proj[...]
-  assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")  # FxD, [out, in] as in the file
-  assert gate.addressable_shards[0].data.shape == (48, 32 // 4)
+  sharded = load_hf_checkpoint(original, mesh=mesh, scan_layers=True)
+  gate = sharded.layers.mlp.gate_proj[...]  # L stacked layers (scan_layers)
+  assert gate.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")  # LxFxD, [out, in] as in the file
+  assert gate.addressable_shards[0].data.shape == (2, 48, 32 // 4)
   pad_NxT = jnp.asarray(TOKENS_NxT != 0)
   with jax.set_mesh(mesh):
     sharded_logits = _forward(sharded, jnp.asarray(TOKENS_NxT), pad_NxT)

@@ -129,7 +129,7 @@ def test_query_chunked_prefill_into_the_cache_matches_full_forward():
   real = np.asarray(pad_NxT)
   np.testing.assert_allclose(np.asarray(logits_NxTxV)[real], np.asarray(_forward(model, tokens_NxT, pad_NxT))[real],
                              atol=1e-5)
-  for buf_NxKxSxE in cache.k + cache.v:
+  for buf_NxKxSxE in [*cache.k, *cache.v]:  # per-layer slabs in either layout
     buf_NxKxSxE = np.asarray(buf_NxKxSxE)
     assert np.all(buf_NxKxSxE[:, :, t:] == 0) and np.all(np.abs(buf_NxKxSxE[:, :, :t]).sum(-1) > 0)
 
@@ -159,27 +159,30 @@ def test_remat_and_query_chunked_attention_give_the_same_loss_and_gradients():
 
   value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, graphdef)
   # remat, and attention over query blocks of 4 (6 queries: one full block and one padded block).
-  for variant in (cfg.replace(remat=True), cfg.replace(attention_query_chunk=4)):
+  for variant in (cfg.replace(remat=True), cfg.replace(remat="dots_saveable"), cfg.replace(attention_query_chunk=4)):
     graphdef_variant = nnx.split(Transformer(variant, rngs=nnx.Rngs(0)))[0]
     value_v, grads_v = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, graphdef_variant)
     np.testing.assert_allclose(value, value_v, rtol=1e-6)
     chex.assert_trees_all_close(grads, grads_v, atol=1e-5, rtol=2e-5)  # float32 summation order (|g| up to ~8)
 
 
-def test_sharded_build_and_forward_match_unsharded():
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_sharded_build_and_forward_match_unsharded(scan_layers):
   assert jax.device_count() == 8
-  cfg = ModelConfig.tiny(num_kv_heads=4)
+  cfg = ModelConfig.tiny(num_kv_heads=4, scan_layers=scan_layers)
   mesh = distributed.make_mesh({"data": 2, "fsdp": 4})
   sharded = create_model(cfg, seed=0, mesh=mesh)
   plain = create_model(cfg, seed=0)
   chex.assert_trees_all_close(nnx.state(sharded), nnx.state(plain), atol=0)
   # Parameters are really split along the model width over fsdp: the MLP kernel, the embedding, the projections.
-  gate = sharded.layers[0].mlp.gate_proj[...]
-  assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")  # FxD, [out, in]
-  assert gate.addressable_shards[0].data.shape == (cfg.mlp_dim, cfg.embed_dim // 4)
+  # Scanned blocks lead with the unsharded L axis ("layers").
+  block, lead = (sharded.layers, (cfg.num_layers,)) if scan_layers else (sharded.layers[0], ())
+  gate = block.mlp.gate_proj[...]
+  assert gate.sharding.spec == jax.sharding.PartitionSpec(*[None] * len(lead), None, "fsdp")  # FxD, [out, in]
+  assert gate.addressable_shards[0].data.shape == (*lead, cfg.mlp_dim, cfg.embed_dim // 4)
   assert sharded.embed[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
-  q = sharded.layers[0].attn.q_proj[...]
-  assert q.addressable_shards[0].data.shape == (cfg.num_heads, cfg.head_dim, cfg.embed_dim // 4)
+  q = block.attn.q_proj[...]
+  assert q.addressable_shards[0].data.shape == (*lead, cfg.num_heads, cfg.head_dim, cfg.embed_dim // 4)
 
   tokens_NxT, pad_NxT = _left_padded_batch()
   tokens_NxT, pad_NxT = jnp.concatenate([tokens_NxT, tokens_NxT[:1]]), jnp.concatenate([pad_NxT, pad_NxT[:1]])
@@ -196,13 +199,15 @@ def test_sharded_build_and_forward_match_unsharded():
 
 
 def test_sharding_rules_drop_indivisible_and_missing_axes():
-  cfg = ModelConfig.tiny()
+  cfg = ModelConfig.tiny(scan_layers=True)
   mesh = distributed.make_mesh({"data": 2, "fsdp": 4})
   # kv_heads -> tensor (a mesh axis this mesh lacks), then fsdp (4 does not divide the 2 kv heads): both dropped.
   rules = cfg.sharding_rules + (("kv_heads", ("tensor", "fsdp")),)
   shardings = param_shardings(nnx.split(abstract_model(cfg))[1], mesh, rules)
-  k_spec = shardings["layers"][0]["attn"]["k_proj"].spec
-  assert k_spec == jax.sharding.PartitionSpec(None, None, "fsdp")  # KxExD: kv_heads dropped, embed over fsdp
+  k_spec = shardings["layers"]["attn"]["k_proj"].spec  # LxKxExD (scan_layers): layers unsharded
+  assert k_spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")  # kv_heads dropped, embed over fsdp
+  unrolled = param_shardings(nnx.split(abstract_model(cfg.replace(scan_layers=False)))[1], mesh, rules)
+  assert unrolled["layers"][0]["attn"]["k_proj"].spec == jax.sharding.PartitionSpec(None, None, "fsdp")
   norm_spec = shardings["final_norm"].spec
   assert norm_spec == jax.sharding.PartitionSpec(None)
 

@@ -486,6 +486,14 @@ def test_samples_equal_the_saved_reference_bit_for_bit():
   for name, fields in sampler_reference.rollouts().items():
     for field, value in fields.items():
       np.testing.assert_array_equal(value, saved[f"{name}/{field}"], err_msg=f"{name}/{field}")
+  # Layers under scan (`scan_layers=True`) compute the same function up to float32 rounding: the same tokens and masks,
+  # log-probs within a few ulp.
+  for name, fields in sampler_reference.rollouts(scan_layers=True).items():
+    for field, value in fields.items():
+      if np.issubdtype(value.dtype, np.floating):
+        np.testing.assert_allclose(value, saved[f"{name}/{field}"], rtol=1e-5, atol=1e-5, err_msg=f"{name}/{field}")
+      else:
+        np.testing.assert_array_equal(value, saved[f"{name}/{field}"], err_msg=f"{name}/{field}")
 
 
 # ------------------------------------------------------------------------------------------------ memory knobs

@@ -7,7 +7,11 @@ Contract used by the sampler and the trainer:
     cache = init_cache(cfg, batch_size=N, max_len=S, dtype=jnp.float32)
     logits_NxTxV, cache = model(tokens_NxT, positions_NxT, attn_mask_NxTxS, cache=cache, cache_index=i)
 
-The cache's buffers `cache.k[l]`, `cache.v[l]` are NxKxSxE (kv-head major; logical axes `CACHE_LOGICAL_AXES`).
+With `cfg.scan_layers=True` the layers run under a scan and the cache is stacked: `cache.k`, `cache.v` are each
+LxNxKxSxE (logical axes "layers" + `CACHE_LOGICAL_AXES`); with `scan_layers=False` (the default) they are tuples of
+L per-layer NxKxSxE buffers `cache.k[l]`. Either way `cache.k[l]` is layer l's NxKxSxE buffer (kv-head major), and
+`cache.max_len`, `cache.batch_size`, `cache.num_layers`, `cache.batch_axis`, `cache.logical_axes` describe it;
+`init_cache(cfg, ...)` builds the layout of `cfg`.
 """
 from tsallis_jax.model.cache import CACHE_LOGICAL_AXES, KVCache, init_cache, make_attention_mask, make_positions
 from tsallis_jax.model.config import DEFAULT_SHARDING_RULES, ModelConfig

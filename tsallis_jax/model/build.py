@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from tsallis_jax.errors import ConfigError
-from tsallis_jax.model.config import ModelConfig
+from tsallis_jax.model.config import ModelConfig, remat_policy_name
 from tsallis_jax.model.transformer import abstract_model, create_model
 
 PRESETS = {"tiny": ModelConfig.tiny, "qwen3_0_6b": ModelConfig.qwen3_0_6b, "smollm2_135m": ModelConfig.smollm2_135m}
@@ -62,7 +62,12 @@ def typed_overrides(overrides: tuple[tuple[str, str], ...] | dict[str, str]) -> 
     if k not in scalar:
       raise ConfigError(f"model_overrides key {k!r} is not a scalar ModelConfig field; valid: {sorted(scalar)}")
     kind, _, optional = scalar[k].partition(" | ")
-    if optional == "None" and text.lower() == "none":
+    if k == "remat":  # a policy name, or the old true / false
+      try:
+        changes[k] = remat_policy_name(text)
+      except ValueError as e:
+        raise ConfigError(f"model_overrides {k}={text!r}: {e}") from None
+    elif optional == "None" and text.lower() == "none":
       changes[k] = None
     elif kind == "bool":
       if text.lower() not in ("1", "true", "yes", "0", "false", "no"):

@@ -20,28 +20,52 @@ CACHE_LOGICAL_AXES = ("batch", "kv_heads", "length", "head_dim")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  """Per-layer key and value buffers, `k[l]` and `v[l]` each NxKxSxE (a pytree; leaves are the 2L buffers).
+  """Key and value buffers for every layer (a pytree), in one of two layouts (`ModelConfig.scan_layers`):
+
+  * stacked (scanned layers): `k` and `v` are each one LxNxKxSxE array, carried through the scan over layers;
+  * per layer (unrolled layers): `k` and `v` are tuples of L buffers, `k[l]` NxKxSxE (the leaves are the 2L buffers).
 
   KV-head major: each (row, kv head) reads one contiguous SxE slab, the layout of the batched attention dots, so
   XLA copies no cache at a decode step (the slot-major NxSxKxE layout cost a full cache transpose per step on CPU).
   """
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
+
+  @property
+  def stacked(self) -> bool:
+    """True for the LxNxKxSxE layout of scanned layers, False for a tuple of per-layer buffers."""
+    return not isinstance(self.k, (tuple, list))
+
+  @property
+  def num_layers(self) -> int:
+    return self.k.shape[0] if self.stacked else len(self.k)
+
+  @property
+  def batch_axis(self) -> int:
+    """The rows' axis in every buffer: 1 when stacked (LxNxKxSxE), 0 per layer (NxKxSxE)."""
+    return 1 if self.stacked else 0
+
+  @property
+  def logical_axes(self) -> tuple[str, ...]:
+    """Each buffer's logical axes (for `constrain`): `CACHE_LOGICAL_AXES`, after "layers" when stacked."""
+    return ("layers", *CACHE_LOGICAL_AXES) if self.stacked else CACHE_LOGICAL_AXES
 
   @property
   def max_len(self) -> int:
-    return self.k[0].shape[2]
+    return self.k.shape[-2] if self.stacked else self.k[0].shape[2]
 
   @property
   def batch_size(self) -> int:
-    return self.k[0].shape[0]
+    return self.k.shape[1] if self.stacked else self.k[0].shape[0]
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
-  """Zero buffers for `batch_size` rows of `max_len` slots (S) for every layer."""
+  """Zero buffers for `batch_size` rows of `max_len` slots (S) for every layer, in the layout of `cfg.scan_layers`."""
   if batch_size <= 0 or max_len <= 0:
     raise ValueError(f"init_cache needs batch_size > 0 and max_len > 0, got {batch_size} and {max_len}.")
   shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+  if cfg.scan_layers:
+    return KVCache(k=jnp.zeros((cfg.num_layers, *shape), dtype), v=jnp.zeros((cfg.num_layers, *shape), dtype))
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
   return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
 

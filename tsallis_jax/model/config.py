@@ -32,7 +32,23 @@ DEFAULT_SHARDING_RULES: ShardingRules = (
   ("head_dim", None),
   ("norm", None),
   ("act_embed", None),
+  ("layers", None),  # the stacked-layer axis of scanned parameters and caches (`scan_layers`) is never sharded
 )
+
+#: `ModelConfig.remat` values: what each decoder block keeps for the backward pass (the rest is recomputed).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+_REMAT_BOOLS = {"true": "full", "1": "full", "yes": "full", "false": "none", "0": "none", "no": "none"}
+
+
+def remat_policy_name(value: "str | bool") -> str:
+  """A `REMAT_POLICIES` name from a name or the old bool / its text (True / "true" -> "full", False -> "none")."""
+  if isinstance(value, bool):
+    return "full" if value else "none"
+  text = str(value).strip().lower()
+  text = _REMAT_BOOLS.get(text, text)
+  if text not in REMAT_POLICIES:
+    raise ValueError(f"remat={value!r} is not one of {REMAT_POLICIES} (or true / false for full / none).")
+  return text
 
 ARCHITECTURES = ("qwen3", "qwen2", "llama")
 
@@ -73,7 +89,17 @@ class ModelConfig:
       attention softmax, RMSNorm and RoPE stay float32 (the precision contract in `tsallis_jax/model/README.md`).
     param_dtype: parameter storage dtype name; keep "float32" for training (the optimizer updates float32 params,
       and each weight is cast to `dtype` where it is used, so gradients arrive in float32).
-    remat: rematerialise each decoder block in the backward pass (`nnx.remat`).
+    remat: what each decoder block keeps for the backward pass (`nnx.remat`): "none" (keep everything, no
+      rematerialisation), "full" (keep only the block's input; recompute the rest), "dots_saveable" (keep the
+      matmul outputs, recompute the elementwise rest; `jax.checkpoint_policies.dots_saveable`) or
+      "dots_with_no_batch_dims_saveable". The old bools are accepted: True -> "full", False -> "none".
+    scan_layers: the L decoder blocks' parameters are stacked along a leading "layers" axis and the forward is one
+      scan over them (the compiled program holds one block whatever L; the KV cache is stacked LxNxKxSxE too).
+      False (the default) keeps one module per layer, looped in Python (unrolled under jit), which measured faster
+      at run time on CPU (SmolLM2-135M widths: scan 1.2x slower sampling, 1.05-1.8x slower train step, and no
+      faster first train step up to 30 layers; `experiments/benchmarks/README.md`, compile time). Both
+      compute the same function; their parameter trees (and so their Orbax checkpoints) differ, their Hugging Face
+      files do not.
     attention_query_chunk: if set, attention runs over blocks of this many queries (exact; peak score memory
       N x H x chunk x S instead of N x H x T x S), for long teacher-forced sequences.
     attention_impl: one of `ATTENTION_IMPLS`. "cudnn" (cuDNN flash attention) needs a GPU backend, dtype
@@ -97,12 +123,14 @@ class ModelConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"
+  scan_layers: bool = False  # unrolled: faster at run time on CPU (experiments/benchmarks/README.md)
   attention_query_chunk: int | None = None
   attention_impl: str = "auto"
   sharding_rules: ShardingRules = DEFAULT_SHARDING_RULES
 
   def __post_init__(self):
+    object.__setattr__(self, "remat", remat_policy_name(self.remat))
     positive = ("vocab_size", "num_layers", "embed_dim", "mlp_dim", "num_heads", "num_kv_heads", "head_dim")
     for name in positive:
       value = getattr(self, name)

@@ -2,7 +2,9 @@
 
 `load_hf_checkpoint(path, dtype=..., mesh=None)` builds the model by shape, then reads the safetensors lazily, one
 tensor at a time, converts it to this package's einsum layout (see `transformer.py`), checks its shape, and places it
-directly on its sharding (`jax.make_array_from_callback`), so no parameter is ever gathered on one device.
+directly on its sharding (`jax.make_array_from_callback`), so no parameter is ever gathered on one device. With
+`scan_layers=True` the L per-layer tensors `model.layers.{l}.*` of one block parameter are stacked into its
+Lx... array on load and unstacked on save, so the files are the same in both layouts.
 `save_hf_checkpoint(model, path, tokenizer=...)` writes the same format back (sharded above `max_shard_size`, with
 the tokenizer and `generation_config.json`): `transformers` loads it, and loading it here is the identity.
 
@@ -87,6 +89,22 @@ def hf_tensor_spec(path: Path, cfg: ModelConfig) -> tuple[str, tuple[int, ...], 
   return (prefix + name, shape, to_ours, to_hf)
 
 
+def layer_paths(path: Path, cfg: ModelConfig) -> list[Path]:
+  """The per-layer parameter paths one parameter of `Transformer` stands for, in layer order.
+
+  Under `cfg.scan_layers` a block parameter ("layers", "attn", "q_proj") is stacked over a leading L axis and stands
+  for the L unrolled paths ("layers", l, "attn", "q_proj"), each one Hugging Face tensor; any other path is itself.
+  """
+  if is_stacked(path, cfg):
+    return [("layers", layer, *path[1:]) for layer in range(cfg.num_layers)]
+  return [path]
+
+
+def is_stacked(path: Path, cfg: ModelConfig) -> bool:
+  """Whether the parameter at `path` holds all L layers along its leading axis (a block parameter under scan)."""
+  return bool(cfg.scan_layers and path and path[0] == "layers")
+
+
 # ---------------------------------------------------------------------------------------------------- reading
 
 
@@ -157,14 +175,18 @@ def build_from_tensors(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray 
   dtype = cfg.weight_dtype
   leaves = []
   for path, var in nnx.to_flat_state(abstract_state):
-    hf_name, hf_shape, to_ours, _ = hf_tensor_spec(path, cfg)
-    tensor = get_tensor(hf_name)
-    if tensor is None:
-      raise CheckpointError(f"Tensor {hf_name!r} (for parameter {'/'.join(map(str, path))}) is missing from {source}.")
-    if tuple(tensor.shape) != hf_shape:
-      raise CheckpointError(f"Tensor {hf_name!r} in {source} has shape {tuple(tensor.shape)}; the config implies "
-                            f"{hf_shape}. Check config.json against the weights.")
-    value = np.asarray(to_ours(np.asarray(tensor))).astype(dtype)
+    values = []
+    for one_path in layer_paths(path, cfg):  # L tensors stacked for a scanned block parameter, else one
+      hf_name, hf_shape, to_ours, _ = hf_tensor_spec(one_path, cfg)
+      tensor = get_tensor(hf_name)
+      if tensor is None:
+        raise CheckpointError(f"Tensor {hf_name!r} (for parameter {'/'.join(map(str, one_path))}) is missing from "
+                              f"{source}.")
+      if tuple(tensor.shape) != hf_shape:
+        raise CheckpointError(f"Tensor {hf_name!r} in {source} has shape {tuple(tensor.shape)}; the config implies "
+                              f"{hf_shape}. Check config.json against the weights.")
+      values.append(np.asarray(to_ours(np.asarray(tensor))).astype(dtype))
+    value = np.stack(values) if is_stacked(path, cfg) else values[0]
     sharding = None if flat_shardings is None else flat_shardings[path]
     leaves.append((path, var.replace(_place(value, sharding))))
   return nnx.merge(graphdef, nnx.from_flat_state(leaves))
@@ -222,10 +244,12 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
   """(HF name, numpy array) for every parameter, in HF layout, gathered to the host one parameter at a time."""
   cfg = model.config
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    hf_name, hf_shape, _, to_hf = hf_tensor_spec(path, cfg)
-    array = to_hf(_to_host(var.get_value()))
-    assert array.shape == hf_shape, (hf_name, array.shape, hf_shape)
-    yield hf_name, np.ascontiguousarray(array)
+    host = _to_host(var.get_value())
+    for layer, one_path in enumerate(layer_paths(path, cfg)):  # a stacked parameter gives its L per-layer tensors
+      hf_name, hf_shape, _, to_hf = hf_tensor_spec(one_path, cfg)
+      array = to_hf(host[layer] if is_stacked(path, cfg) else host)
+      assert array.shape == hf_shape, (hf_name, array.shape, hf_shape)
+      yield hf_name, np.ascontiguousarray(array)
 
 
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -284,7 +308,8 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, *, tokenizer
   cfg = model.config
   out_dtype = jnp.dtype(dtype or cfg.param_dtype)
   params = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  specs = [(hf_tensor_spec(p, cfg)[0], int(np.prod(v.get_value().shape)) * out_dtype.itemsize) for p, v in params]
+  specs = [(hf_tensor_spec(one, cfg)[0], int(np.prod(v.get_value().shape)) * out_dtype.itemsize // len(paths))
+           for p, v in params for paths in [layer_paths(p, cfg)] for one in paths]
   plan = _shard_plan(specs, parse_size(max_shard_size))
   main = jax.process_index() == 0
   if main:

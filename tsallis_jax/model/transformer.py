@@ -18,9 +18,17 @@ left operand on CPU (the layout XLA CPU streams fastest):
 | `gate_proj`, `up_proj` / `down_proj` | FxD / DxF | mlp, embed / embed, mlp |
 | `lm_head` (untied only) | VxD | vocab, embed |
 
-Layers are a Python loop over an `nnx.List` (unrolled under jit). That keeps the parameter tree identical to the HF
-layout, one entry per layer; compile time grows with L, which is acceptable up to Qwen3-0.6B's 28 layers.
-With `cfg.remat` each block is rematerialised in the backward pass.
+Layers come in two forms computing the same function (`cfg.scan_layers`). Scanned (True): one `Block` whose
+parameters carry a leading L axis (logical axis "layers", never sharded), e.g. `layers.attn.q_proj` LxHxExD,
+initialised by one `nnx.vmap` over L keys (layer l equals the unrolled layer l bit for bit); the forward is one
+`jax.lax.scan` over them, so the compiled program holds one block whatever L, and the KV cache is stacked LxNxKxSxE
+and carried through the scan. Unrolled (False, the default): an `nnx.List` of L blocks looped in Python (unrolled
+under jit; one subtree `layers.{l}` per layer, per-layer cache buffers). On CPU the unrolled form runs faster and
+compiles the train step no slower up to 30 layers (`python -m experiments.benchmarks.compile_depth`); the scan is
+for deep models on accelerators, where compile time grows with the unrolled program. The Hugging Face files are per
+layer in both forms (`hf_io` stacks and unstacks); Orbax checkpoints hold the tree of the form that wrote them.
+`cfg.remat` picks what each block keeps for the backward pass: "none", "full", "dots_saveable" (or
+"dots_with_no_batch_dims_saveable"), as a `jax.checkpoint` policy around each block.
 """
 from __future__ import annotations
 
@@ -188,6 +196,29 @@ def attend_in_query_chunks(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE
   return out_ZxNxWxHxE.transpose(1, 0, 2, 3, 4).reshape(n, blocks * chunk, h, e)[:, :t]
 
 
+def write_layer_cache(layer_cache: tuple, k_NxKxTxE: jax.Array, v_NxKxTxE: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+  """Writes one layer's T new keys/values at slot `index`; returns (k_NxKxSxE, v_NxKxSxE, new buffers).
+
+  `layer_cache` is `(k_NxKxSxE, v_NxKxSxE, index)` for one layer's own buffers (unrolled layers), or
+  `(k_LxNxKxSxE, v_LxNxKxSxE, index, layer)` for the stacked buffers of all layers carried through the scan: the
+  write goes to layer `layer` in place (`dynamic_update_slice` on the carry) and that layer's slab is read back.
+  """
+  if len(layer_cache) == 3:
+    k_buf, v_buf, index = layer_cache
+    k_NxKxSxE = jax.lax.dynamic_update_slice(k_buf, k_NxKxTxE.astype(k_buf.dtype), (0, 0, index, 0))
+    v_NxKxSxE = jax.lax.dynamic_update_slice(v_buf, v_NxKxTxE.astype(v_buf.dtype), (0, 0, index, 0))
+    return k_NxKxSxE, v_NxKxSxE, (k_NxKxSxE, v_NxKxSxE)
+  k_LxNxKxSxE, v_LxNxKxSxE, index, layer = layer_cache
+  k_LxNxKxSxE = jax.lax.dynamic_update_slice(k_LxNxKxSxE, k_NxKxTxE[None].astype(k_LxNxKxSxE.dtype),
+                                             (layer, 0, 0, index, 0))
+  v_LxNxKxSxE = jax.lax.dynamic_update_slice(v_LxNxKxSxE, v_NxKxTxE[None].astype(v_LxNxKxSxE.dtype),
+                                             (layer, 0, 0, index, 0))
+  k_NxKxSxE = jax.lax.dynamic_index_in_dim(k_LxNxKxSxE, layer, axis=0, keepdims=False)
+  v_NxKxSxE = jax.lax.dynamic_index_in_dim(v_LxNxKxSxE, layer, axis=0, keepdims=False)
+  return k_NxKxSxE, v_NxKxSxE, (k_LxNxKxSxE, v_LxNxKxSxE)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention; query head h reads kv head h // (H / K), without repeating k or v."""
 
@@ -234,10 +265,7 @@ class Attention(nnx.Module):
     if layer_cache is None:
       k_NxKxSxE, v_NxKxSxE, new_layer_cache = k_NxKxTxE, v_NxKxTxE, None
     else:
-      k_buf, v_buf, index = layer_cache
-      k_NxKxSxE = jax.lax.dynamic_update_slice(k_buf, k_NxKxTxE.astype(k_buf.dtype), (0, 0, index, 0))
-      v_NxKxSxE = jax.lax.dynamic_update_slice(v_buf, v_NxKxTxE.astype(v_buf.dtype), (0, 0, index, 0))
-      new_layer_cache = (k_NxKxSxE, v_NxKxSxE)
+      k_NxKxSxE, v_NxKxSxE, new_layer_cache = write_layer_cache(layer_cache, k_NxKxTxE, v_NxKxTxE)
       k_NxKxSxE, v_NxKxSxE = k_NxKxSxE.astype(dt), v_NxKxSxE.astype(dt)
 
     chunk, impl = cfg.attention_query_chunk, cfg.attention_impl
@@ -293,6 +321,28 @@ class Block(nnx.Module):
     return x_NxTxD, new_layer_cache
 
 
+def stacked_blocks(cfg: ModelConfig, keys_L: jax.Array) -> Block:
+  """L blocks as one `Block` whose parameters carry a leading L axis (logical axis "layers"), built by one
+  `nnx.vmap` of the block's initialiser over the L keys: layer l's values equal `Block(cfg, key=keys_L[l])`'s."""
+  blocks = nnx.vmap(lambda key: Block(cfg, key=key), in_axes=0, out_axes=0)(keys_L)
+  for _, var in nnx.iter_graph(blocks):
+    if isinstance(var, nnx.Variable):
+      var.set_metadata("logical_axes", ("layers", *var.get_metadata()["logical_axes"]))
+  return blocks
+
+
+def remat_block(fn, policy: str, *, prevent_cse: bool, checkpoint=nnx.remat):
+  """`fn` (a block's call) rematerialised by `ModelConfig.remat`'s policy; `fn` itself for "none".
+
+  `checkpoint` is `nnx.remat` for a call that takes the `Block` module (the unrolled loop), `jax.checkpoint` for a
+  pure function of arrays (the scan's step)."""
+  if policy == "none":
+    return fn
+  policies = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
+              "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+  return checkpoint(fn, policy=policies[policy], prevent_cse=prevent_cse)
+
+
 def _check_inputs(cfg: ModelConfig, tokens_NxT, positions_NxT, attn_mask_NxTxS, cache, cache_index):
   if tokens_NxT.ndim != 2:
     raise ValueError(f"tokens must be rank 2 (rows x tokens), got shape {tokens_NxT.shape}.")
@@ -308,8 +358,12 @@ def _check_inputs(cfg: ModelConfig, tokens_NxT, positions_NxT, attn_mask_NxTxS, 
       raise ValueError("A cache was given without cache_index; pass the slot where the new tokens go (0 for prefill).")
     if cache.batch_size != n:
       raise ValueError(f"The cache holds {cache.batch_size} rows but the tokens have {n}.")
-    if len(cache.k) != cfg.num_layers:
-      raise ValueError(f"The cache has {len(cache.k)} layers, the model {cfg.num_layers}; build it with "
+    if cache.stacked != cfg.scan_layers:
+      layouts = {True: "stacked LxNxKxSxE (scan_layers=True)", False: "per-layer tuples (scan_layers=False)"}
+      raise ValueError(f"The cache is {layouts[cache.stacked]} but the model has scan_layers={cfg.scan_layers}; "
+                       "build it with init_cache(model.config, ...).")
+    if cache.num_layers != cfg.num_layers:
+      raise ValueError(f"The cache has {cache.num_layers} layers, the model {cfg.num_layers}; build it with "
                        "init_cache(cfg, ...).")
 
 
@@ -327,9 +381,13 @@ class Transformer(nnx.Module):
     self.config = cfg
     # One draw from `rngs`, split explicitly: every `rngs.params()` call under `nnx.eval_shape` costs time that grows
     # with the traced program, which made abstract builds of 30-layer models take seconds.
-    embed_key, head_key, *layer_keys = jax.random.split(rngs.params(), cfg.num_layers + 2)
+    keys = jax.random.split(rngs.params(), cfg.num_layers + 2)
+    embed_key, head_key, layer_keys_L = keys[0], keys[1], keys[2:]
     self.embed = _param(embed_key, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.weight_dtype)
-    self.layers = nnx.List([Block(cfg, key=key) for key in layer_keys])
+    if cfg.scan_layers:
+      self.layers = stacked_blocks(cfg, layer_keys_L)
+    else:
+      self.layers = nnx.List([Block(cfg, key=key) for key in layer_keys_L])
     self.final_norm = _param(None, (cfg.embed_dim,), ("norm",), cfg.weight_dtype, "ones")
     if not cfg.tie_embeddings:
       self.lm_head = _param(head_key, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.weight_dtype)
@@ -343,20 +401,61 @@ class Transformer(nnx.Module):
     x_NxTxD = jnp.take(self.embed[...], tokens_NxT, axis=0).astype(cfg.compute_dtype)
     x_NxTxD = constrain(x_NxTxD, ("batch", "length", "act_embed"), cfg.sharding_rules)
     attn_mask_NxTxS = attn_mask_NxTxS.astype(bool)
+    if cfg.scan_layers:
+      x_NxTxD, new_cache = self._scan_blocks(x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index)
+    else:
+      x_NxTxD, new_cache = self._loop_blocks(x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index)
+    hidden_NxTxD = rms_norm(x_NxTxD, self.final_norm[...], cfg.norm_eps)
+    return hidden_NxTxD, new_cache
+
+  def _loop_blocks(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index):
+    """The unrolled form (`scan_layers=False`): a Python loop over the `nnx.List` of blocks."""
+    call = remat_block(Block.__call__, self.config.remat, prevent_cse=True)
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i], jnp.asarray(cache_index, jnp.int32))
-      if cfg.remat:
-        x_NxTxD, new_layer_cache = nnx.remat(Block.__call__)(block, x_NxTxD, positions_NxT, attn_mask_NxTxS,
-                                                             layer_cache)
-      else:
-        x_NxTxD, new_layer_cache = block(x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache)
+      x_NxTxD, new_layer_cache = call(block, x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache)
       if new_layer_cache is not None:
         new_k.append(new_layer_cache[0])
         new_v.append(new_layer_cache[1])
-    hidden_NxTxD = rms_norm(x_NxTxD, self.final_norm[...], cfg.norm_eps)
-    new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
-    return hidden_NxTxD, new_cache
+    return x_NxTxD, None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+
+  def _scan_blocks(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index):
+    """The scanned form (`scan_layers=True`): one `jax.lax.scan` over the stacked blocks' split state.
+
+    Each step merges one layer's slice of the parameters into a `Block` and calls it. The carry is the residual
+    stream and, with a cache, the whole stacked LxNxKxSxE buffers, which each layer updates in place at its own index
+    (scanned alongside its parameters); positions and mask are closed over (the same for every layer).
+
+    `jax.lax.scan` over `nnx.split` rather than `nnx.scan`: nnx.scan refuses a module captured from an outer trace
+    ("Cannot extract graph node from different trace level"), which is how the sampler's decode `while_loop` calls
+    the model (a module closed over by a `lax` loop); the pure scan has no such check and lowers to the same loop.
+    """
+    graphdef, state = nnx.split(self.layers)
+
+    def block_fn(state_l, x_NxTxD, layer_cache):
+      return Block.__call__(nnx.merge(graphdef, state_l), x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache)
+    # prevent_cse=False: the scan already keeps the recomputation from being merged with the forward.
+    block_fn = remat_block(block_fn, self.config.remat, prevent_cse=False, checkpoint=jax.checkpoint)
+    layers_L = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+
+    if cache is None:
+      def body(x_NxTxD, xs):
+        state_l, _ = xs
+        return block_fn(state_l, x_NxTxD, None)[0], None
+      x_NxTxD, _ = jax.lax.scan(body, x_NxTxD, (state, layers_L))
+      return x_NxTxD, None
+
+    index = jnp.asarray(cache_index, jnp.int32)
+
+    def body_cached(carry, xs):
+      x_NxTxD, k_LxNxKxSxE, v_LxNxKxSxE = carry
+      state_l, layer = xs
+      x_NxTxD, (k_LxNxKxSxE, v_LxNxKxSxE) = block_fn(state_l, x_NxTxD, (k_LxNxKxSxE, v_LxNxKxSxE, index, layer))
+      return (x_NxTxD, k_LxNxKxSxE, v_LxNxKxSxE), None
+    (x_NxTxD, k_LxNxKxSxE, v_LxNxKxSxE), _ = jax.lax.scan(body_cached, (x_NxTxD, cache.k, cache.v),
+                                                         (state, layers_L))
+    return x_NxTxD, KVCache(k=k_LxNxKxSxE, v=v_LxNxKxSxE)
 
   def head_weight(self) -> jax.Array:
     """The VxD output projection, [out, in] like every weight (the embedding itself when tied)."""

@@ -86,23 +86,27 @@ def prefill(model: model_lib.Transformer, prompt_tokens_UxP: Array, prompt_mask_
 # ------------------------------------------------------------------------------------------------ 2. expand
 
 
-def expand_to_samples(x_Ux: Array, num_samples: int, prompt_of_B: Array | None) -> Array:
-  """Row n = b*G + g continues prompt row b (or prompt_of_B[b]): prefilled rows are copied, never recomputed."""
+def expand_to_samples(x_Ux: Array, num_samples: int, prompt_of_B: Array | None, axis: int = 0) -> Array:
+  """Row n = b*G + g continues prompt row b (or prompt_of_B[b]): prefilled rows are copied, never recomputed.
+
+  The rows are `x`'s axis `axis` (0, or 1 for a stacked LxNxKxSxE cache buffer).
+  """
   if prompt_of_B is None:  # the trainer's case; a repeat keeps the rows' batch sharding under a mesh
-    return jnp.repeat(x_Ux, num_samples, axis=0)
-  return jnp.take(x_Ux, jnp.repeat(prompt_of_B.astype(jnp.int32), num_samples, axis=0), axis=0)
+    return jnp.repeat(x_Ux, num_samples, axis=axis)
+  return jnp.take(x_Ux, jnp.repeat(prompt_of_B.astype(jnp.int32), num_samples, axis=0), axis=axis)
 
 
 def expand_cache(cache: model_lib.KVCache, num_samples: int, prompt_of_B: Array | None,
                  rules: ShardingRules) -> model_lib.KVCache:
-  """`expand_to_samples` on every cache buffer, kept batch-sharded under a mesh (a no-op without one)."""
-  rows = cache.batch_size
+  """`expand_to_samples` on every cache buffer's rows (axis 1 when stacked LxNxKxSxE), kept batch-sharded under a
+  mesh (a no-op without one)."""
+  rows, axis = cache.batch_size, cache.batch_axis
   for buffer in jax.tree.leaves(cache):
-    if buffer.ndim == 0 or buffer.shape[0] != rows:
-      raise ValueError(f"KV-cache leaf of shape {buffer.shape} does not lead with the batch size {rows}; the "
-                       "sampler repeats cache rows per sample and needs every cache leaf batch-major.")
-  cache = jax.tree.map(lambda x: expand_to_samples(x, num_samples, prompt_of_B), cache)
-  return jax.tree.map(lambda x: model_lib.constrain(x, model_lib.CACHE_LOGICAL_AXES, rules), cache)
+    if buffer.ndim <= axis or buffer.shape[axis] != rows:
+      raise ValueError(f"KV-cache leaf of shape {buffer.shape} does not hold the batch size {rows} on axis {axis}; "
+                       "the sampler repeats cache rows per sample and needs every cache leaf's rows on that axis.")
+  cache = jax.tree.map(lambda x: expand_to_samples(x, num_samples, prompt_of_B, axis), cache)
+  return jax.tree.map(lambda x: model_lib.constrain(x, cache.logical_axes, rules), cache)
 
 
 # ------------------------------------------------------------------------------------------------ 3. decode

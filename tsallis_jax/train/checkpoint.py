@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import orbax.checkpoint as ocp
@@ -87,6 +87,21 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
+_UNROLLED_LAYER = re.compile(r"(^|/)layers/\d+/")
+_SCANNED_LAYER = re.compile(r"(^|/)layers/(attn|mlp|attn_norm|mlp_norm)(/|$)")
+
+
+def _layer_layout(names: Iterable[str]) -> bool | None:
+  """The `scan_layers` a tree of arrays was built with: True for stacked blocks ('layers/attn/q_proj'), False for
+  one entry per layer ('layers/0/attn/q_proj'), None when it holds no decoder blocks."""
+  names = list(names)
+  if any(_UNROLLED_LAYER.search(n) for n in names):
+    return False
+  if any(_SCANNED_LAYER.search(n) for n in names):
+    return True
+  return None
+
+
 def _check_shapes(read_metadata: Callable[[], Any], abstract: Any, what: str) -> None:
   """Raises CheckpointMismatchError when the stored arrays (metadata from `read_metadata`) differ from `abstract`'s.
 
@@ -99,6 +114,14 @@ def _check_shapes(read_metadata: Callable[[], Any], abstract: Any, what: str) ->
   except Exception:  # noqa: BLE001 (no readable metadata: the restore attempt decides)
     return
   wanted = _shapes(abstract)
+  stored_scan, wanted_scan = _layer_layout(stored), _layer_layout(wanted)
+  if None not in (stored_scan, wanted_scan) and stored_scan != wanted_scan:
+    raise CheckpointMismatchError(
+        f"{what} was written with scan_layers={stored_scan} (decoder blocks "
+        f"{'stacked along a leading layers axis' if stored_scan else 'stored one per layer'}) but the model has "
+        f"scan_layers={wanted_scan}. Restore it with model_overrides='scan_layers={str(stored_scan).lower()}' "
+        "(ModelConfig.scan_layers), or convert it through a Hugging Face export (save_hf_checkpoint writes the same "
+        "files from either layout). Nothing was moved or deleted.")
   diffs = [f"{name}: checkpoint {stored[name]}, model {shape}" for name, shape in wanted.items()
            if name in stored and stored[name] != shape]
   if diffs:

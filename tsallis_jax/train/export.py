@@ -28,6 +28,7 @@ from flax import nnx
 
 from tsallis_jax.errors import InputError
 from tsallis_jax.data import prompts
+from tsallis_jax.model import ModelConfig
 from tsallis_jax.model import build as model_build
 from tsallis_jax.model.hf_io import save_hf_checkpoint
 from tsallis_jax.train import checkpoint as ckpt_lib
@@ -92,11 +93,27 @@ def restore_params(state_dir: Any, abstract_params: Any) -> Any:
   return out["params"]
 
 
+def _with_stored_layout(cfg: TrainConfig, state_dir: Any) -> TrainConfig:
+  """`cfg` with `scan_layers` set to the layout the checkpoint's params were written in (stacked or per layer), so
+  a run from either layout exports to the same Hugging Face files."""
+  try:
+    names = ckpt_lib._shapes(ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata["params"])
+  except Exception:  # noqa: BLE001 (unreadable metadata: restore_params reports it)
+    return cfg
+  stored = ckpt_lib._layer_layout(names)
+  if stored is None or stored == model_build.typed_overrides(model_spec(cfg).overrides).get("scan_layers", ModelConfig.scan_layers):
+    return cfg
+  kept = [item for item in cfg.model_overrides.split(",") if item.strip() and
+          item.split("=", 1)[0].strip() != "scan_layers"]
+  return cfg.replace(model_overrides=",".join([*kept, f"scan_layers={str(stored).lower()}"]))
+
+
 def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, best: bool = False,
                    dtype: str | None = None, max_shard_size: int | str = "5GB") -> tuple[pathlib.Path, int]:
   """Writes the run's newest (or best) params as a Hugging Face folder at `out`; returns (folder, step)."""
   cfg = read_run_config(workdir)
   step, state_dir = _step_dir(workdir, best)
+  cfg = _with_stored_layout(cfg, state_dir)
   model, tokenizer, max_positions = rebuild_model(cfg)
   close_tag_len = len(prompts.close_tag_ids(tokenizer))
   graphdef, abstract_vars = nnx.split(model)

@@ -127,6 +127,8 @@ _PERFORMANCE_ONLY = ("sharding_rules", "remat", "attention_query_chunk", "attent
 
 def cache_key(model_cfg: ModelConfig, target: Any, cfg: PretrainConfig) -> str:
   model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if v is not None and k not in _PERFORMANCE_ONLY}
+  if not model_cfg.scan_layers:  # the params' tree layout is part of the key; unrolled keys are those from before it
+    del model["scan_layers"]
   blob = json.dumps({"model": model, "target": dataclasses.asdict(target), "pretrain": dataclasses.asdict(cfg),
                      "version": 4}, sort_keys=True, default=str)  # 3: weights [out, in]; 4: ChainMix
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
