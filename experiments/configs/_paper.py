@@ -19,7 +19,10 @@ def paper_config(task: str) -> TrainConfig:
   states 512 positions of the 151,936-word vocabulary projection at a time (float32 logits of 32 x 512 x V are
   ~9 GiB on one device, ~2.3 GiB per device on 4). Same gradient as the full batch (tests/test_train_microbatch.py).
   The model rematerialises each layer and computes attention 512 queries at a time (`model_overrides`), so the
-  attention scores of a 6k-token rollout are never held for all queries and layers at once. None of this was run at
+  attention scores of a 6k-token rollout are never held for all queries and layers at once. The layers run under
+  scan (`scan_layers=true`): XLA's memory analysis of the unrolled form shows the per-layer remat undone (the
+  recomputations are scheduled together, temporaries grow by a whole layer's activations per layer), while under
+  scan the train step's temporaries are flat in depth (experiments/benchmarks/README.md, "Memory"). None of this was run at
   paper scale here (no accelerator); the memory numbers are shape estimates.
   """
   return TrainConfig(
@@ -29,4 +32,4 @@ def paper_config(task: str) -> TrainConfig:
       batch_size=32, num_steps=400, learning_rate=1e-6, warmup_steps=20, grad_clip=1.0, temperature=1.0,
       eval_temperature=1.0, eval_num_samples=16, eval_every=50, eval_batch_size=32, checkpoint_every=25,
       max_to_keep=3, log_ref_kl=False, micro_batch_prompts=1, logprob_chunk=512,
-      model_overrides="remat=true,attention_query_chunk=512")
+      model_overrides="remat=full,scan_layers=true,attention_query_chunk=512")

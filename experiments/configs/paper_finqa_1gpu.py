@@ -10,26 +10,25 @@ Shapes: as `paper_finqa` (M = 32 rollouts per prompt, 16 evaluation samples; rat
 What makes it fit one device: the rollout samples its 1024 rows 64 at a time (`rollout_chunk_rows=64`, two prompts;
   evaluation four prompts of 16 samples), so the bfloat16 KV cache holds 64 x 6145 slots (~42 GiB) instead of
   1024 x 6145 (~672 GiB), with the same samples as one pass (tests/test_sampler.py).
-Memory (XLA's `memory_analysis()` of the compiled rollout and train step on abstract shapes, compiled for CPU, 1-
-  and 2-layer models extrapolated linearly to 28 layers; `python -m tsallis_jax.train.memory paper_finqa_1gpu
-  qwen3_0_6b 1,2`; experiments/benchmarks/README.md "Memory"): see MEMORY below. The rollout fits one H200 (49.6
-  GiB); the train step, by the CPU analysis, does not (779 GiB; see MEMORY). CPU XLA assigns buffers differently
-  from GPU XLA, so these are estimates of the H200's peak, not measurements.
+Memory (XLA's `memory_analysis()` of the compiled rollout and train step on abstract shapes, the full 28-layer
+  model compiled for CPU in ~15 s, since the layers run under scan; `python -m tsallis_jax.train.memory
+  paper_finqa_1gpu qwen3_0_6b`; experiments/benchmarks/README.md "Memory"): rollout peak 47.2 GiB, train step peak
+  73.2 GiB, so the device peak is 73.2 GiB of the H200's 131 GiB (141 GB). CPU XLA assigns buffers differently from
+  GPU XLA, so these are estimates of the H200's peak, not measurements. The scan matters: with the layers unrolled,
+  the same analysis gave a 779 GiB train step (1- and 2-layer compiles extrapolated), because the per-layer remat
+  was undone (tests/test_memory.py `test_remat_bounds_the_backward_only_under_scan`).
 Runtime: not measured (no accelerator lent when this was written); 400 steps of 1024 rollouts of ~4k tokens on one
   GPU is days, not hours.
 Expected: the paper's FinQA numbers (see `paper_finqa`); this config changes memory, not the samples or the gradient.
 """
 from experiments.configs._paper import paper_config
 
-# GiB on one device, XLA's memory_analysis() compiled for CPU, 1- and 2-layer models extrapolated to 28 layers.
-# The rollout fits (49.6 GiB peak). The train step does NOT fit by this analysis: 772 GiB of temporaries, ~26.6 GiB
-# per layer, about what every layer's activations of one 32-row micro-batch would take, as if remat were not in
-# effect in CPU XLA's buffer assignment (the analytic estimate of launch/slices.py, which counts remat, gives ~35
-# GiB). Open: check on a GPU (memory_analysis() compiled for the H200) before trusting either number.
+# GiB on one device, XLA's memory_analysis() compiled for CPU (28 layers under scan, remat full), 2026-11-30.
+# tests/test_memory.py::test_paper_finqa_1gpu_analysis_matches_its_record recomputes it (slow).
 MEMORY = {
-    "rollout": {"argument": 2.22, "output": 0.07, "temp": 47.28, "peak": 49.57},
-    "train_step": {"argument": 6.71, "output": 6.66, "temp": 772.34, "alias": 6.66, "peak": 779.05},
-    "peak_gib": 779.05,
+    "rollout": {"argument": 2.22, "output": 0.07, "temp": 44.94, "peak": 47.23},
+    "train_step": {"argument": 6.71, "output": 6.66, "temp": 66.48, "alias": 6.66, "peak": 73.19},
+    "peak_gib": 73.19,
 }
 
 
