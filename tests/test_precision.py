@@ -19,6 +19,7 @@ from tsallis_jax.train import loop
 from tsallis_jax.train import state as state_lib
 from tsallis_jax.train import step as step_lib
 from tsallis_jax.train.config import TrainConfig
+from tsallis_jax.train.programs import build_programs
 from tsallis_jax.train.step import TokenIds
 
 from test_train_step import EOS, PAD, TAG, _batch  # the same left-padded prompts and token ids as the step tests
@@ -38,7 +39,7 @@ def _model_config(dtype: str) -> ModelConfig:
 def _fixed_batch(cfg: TrainConfig, mesh, params):
   """One rollout sampled by the float32 model (then fixed), and 0/1 rewards with both values in every group."""
   graphdef, abstract_vars = nnx.split(abstract_model(_model_config("float32")))
-  programs = loop.get_programs(cfg, graphdef, abstract_vars, mesh, IDS, _model_config("float32").sharding_rules)
+  programs = build_programs(cfg, graphdef, abstract_vars, mesh, IDS, _model_config("float32").sharding_rules)
   state = state_lib.init_state(params, programs.tx, cfg.seed, programs.state_shardings, True)
   batch = _batch(cfg, mesh, vocab=VOCAB)
   rollout_key, step_key = loop._step_keys(state.key, 0)
@@ -108,7 +109,7 @@ def test_bfloat16_train_step_updates_float32_params(fixed):
   cfg = BASE.replace(estimator="garl", q=0.75)
   mesh = distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   graphdef, abstract_vars = nnx.split(abstract_model(_model_config("bfloat16")))
-  programs = loop.get_programs(cfg, graphdef, abstract_vars, mesh, IDS, _model_config("bfloat16").sharding_rules)
+  programs = build_programs(cfg, graphdef, abstract_vars, mesh, IDS, _model_config("bfloat16").sharding_rules)
   state = state_lib.init_state(params, programs.tx, cfg.seed, programs.state_shardings, True)
   new_state, metrics = programs.train_step(state, batch, key, jnp.asarray([cfg.q, cfg.q], jnp.float32))
   for leaf in jax.tree.leaves(new_state.params) + [x for x in jax.tree.leaves(new_state.opt_state)
