@@ -578,3 +578,19 @@ def test_bfloat16_cache_agrees_with_float32(model):
                                   axis=-1)[..., 0]
     np.testing.assert_allclose(np.where(rollout.mask_NxT, rollout.model_logp_NxT, 0.0),
                                np.where(rollout.mask_NxT, ref_NxT, 0.0), atol=atol)
+
+
+def test_chunked_rows_with_layers_under_scan():
+  """The paper configs combine chunked rows with layers under scan (a stacked LxNxKxSxE cache, expanded and chunked
+  on its batch axis 1): the same samples as one pass of the scanned model, and as the unrolled model's."""
+  unrolled = _model()
+  scanned = Transformer(ModelConfig.tiny(scan_layers=True), rngs=nnx.Rngs(0))
+  scanned.embed[...] = scanned.embed[...] * 4.0
+  tokens_BxP, mask_BxP = sampler_lib.pad_prompts(_prompts(np.random.default_rng(3), [3, 5, 1, 6]), PAD, buckets=(8,))
+  config = SamplingConfig(num_samples=2, temperature=1.0, stop_ids=(1, 7), close_tag_ids=(9, 10),
+                          rationale_budget=5, answer_budget=3)
+  want = _generate(scanned, tokens_BxP, mask_BxP, jax.random.key(4), config)
+  got = _generate(scanned, tokens_BxP, mask_BxP, jax.random.key(4), SamplingConfig(
+    **{**config.__dict__, "chunk_rows": 4}))
+  _rollouts_equal(got, want)
+  _rollouts_equal(want, _generate(unrolled, tokens_BxP, mask_BxP, jax.random.key(4), config))
