@@ -22,8 +22,8 @@ def paper_config(task: str) -> TrainConfig:
   attention scores of a 6k-token rollout are never held for all queries and layers at once. The layers run under
   scan (`scan_layers=true`): XLA's memory analysis of the unrolled form shows the per-layer remat undone (the
   recomputations are scheduled together, temporaries grow by a whole layer's activations per layer), while under
-  scan the train step's temporaries are flat in depth (experiments/benchmarks/README.md, "Memory"). None of this was run at
-  paper scale here (no accelerator); the memory numbers are shape estimates.
+  scan the train step's temporaries are flat in depth (experiments/benchmarks/README.md, "Memory"). None of this
+  was run at paper scale here (no accelerator); the memory numbers are shape estimates.
   """
   return TrainConfig(
       name=f"paper_{task}", model="hf", model_path="/path/to/Qwen3-0.6B", dtype="bfloat16", task=task,

@@ -180,17 +180,18 @@ def _conversation_ids(record: Record, tokenizer: Any, *, style: Style, context_t
   return full_ids, len(prompt_ids)
 
 
-def _after_think(ids: list[int], tokenizer: Any, where: str) -> list[int]:
-  end_id = eos_id(tokenizer)
-  tag_end = _last_tag_end(ids, close_tag_ids(tokenizer))
+def _after_think(ids: list[int], tokenizer: Any, where: str) -> tuple[int, list[int]]:
+  """(index just past the last `</think>` in `ids`, the answer tokens after it up to and including the EOS)."""
+  end_id, tag = eos_id(tokenizer), close_tag_ids(tokenizer)
+  tag_end = _last_tag_end(ids, tag)
   if tag_end is None:
-    raise ValueError(f"{where}: the rendered completion has no {THINK_CLOSE!r} (as the tokens "
-                     f"{list(close_tag_ids(tokenizer))}); the chat template must keep the rationale (Qwen3 thinking "
-                     "format), and a tag of several tokens must tokenise alike alone and in the text.")
+    raise ValueError(f"{where}: the rendered completion has no {THINK_CLOSE!r} (as the tokens {list(tag)}); the chat"
+                     " template must keep the rationale (Qwen3 thinking format), and a tag of several tokens must"
+                     " tokenise alike alone and in the text.")
   tail = ids[tag_end:]
   if end_id in tail:
-    return tail[:tail.index(end_id) + 1]
-  return tail + [end_id]
+    return tag_end, tail[:tail.index(end_id) + 1]
+  return tag_end, tail + [end_id]
 
 
 def gold_answer_ids(record: Record, tokenizer: Any, *, style: Style = "cold") -> list[int]:
@@ -202,7 +203,7 @@ def gold_answer_ids(record: Record, tokenizer: Any, *, style: Style = "cold") ->
   """
   full_ids, _ = _conversation_ids(record, tokenizer, style=style, context_text="", rationale="r",
                                   answer=record.answer)
-  return _after_think(full_ids, tokenizer, record.where())
+  return _after_think(full_ids, tokenizer, record.where())[1]
 
 
 def prompt_ids(record: Record, tokenizer: Any, *, style: Style, max_prompt_tokens: int) -> tuple[list[int], int]:
@@ -230,8 +231,8 @@ def sft_example(record: Record, tokenizer: Any, *, style: Style = "cold",
       max_prompt_tokens)
   full_ids, num_prompt = _conversation_ids(record, tokenizer, style=style, context_text=ctx,
                                            rationale=record.rationale, answer=record.answer)
-  answer = _after_think(full_ids, tokenizer, record.where())
-  ids = full_ids[:_last_tag_end(full_ids, close_tag_ids(tokenizer))] + answer
+  tag_end, answer = _after_think(full_ids, tokenizer, record.where())
+  ids = full_ids[:tag_end] + answer
   return ids, [i >= num_prompt for i in range(len(ids))]
 
 

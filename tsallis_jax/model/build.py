@@ -28,7 +28,7 @@ from flax import nnx
 
 from tsallis_jax.errors import ConfigError
 from tsallis_jax.model.config import ModelConfig, remat_policy_name
-from tsallis_jax.model.transformer import abstract_model, create_model
+from tsallis_jax.model.transformer import abstract_model, create_model, pure
 
 PRESETS = {"tiny": ModelConfig.tiny, "qwen3_0_6b": ModelConfig.qwen3_0_6b, "smollm2_135m": ModelConfig.smollm2_135m}
 PRETRAINED = ("hf", "gguf")
@@ -132,11 +132,6 @@ def build_model(spec: ModelSpec, mesh=None, *, tokenizer: Any = None, abstract: 
   return with_think_tokens(model, load_tokenizer(folder), mesh)
 
 
-def _values(state: Any) -> Any:
-  return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def with_think_tokens(model: nnx.Module, tokenizer: Any, mesh=None) -> tuple[nnx.Module, Any]:
   """Adds `<think>` / `</think>` to a tokenizer that lacks them (SmolLM2) and grows the embedding to match.
 
@@ -149,7 +144,7 @@ def with_think_tokens(model: nnx.Module, tokenizer: Any, mesh=None) -> tuple[nnx
   tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
   old = model.config
   new_cfg = old.replace(vocab_size=max(len(tokenizer), old.vocab_size))
-  params = _values(nnx.state(model))
+  params = pure(nnx.state(model))
   embed = np.asarray(jax.device_get(params["embed"]))
   extra = np.repeat(embed.mean(0, keepdims=True), new_cfg.vocab_size - old.vocab_size, axis=0)
   params["embed"] = np.concatenate([embed, extra], axis=0)

@@ -32,7 +32,7 @@ layer in both forms (`hf_io` stacks and unstacks); Orbax checkpoints hold the tr
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -473,6 +473,13 @@ class Transformer(nnx.Module):
     hidden_NxTxD, new_cache = self.hidden(tokens_NxT, positions_NxT, attn_mask_NxTxS, cache=cache,
                                           cache_index=cache_index)
     return self.logits(hidden_NxTxD), new_cache
+
+
+def pure(state: Any) -> Any:
+  """The same nnx.State with each Variable replaced by its value (plain arrays / ShapeDtypeStructs): the form the
+  train state, the optimizer, orbax and `nnx.merge` all accept, whose tree matches a tree of shardings."""
+  return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def abstract_model(cfg: ModelConfig, *, seed: int = 0) -> Transformer:

@@ -57,12 +57,12 @@ def rebuild_model(cfg: TrainConfig) -> tuple[Any, Any, int]:
   spec = model_spec(cfg)
   if spec.pretrained:
     model, tokenizer = model_build.build_model(spec)
-    longest = cfg.total_len(len(prompts.close_tag_ids(tokenizer)))
-    return model, tokenizer, int(model_build.max_positions(spec) or longest)
-  tokenizer = build_task(cfg).tokenizer
-  model, _ = model_build.build_model(spec, tokenizer=tokenizer, abstract=True)
-  longest = cfg.total_len(len(prompts.close_tag_ids(tokenizer)))
-  return model, tokenizer, PRESET_MAX_POSITIONS.get(cfg.model, longest)
+    known = model_build.max_positions(spec)
+  else:
+    tokenizer = build_task(cfg).tokenizer
+    model, _ = model_build.build_model(spec, tokenizer=tokenizer, abstract=True)
+    known = PRESET_MAX_POSITIONS.get(cfg.model)
+  return model, tokenizer, int(known or cfg.total_len(len(prompts.close_tag_ids(tokenizer))))
 
 
 def _step_dir(workdir: str | os.PathLike, best: bool) -> tuple[int, Any]:
@@ -101,7 +101,8 @@ def _with_stored_layout(cfg: TrainConfig, state_dir: Any) -> TrainConfig:
   except Exception:  # noqa: BLE001 (unreadable metadata: restore_params reports it)
     return cfg
   stored = ckpt_lib._layer_layout(names)
-  if stored is None or stored == model_build.typed_overrides(model_spec(cfg).overrides).get("scan_layers", ModelConfig.scan_layers):
+  configured = model_build.typed_overrides(model_spec(cfg).overrides).get("scan_layers", ModelConfig.scan_layers)
+  if stored is None or stored == configured:
     return cfg
   kept = [item for item in cfg.model_overrides.split(",") if item.strip() and
           item.split("=", 1)[0].strip() != "scan_layers"]

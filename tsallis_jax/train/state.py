@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tsallis_jax.model import param_shardings
+from tsallis_jax.model.transformer import pure  # noqa: F401 (state_lib.pure, used across train/)
 
 
 @flax.struct.dataclass
@@ -50,13 +51,6 @@ def state_shardings(abstract_vars: nnx.State, tx: optax.GradientTransformation, 
                                         is_leaf=lambda x: isinstance(x, NamedSharding))
   return TrainState(step=replicated(mesh), params=shardings, opt_state=opt_shardings, key=replicated(mesh),
                     ref_params=shardings if with_ref else None)
-
-
-def pure(state: Any) -> Any:
-  """The same nnx.State with each Variable replaced by its value (plain arrays / ShapeDtypeStructs): the form the
-  train state, the optimizer, orbax and `nnx.merge` all accept, whose tree matches a tree of shardings."""
-  return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int, shardings: TrainState,
