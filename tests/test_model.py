@@ -275,3 +275,32 @@ def test_linear_weight_left_path_equals_the_plain_product_with_gradients(lead):
   grads = jax.grad(loss(transformer.linear), argnums=(0, 1))(x, w_FxD)
   want = jax.grad(loss(lambda x, w: jnp.einsum("...d,fd->...f", x, w)), argnums=(0, 1))(x, w_FxD)
   chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("lead, d, f", [((64, 48), 16, 64), ((5, 13), 24, 40), ((64, 48), 64, 16), ((3, 30), 8, 512)])
+def test_linear_training_rows_backward_equals_the_einsum_gradients(lead, d, f, dtype):
+  """Above 64 rows on CPU, projections with M * F > D * (M + F) take the einsum with a hand-written backward
+  (`_linear_input_transposed_grad`, dW = (x^T dy)^T); its gradients equal autodiff of the plain einsum up to
+  summation order (float32: 2e-6 of the largest entry; bfloat16: one rounding, 1e-2), with the float32 logits output
+  the LM head asks for and the input's dtypes, and the custom path is really the one taken where the rule says so
+  (and only there)."""
+  from tsallis_jax.model import transformer
+  rows = int(np.prod(lead))
+  rng = np.random.default_rng(rows + d + f)
+  x = jnp.asarray(rng.standard_normal((*lead, d)), dtype)
+  w_FxD = jnp.asarray(0.1 * rng.standard_normal((f, d)), dtype)
+  taken = "custom_vjp_call" in str(jax.make_jaxpr(transformer.linear)(x, w_FxD))
+  assert taken == (rows > transformer.WEIGHT_LEFT_MAX_ROWS and rows * f > d * (rows + f))
+
+  def loss(fn):
+    return lambda x, w: jnp.sum(jnp.sin(fn(x, w)))
+  ours = jax.jit(jax.grad(loss(lambda x, w: transformer.linear(x, w, preferred_element_type=jnp.float32)),
+                          argnums=(0, 1)))(x, w_FxD)
+  want = jax.jit(jax.grad(loss(lambda x, w: jnp.einsum("...d,fd->...f", x, w, preferred_element_type=jnp.float32)),
+                          argnums=(0, 1)))(x, w_FxD)
+  for got, ref in zip(ours, want):
+    assert got.dtype == ref.dtype
+    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+    tol = (2e-6 if dtype == jnp.float32 else 1e-2) * np.max(np.abs(ref))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=tol)

@@ -8,7 +8,8 @@ attention softmax and the logits in float32 (the contract in `tsallis_jax/model/
 
 Weights are stored [out, in] as in Hugging Face (the output axis split per head), each with `logical_axes` metadata
 for sharding. Every projection is one `linear` call, which multiplies decode-sized batches with the weight as the
-left operand on CPU (the layout XLA CPU streams fastest):
+left operand on CPU (the layout XLA CPU streams fastest) and orders the weight gradient's transposes for wide
+projections at training batch sizes on CPU:
 
 | parameter | shape | logical axes |
 | --- | --- | --- |
@@ -32,6 +33,7 @@ layer in both forms (`hf_io` stacks and unstacks); Orbax checkpoints hold the tr
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -70,7 +72,9 @@ def linear(x_NxTxD: jax.Array, w_FxD: jax.Array, *, preferred_element_type=None)
   weights faster with the large dimension on the left, 1.25x for SmolLM2's MLP and 1.42x for its LM head at 16 rows
   (`python -m experiments.benchmarks.decode_gemm`). One row (a matrix-vector product, already at memory bandwidth),
   more rows (compute-bound either way) and other backends (which pick their own layouts) take the plain einsum.
-  Both give the same product up to float32 summation order.
+  Both give the same product up to float32 summation order. Above `WEIGHT_LEFT_MAX_ROWS` rows on CPU (training and
+  scoring batches), projections whose output is wider than their input take the einsum with a hand-written backward
+  pass that orders the weight gradient's transposes (`_linear_input_transposed_grad`).
   """
   *lead, d = x_NxTxD.shape
   rows = int(np.prod(lead))
@@ -78,7 +82,49 @@ def linear(x_NxTxD: jax.Array, w_FxD: jax.Array, *, preferred_element_type=None)
     x_DxM = jax.lax.optimization_barrier(x_NxTxD.reshape(rows, d).T)
     out_FxM = jnp.matmul(w_FxD, x_DxM, preferred_element_type=preferred_element_type)
     return jax.lax.optimization_barrier(out_FxM).T.reshape(*lead, w_FxD.shape[0])
+  if rows > WEIGHT_LEFT_MAX_ROWS and jax.default_backend() == "cpu" and _transpose_input_for_grad(rows, d, w_FxD.shape[0]):
+    return _linear_input_transposed_grad(x_NxTxD, w_FxD, preferred_element_type)
   return jnp.einsum("...d,fd->...f", x_NxTxD, w_FxD, preferred_element_type=preferred_element_type)
+
+
+def _transpose_input_for_grad(rows: int, d: int, f: int) -> bool:
+  """Whether the weight gradient dW = dy^T x (FxD, over M token rows) is cheaper computed as (x^T dy)^T: that
+  transposes the input x (M x D) and the small FxD result instead of the output gradient dy (M x F), so it pays when
+  M * F > D * (M + F), e.g. a SwiGLU MLP's gate and up projections (F = 4 D) at training batch sizes."""
+  return rows * f > d * (rows + f)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear_input_transposed_grad(x_NxTxD, w_FxD, preferred_element_type):
+  """`linear`'s einsum with a backward pass that computes dW = (x^T dy)^T (`_transpose_input_for_grad`), on CPU.
+
+  Differentiating the einsum, XLA CPU transposes the output gradient dy to MxF -> FxM for its GEMM and fuses the
+  elementwise work that produced dy (for the gate projection, the SwiGLU derivative's four inputs) into that
+  transposing copy, which then reads four tensors in strided order: 18.6 ms for the `tiny` workload's 3072 x 512
+  gate gradient, against 0.9 ms for a plain copy. Transposing x instead (behind optimisation barriers, so XLA keeps
+  the order) leaves dy in its natural layout: the `tiny` GRPO train step runs 0.79x the time
+  (`experiments/benchmarks/results/results.md`). Same products, summed in the same order up to XLA's choice of
+  kernel."""
+  return jnp.einsum("...d,fd->...f", x_NxTxD, w_FxD, preferred_element_type=preferred_element_type)
+
+
+def _linear_input_transposed_grad_fwd(x_NxTxD, w_FxD, preferred_element_type):
+  return _linear_input_transposed_grad(x_NxTxD, w_FxD, preferred_element_type), (x_NxTxD, w_FxD)
+
+
+def _linear_input_transposed_grad_bwd(preferred_element_type, residuals, dy_NxTxF):
+  del preferred_element_type
+  x_NxTxD, w_FxD = residuals
+  d, f = x_NxTxD.shape[-1], w_FxD.shape[0]
+  dy_MxF = dy_NxTxF.reshape(-1, f)
+  dx_MxD = jnp.matmul(dy_MxF, w_FxD.astype(dy_MxF.dtype))
+  x_DxM = jax.lax.optimization_barrier(x_NxTxD.reshape(-1, d).T)
+  dw_DxF = jnp.matmul(x_DxM.astype(dy_MxF.dtype), dy_MxF)
+  return (dx_MxD.astype(x_NxTxD.dtype).reshape(x_NxTxD.shape),
+          jax.lax.optimization_barrier(dw_DxF).T.astype(w_FxD.dtype))
+
+
+_linear_input_transposed_grad.defvjp(_linear_input_transposed_grad_fwd, _linear_input_transposed_grad_bwd)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
