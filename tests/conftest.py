@@ -1,4 +1,6 @@
-"""Test-wide settings: 8 fake CPU devices for sharding tests and strict rank promotion.
+"""Test-wide settings: 8 fake CPU devices for sharding tests, strict rank promotion, and a fresh persistent
+compilation cache per session (the trainer turns the cache on, `TrainConfig.compile_cache`; a folder of the session's
+own keeps runs from reading another session's programs, and the user's ~/.cache untouched).
 
 Both must be set before JAX initialises its backends, so they live here, at collection time.
 """
@@ -10,6 +12,9 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="tsallis_jax_test_xla_"))

@@ -9,6 +9,7 @@
 """
 import dataclasses
 import json
+import os
 import sys
 
 import chex
@@ -70,6 +71,28 @@ def test_report_keeps_quiet_runs_and_computes_targets():
   assert "| this project, GRPO | 0.2 |" in text and "**no**" in text
 
 
+def test_first_step_and_rss_targets_compare_with_trl():
+  """Issue 17's first-step goal (cold, and a re-run with the compile cache warm) and peak-RSS goal, against TRL."""
+  runs = [dict(_fake_run("ours", "grpo", 0.2, 0.0), first_s=9.0, peak_rss_mb=50.0),
+          dict(_fake_run("ours", "grpo_rerun", 0.2, 0.0), first_s=3.0),
+          dict(_fake_run("trl", "grpo", 0.7, 0.0), first_s=6.0, peak_rss_mb=40.0)]
+  rows = {r["target"]: r for r in report.targets(report.aggregate(runs), {}, None)}
+  cold, warm = rows["first step (GRPO) / TRL's"], rows["first step (GRPO, re-run (compile cache warm)) / TRL's"]
+  chex.assert_trees_all_close((cold["value"], warm["value"]), (9.0 / 6.0, 3.0 / 6.0))
+  assert (cold["met"], warm["met"]) == (False, True)
+  assert rows["peak RSS of the GRPO run / TRL's"]["value"] == 50.0 / 40.0
+  assert not rows["peak RSS of the GRPO run / TRL's"]["met"]
+  assert "| this project, GRPO, re-run (compile cache warm) | 0.2 |" in report.markdown(report.aggregate(runs), {}, None)
+
+
+def test_our_train_jobs_get_a_compile_cache_and_the_rerun_warms_it(tmp_path):
+  cmd = run.job_command("ours", "grpo_rerun", tmp_path, {}, 3, compile_cache=str(tmp_path / "c"))
+  assert cmd[cmd.index("--mode") + 1] == "grpo" and "--warm-compile-cache" in cmd
+  assert cmd[cmd.index("--compile-cache") + 1] == str(tmp_path / "c")
+  cold = run.job_command("ours", "garl", tmp_path, {}, 0, compile_cache=str(tmp_path / "d"))
+  assert "--warm-compile-cache" not in cold and cold[cold.index("--compile-cache") + 1] == str(tmp_path / "d")
+
+
 def test_report_flags_workload_with_only_loaded_runs():
   agg = report.aggregate([_fake_run("tunix", "grpo", 2.0, 1.0), _fake_run("tunix", "grpo", 4.0, 0.9)])
   assert agg[("w", "tunix", "grpo")]["loaded"] and agg[("w", "tunix", "grpo")]["median_s"] == 3.0
@@ -86,7 +109,7 @@ def test_flop_rate_target_uses_update_phase_and_peak():
   chex.assert_trees_all_close(by_name["train"], 80e9 / 1.0 / 1e9 / 100.0)
 
 
-TRAIN_JOBS_OURS_TUNIX = ("ours grpo", "ours garl", "ours paft", "tunix grpo")
+TRAIN_JOBS_OURS_TUNIX = ("ours grpo", "ours grpo_rerun", "ours garl", "ours paft", "tunix grpo")
 
 
 def test_plan_alternates_systems_between_rounds():
@@ -205,3 +228,19 @@ def test_device_check_runs_the_trainer_step_and_writes_its_json(tmp_path):
   for impl in ("einsum", "xla"):  # no GPU: no cudnn entry
     assert result["attention"][impl]["finite"] and result["attention"][impl]["grad_max_rel_err"] < 1e-5
   assert "cudnn" not in result["attention"]
+
+
+def test_warm_compile_cache_runs_one_step_first_into_the_folder(tmp_path, capsys, monkeypatch):
+  """--warm-compile-cache: a child process runs two untimed steps with the same cache folder, which then holds the
+  compiled programs before the timed run starts (its result records how many)."""
+  from experiments.benchmarks import ours_grpo
+  spec = dataclasses.replace(workloads.TINY, num_prompts=2, group_size=2, prompt_len=4, max_new=3, sample_batch=4)
+  folder = workloads.build_tiny(tmp_path / "mini", spec)
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the child caches even these small programs
+  monkeypatch.setenv("PYTHONPATH", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  cache = tmp_path / "xla"
+  ours_grpo.main(["--workload", str(folder), "--steps", "2", "--compile-cache", str(cache), "--warm-compile-cache"])
+  result = harness.parse_result(capsys.readouterr().out)
+  assert result["extra"]["compile_cache"]["entries_before"] >= 2  # at least the rollout and the train step
+  with pytest.raises(SystemExit):
+    ours_grpo.main(["--workload", str(folder), "--warm-compile-cache"])

@@ -20,6 +20,12 @@ A step is what `tsallis_jax.train.train_and_evaluate` runs per step, with the tr
             optax (global-norm clip 1.0, AdamW: lr from the workload, betas 0.9/0.999, eps 1e-8, no decay)
 
 Each phase is waited for, so every step's time splits into `rollout`, `reward` and `update` (`phases_median_s`).
+
+Compilation cache: as the trainer (`TrainConfig.compile_cache`), the runner turns on JAX's persistent compilation
+cache, in `--compile-cache DIR` (the benchmark gives every cold run a fresh empty folder, so its first step compiles
+and writes the cache, as a user's first run does). `--warm-compile-cache` first runs two untimed steps in a child
+process with the same folder, then the timed run: the first step of a re-run of the same config
+(mode `grpo_rerun` of `run.py`).
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from tsallis_jax import distributed
 from tsallis_jax.data.records import Record
 from tsallis_jax.model import hf_io
 from tsallis_jax.sampler import SamplingConfig, generate_impl
-from tsallis_jax.train import scoring
+from tsallis_jax.train import compile_cache, scoring
 from tsallis_jax.train import state as state_lib
 from tsallis_jax.train.config import TrainConfig
 from tsallis_jax.train.schedules import make_optimizer
@@ -87,10 +93,12 @@ def sampling_config(spec: workloads.WorkloadSpec, num_samples: int) -> SamplingC
 
 
 def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: float | None = None,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, compile_cache_dir: str = "") -> dict[str, Any]:
   """Times `steps` trainer steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict."""
   if mode not in ESTIMATORS:
     raise ValueError(f"mode={mode!r}; choose one of {ESTIMATORS}.")
+  cache_entries = len(os.listdir(compile_cache_dir)) if compile_cache_dir and os.path.isdir(compile_cache_dir) else 0
+  compile_cache.enable(compile_cache_dir)
   spec, model, tokenizer, prompt_tokens_BxP, prompt_mask_BxP = load_workload(folder)
   steps = steps or spec.grpo_steps
   beta = spec.beta if beta is None else beta
@@ -142,6 +150,7 @@ def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: flo
   return common.emit(system="ours", version=version(), spec=spec.to_json(), mode=mode, times_s=times,
                      tokens_per_step=spec.generated_slots, phases=phases, sanity=sanity,
                      extra={"beta": beta, "q": cfg.q, "rewards_per_step": rewards,
+                            "compile_cache": {"dir": compile_cache_dir, "entries_before": cache_entries},
                             "step": "jit(sampler.generate_impl), host rewards (train.scoring), then the trainer's "
                                     "jitted step (train.step.make_train_step)"})
 
@@ -160,9 +169,20 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=0)
   p.add_argument("--q", type=float, default=0.75)
   p.add_argument("--beta", type=float, default=None)
+  p.add_argument("--compile-cache", default="", help="JAX persistent compilation cache folder ('' = none)")
+  p.add_argument("--warm-compile-cache", action="store_true",
+                 help="fill --compile-cache with two untimed steps in a child process first (a re-run's first step)")
   args = p.parse_args(argv)
+  if args.warm_compile_cache:
+    if not args.compile_cache:
+      p.error("--warm-compile-cache needs --compile-cache DIR")
+    import subprocess
+    subprocess.run([sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", args.workload, "--mode",
+                    args.mode, "--steps", "2", "--q", str(args.q), "--compile-cache", args.compile_cache]
+                   + ([] if args.beta is None else ["--beta", str(args.beta)]),
+                   check=True, stdout=subprocess.DEVNULL)
   print("ours runner:", version(), "devices", jax.devices(), flush=True)
-  run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta)
+  run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, compile_cache_dir=args.compile_cache)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ import statistics
 from typing import Any, Iterable, Mapping, Sequence
 
 QUIET_CORES = 0.25  # a run is quiet when other processes used less than this many cores on average
-GRPO_MODES = ("grpo", "garl", "paft")
+GRPO_MODES = ("grpo", "grpo_rerun", "garl", "paft")
 SAMPLE_MODES = ("sample", "sample_g1", "sample_g1_unshared")
 PEERS = ("tunix", "trl")
 LABELS = {("ours", "grpo"): "this project, GRPO", ("ours", "garl"): "this project, GARL q=0.75",
-          ("ours", "paft"): "this project, PAFT q=0.75", ("tunix", "grpo"): "tunix GRPOLearner",
+          ("ours", "paft"): "this project, PAFT q=0.75",
+          ("ours", "grpo_rerun"): "this project, GRPO, re-run (compile cache warm)",
+          ("tunix", "grpo"): "tunix GRPOLearner",
           ("trl", "grpo"): "TRL GRPOTrainer", ("ours", "sample"): "this project, Sampler (8 prompts x G)",
           ("ours", "sample_g1"): "this project, Sampler (batch rows, G=1; repeated prompts prefilled once)",
           ("ours", "sample_g1_unshared"): "this project, Sampler (batch rows, G=1, share_prefill=False)",
@@ -68,7 +70,8 @@ def matmul_peak(runs: Iterable[Mapping[str, Any]], quiet_cores: float = QUIET_CO
 
 def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[str, float]],
             peak: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-  """The issue's four targets as measured ratios: [{'target', 'workload', 'value', 'goal', 'met'}]."""
+  """The targets (issue 17's goals where it set one) as measured ratios: [{'target', 'workload', 'value', 'goal',
+  'met'}]."""
   rows = []
   workloads = sorted({k[0] for k in agg})
 
@@ -82,12 +85,23 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
     if ours and peers:
       fastest = min(p["median_s"] for p in peers)
       row = {"target": "GRPO step / fastest peer's", "workload": w, "value": ours["median_s"] / fastest,
-             "goal": "<= 0.5", "met": ours["median_s"] / fastest <= 0.5}
+             "goal": "<= 0.6", "met": ours["median_s"] / fastest <= 0.6}
       if peak and w in flops:  # the step cannot be faster than its model FLOPs at 100% of the matmul peak
         floor_s = flops[w]["total"] / 1e9 / peak["peak_gflops"]
         row["note"] = (f"FLOP floor {floor_s:.3g} s = {floor_s / fastest:.2f} x the fastest peer's step (all the "
                        f"workload's model FLOPs at 100% of the measured peak)")
       rows.append(flag(row, ours, min(peers, key=lambda p: p["median_s"])))
+    trl = agg.get((w, "trl", "grpo"))
+    for mode in ("grpo", "grpo_rerun"):
+      mine = agg.get((w, "ours", mode))
+      if mine and trl:
+        rows.append(flag({"target": f"first step ({LABELS[('ours', mode)].split(', ', 1)[1]}) / TRL's",
+                          "workload": w, "value": mine["first_s"] / trl["first_s"], "goal": "<= 1",
+                          "met": mine["first_s"] <= trl["first_s"]}, mine, trl))
+    if ours and trl:
+      rows.append({"target": "peak RSS of the GRPO run / TRL's", "workload": w,
+                   "value": ours["peak_rss_mb"] / trl["peak_rss_mb"], "goal": "<= 1",
+                   "met": ours["peak_rss_mb"] <= trl["peak_rss_mb"]})
     speak = [agg[(w, p, "sample")] for p in PEERS if (w, p, "sample") in agg]
     for mode in SAMPLE_MODES:
       mine = agg.get((w, "ours", mode))
@@ -110,7 +124,7 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
       if upd:
         frac = flops[w]["update"] / upd / 1e9 / peak["peak_gflops"]
         rows.append(flag({"target": "train update (ref fwd + fwd/bwd + AdamW) FLOP/s / matmul peak",
-                          "workload": w, "value": frac, "goal": ">= 0.5", "met": frac >= 0.5}, ours))
+                          "workload": w, "value": frac, "goal": ">= 0.8", "met": frac >= 0.8}, ours))
   return rows
 
 
@@ -138,7 +152,7 @@ def markdown(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping
                 f"{f['reference'] / 1e9:.1f}, policy fwd+bwd {f['policy'] / 1e9:.1f}).", ""]
     lines += ["| system | s/step | tokens/s | first step (compile) s | peak RSS MB | GFLOP/s (% peak) | runs "
               "(quiet) | foreign cores |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for system, mode in [("ours", "grpo"), ("ours", "garl"), ("ours", "paft"), ("tunix", "grpo"), ("trl", "grpo")]:
+    for system, mode in [*(("ours", m) for m in GRPO_MODES), ("tunix", "grpo"), ("trl", "grpo")]:
       a = agg.get((w, system, mode))
       if not a:
         continue

@@ -25,8 +25,10 @@ import os
 import pathlib
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -45,7 +47,9 @@ PEER_INSTALL = {
   "trl": [["torch==2.13.0"], ["-c", str(PEERS_DIR / "trl-constraints.txt"), "trl==1.16.0"]],
 }
 RUNNERS = {"tunix": PEERS_DIR / "tunix_runner.py", "trl": PEERS_DIR / "trl_runner.py"}
-TRAIN_MODES = {"ours": ("grpo", "garl", "paft"), "tunix": ("grpo",), "trl": ("grpo",)}
+# ours: every run gets a fresh, empty persistent compilation cache (the trainer's default turns one on, so this is a
+# user's first run); grpo_rerun fills its cache with two untimed steps first (the first step of a re-run).
+TRAIN_MODES = {"ours": ("grpo", "grpo_rerun", "garl", "paft"), "tunix": ("grpo",), "trl": ("grpo",)}
 SAMPLE_MODES = {"ours": ("sample",), "tunix": ("sample",), "trl": ("sample",)}
 
 
@@ -97,13 +101,18 @@ def wait_for_quiet(max_wait_s: float, threshold: float = report.QUIET_CORES, win
 
 
 def job_command(system: str, mode: str, folder: pathlib.Path, pythons: dict[str, pathlib.Path],
-                steps: int) -> list[str]:
+                steps: int, compile_cache: str = "") -> list[str]:
+  """The runner's command line; `compile_cache` is the (fresh) persistent-cache folder of one of our train runs."""
   extra = ["--steps", str(steps)] if steps else []
   if system == "ours" and mode == "sample":  # the sampler engineer's runner (sampler_ours.py)
     return [sys.executable, "-m", "experiments.benchmarks.sampler_ours", "--workload", str(folder), *extra]
   if system == "ours":
+    cache = ["--compile-cache", compile_cache] if compile_cache else []
+    if mode == "grpo_rerun":
+      return [sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", str(folder), "--mode", "grpo",
+              *cache, "--warm-compile-cache", *extra]
     return [sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", str(folder), "--mode", mode,
-            *extra]
+            *cache, *extra]
   if system == "matmul":
     return [sys.executable, "-m", "experiments.benchmarks.matmul_peak"]
   return [str(pythons[system]), str(RUNNERS[system]), "--workload", str(folder), "--mode", mode, *extra]
@@ -248,8 +257,13 @@ def main(argv=None) -> int:
       logfile = home / "logs" / f"r{r}.{w}.{system}.{mode}.log"
       log(f"[{done}/{total}] round {r} {w} {system} {mode} (load before {load:.2f} cores)")
       timeout = 1800 if w == "smollm2" else 600
-      result = harness.run(job_command(system, mode, folder, pythons, args.steps), str(logfile), env=env,
-                           cwd=str(REPO), timeout_s=timeout)
+      cache = tempfile.mkdtemp(prefix="bench_xla_") if system == "ours" and mode in TRAIN_MODES["ours"] else ""
+      try:
+        result = harness.run(job_command(system, mode, folder, pythons, args.steps, cache), str(logfile), env=env,
+                             cwd=str(REPO), timeout_s=timeout)
+      finally:
+        if cache:
+          shutil.rmtree(cache, ignore_errors=True)
       result.update({"round": r, "system": system, "workload": result.get("workload", w), "mode": mode})
       runs.extend(split_sampler_result(result) if (system, mode) == ("ours", "sample") else [result])
       status = (f"median {result['median_s']:.3f}s first {result['first_s']:.1f}s" if result["ok"]

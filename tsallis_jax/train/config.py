@@ -170,6 +170,9 @@ class TrainConfig:
   # $WANDB_PROJECT, run name = name), "tensorboard" (the same as tensorboard=True), "none" or "" (nothing more).
   report_to: str = ""
   log_completions: int = 8  # prompts per evaluation whose sampled completions go to completions.jsonl (0 = none)
+  # JAX's persistent compilation cache (`compile_cache.py`): a re-run of the same programs reads them instead of
+  # compiling. "" = leave JAX's setting; $JAX_COMPILATION_CACHE_DIR or an earlier jax.config setting wins.
+  compile_cache: str = "~/.cache/tsallis_jax/xla"
 
   def __post_init__(self):
     _validate(self)

@@ -42,6 +42,7 @@ from tsallis_jax.data import pipeline
 from tsallis_jax.model import ModelConfig, create_model
 from tsallis_jax.model.build import build_model, max_positions
 from tsallis_jax.train import checkpoint as ckpt_lib
+from tsallis_jax.train import compile_cache
 from tsallis_jax.train import evaluate as eval_lib
 from tsallis_jax.train import preemption
 from tsallis_jax.train import scoring
@@ -103,7 +104,9 @@ class Setup:
 def setup(cfg: TrainConfig, task: Task | None = None, programs: Programs | None = None) -> tuple[Setup, Any]:
   """(Setup, pretrained params): the mesh, the model (`model.build.build_model`), the task and the programs
   (`programs` if given, checked against `cfg`; else built). The params are the loaded HF / GGUF weights, or None for
-  a preset; the model object is not kept (`initial_params` takes them, then the caller drops them)."""
+  a preset; the model object is not kept (`initial_params` takes them, then the caller drops them). Turns on the
+  persistent compilation cache of `cfg.compile_cache` (`compile_cache.enable`)."""
+  compile_cache.enable(cfg.compile_cache)
   mesh = distributed.make_mesh(dict(zip(BATCH_AXES, check_mesh(cfg, jax.device_count()))))
   spec = model_spec(cfg)
   if spec.pretrained:

@@ -28,7 +28,7 @@ PROGRAM_NEUTRAL = ("name", "seed", "q", "q_end", "init_checkpoint", "eval_every"
                    "prompt_bucket", "checkpoint_every", "max_to_keep", "log_every", "progress_bar", "tensorboard",
                    "task_options", "data_dir", "eval_at_start", "report_to", "log_completions", "data_columns",
                    "prompt_template", "chat_template", "reward_funcs", "reward_weights", "eval_reward",
-                   "console_log")
+                   "console_log", "compile_cache")
 
 
 def program_key(cfg: TrainConfig, graphdef, mesh, ids: TokenIds) -> tuple:
