@@ -244,3 +244,29 @@ def test_warm_compile_cache_runs_one_step_first_into_the_folder(tmp_path, capsys
   assert result["extra"]["compile_cache"]["entries_before"] >= 2  # at least the rollout and the train step
   with pytest.raises(SystemExit):
     ours_grpo.main(["--workload", str(folder), "--warm-compile-cache"])
+
+
+def test_roofline_is_flops_at_the_peak_or_weight_reads_at_the_bandwidth(tiny_folder):
+  """flops.step_floor_s / sample_floor_s in their two limits: unbounded bandwidth leaves the FLOPs at the peak (the
+  rollout prefilling each prompt once), an unbounded peak leaves one read of the float32 weights per decode step
+  plus AdamW's 7 passes; the report quotes both floors once the peak run measured a bandwidth."""
+  hf = json.loads((tiny_folder / "config.json").read_text())
+  shapes = dict(num_prompts=2, num_sequences=6, prompt_len=5, max_new=4, beta=0.04)
+  f = flops.step_flops(hf, num_sequences=6, prompt_len=5, max_new=4, beta=0.04)
+  prefill_one = sum(flops.token_flops(hf, i + 1, lm_head=False) for i in range(4))
+  compute = flops.step_floor_s(hf, **shapes, peak_gflops=1.0, bandwidth_gbs=1e30)
+  chex.assert_trees_all_close(compute["update"], f["update"] / 1e9)
+  chex.assert_trees_all_close(compute["rollout"], (f["rollout"] - 4 * prefill_one) / 1e9)  # 6 rows -> 2 prompts
+  weights_gb = 4.0 * flops.parameter_count(hf) / 1e9
+  memory = flops.step_floor_s(hf, **shapes, peak_gflops=1e30, bandwidth_gbs=1.0)
+  chex.assert_trees_all_close((memory["rollout"], memory["update"]), (4 * weights_gb, 7 * weights_gb))
+  chex.assert_trees_all_close(flops.sample_floor_s(hf, batch=3, prompt_len=5, max_new=4, peak_gflops=1e30,
+                                                   bandwidth_gbs=1.0), 4 * weights_gb)
+  model_flops = {"w": {**f, "shapes": {"hf": hf, **shapes, "sample_batch": 3}}}
+  runs = [_fake_run("ours", "grpo", 2.0, 0.0), _fake_run("tunix", "grpo", 4.0, 0.0),
+          _fake_run("ours", "sample_g1_unshared", 1.0, 0.0), _fake_run("tunix", "sample", 2.0, 0.0),
+          {"ok": True, "system": "matmul", "foreign_cores": 0.0,
+           "extra": {"peak_gflops": 1.0, "jax_peak_gflops": 1.0, "read_gbs": 1.0}}]
+  rows = {r["target"]: r for r in report.targets(report.aggregate(runs), model_flops, report.matmul_peak(runs))}
+  assert "roofline" in rows["GRPO step / fastest peer's"]["note"]
+  assert "roofline" in rows["sampler tokens/s / fastest peer's (sample_g1_unshared)"]["note"]

@@ -12,10 +12,21 @@ recomputes gets none for the extra):
 Per token and layer a forward costs 2 (D E (2H + 2K) + 3 D F) matmul FLOPs plus 4 H E c for attention over c keys;
 the LM head costs 2 D V. Norms, softmax, RoPE and the optimizer are not counted (they are O(params), not O(tokens x
 params)).
+
+`step_floor_s` / `sample_floor_s` turn these into a roofline: the least time any system can take on a machine with
+a measured matmul peak and memory read bandwidth (`matmul_peak.py` measures both). A decode step is bound by the
+larger of its FLOPs at the peak and its weights' bytes at the bandwidth (every weight is read once per step, whatever
+the batch); prefill and the train forward/backward by FLOPs; AdamW by bandwidth (it reads parameters, gradients and
+both moments and writes three of them: 7 float32 passes over the parameters).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+
+#: The Hugging Face config keys these counts read.
+HF_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+           "head_dim", "vocab_size", "tie_word_embeddings")
 
 
 def _shapes(hf: Mapping[str, Any]) -> dict[str, int]:
@@ -58,3 +69,37 @@ def sample_flops(hf: Mapping[str, Any], *, batch: int, prompt_len: int, max_new:
   """FLOPs of one sampler call: prefill `batch` rows, then `max_new` decode steps."""
   prefill = batch * sum(token_flops(hf, i + 1, lm_head=False) for i in range(prompt_len - 1))
   return prefill + batch * sum(token_flops(hf, prompt_len + i, lm_head=True) for i in range(max_new))
+
+
+def parameter_count(hf: Mapping[str, Any]) -> int:
+  """Parameters of the matmuls and embeddings (norms and biases are O(L D), left out); tied embeddings once."""
+  s = _shapes(hf)
+  per_layer = s["D"] * s["E"] * (2 * s["H"] + 2 * s["K"]) + 3 * s["D"] * s["F"]
+  embed = s["V"] * s["D"] * (1 if hf.get("tie_word_embeddings", False) else 2)
+  return s["L"] * per_layer + embed
+
+
+def _decode_floor_s(hf: Mapping[str, Any], rows: int, prompt_len: int, max_new: int, peak_gflops: float,
+                    bandwidth_gbs: float) -> float:
+  weight_s = 4.0 * parameter_count(hf) / bandwidth_gbs / 1e9  # float32 weights streamed once per decode step
+  return sum(max(rows * token_flops(hf, prompt_len + i, lm_head=True) / peak_gflops / 1e9, weight_s)
+             for i in range(max_new))
+
+
+def step_floor_s(hf: Mapping[str, Any], *, num_prompts: int, num_sequences: int, prompt_len: int, max_new: int,
+                 beta: float, peak_gflops: float, bandwidth_gbs: float) -> dict[str, float]:
+  """The roofline of one GRPO step in seconds by phase: {'rollout', 'update', 'total'} (see the module docstring).
+  The rollout prefills each of the `num_prompts` prompts once (the least work; the G samples share it)."""
+  f = step_flops(hf, num_sequences=num_sequences, prompt_len=prompt_len, max_new=max_new, beta=beta)
+  prefill = num_prompts * sum(token_flops(hf, i + 1, lm_head=False) for i in range(prompt_len - 1))
+  rollout = prefill / peak_gflops / 1e9 + _decode_floor_s(hf, num_sequences, prompt_len, max_new, peak_gflops,
+                                                          bandwidth_gbs)
+  update = f["update"] / peak_gflops / 1e9 + 7 * 4.0 * parameter_count(hf) / bandwidth_gbs / 1e9
+  return {"rollout": rollout, "update": update, "total": rollout + update}
+
+
+def sample_floor_s(hf: Mapping[str, Any], *, batch: int, prompt_len: int, max_new: int, peak_gflops: float,
+                   bandwidth_gbs: float) -> float:
+  """The roofline of one sampler call (every row prefilled, then `max_new` decode steps) in seconds."""
+  prefill = batch * sum(token_flops(hf, i + 1, lm_head=False) for i in range(prompt_len - 1))
+  return prefill / peak_gflops / 1e9 + _decode_floor_s(hf, batch, prompt_len, max_new, peak_gflops, bandwidth_gbs)

@@ -1,10 +1,12 @@
-"""This machine's float32 matmul peak, measured (the denominator of the train step's FLOP utilisation).
+"""This machine's float32 matmul peak and memory read bandwidth, measured (the train step's FLOP utilisation and
+the roofline of `flops.step_floor_s`).
 
   python -m experiments.benchmarks.matmul_peak [--size 2048] [--reps 10]
 
 Times a jitted float32 `a @ b` of square matrices through JAX (the library the step runs on) and through numpy
-(its BLAS) at a few sizes, and reports the best median as GFLOP/s (2 n^3 flops per product). Runs in its own process,
-like every benchmark, so it sees the same XLA threading as the steps.
+(its BLAS) at a few sizes, and reports the best median as GFLOP/s (2 n^3 flops per product). The read bandwidth is
+the best median of a jitted sum and numpy's sum over a 512 MiB float32 array (about a SmolLM2-135M's weights), in
+GB/s. Runs in its own process, like every benchmark, so it sees the same XLA threading as the steps.
 """
 from __future__ import annotations
 
@@ -53,6 +55,17 @@ def measure(sizes=(1024, 2048, 4096), reps: int = 8) -> dict[str, float]:
   return {k: round(v, 2) for k, v in out.items()}
 
 
+def read_bandwidth(mib: int = 512, reps: int = 8) -> dict[str, float]:
+  """GB/s of summing a `mib` MiB float32 array: {'jax_read_gbs', 'numpy_read_gbs', 'read_gbs': the best}."""
+  x_np = np.ones(mib * 2**20 // 4, np.float32)
+  x = jnp.asarray(x_np)
+  total = jax.jit(jnp.sum)
+  out = {"jax_read_gbs": x_np.nbytes / _median_seconds(lambda: total(x).block_until_ready(), reps) / 1e9,
+         "numpy_read_gbs": x_np.nbytes / _median_seconds(lambda: x_np.sum(), reps) / 1e9}
+  out["read_gbs"] = max(out.values())
+  return {k: round(v, 2) for k, v in out.items()}
+
+
 def main(argv=None):
   import argparse
   p = argparse.ArgumentParser()
@@ -60,7 +73,7 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=8)
   args = p.parse_args(argv)
   t0 = time.perf_counter()
-  result = measure(tuple(args.sizes), args.reps)
+  result = {**measure(tuple(args.sizes), args.reps), **read_bandwidth(reps=args.reps)}
   wall = time.perf_counter() - t0
   spec = {"name": "machine"}
   common.emit(system="matmul", version=f"jax {jax.__version__}, numpy {np.__version__}", spec=spec, mode="peak",

@@ -62,8 +62,10 @@ def matmul_peak(runs: Iterable[Mapping[str, Any]], quiet_cores: float = QUIET_CO
     return None
   quiet = [r for r in peaks if r["foreign_cores"] < quiet_cores]
   pick = (lambda xs: statistics.median(xs)) if quiet else max
+  reads = [r["extra"]["read_gbs"] for r in quiet or peaks if "read_gbs" in r["extra"]]
   return {"peak_gflops": pick([r["extra"]["peak_gflops"] for r in quiet or peaks]),
           "jax_peak_gflops": pick([r["extra"]["jax_peak_gflops"] for r in quiet or peaks]),
+          "read_gbs": pick(reads) if reads else None,
           "loaded": not quiet, "runs": [r["extra"] for r in peaks],
           "foreign_cores": [r["foreign_cores"] for r in peaks]}
 
@@ -90,8 +92,15 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
         floor_s = flops[w]["total"] / 1e9 / peak["peak_gflops"]
         row["note"] = (f"FLOP floor {floor_s:.3g} s = {floor_s / fastest:.2f} x the fastest peer's step (all the "
                        f"workload's model FLOPs at 100% of the measured peak)")
+        roof = roofline(flops[w], peak)
+        if roof:
+          row["note"] += (f"; roofline {roof['step']['total']:.3g} s = {roof['step']['total'] / fastest:.2f} x "
+                          f"(decode steps bound by weight reads at {peak['read_gbs']:.1f} GB/s, AdamW's 7 passes "
+                          f"over the parameters)")
       rows.append(flag(row, ours, min(peers, key=lambda p: p["median_s"])))
-    trl = agg.get((w, "trl", "grpo"))
+    # First step and peak RSS: issue 17 sets these goals on the compute-bound workload (on `tiny` an eager framework's
+    # first step is a fraction of a second, which no compiled one meets; the tables still show both).
+    trl = agg.get((w, "trl", "grpo")) if w != "tiny" else None
     for mode in ("grpo", "grpo_rerun"):
       mine = agg.get((w, "ours", mode))
       if mine and trl:
@@ -108,8 +117,14 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
       if mine and speak:
         best = max(speak, key=lambda p: p["tokens_per_s"])
         ratio = mine["tokens_per_s"] / best["tokens_per_s"]
-        rows.append(flag({"target": f"sampler tokens/s / fastest peer's ({mode})", "workload": w, "value": ratio,
-                          "goal": ">= 2", "met": ratio >= 2}, mine, best))
+        row = {"target": f"sampler tokens/s / fastest peer's ({mode})", "workload": w, "value": ratio,
+               "goal": ">= 2", "met": ratio >= 2}
+        roof = roofline(flops.get(w, {}), peak)
+        if roof and mode == "sample_g1_unshared":  # every row prefilled: the work the peers do
+          best_possible = best["median_s"] / roof["sample"]
+          row["note"] = (f"roofline {roof['sample']:.3g} s/call: at most {best_possible:.2f} x the fastest peer "
+                         f"on this machine")
+        rows.append(flag(row, mine, best))
     for mode in ("garl", "paft"):
       mine = agg.get((w, "ours", mode))
       if mine and ours:
@@ -128,6 +143,22 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
   return rows
 
 
+def roofline(model_flops: Mapping[str, Any], peak: Mapping[str, Any] | None) -> dict[str, Any] | None:
+  """{'step': flops.step_floor_s(...), 'sample': flops.sample_floor_s(...)} from a workload's shapes and the run's
+  measured peak and read bandwidth; None when either is missing (results from before the bandwidth was measured)."""
+  from experiments.benchmarks import flops as flops_lib
+  shapes = model_flops.get("shapes")
+  if not shapes or not peak or not peak.get("read_gbs"):
+    return None
+  rates = {"peak_gflops": peak["peak_gflops"], "bandwidth_gbs": peak["read_gbs"]}
+  step = flops_lib.step_floor_s(shapes["hf"], num_prompts=shapes["num_prompts"],
+                                num_sequences=shapes["num_sequences"], prompt_len=shapes["prompt_len"],
+                                max_new=shapes["max_new"], beta=shapes["beta"], **rates)
+  sample = flops_lib.sample_floor_s(shapes["hf"], batch=shapes["sample_batch"], prompt_len=shapes["prompt_len"],
+                                    max_new=shapes["max_new"], **rates)
+  return {"step": step, "sample": sample}
+
+
 def _fmt(x: float, digits: int = 3) -> str:
   return f"{x:.{digits}g}" if x < 100 else f"{x:.0f}"
 
@@ -144,6 +175,10 @@ def markdown(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping
               f"sizes 1024/2048; JAX alone {peak['jax_peak_gflops']:.1f}; "
               f"{'best of loaded runs' if peak.get('loaded') else 'median of quiet runs'}; per run: "
               f"{per_run} at foreign load {loads})", ""]
+    if peak.get("read_gbs"):
+      lines += [f"memory read bandwidth, measured in the same runs: **{peak['read_gbs']:.1f} GB/s** (sum over a "
+                "512 MiB float32 array, best of JAX and numpy); with the peak it gives each workload's roofline "
+                "(`flops.step_floor_s`): the least time any system can take here.", ""]
   for w in sorted({k[0] for k in agg}):
     lines += [f"### Workload `{w}`: GRPO step (rollout + log-probs + update)", ""]
     if w in flops:

@@ -228,6 +228,11 @@ def main(argv=None) -> int:
     hf = json.loads((folder / "config.json").read_text())
     model_flops[name] = flops_lib.step_flops(hf, num_sequences=spec.num_sequences, prompt_len=spec.prompt_len,
                                              max_new=spec.max_new, beta=spec.beta)
+    # What the report needs for the roofline (`flops.step_floor_s`, with the peak and bandwidth measured later).
+    model_flops[name]["shapes"] = {"hf": {k: hf.get(k) for k in flops_lib.HF_KEYS}, "num_prompts": spec.num_prompts,
+                                   "num_sequences": spec.num_sequences,
+                                   "prompt_len": spec.prompt_len, "max_new": spec.max_new, "beta": spec.beta,
+                                   "sample_batch": spec.sample_batch}
   meta = {"date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "machine": machine(),
           "command": "python -m experiments.benchmarks.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
           "commit": git_commit(), "rounds": args.rounds,
