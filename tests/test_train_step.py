@@ -193,6 +193,45 @@ def _setup(cfg, mesh, seed=0, vocab=32, ids=TokenIds(stop_ids=(EOS,), pad_id=PAD
   return programs, state
 
 
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (4, 2)])
+def test_init_state_donates_the_params_and_copies_only_the_reference(mesh_shape):
+  """`init_state(..., donate=True)` makes the given arrays the state's params (no copy; they are deleted for the
+  caller), copies them once for `ref_params`, and builds the same state bit for bit as without donation. numpy params,
+  or params on other shardings than the state's, are copied (and kept) as without it, with no donation warning."""
+  import warnings
+  data, fsdp = mesh_shape
+  mesh = distributed.make_mesh({"data": data, "fsdp": fsdp}, devices=jax.devices()[:data * fsdp])
+  mcfg = ModelConfig.tiny(vocab_size=32, num_layers=1, embed_dim=32, mlp_dim=64, num_heads=2, num_kv_heads=2)
+  graphdef, abstract_vars = nnx.split(abstract_model(mcfg))
+  programs = programs_lib.build_programs(BASE, graphdef, abstract_vars, mesh, TokenIds((EOS,), PAD, (TAG,)),
+                                         mcfg.sharding_rules)
+  sh, tx = programs.state_shardings, programs.tx
+  params = state_lib.pure(nnx.state(create_model(mcfg, seed=0, mesh=mesh)))
+  host = jax.tree.map(lambda x: np.array(x, copy=True), params)  # copies: a view would pin the buffers
+  expected = jax.device_get(state_lib.init_state(host, tx, 0, sh, True))
+  single = state_lib.pure(nnx.state(create_model(mcfg, seed=1)))  # one device: not the state's shardings on (4, 2)
+  single_host = jax.tree.map(lambda x: np.array(x, copy=True), single)
+  expected_single = jax.device_get(state_lib.init_state(single_host, tx, 0, sh, True))
+  pointers = {s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(params) for s in x.addressable_shards}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # "Some donated buffers were not usable" would fail here
+    state = state_lib.init_state(params, tx, 0, sh, True, donate=True)
+    from_numpy = state_lib.init_state(host, tx, 0, sh, True, donate=True)
+    from_single = state_lib.init_state(single, tx, 0, sh, True, donate=True)
+  assert all(x.is_deleted() for x in jax.tree.leaves(params))
+  assert {s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(state.params) for s in x.addressable_shards} == pointers
+  assert not pointers & {s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(state.ref_params)
+                         for s in x.addressable_shards}
+  assert (mesh_shape == (1, 1)) == all(x.is_deleted() for x in jax.tree.leaves(single))  # equivalent on 1 device
+  for built, want in ((state, expected), (from_numpy, expected), (from_single, expected_single)):
+    got = jax.device_get(built)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a, b = jax.random.key_data(a), jax.random.key_data(b)
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _batch(cfg, mesh, seed=0, vocab=32):
   rng = np.random.default_rng(seed)
   b, p, a = cfg.batch_size, cfg.max_prompt_len, cfg.max_answer_len

@@ -202,8 +202,11 @@ def _train(cfg: TrainConfig, workdir, task: Task | None, programs: Programs | No
       log.info("resuming from %s step %d; init_checkpoint %s is ignored", workdir, start_step, cfg.init_checkpoint)
   else:
     start_step = 0
-    state = state_lib.init_state(initial_params(s, pretrained), programs.tx, cfg.seed, state_sh, with_ref)
-  del pretrained  # loaded HF / GGUF weights live on in the state only
+    # donate: the initial params become the state's params in place (only ref_params is a copy), so the weights
+    # are never held three times (state.init_state)
+    state = state_lib.init_state(initial_params(s, pretrained), programs.tx, cfg.seed, state_sh, with_ref,
+                                 donate=True)
+  del pretrained  # loaded HF / GGUF weights live on in the state only (donated to it)
 
   # -- data -------------------------------------------------------------------------------------------------
   rows = distributed.host_batch_slice(cfg.batch_size, mesh, BATCH_AXES)
