@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="override a key of the demo config for every run (an ablation; use with --tag)")
   parser.add_argument("--tag", default="", help="suffix of the output files (demo_<tag>.json, ...)")
   args = parser.parse_args(argv)
+  from tsallis_jax import host_memory
+  host_memory.keep_freed_memory()  # before JAX starts its backend (as experiments/train.py)
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("absl").setLevel(logging.WARNING)
   from experiments import demo_report

@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
   args = parser.parse_args(argv)
 
-  # Multi-host start-up must happen before anything touches a JAX backend.
-  from tsallis_jax import distributed
+  # Before anything touches a JAX backend: the host allocator (CPU backends; tsallis_jax/host_memory.py), then
+  # multi-host start-up.
+  from tsallis_jax import distributed, host_memory
+  host_memory.keep_freed_memory()
   distributed.maybe_initialize()
   logging.basicConfig(level=logging.INFO if distributed.is_main_process() else logging.WARNING,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")

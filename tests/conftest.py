@@ -18,3 +18,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="tsallis_jax_test_xla_"))
+
+# The command lines set the host allocator (`host_memory.keep_freed_memory`) before JAX starts; tests that call a
+# command line's main() in this process must not change the suite's allocator (tests/test_host_memory.py checks the
+# real function in fresh interpreters, and command lines run as subprocesses use it).
+from tsallis_jax import host_memory  # noqa: E402
+
+host_memory.keep_freed_memory = dict

@@ -21,6 +21,9 @@ A step is what `tsallis_jax.train.train_and_evaluate` runs per step, with the tr
 
 Each phase is waited for, so every step's time splits into `rollout`, `reward` and `update` (`phases_median_s`).
 
+Host allocator: `main` calls `tsallis_jax.host_memory.keep_freed_memory()` first, as the training command line
+does, so the step's scratch memory stays mapped between steps (no page faults per step).
+
 Compilation cache: as the trainer (`TrainConfig.compile_cache`), the runner turns on JAX's persistent compilation
 cache, in `--compile-cache DIR` (the benchmark gives every cold run a fresh empty folder, so its first step compiles
 and writes the cache, as a user's first run does). `--warm-compile-cache` first runs two untimed steps in a child
@@ -41,7 +44,7 @@ from flax import nnx
 
 from experiments.benchmarks import workloads
 from experiments.benchmarks.peers import common
-from tsallis_jax import distributed
+from tsallis_jax import distributed, host_memory
 from tsallis_jax.data.records import Record
 from tsallis_jax.model import hf_io
 from tsallis_jax.sampler import SamplingConfig, generate_impl
@@ -166,6 +169,7 @@ def version() -> str:
 
 def main(argv=None):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  allocator = host_memory.keep_freed_memory()  # as `python -m experiments.train` does, before the backend starts
   import argparse
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workload", required=True)
@@ -185,7 +189,7 @@ def main(argv=None):
                     args.mode, "--steps", "2", "--q", str(args.q), "--compile-cache", args.compile_cache]
                    + ([] if args.beta is None else ["--beta", str(args.beta)]),
                    check=True, stdout=subprocess.DEVNULL)
-  print("ours runner:", version(), "devices", jax.devices(), flush=True)
+  print("ours runner:", version(), "devices", jax.devices(), "host allocator", allocator, flush=True)
   run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, compile_cache_dir=args.compile_cache)
 
 
