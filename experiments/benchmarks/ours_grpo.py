@@ -169,7 +169,9 @@ def version() -> str:
 
 def main(argv=None):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  allocator = host_memory.keep_freed_memory()  # as `python -m experiments.train` does, before the backend starts
+  # As `python -m experiments.train` does, before the backend starts (`--no-host-allocator`: the ablation).
+  allocator = ({} if "--no-host-allocator" in (sys.argv[1:] if argv is None else argv)
+               else host_memory.keep_freed_memory())
   import argparse
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workload", required=True)
@@ -180,7 +182,14 @@ def main(argv=None):
   p.add_argument("--compile-cache", default="", help="JAX persistent compilation cache folder ('' = none)")
   p.add_argument("--warm-compile-cache", action="store_true",
                  help="fill --compile-cache with two untimed steps in a child process first (a re-run's first step)")
+  p.add_argument("--no-host-allocator", action="store_true",
+                 help="ablation (cpu_paths.py): leave glibc's allocator as it is (host_memory.keep_freed_memory)")
+  p.add_argument("--no-cpu-linear-backward", action="store_true",
+                 help="ablation (cpu_paths.py): autodiff's backward for every projection (transformer.linear)")
   args = p.parse_args(argv)
+  if args.no_cpu_linear_backward:
+    from tsallis_jax.model import transformer
+    transformer._transpose_input_for_grad = lambda rows, d, f: False
   if args.warm_compile_cache:
     if not args.compile_cache:
       p.error("--warm-compile-cache needs --compile-cache DIR")
