@@ -270,3 +270,16 @@ def test_roofline_is_flops_at_the_peak_or_weight_reads_at_the_bandwidth(tiny_fol
   rows = {r["target"]: r for r in report.targets(report.aggregate(runs), model_flops, report.matmul_peak(runs))}
   assert "roofline" in rows["GRPO step / fastest peer's"]["note"]
   assert "roofline" in rows["sampler tokens/s / fastest peer's (sample_g1_unshared)"]["note"]
+
+
+def test_cpu_paths_summary_gives_each_ablations_ratio(tmp_path):
+  from experiments.benchmarks import cpu_paths
+  runs = [dict(_fake_run("ours", "grpo", m, 0.0, phases={"update (x)": m / 2}), variant=v, workload="tiny", round=r)
+          for r, (v, m) in enumerate([("default", 0.15), ("host off", 0.19), ("linear off", 0.3), ("default", 0.17)])]
+  agg = cpu_paths.summary(runs)
+  chex.assert_trees_all_close(agg[("tiny", "default")]["median_s"], 0.16)
+  chex.assert_trees_all_close(agg[("tiny", "host off")]["update_s"], 0.095)
+  cpu_paths.write(tmp_path, runs, "--rounds 2")
+  text = (tmp_path / "cpu_paths.md").read_text()
+  assert "| tiny | host off | 0.190 | 0.095 |" in text and f"| {0.16 / 0.19:.3f} |" in text
+  assert json.loads((tmp_path / "cpu_paths.json").read_text())["summary"][0]["variant"] == "default"

@@ -6,13 +6,16 @@ step by a runtime thread. glibc serves a block that large from a thread's own ar
 unmaps it when it is freed, so every step faults the whole block in again: 270k page faults and about 0.45 s of
 kernel time per `smollm2` step. `keep_freed_memory()` makes glibc serve every thread from the main heap
 (`M_ARENA_MAX` 1), never mmap (`M_MMAP_MAX` 0) and keep the heap's freed top (`M_TRIM_THRESHOLD` 2 GiB): the block
-stays mapped and the next step reuses it, with no page faults. Measured in one process (`smollm2` train step,
-same program): 2.62 -> 2.35 s per step; side by side in the benchmark runner (`experiments/benchmarks/results/`).
-The peak RSS does not grow (the block is live at the peak either way); what a run frees stays with the process
-until it exits.
+stays mapped and the next step reuses it, with no page faults (in one process, the `smollm2` train step with
+and without: 270k faults and 0.45 s of kernel time per step -> none, 2.62 -> 2.35 s). Ablated side by side on the
+benchmark's GRPO step (`python -m experiments.benchmarks.cpu_paths`, `results/cpu_paths.md`, 2 rounds): `tiny`
+0.190 -> 0.150 s per step; `smollm2` update 2.51 -> 2.41 s with the whole step unchanged (3.16 / 3.15 s: the decode
+loop loses what the update gains) and peak RSS 4335 -> 3970 MB; what a run frees stays with the process until it
+exits.
 
-The costs: one arena for all threads serialises their small allocations, which slows XLA's multi-threaded compile
-a little (the first step) and the sampler's decode a few percent; a long training run gains many times that.
+The cost: one arena for all threads serialises their small allocations, which slows XLA's multi-threaded compile,
+so the first step is longer (`tiny` 4.3 -> 5.7 s, `smollm2` 18.8 -> 22.4 s in that ablation); a training run of
+more than a few dozen steps gains it back on `tiny`-like, latency-bound models, and the RSS on large ones.
 
 It must run before JAX starts its backend (threads that have allocated keep their arenas), so the command lines call
 it first thing (`experiments/train.py`, `experiments/demo.py`); in a notebook call it before anything touches JAX.

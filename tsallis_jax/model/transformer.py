@@ -102,9 +102,10 @@ def _linear_input_transposed_grad(x_NxTxD, w_FxD, preferred_element_type):
   elementwise work that produced dy (for the gate projection, the SwiGLU derivative's four inputs) into that
   transposing copy, which then reads four tensors in strided order: 18.6 ms for the `tiny` workload's 3072 x 512
   gate gradient, against 0.9 ms for a plain copy. Transposing x instead (behind optimisation barriers, so XLA keeps
-  the order) leaves dy in its natural layout: the `tiny` GRPO train step runs 0.79x the time
-  (`experiments/benchmarks/results/results.md`). Same products, summed in the same order up to XLA's choice of
-  kernel."""
+  the order) leaves dy in its natural layout: the `tiny` benchmark's GRPO step takes 0.150 s against 0.191 s with
+  autodiff's backward (`python -m experiments.benchmarks.cpu_paths`, `results/cpu_paths.md`). No projection of
+  SmolLM2-135M at the `smollm2` benchmark's shapes meets the rule, so that step is unchanged. Same products; the
+  gradients equal autodiff's up to summation order."""
   return jnp.einsum("...d,fd->...f", x_NxTxD, w_FxD, preferred_element_type=preferred_element_type)
 
 
