@@ -238,6 +238,7 @@ def test_warm_compile_cache_runs_one_step_first_into_the_folder(tmp_path, capsys
   folder = workloads.build_tiny(tmp_path / "mini", spec)
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the child caches even these small programs
   monkeypatch.setenv("PYTHONPATH", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")  # the suite's folder (conftest) would win in the child
   cache = tmp_path / "xla"
   ours_grpo.main(["--workload", str(folder), "--steps", "2", "--compile-cache", str(cache), "--warm-compile-cache"])
   result = harness.parse_result(capsys.readouterr().out)

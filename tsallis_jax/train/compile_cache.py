@@ -33,5 +33,5 @@ def enable(path: str) -> str | None:
     path = os.path.expanduser(path)
     os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
-  log.info("persistent compilation cache: %s", path)
+  log.debug("persistent compilation cache: %s", path)
   return path
