@@ -19,6 +19,13 @@ import jax.numpy as jnp
 from tsallis_jax.model.cache import make_attention_mask, make_positions
 
 
+def aligned_token_logprobs(logits_NxTxV: jax.Array, targets_NxT: jax.Array) -> jax.Array:
+  """log softmax(logits)[target] at every position, for logits already aligned with the tokens they score (the
+  logits at t predict targets[t]): the gathered logit minus the logsumexp, without the full log-softmax."""
+  picked_NxT = jnp.take_along_axis(logits_NxTxV, targets_NxT[:, :, None].astype(jnp.int32), axis=-1)[:, :, 0]
+  return picked_NxT - jax.nn.logsumexp(logits_NxTxV, axis=-1)
+
+
 def token_logprobs(logits_NxTxV: jax.Array, tokens_NxT: jax.Array, *, temperature: float = 1.0) -> jax.Array:
   """log softmax(logits / temperature) of each next token, in float32, shifted so position t scores tokens[t].
 
@@ -32,10 +39,7 @@ def token_logprobs(logits_NxTxV: jax.Array, tokens_NxT: jax.Array, *, temperatur
   logits_NxTxV = logits_NxTxV.astype(jnp.float32)
   if temperature != 1.0:
     logits_NxTxV = logits_NxTxV / temperature
-  prev_logits_NxTmxV = logits_NxTxV[:, :-1]
-  next_tokens_NxTm = tokens_NxT[:, 1:].astype(jnp.int32)
-  picked_NxTm = jnp.take_along_axis(prev_logits_NxTmxV, next_tokens_NxTm[:, :, None], axis=-1)[:, :, 0]
-  logp_NxTm = picked_NxTm - jax.nn.logsumexp(prev_logits_NxTmxV, axis=-1)
+  logp_NxTm = aligned_token_logprobs(logits_NxTxV[:, :-1], tokens_NxT[:, 1:])
   return jnp.pad(logp_NxTm, ((0, 0), (1, 0)))
 
 
@@ -66,8 +70,7 @@ def token_logprobs_from_hidden(model, hidden_NxTxD: jax.Array, tokens_NxT: jax.A
   @jax.checkpoint
   def chunk_logp(w_VxD, h_NxUxD, y_NxU):
     logits_NxUxV = jnp.einsum("nud,vd->nuv", h_NxUxD, w_VxD, preferred_element_type=jnp.float32) / temperature
-    picked_NxU = jnp.take_along_axis(logits_NxUxV, y_NxU[:, :, None], axis=-1)[:, :, 0]
-    return picked_NxU - jax.nn.logsumexp(logits_NxUxV, axis=-1)
+    return aligned_token_logprobs(logits_NxUxV, y_NxU)
 
   logp_CxNxU = jax.lax.map(lambda xs: chunk_logp(w_VxD, *xs), (prev_CxNxUxD, next_CxNxU))
   logp_NxTm = logp_CxNxU.transpose(1, 0, 2).reshape(n, chunks * chunk_size)[:, : t - 1]

@@ -78,11 +78,12 @@ def linear(x_NxTxD: jax.Array, w_FxD: jax.Array, *, preferred_element_type=None)
   """
   *lead, d = x_NxTxD.shape
   rows = int(np.prod(lead))
-  if 2 <= rows <= WEIGHT_LEFT_MAX_ROWS and jax.default_backend() == "cpu":
+  on_cpu = jax.default_backend() == "cpu"
+  if on_cpu and 2 <= rows <= WEIGHT_LEFT_MAX_ROWS:
     x_DxM = jax.lax.optimization_barrier(x_NxTxD.reshape(rows, d).T)
     out_FxM = jnp.matmul(w_FxD, x_DxM, preferred_element_type=preferred_element_type)
     return jax.lax.optimization_barrier(out_FxM).T.reshape(*lead, w_FxD.shape[0])
-  if rows > WEIGHT_LEFT_MAX_ROWS and jax.default_backend() == "cpu" and _transpose_input_for_grad(rows, d, w_FxD.shape[0]):
+  if on_cpu and rows > WEIGHT_LEFT_MAX_ROWS and _transpose_input_for_grad(rows, d, w_FxD.shape[0]):
     return _linear_input_transposed_grad(x_NxTxD, w_FxD, preferred_element_type)
   return jnp.einsum("...d,fd->...f", x_NxTxD, w_FxD, preferred_element_type=preferred_element_type)
 

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tsallis_jax.estimators import SequenceLogProbs, garl_loss, grpo_loss, k3_kl, paft_loss
 from tsallis_jax.model import make_attention_mask, make_positions
-from tsallis_jax.model.logprobs import token_logprobs_from_hidden
+from tsallis_jax.model.logprobs import aligned_token_logprobs, token_logprobs_from_hidden
 from tsallis_jax.sampler import Rollout
 from tsallis_jax.train import completions as completions_lib
 from tsallis_jax.train.config import TrainConfig
@@ -111,9 +111,7 @@ def _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt: int, temperatur
   # through the vocabulary projection: the prompt's next-token logits are never used. (Projecting all S positions
   # cost the `smollm2` benchmark step 3x the LM-head FLOPs it needs, ~0.4 s of 3.6 s.)
   logits_NxTxV = model.logits(hidden_NxSxD[:, num_prompt - 1:-1]).astype(jnp.float32) / temperature
-  logz_NxT = jax.nn.logsumexp(logits_NxTxV, axis=-1)
-  picked_NxT = jnp.take_along_axis(logits_NxTxV, tokens_NxS[:, num_prompt:, None].astype(jnp.int32), axis=-1)[..., 0]
-  logp_NxT = picked_NxT - logz_NxT
+  logp_NxT = aligned_token_logprobs(logits_NxTxV, tokens_NxS[:, num_prompt:])
   if not with_entropy:
     return logp_NxT, None
   # Entropy of the next-token distribution that produced each completion token.
