@@ -51,8 +51,7 @@ def main(argv=None) -> int:
       for name in names:
         load = run_lib.wait_for_quiet(args.quiet_wait)
         cache = tempfile.mkdtemp(prefix="bench_xla_")
-        cmd = [sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", str(home / "workloads" / w),
-               "--mode", "grpo", "--compile-cache", cache, *VARIANTS[name]]
+        cmd = [*run_lib.job_command("ours", "grpo", home / "workloads" / w, {}, 0, cache), *VARIANTS[name]]
         result = harness.run(cmd, str(home / "logs" / f"cpu_paths.r{r}.{w}.{name.replace(' ', '_')}.log"), env=env,
                              cwd=str(run_lib.REPO), timeout_s=1800)
         result.update({"round": r, "workload": w, "variant": name, "load_before": load})

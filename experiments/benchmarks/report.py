@@ -10,6 +10,8 @@ import json
 import statistics
 from typing import Any, Iterable, Mapping, Sequence
 
+from experiments.benchmarks import flops as flops_lib
+
 QUIET_CORES = 0.25  # a run is quiet when other processes used less than this many cores on average
 GRPO_MODES = ("grpo", "grpo_rerun", "garl", "paft")
 SAMPLE_MODES = ("sample", "sample_g1", "sample_g1_unshared")
@@ -84,6 +86,7 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
   for w in workloads:
     ours = agg.get((w, "ours", "grpo"))
     peers = [agg[(w, p, "grpo")] for p in PEERS if (w, p, "grpo") in agg]
+    roof = roofline(flops.get(w, {}), peak)
     if ours and peers:
       fastest = min(p["median_s"] for p in peers)
       row = {"target": "GRPO step / fastest peer's", "workload": w, "value": ours["median_s"] / fastest,
@@ -92,7 +95,6 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
         floor_s = flops[w]["total"] / 1e9 / peak["peak_gflops"]
         row["note"] = (f"FLOP floor {floor_s:.3g} s = {floor_s / fastest:.2f} x the fastest peer's step (all the "
                        f"workload's model FLOPs at 100% of the measured peak)")
-        roof = roofline(flops[w], peak)
         if roof:
           row["note"] += (f"; roofline {roof['step']['total']:.3g} s = {roof['step']['total'] / fastest:.2f} x "
                           f"(decode steps bound by weight reads at {peak['read_gbs']:.1f} GB/s, AdamW's 7 passes "
@@ -119,7 +121,6 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
         ratio = mine["tokens_per_s"] / best["tokens_per_s"]
         row = {"target": f"sampler tokens/s / fastest peer's ({mode})", "workload": w, "value": ratio,
                "goal": ">= 2", "met": ratio >= 2}
-        roof = roofline(flops.get(w, {}), peak)
         if roof and mode == "sample_g1_unshared":  # every row prefilled: the work the peers do
           best_possible = best["median_s"] / roof["sample"]
           row["note"] = (f"roofline {roof['sample']:.3g} s/call: at most {best_possible:.2f} x the fastest peer "
@@ -146,7 +147,6 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
 def roofline(model_flops: Mapping[str, Any], peak: Mapping[str, Any] | None) -> dict[str, Any] | None:
   """{'step': flops.step_floor_s(...), 'sample': flops.sample_floor_s(...)} from a workload's shapes and the run's
   measured peak and read bandwidth; None when either is missing (results from before the bandwidth was measured)."""
-  from experiments.benchmarks import flops as flops_lib
   shapes = model_flops.get("shapes")
   if not shapes or not peak or not peak.get("read_gbs"):
     return None
