@@ -79,5 +79,26 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     opt = optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
                       weight_decay=cfg.weight_decay)
   if cfg.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+    return optax.chain(clip_by_global_norm(cfg.grad_clip), opt)
   return opt
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` with the clip's choice made on scalars: bit-identical updates, one copy fewer.
+
+  optax selects per element, `select(norm < max_norm, g, g / norm * max_norm)`, which XLA materialises as a second
+  copy of every gradient (513 MB of the `smollm2` step's 1026 MB scratch). Here the choice is made once, on the
+  divisor and the factor: `g / d * m` with (d, m) = (1, 1) below the threshold, exactly `g`, and (norm, max_norm)
+  above it, optax's own expression; the division and product then fuse into AdamW's passes. Same state (empty) as
+  optax's, so checkpoints are interchangeable."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    clip = norm >= max_norm
+    divisor = jnp.where(clip, norm, 1.0)
+    factor = jnp.where(clip, jnp.asarray(max_norm, norm.dtype), 1.0)
+    updates = jax.tree.map(lambda g: (g / divisor.astype(g.dtype)) * factor.astype(g.dtype), updates)
+    return updates, state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
