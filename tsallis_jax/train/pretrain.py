@@ -36,6 +36,7 @@ from tsallis_jax.model import ModelConfig, Transformer, make_attention_mask, mak
 from tsallis_jax.model.gguf_io import cache_root
 from tsallis_jax.model.logprobs import token_logprobs
 from tsallis_jax.train import checkpoint as ckpt_lib
+from tsallis_jax.train.schedules import clip_by_global_norm
 from tsallis_jax.train.state import pure
 
 
@@ -73,7 +74,7 @@ def sft_train(model_cfg: ModelConfig, tokens_NxT: np.ndarray, loss_mask_NxT: np.
   graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed)))
   params = pure(params)
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+  tx = optax.chain(clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
   opt_state = tx.init(params)
 
   def loss_fn(p, tokens_BxT, mask_BxT):
