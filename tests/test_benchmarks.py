@@ -284,3 +284,40 @@ def test_cpu_paths_summary_gives_each_ablations_ratio(tmp_path):
   text = (tmp_path / "cpu_paths.md").read_text()
   assert "| tiny | host off | 0.190 | 0.095 |" in text and f"| {0.16 / 0.19:.3f} |" in text
   assert json.loads((tmp_path / "cpu_paths.json").read_text())["summary"][0]["variant"] == "default"
+
+
+def test_gemm_ceiling_counts_every_matmul_of_the_step_backward_and_scans_included():
+  import jax
+  import jax.numpy as jnp
+  from experiments.benchmarks import gemm_ceiling
+
+  def loss(w_DxF, x_MxD):
+    def body(h_MxD, _):
+      return jnp.tanh(h_MxD @ w_DxF @ w_DxF.T), None
+    return jnp.sum(jax.lax.scan(body, x_MxD, None, length=3)[0])
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(jnp.ones((4, 6)), jnp.ones((5, 4)))
+  found = list(gemm_ceiling.matmuls(jaxpr.jaxpr))
+  # forward: 2 products per iteration; backward: 2 per product (input and weight gradients), all under scans of 3
+  assert sum(n for _, n in found) == 3 * 2 + 3 * 2 * 2
+  assert sum(n * gemm_ceiling.flops(k) for k, n in found) == 3 * 3 * (2 * 5 * 4 * 6 + 2 * 5 * 6 * 4)
+  batched = ((2, 3, 4), (2, 4, 5), (((2,), (1,)), ((0,), (0,))), "float32", "float32", None)
+  assert gemm_ceiling.flops(batched) == 2 * 2 * 3 * 5 * 4
+  looped = jax.make_jaxpr(lambda x: jax.lax.while_loop(lambda c: c[1] < 2, lambda c: (c[0] @ c[0], c[1] + 1),
+                                                       (x, 0))[0])(jnp.ones((3, 3)))
+  with pytest.raises(ValueError, match="while"):
+    list(gemm_ceiling.matmuls(looped.jaxpr))
+
+
+def test_gemm_ceiling_times_a_small_step_and_renders_its_table(tmp_path):
+  from experiments.benchmarks import gemm_ceiling
+  spec = dataclasses.replace(workloads.TINY, num_prompts=2, group_size=2, prompt_len=4, max_new=3, sample_batch=4)
+  folder = workloads.build_tiny(tmp_path / "mini", spec)
+  result = gemm_ceiling.run(str(folder), "grpo", reps=1, steps=1)
+  assert result["matmul_gflop"] > 0 and result["gemm_ceiling_s"] > 0 and result["update_s"] > 0
+  assert result["update_over_ceiling"] == pytest.approx(result["update_s"] / result["gemm_ceiling_s"], rel=1e-2)
+  layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+  # 7 projections per layer: policy forward, reference forward (beta > 0), and two backward products each
+  assert sum(m["count"] for m in result["matmuls"]) >= 4 * 7 * layers
+  text = gemm_ceiling.render(result)
+  assert "GEMM ceiling" in text and text.count("\n|") >= 3

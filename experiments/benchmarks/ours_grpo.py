@@ -32,10 +32,11 @@ process with the same folder, then the timed run: the first step of a re-run of 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -95,15 +96,27 @@ def sampling_config(spec: workloads.WorkloadSpec, num_samples: int) -> SamplingC
                         stop_ids=(spec.eos_id,), pad_id=spec.pad_id)
 
 
-def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: float | None = None,
-              seed: int = 0, compile_cache_dir: str = "") -> dict[str, Any]:
-  """Times `steps` trainer steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict."""
+@dataclasses.dataclass
+class Built:
+  """The pieces of one benchmark step (what `run_train` times; `gemm_ceiling.py` reads the step's matmuls)."""
+  spec: workloads.WorkloadSpec
+  cfg: TrainConfig
+  tokenizer: Any
+  sanity: np.ndarray
+  mesh: Any
+  state: state_lib.TrainState
+  rollout_fn: Callable
+  prompts: tuple[jax.Array, jax.Array]
+  answers: dict[str, jax.Array]
+  abstract_batch: dict[str, Any]
+  train_step: Callable
+
+
+def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, seed: int = 0) -> Built:
+  """Loads the workload and builds the trainer's state, jitted rollout and train step for it (nothing compiled)."""
   if mode not in ESTIMATORS:
     raise ValueError(f"mode={mode!r}; choose one of {ESTIMATORS}.")
-  cache_entries = len(os.listdir(compile_cache_dir)) if compile_cache_dir and os.path.isdir(compile_cache_dir) else 0
-  compile_cache.enable(compile_cache_dir)
   spec, model, tokenizer, prompt_tokens_BxP, prompt_mask_BxP = load_workload(folder)
-  steps = steps or spec.grpo_steps
   beta = spec.beta if beta is None else beta
   cfg = train_config(spec, mode, q, beta)
   sanity = sanity_logits(model)
@@ -129,6 +142,21 @@ def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: flo
                     "rewards_BxG": jax.ShapeDtypeStruct((B, spec.group_size), jnp.float32)}
   ids = TokenIds(stop_ids=(spec.eos_id,), pad_id=spec.pad_id, close_tag_ids=())
   train_step = make_train_step(cfg, graphdef, tx, ids, mesh, state_sh, abstract_batch)
+  return Built(spec, cfg, tokenizer, sanity, mesh, state, rollout_fn, prompts, answers, abstract_batch, train_step)
+
+
+def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: float | None = None,
+              seed: int = 0, compile_cache_dir: str = "") -> dict[str, Any]:
+  """Times `steps` trainer steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict."""
+  if mode not in ESTIMATORS:
+    raise ValueError(f"mode={mode!r}; choose one of {ESTIMATORS}.")
+  cache_entries = len(os.listdir(compile_cache_dir)) if compile_cache_dir and os.path.isdir(compile_cache_dir) else 0
+  compile_cache.enable(compile_cache_dir)
+  built = build(folder, mode, q, beta, seed)
+  spec, cfg, tokenizer, mesh, state = built.spec, built.cfg, built.tokenizer, built.mesh, built.state
+  rollout_fn, prompts, answers, train_step = built.rollout_fn, built.prompts, built.answers, built.train_step
+  steps = steps or spec.grpo_steps
+  B = spec.num_prompts
   reward_token = spec.reward_token
   contains = lambda completions, records, **columns: common.reward_contains(reward_token, completions)  # noqa: E731
   reward_funcs = scoring.RewardFuncs((contains,), (1.0,))
@@ -155,8 +183,8 @@ def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: flo
     rewards.append(metrics["reward/mean"])  # fetched after the loop
   rewards = [float(r) * spec.num_sequences for r in jax.device_get(rewards)]
   return common.emit(system="ours", version=version(), spec=spec.to_json(), mode=mode, times_s=times,
-                     tokens_per_step=spec.generated_slots, phases=phases, sanity=sanity,
-                     extra={"beta": beta, "q": cfg.q, "rewards_per_step": rewards,
+                     tokens_per_step=spec.generated_slots, phases=phases, sanity=built.sanity,
+                     extra={"beta": cfg.kl_coef, "q": cfg.q, "rewards_per_step": rewards,
                             "compile_cache": {"dir": compile_cache_dir, "entries_before": cache_entries},
                             "step": "jit(sampler.generate_impl), host rewards (train.scoring), then the trainer's "
                                     "jitted step (train.step.make_train_step)"})
