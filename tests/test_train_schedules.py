@@ -112,3 +112,10 @@ def test_scalar_choice_clip_needs_less_scratch_than_optax():
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), jnp.ones((8, 256))).compile()
     temps.append(compiled.memory_analysis().temp_size_in_bytes)
   assert temps[1] <= temps[0] - 256 * 1024 * 4, temps
+
+
+def test_scalar_choice_clip_turns_a_nan_norm_into_nan_as_optax_does():
+  grads = {"w": jnp.asarray([1.0, jnp.nan, 2.0])}
+  ours = clip_by_global_norm(1.0).update(grads, optax.EmptyState())[0]["w"]
+  theirs = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())[0]["w"]
+  assert np.all(np.isnan(np.asarray(theirs))) and np.all(np.isnan(np.asarray(ours)))

@@ -97,7 +97,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     del params
     norm = optax.tree.norm(updates)
-    clip = norm >= max_norm
+    clip = ~(norm < max_norm)  # optax's trigger negated, so a NaN norm clips (to NaN) as there
     divisor = jnp.where(clip, norm, 1.0)
     factor = jnp.where(clip, jnp.asarray(max_norm, norm.dtype), 1.0)
     updates = jax.tree.map(lambda g: (g / divisor.astype(g.dtype)) * factor.astype(g.dtype), updates)
