@@ -10,6 +10,7 @@
 import dataclasses
 import json
 import os
+import pathlib
 import sys
 
 import chex
@@ -91,6 +92,18 @@ def test_our_train_jobs_get_a_compile_cache_and_the_rerun_warms_it(tmp_path):
   assert cmd[cmd.index("--compile-cache") + 1] == str(tmp_path / "c")
   cold = run.job_command("ours", "garl", tmp_path, {}, 0, compile_cache=str(tmp_path / "d"))
   assert "--warm-compile-cache" not in cold and cold[cold.index("--compile-cache") + 1] == str(tmp_path / "d")
+
+
+def test_each_train_run_gets_an_empty_cache_folder_removed_afterwards():
+  with run.fresh_compile_cache() as folder:
+    assert os.path.isdir(folder) and not os.listdir(folder)
+    (pathlib.Path(folder) / "entry").write_text("x")
+  assert not os.path.exists(folder)
+  with pytest.raises(RuntimeError), run.fresh_compile_cache() as failed:
+    raise RuntimeError("the run failed")
+  assert not os.path.exists(failed)
+  with run.fresh_compile_cache(enabled=False) as none:
+    assert none == ""
 
 
 def test_report_flags_workload_with_only_loaded_runs():

@@ -25,7 +25,6 @@ import os
 import pathlib
 import statistics
 import sys
-import tempfile
 
 from experiments.benchmarks import harness, run as run_lib
 
@@ -50,10 +49,10 @@ def main(argv=None) -> int:
       names = names[r % len(names):] + names[:r % len(names)]  # rotate the order between rounds
       for name in names:
         load = run_lib.wait_for_quiet(args.quiet_wait)
-        cache = tempfile.mkdtemp(prefix="bench_xla_")
-        cmd = [*run_lib.job_command("ours", "grpo", home / "workloads" / w, {}, 0, cache), *VARIANTS[name]]
-        result = harness.run(cmd, str(home / "logs" / f"cpu_paths.r{r}.{w}.{name.replace(' ', '_')}.log"), env=env,
-                             cwd=str(run_lib.REPO), timeout_s=1800)
+        with run_lib.fresh_compile_cache() as cache:
+          cmd = [*run_lib.job_command("ours", "grpo", home / "workloads" / w, {}, 0, cache), *VARIANTS[name]]
+          result = harness.run(cmd, str(home / "logs" / f"cpu_paths.r{r}.{w}.{name.replace(' ', '_')}.log"),
+                               env=env, cwd=str(run_lib.REPO), timeout_s=1800)
         result.update({"round": r, "workload": w, "variant": name, "load_before": load})
         runs.append(result)
         run_lib.log(f"round {r} {w} {name}: " + (f"median {result['median_s']:.3f}s, foreign "

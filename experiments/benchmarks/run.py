@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -98,6 +99,20 @@ def wait_for_quiet(max_wait_s: float, threshold: float = report.QUIET_CORES, win
     load = (harness.busy_seconds() - b0) / window_s
     if load < threshold or time.time() >= deadline:
       return load
+
+
+@contextlib.contextmanager
+def fresh_compile_cache(enabled: bool = True):
+  """A new, empty persistent-compilation-cache folder for one of our train runs (a user's first run), removed when
+  the run is done; "" when not `enabled` (runs that take no cache)."""
+  if not enabled:
+    yield ""
+    return
+  path = tempfile.mkdtemp(prefix="bench_xla_")
+  try:
+    yield path
+  finally:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def job_command(system: str, mode: str, folder: pathlib.Path, pythons: dict[str, pathlib.Path],
@@ -262,13 +277,9 @@ def main(argv=None) -> int:
       logfile = home / "logs" / f"r{r}.{w}.{system}.{mode}.log"
       log(f"[{done}/{total}] round {r} {w} {system} {mode} (load before {load:.2f} cores)")
       timeout = 1800 if w == "smollm2" else 600
-      cache = tempfile.mkdtemp(prefix="bench_xla_") if system == "ours" and mode in TRAIN_MODES["ours"] else ""
-      try:
+      with fresh_compile_cache(system == "ours" and mode in TRAIN_MODES["ours"]) as cache:
         result = harness.run(job_command(system, mode, folder, pythons, args.steps, cache), str(logfile), env=env,
                              cwd=str(REPO), timeout_s=timeout)
-      finally:
-        if cache:
-          shutil.rmtree(cache, ignore_errors=True)
       result.update({"round": r, "system": system, "workload": result.get("workload", w), "mode": mode})
       runs.extend(split_sampler_result(result) if (system, mode) == ("ours", "sample") else [result])
       status = (f"median {result['median_s']:.3f}s first {result['first_s']:.1f}s" if result["ok"]
