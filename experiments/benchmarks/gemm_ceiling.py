@@ -128,23 +128,27 @@ def run(workload: str, mode: str = "grpo", reps: int = 7, steps: int = 5) -> dic
   update_s = step_seconds(built, steps)
   del built
   peak = matmul_peak.measure(sizes=(1024, 2048), reps=reps)["peak_gflops"]
-  rows = []
-  for key, n in counts.items():
-    seconds = time_matmul(key, reps)
-    rows.append({"lhs": list(key[0]), "rhs": list(key[1]), "dims": key[2], "dtype": key[3], "count": n,
-                 "gflop": round(n * flops(key) / 1e9, 3), "ms_each": round(seconds * 1e3, 4),
-                 "gflops": round(flops(key) / seconds / 1e9, 1)})
-  rows.sort(key=lambda r: -r["count"] * r["ms_each"])
-  total_gflop = sum(r["gflop"] for r in rows)
-  ceiling_s = sum(r["count"] * r["ms_each"] for r in rows) / 1e3
+  seconds = {key: time_matmul(key, reps) for key in counts}
+  # Sums over the unrounded times and FLOPs; only the stored values are rounded (to significant digits, since a
+  # small workload's products take microseconds).
+  total_gflop = sum(n * flops(key) for key, n in counts.items()) / 1e9
+  ceiling_s = sum(n * seconds[key] for key, n in counts.items())
+  rows = [{"lhs": list(key[0]), "rhs": list(key[1]), "dims": key[2], "dtype": key[3], "count": n,
+           "gflop": _sig(n * flops(key) / 1e9), "ms_each": _sig(seconds[key] * 1e3),
+           "gflops": round(flops(key) / seconds[key] / 1e9, 1)}
+          for key, n in sorted(counts.items(), key=lambda kn: -kn[1] * seconds[kn[0]])]
   result = {"workload": os.path.basename(os.path.normpath(workload)), "mode": mode, "peak_gflops": peak,
-            "matmul_gflop": round(total_gflop, 2), "gemm_ceiling_s": round(ceiling_s, 4),
+            "matmul_gflop": _sig(total_gflop), "gemm_ceiling_s": _sig(ceiling_s),
             "ceiling_fraction_of_peak": round(total_gflop / ceiling_s / peak, 3),
-            "update_s": round(update_s, 4), "update_fraction_of_peak": round(total_gflop / update_s / peak, 3),
+            "update_s": _sig(update_s), "update_fraction_of_peak": round(total_gflop / update_s / peak, 3),
             "update_over_ceiling": round(update_s / ceiling_s, 3), "matmuls": rows,
             "command": "python -m experiments.benchmarks.gemm_ceiling --workload " + workload + f" --mode {mode}",
             "jax": jax.__version__}
   return result
+
+
+def _sig(x: float, digits: int = 5) -> float:
+  return float(f"{x:.{digits}g}")
 
 
 def render(result: dict[str, Any], top: int = 12) -> str:
