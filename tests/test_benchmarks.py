@@ -122,7 +122,31 @@ def test_flop_rate_target_uses_update_phase_and_peak():
   chex.assert_trees_all_close(by_name["train"], 80e9 / 1.0 / 1e9 / 100.0)
 
 
-TRAIN_JOBS_OURS_TUNIX = ("ours grpo", "ours grpo_rerun", "ours garl", "ours paft", "tunix grpo")
+def test_update_flop_rate_counts_the_flops_the_shared_prompt_update_executes():
+  """With prompt sharing the update's rate divides the FLOPs it runs (update_shared), never the workload's larger
+  count; the ablation (grpo_full_prompt) is quoted on the full count, and its step beside the default's."""
+  runs = [_fake_run("ours", "grpo", 2.0, 0.0, workload="big", phases={"rollout": 1.0, "update (x)": 1.0}),
+          _fake_run("ours", "grpo_full_prompt", 3.0, 0.0, workload="big", phases={"rollout": 1.0, "update (x)": 2.0}),
+          _fake_run("tunix", "grpo", 4.0, 0.0, workload="big"),
+          {"ok": True, "system": "matmul", "foreign_cores": 0.0, "extra": {"peak_gflops": 100.0,
+                                                                          "jax_peak_gflops": 90.0}}]
+  model_flops = {"big": {"total": 100e9, "rollout": 20e9, "reference": 20e9, "policy": 60e9, "update": 80e9,
+                         "update_shared": 40e9, "total_shared": 60e9}}
+  agg = report.aggregate(runs)
+  rows = {r["target"]: r for r in report.targets(agg, model_flops, report.matmul_peak(runs))}
+  update = rows["train update (ref fwd + fwd/bwd + AdamW) FLOP/s / matmul peak"]
+  chex.assert_trees_all_close(update["value"], 40e9 / 1.0 / 1e9 / 100.0)
+  assert "ablation share_prompt_forward=False: 0.400" in update["note"]  # 80 G in 2 s at 100 GFLOP/s
+  step = rows["GRPO step / fastest peer's"]
+  assert step["value"] == 0.5 and "share_prompt_forward=False): 0.750" in step["note"]
+  assert "FLOP floor 0.6 s" in step["note"]  # the least work, 60 G
+  text = report.markdown(agg, model_flops, report.matmul_peak(runs))
+  assert "update at 40.0 GFLOP/s = 40% of peak, on the 40.0 GFLOP it executes" in text
+  assert "update at 40.0 GFLOP/s = 40% of peak, on the 80.0 GFLOP it executes" in text  # the ablation: 80 G / 2 s
+
+
+TRAIN_JOBS_OURS_TUNIX = ("ours grpo", "ours grpo_rerun", "ours grpo_full_prompt", "ours garl", "ours paft",
+                         "tunix grpo")
 
 
 def test_plan_alternates_systems_between_rounds():
@@ -145,6 +169,23 @@ def test_token_flops_is_twice_the_matmul_parameters(tiny_folder):
   assert step["reference"] == 0.0 and step["total"] == step["rollout"] + step["policy"]
   with pytest.raises(ValueError, match="positive sizes"):
     flops.step_flops(hf, num_sequences=0, prompt_len=3, max_new=2, beta=0.0)
+
+
+def test_shared_prompt_update_flops_count_each_prompt_once(tiny_folder):
+  """update_shared: B*P + N*T positions per forward (x4 with the reference); one sample per prompt is the full
+  count; total_shared also prefills each prompt once."""
+  hf = json.loads((tiny_folder / "config.json").read_text())
+  shapes = dict(num_sequences=6, prompt_len=5, max_new=4, beta=0.04)
+  full = flops.step_flops(hf, **shapes, num_prompts=6)
+  chex.assert_trees_all_close(full["update_shared"], full["update"])
+  chex.assert_trees_all_close(full["total_shared"], full["total"])
+  shared = flops.step_flops(hf, **shapes, num_prompts=2)
+  prompt_one = sum(flops.token_flops(hf, i + 1, lm_head=False) for i in range(5))
+  chex.assert_trees_all_close(shared["update"] - shared["update_shared"], 4 * 4 * prompt_one)  # 4 prompt passes saved
+  prefill_one = sum(flops.token_flops(hf, i + 1, lm_head=False) for i in range(4))
+  chex.assert_trees_all_close(shared["total"] - shared["total_shared"], 4 * 4 * prompt_one + 4 * prefill_one)
+  with pytest.raises(ValueError, match="must divide num_sequences"):
+    flops.step_flops(hf, **shapes, num_prompts=4)
 
 
 def test_tiny_workload_matches_the_reference_logits(tiny_folder):
@@ -266,10 +307,10 @@ def test_roofline_is_flops_at_the_peak_or_weight_reads_at_the_bandwidth(tiny_fol
   plus AdamW's 7 passes; the report quotes both floors once the peak run measured a bandwidth."""
   hf = json.loads((tiny_folder / "config.json").read_text())
   shapes = dict(num_prompts=2, num_sequences=6, prompt_len=5, max_new=4, beta=0.04)
-  f = flops.step_flops(hf, num_sequences=6, prompt_len=5, max_new=4, beta=0.04)
+  f = flops.step_flops(hf, num_sequences=6, prompt_len=5, max_new=4, beta=0.04, num_prompts=2)
   prefill_one = sum(flops.token_flops(hf, i + 1, lm_head=False) for i in range(4))
   compute = flops.step_floor_s(hf, **shapes, peak_gflops=1.0, bandwidth_gbs=1e30)
-  chex.assert_trees_all_close(compute["update"], f["update"] / 1e9)
+  chex.assert_trees_all_close(compute["update"], f["update_shared"] / 1e9)  # the least work: prompts shared
   chex.assert_trees_all_close(compute["rollout"], (f["rollout"] - 4 * prefill_one) / 1e9)  # 6 rows -> 2 prompts
   weights_gb = 4.0 * flops.parameter_count(hf) / 1e9
   memory = flops.step_floor_s(hf, **shapes, peak_gflops=1e30, bandwidth_gbs=1.0)

@@ -11,8 +11,9 @@ weights almost never sample EOS or `</think>`, so budget forcing makes nearly ev
 For each estimator (GRPO, GARL q = 0.75):
 - the trainer's jitted step through `train_and_evaluate` for `--steps` steps. `first_step_s` is compile + warm-up;
   `step_s` is the median of the later steps; tokens/s is generated tokens per step time;
-- MFU = the step's model FLOPs (`flops.step_flops`, counted from the shapes) / step_s / the device's matmul peak
-  (`--peak-tflops`, default: a measured bf16 8192^3 product on this device);
+- MFU = the FLOPs the step executes (`flops.step_flops`'s 'total_shared', counted from the shapes: the trainer
+  prefills and runs each prompt once per group) / step_s / the device's matmul peak (`--peak-tflops`, default: a
+  measured bf16 8192^3 product on this device); `workload_tflops_per_step` is the count without that sharing;
 - peak device memory (`memory_stats()['peak_bytes_in_use']`, where the backend reports it).
 The sampler alone: the trainer's jitted rollout on one batch, median of `--sampler-reps` calls, tokens/s.
 Attention (`attention_parity`, seconds): at the preset's head shapes in `--dtype`, with left padding (fully masked
@@ -200,9 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                        attention_impl=args.attention_impl)
     tokenizer = synthetic.make_tokenizer()
     hf = preset_config(model_spec(cfg), vocab_size=len(tokenizer)).to_hf_config()
-    step_flops = flops.step_flops(hf, num_sequences=args.batch * args.samples, prompt_len=args.prompt_len,
-                                  max_new=cfg.rollout_len(len(prompts.close_tag_ids(tokenizer))), beta=0.0)["total"]
-    out[estimator] = time_step(cfg, step_flops, peak)
+    counts = flops.step_flops(hf, num_sequences=args.batch * args.samples, prompt_len=args.prompt_len,
+                              max_new=cfg.rollout_len(len(prompts.close_tag_ids(tokenizer))), beta=0.0,
+                              num_prompts=args.batch)
+    # The FLOPs the step executes: the trainer prefills and runs each prompt's forward and backward once per group
+    # (`share_prompt_forward`), so the workload's full count would overstate the MFU.
+    out[estimator] = time_step(cfg, counts["total_shared" if cfg.share_prompt_forward else "total"], peak)
+    out[estimator]["workload_tflops_per_step"] = counts["total"] / 1e12
     print(estimator, json.dumps(out[estimator]), flush=True)
   out["sampler"] = time_sampler(check_config(args.model, "grpo", 1, args.dtype, batch=args.batch,
                                              samples=args.samples, prompt_len=args.prompt_len,

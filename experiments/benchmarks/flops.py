@@ -9,6 +9,10 @@ recomputes gets none for the extra):
   reference       one forward of N x (P + T) tokens, the LM head only at the T completion positions (beta > 0)
   policy          forward + backward = 3 x one such forward
 
+`update_shared` is the update's count as this project's step runs it by default (`TrainConfig.share_prompt_forward`:
+each prompt's positions once for its G samples, B x P + N x T positions per forward): the numerator of its update
+FLOP rate, which measures the hardware's use, not the work saved.
+
 Per token and layer a forward costs 2 (D E (2H + 2K) + 3 D F) matmul FLOPs plus 4 H E c for attention over c keys;
 the LM head costs 2 D V. Norms, softmax, RoPE and the optimizer are not counted (they are O(params), not O(tokens x
 params)).
@@ -50,9 +54,24 @@ def sequence_forward_flops(hf: Mapping[str, Any], length: int, head_positions: i
   return body + head_positions * 2 * s["D"] * s["V"]
 
 
+def shared_prompt_forward_flops(hf: Mapping[str, Any], *, num_prompts: int, num_sequences: int, prompt_len: int,
+                                max_new: int) -> float:
+  """Forward FLOPs of `num_sequences` = B*G sequences that share their B prompts' passes (`TrainConfig.
+  share_prompt_forward`): each prompt's P positions once, each completion's T positions attending over P + t keys,
+  the LM head at the T completion positions. With num_prompts == num_sequences it is the full sequences' count."""
+  p, t = prompt_len, max_new
+  prompt = sum(token_flops(hf, i + 1, lm_head=False) for i in range(p))
+  completion = sum(token_flops(hf, p + i + 1, lm_head=True) for i in range(t))
+  return num_prompts * prompt + num_sequences * completion
+
+
 def step_flops(hf: Mapping[str, Any], *, num_sequences: int, prompt_len: int, max_new: int,
-               beta: float) -> dict[str, float]:
-  """FLOPs of one GRPO step by phase: {'rollout', 'reference', 'policy', 'update', 'total'} (update = ref + policy)."""
+               beta: float, num_prompts: int | None = None) -> dict[str, float]:
+  """FLOPs of one GRPO step by phase: {'rollout', 'reference', 'policy', 'update', 'total'} (update = ref + policy),
+  the workload's count for every system. With `num_prompts` also 'update_shared': the update's FLOPs when each
+  prompt's forward and backward run once for its G = num_sequences / num_prompts samples (what this project's step
+  executes by default; the numerator of its update FLOP rate), and 'total_shared': the whole step's least work
+  (that update, and the rollout's prefill once per prompt)."""
   if min(num_sequences, prompt_len, max_new) <= 0:
     raise ValueError(f"step_flops needs positive sizes, got N={num_sequences}, P={prompt_len}, T={max_new}.")
   n, p, t = num_sequences, prompt_len, max_new
@@ -62,6 +81,13 @@ def step_flops(hf: Mapping[str, Any], *, num_sequences: int, prompt_len: int, ma
   out = {"rollout": prefill + decode, "reference": forward if beta > 0 else 0.0, "policy": 3 * forward}
   out["update"] = out["reference"] + out["policy"]
   out["total"] = out["rollout"] + out["update"]
+  if num_prompts is not None:
+    if num_prompts <= 0 or n % num_prompts:
+      raise ValueError(f"num_prompts={num_prompts} must divide num_sequences={n} (G samples per prompt).")
+    shared = shared_prompt_forward_flops(hf, num_prompts=num_prompts, num_sequences=n, prompt_len=p, max_new=t)
+    out["update_shared"] = (shared if beta > 0 else 0.0) + 3 * shared
+    # the least work of the whole step: the rollout's prefill once per prompt too
+    out["total_shared"] = out["total"] - out["update"] + out["update_shared"] - prefill * (1 - num_prompts / n)
   return out
 
 
@@ -89,12 +115,14 @@ def _decode_floor_s(hf: Mapping[str, Any], rows: int, prompt_len: int, max_new: 
 def step_floor_s(hf: Mapping[str, Any], *, num_prompts: int, num_sequences: int, prompt_len: int, max_new: int,
                  beta: float, peak_gflops: float, bandwidth_gbs: float) -> dict[str, float]:
   """The roofline of one GRPO step in seconds by phase: {'rollout', 'update', 'total'} (see the module docstring).
-  The rollout prefills each of the `num_prompts` prompts once (the least work; the G samples share it)."""
-  f = step_flops(hf, num_sequences=num_sequences, prompt_len=prompt_len, max_new=max_new, beta=beta)
+  The least work: the rollout prefills each of the `num_prompts` prompts once, and the update runs each prompt's
+  forward and backward once for its G samples ('update_shared' of `step_flops`)."""
+  f = step_flops(hf, num_sequences=num_sequences, prompt_len=prompt_len, max_new=max_new, beta=beta,
+                 num_prompts=num_prompts)
   prefill = num_prompts * sum(token_flops(hf, i + 1, lm_head=False) for i in range(prompt_len - 1))
   rollout = prefill / peak_gflops / 1e9 + _decode_floor_s(hf, num_sequences, prompt_len, max_new, peak_gflops,
                                                           bandwidth_gbs)
-  update = f["update"] / peak_gflops / 1e9 + 7 * 4.0 * parameter_count(hf) / bandwidth_gbs / 1e9
+  update = f["update_shared"] / peak_gflops / 1e9 + 7 * 4.0 * parameter_count(hf) / bandwidth_gbs / 1e9
   return {"rollout": rollout, "update": update, "total": rollout + update}
 
 

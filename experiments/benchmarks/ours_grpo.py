@@ -13,7 +13,9 @@ A step is what `tsallis_jax.train.train_and_evaluate` runs per step, with the tr
             completions decoded, the peers' reward function `(completions, records) -> list[float]` (1.0 when the
             completion's words contain the reward token, `peers.common.reward_contains`), `rewards_BxG` put on the
             mesh
-  update    the trainer's jitted step (`tsallis_jax.train.step.make_train_step`, state donated): reference forward
+  update    the trainer's jitted step (`tsallis_jax.train.step.make_train_step`, state donated; as the trainer's
+            default, each prompt's forward and backward run once for its G samples, `share_prompt_forward`;
+            `--no-share-prompt` runs every full sequence, the ablation): reference forward
             (beta > 0), policy forward + backward of `grpo_loss` (PPO-clip 0.2, group-std advantages, token mean
             per sequence; k3 KL with beta) or `garl_loss` (RLOO, 1/M^q) / `paft_loss` (K = M) at q = 0.75 with
             weights="reward" (the 0/1 verifier as weight), the entropy / mismatch / KL metrics every run logs, and
@@ -60,9 +62,10 @@ UPDATE_PHASE = "update (trainer step: ref fwd + policy fwd/bwd + AdamW)"
 REWARD_PHASE = "reward (host: decode + reward_funcs)"
 
 
-def train_config(spec: workloads.WorkloadSpec, mode: str, q: float, beta: float) -> TrainConfig:
+def train_config(spec: workloads.WorkloadSpec, mode: str, q: float, beta: float,
+                 share_prompt: bool = True) -> TrainConfig:
   """The trainer's config for the workload's step (the peers' GRPO settings; TRL / tunix names in comments)."""
-  return TrainConfig(
+  return TrainConfig(share_prompt_forward=share_prompt,
       name=f"bench-{spec.name}-{mode}", estimator=mode, q=q if mode != "grpo" else 0.0, weights="reward",
       baseline="rloo", num_samples=spec.group_size, batch_size=spec.num_prompts, eval_batch_size=spec.num_prompts,
       max_prompt_len=spec.prompt_len, rationale_budget=spec.max_new, max_answer_len=1, temperature=1.0,
@@ -112,13 +115,15 @@ class Built:
   train_step: Callable
 
 
-def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, seed: int = 0) -> Built:
-  """Loads the workload and builds the trainer's state, jitted rollout and train step for it (nothing compiled)."""
+def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, seed: int = 0,
+          share_prompt: bool = True) -> Built:
+  """Loads the workload and builds the trainer's state, jitted rollout and train step for it (nothing compiled);
+  `share_prompt=False` is the ablation of `TrainConfig.share_prompt_forward`."""
   if mode not in ESTIMATORS:
     raise ValueError(f"mode={mode!r}; choose one of {ESTIMATORS}.")
   spec, model, tokenizer, prompt_tokens_BxP, prompt_mask_BxP = load_workload(folder)
   beta = spec.beta if beta is None else beta
-  cfg = train_config(spec, mode, q, beta)
+  cfg = train_config(spec, mode, q, beta, share_prompt)
   sanity = sanity_logits(model)
   # The eager sanity forward leaves ~100 one-op executables in JAX's caches (0.1 GB on smollm2), which the trainer
   # never builds: dropped before anything the trainer does is compiled.
@@ -146,11 +151,11 @@ def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, se
 
 
 def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: float | None = None,
-              seed: int = 0, compile_cache_dir: str = "") -> dict[str, Any]:
+              seed: int = 0, compile_cache_dir: str = "", share_prompt: bool = True) -> dict[str, Any]:
   """Times `steps` trainer steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict."""
   cache_entries = len(os.listdir(compile_cache_dir)) if compile_cache_dir and os.path.isdir(compile_cache_dir) else 0
   compile_cache.enable(compile_cache_dir)
-  built = build(folder, mode, q, beta, seed)
+  built = build(folder, mode, q, beta, seed, share_prompt)
   spec, cfg, tokenizer, mesh, state = built.spec, built.cfg, built.tokenizer, built.mesh, built.state
   rollout_fn, prompts, answers, train_step = built.rollout_fn, built.prompts, built.answers, built.train_step
   steps = steps or spec.grpo_steps
@@ -183,6 +188,7 @@ def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: flo
   return common.emit(system="ours", version=version(), spec=spec.to_json(), mode=mode, times_s=times,
                      tokens_per_step=spec.generated_slots, phases=phases, sanity=built.sanity,
                      extra={"beta": cfg.kl_coef, "q": cfg.q, "rewards_per_step": rewards,
+                            "share_prompt_forward": cfg.share_prompt_forward,
                             "compile_cache": {"dir": compile_cache_dir, "entries_before": cache_entries},
                             "step": "jit(sampler.generate_impl), host rewards (train.scoring), then the trainer's "
                                     "jitted step (train.step.make_train_step)"})
@@ -210,6 +216,9 @@ def main(argv=None):
                  help="fill --compile-cache with two untimed steps in a child process first (a re-run's first step)")
   p.add_argument("--no-host-allocator", action="store_true",
                  help="ablation (cpu_paths.py): leave glibc's allocator as it is (host_memory.keep_freed_memory)")
+  p.add_argument("--no-share-prompt", action="store_true",
+                 help="ablation (run.py mode grpo_full_prompt): share_prompt_forward=False, every full sequence "
+                      "through the forward and backward passes")
   p.add_argument("--no-cpu-linear-backward", action="store_true",
                  help="ablation (cpu_paths.py): autodiff's backward for every projection (transformer.linear)")
   args = p.parse_args(argv)
@@ -222,10 +231,12 @@ def main(argv=None):
     import subprocess
     subprocess.run([sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", args.workload, "--mode",
                     args.mode, "--steps", "2", "--q", str(args.q), "--compile-cache", args.compile_cache]
-                   + ([] if args.beta is None else ["--beta", str(args.beta)]),
+                   + ([] if args.beta is None else ["--beta", str(args.beta)])
+                   + (["--no-share-prompt"] if args.no_share_prompt else []),
                    check=True, stdout=subprocess.DEVNULL)
   print("ours runner:", version(), "devices", jax.devices(), "host allocator", allocator, flush=True)
-  run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, compile_cache_dir=args.compile_cache)
+  run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, compile_cache_dir=args.compile_cache,
+            share_prompt=not args.no_share_prompt)
 
 
 if __name__ == "__main__":

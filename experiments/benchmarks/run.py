@@ -49,8 +49,10 @@ PEER_INSTALL = {
 }
 RUNNERS = {"tunix": PEERS_DIR / "tunix_runner.py", "trl": PEERS_DIR / "trl_runner.py"}
 # ours: every run gets a fresh, empty persistent compilation cache (the trainer's default turns one on, so this is a
-# user's first run); grpo_rerun fills its cache with two untimed steps first (the first step of a re-run).
-TRAIN_MODES = {"ours": ("grpo", "grpo_rerun", "garl", "paft"), "tunix": ("grpo",), "trl": ("grpo",)}
+# user's first run); grpo_rerun fills its cache with two untimed steps first (the first step of a re-run);
+# grpo_full_prompt is the ablation of `share_prompt_forward` (every full sequence through the forward, as the peers).
+TRAIN_MODES = {"ours": ("grpo", "grpo_rerun", "grpo_full_prompt", "garl", "paft"), "tunix": ("grpo",),
+               "trl": ("grpo",)}
 SAMPLE_MODES = {"ours": ("sample",), "tunix": ("sample",), "trl": ("sample",)}
 
 
@@ -126,6 +128,9 @@ def job_command(system: str, mode: str, folder: pathlib.Path, pythons: dict[str,
     if mode == "grpo_rerun":
       return [sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", str(folder), "--mode", "grpo",
               *cache, "--warm-compile-cache", *extra]
+    if mode == "grpo_full_prompt":
+      return [sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", str(folder), "--mode", "grpo",
+              *cache, "--no-share-prompt", *extra]
     return [sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", str(folder), "--mode", mode,
             *cache, *extra]
   if system == "matmul":
@@ -242,7 +247,7 @@ def main(argv=None) -> int:
     spec = workloads.read_spec(folder)
     hf = json.loads((folder / "config.json").read_text())
     model_flops[name] = flops_lib.step_flops(hf, num_sequences=spec.num_sequences, prompt_len=spec.prompt_len,
-                                             max_new=spec.max_new, beta=spec.beta)
+                                             max_new=spec.max_new, beta=spec.beta, num_prompts=spec.num_prompts)
     # What the report needs for the roofline (`flops.step_floor_s`, with the peak and bandwidth measured later).
     model_flops[name]["shapes"] = {"hf": {k: hf.get(k) for k in flops_lib.HF_KEYS}, "num_prompts": spec.num_prompts,
                                    "num_sequences": spec.num_sequences,

@@ -63,6 +63,18 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float3
   """Zero buffers for `batch_size` rows of `max_len` slots (S) for every layer, in the layout of `cfg.scan_layers`."""
   if batch_size <= 0 or max_len <= 0:
     raise ValueError(f"init_cache needs batch_size > 0 and max_len > 0, got {batch_size} and {max_len}.")
+  return _zero_buffers(cfg, batch_size, max_len, dtype)
+
+
+def empty_prefix(cfg: ModelConfig, batch_size: int, dtype=jnp.float32) -> KVCache:
+  """A `prefix` of no positions for `Transformer.hidden(..., prefix=...)`: the call attends over its own tokens only
+  and returns their keys and values (the prompt pass of `shared_prompt.completion_hidden`)."""
+  if batch_size <= 0:
+    raise ValueError(f"empty_prefix needs batch_size > 0, got {batch_size}.")
+  return _zero_buffers(cfg, batch_size, 0, dtype)
+
+
+def _zero_buffers(cfg: ModelConfig, batch_size: int, max_len: int, dtype) -> KVCache:
   shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
   if cfg.scan_layers:
     return KVCache(k=jnp.zeros((cfg.num_layers, *shape), dtype), v=jnp.zeros((cfg.num_layers, *shape), dtype))

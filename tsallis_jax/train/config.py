@@ -35,9 +35,10 @@ GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "seq_sum")  # TRL's GRPOCo
 class TrainConfig:
   """Every knob of `train_and_evaluate`; see each field's comment. Validated in `__post_init__`.
 
-  Memory knobs of the train step (same gradient and metrics in exact arithmetic): `micro_batch_prompts` (0 = off;
-  m = accumulate gradients over micro-batches of m prompts with their G rollouts) and `logprob_chunk` (0 = full
-  logits; c = log-probs and entropy from hidden states in chunks of c positions).
+  Memory and compute knobs of the train step (same gradient and metrics in exact arithmetic): `micro_batch_prompts`
+  (0 = off; m = accumulate gradients over micro-batches of m prompts with their G rollouts), `logprob_chunk` (0 = full
+  logits; c = log-probs and entropy from hidden states in chunks of c positions) and `share_prompt_forward` (each
+  prompt's forward pass once for its G samples).
   """
 
   name: str = "unnamed"
@@ -154,6 +155,11 @@ class TrainConfig:
   # positions of the vocabulary projection at a time (`token_logprobs_from_hidden`).
   micro_batch_prompts: int = 0
   logprob_chunk: int = 0
+  # share_prompt_forward: the forward (and backward) passes of the step run each prompt once for its G samples
+  # and the G completions against its keys and values (`tsallis_jax.model.shared_prompt`): the same loss and
+  # gradient as one pass over every full sequence (float32 summation order aside) for B*P + N*T token positions
+  # instead of N*(P+T). False: one pass over every full sequence (the peers' way; the benchmark's ablation).
+  share_prompt_forward: bool = True
 
   # -- mesh (tsallis_jax.distributed) ------------------------------------------------------------------------
   mesh_data: int = -1  # devices along the data axis (-1 = all devices not used by fsdp)

@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tsallis_jax.estimators import SequenceLogProbs, garl_loss, grpo_loss, k3_kl, paft_loss
-from tsallis_jax.model import make_attention_mask, make_positions
+from tsallis_jax.model import make_attention_mask, make_positions, shared_prompt
 from tsallis_jax.model.logprobs import aligned_token_logprobs, token_logprobs_from_hidden
 from tsallis_jax.sampler import Rollout
 from tsallis_jax.train import completions as completions_lib
@@ -101,16 +101,33 @@ def _sequence_pair(cfg: TrainConfig, logp_NxT, seqs: dict, G: int):
   return logp_z_BxG, jnp.where(seqs["reward_BxG"] > 0, 0.0, -jnp.inf)
 
 
-def _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt: int, temperature: float, with_entropy: bool,
-                         chunk: int = 0):
-  """Per-token log-probs of the completion (and the entropy metric); `chunk` > 0 never builds the N x T x V logits."""
-  if chunk:
-    return _completion_logprobs_chunked(model, tokens_NxS, pad_NxS, num_prompt, temperature, with_entropy, chunk)
+def _predicting_hidden(model, tokens_NxS, pad_NxS, num_prompt: int, group: int):
+  """Hidden states at positions num_prompt - 1 .. S - 1 (N x T+1 x D): entry t predicts completion token t.
+
+  `group` > 1: rows b*G + g (G = group) share prompt b, whose forward pass then runs once for its G rows
+  (`shared_prompt.completion_hidden`, `TrainConfig.share_prompt_forward`); 1: one pass over every full row."""
+  if group > 1:
+    n = tokens_NxS.shape[0]
+    first_of_group = lambda x_NxP: x_NxP.reshape(n // group, group, -1)[:, 0]  # noqa: E731
+    return shared_prompt.completion_hidden(model, first_of_group(tokens_NxS[:, :num_prompt]),
+                                           first_of_group(pad_NxS[:, :num_prompt]), tokens_NxS[:, num_prompt:],
+                                           pad_NxS[:, num_prompt:])
   hidden_NxSxD, _ = model.hidden(tokens_NxS, make_positions(pad_NxS), make_attention_mask(pad_NxS))
+  return hidden_NxSxD[:, num_prompt - 1:]
+
+
+def _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt: int, temperature: float, with_entropy: bool,
+                         chunk: int = 0, group: int = 1):
+  """Per-token log-probs of the completion (and the entropy metric); `chunk` > 0 never builds the N x T x V logits;
+  `group` > 1 runs each group's shared prompt once (`_predicting_hidden`)."""
+  hidden_Nx1TxD = _predicting_hidden(model, tokens_NxS, pad_NxS, num_prompt, group)
+  if chunk:
+    return _completion_logprobs_chunked(model, hidden_Nx1TxD, tokens_NxS[:, num_prompt - 1:], temperature,
+                                        with_entropy, chunk)
   # Only the T positions that predict completion tokens (num_prompt - 1 .. S - 2; position t-1 predicts t) go
   # through the vocabulary projection: the prompt's next-token logits are never used. (Projecting all S positions
   # cost the `smollm2` benchmark step 3x the LM-head FLOPs it needs, ~0.4 s of 3.6 s.)
-  logits_NxTxV = model.logits(hidden_NxSxD[:, num_prompt - 1:-1]).astype(jnp.float32) / temperature
+  logits_NxTxV = model.logits(hidden_Nx1TxD[:, :-1]).astype(jnp.float32) / temperature
   logp_NxT = aligned_token_logprobs(logits_NxTxV, tokens_NxS[:, num_prompt:])
   if not with_entropy:
     return logp_NxT, None
@@ -120,17 +137,17 @@ def _completion_logprobs(model, tokens_NxS, pad_NxS, num_prompt: int, temperatur
   return logp_NxT, entropy_NxT
 
 
-def _completion_logprobs_chunked(model, tokens_NxS, pad_NxS, num_prompt: int, temperature: float,
-                                 with_entropy: bool, chunk: int):
-  hidden_NxSxD, _ = model.hidden(tokens_NxS, make_positions(pad_NxS), make_attention_mask(pad_NxS))
-  # Only the positions that predict completion tokens (num_prompt - 1 onwards) go through the vocabulary projection;
-  # the helper's leading zero (the first row position has no prefix) is dropped.
-  logp_Nx1T = token_logprobs_from_hidden(model, hidden_NxSxD[:, num_prompt - 1:], tokens_NxS[:, num_prompt - 1:],
-                                         temperature=temperature, chunk_size=chunk)
+def _completion_logprobs_chunked(model, hidden_Nx1TxD, tokens_Nx1T, temperature: float, with_entropy: bool,
+                                 chunk: int):
+  """`_completion_logprobs` from the predicting positions' hidden states and the tokens from num_prompt - 1 on, in
+  chunks of `chunk` positions of the vocabulary projection; the helper's leading zero (the first position has no
+  prefix) is dropped."""
+  logp_Nx1T = token_logprobs_from_hidden(model, hidden_Nx1TxD, tokens_Nx1T, temperature=temperature,
+                                         chunk_size=chunk)
   logp_NxT = logp_Nx1T[:, 1:]
   if not with_entropy:
     return logp_NxT, None
-  hidden_NxTxD = jax.lax.stop_gradient(hidden_NxSxD[:, num_prompt - 1:-1])
+  hidden_NxTxD = jax.lax.stop_gradient(hidden_Nx1TxD[:, :-1])
   w_VxD = jax.lax.stop_gradient(model.head_weight().astype(hidden_NxTxD.dtype))
   n, t, d = hidden_NxTxD.shape
   chunks = -(-t // chunk)
@@ -206,11 +223,16 @@ def accumulate_gradients(loss_fn: Callable, params, xs):
   return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), xs)
 
 
+def _prompt_group(cfg: TrainConfig) -> int:
+  """Rows per shared prompt pass in the step's forward passes: G with `share_prompt_forward`, else 1."""
+  return cfg.num_samples if cfg.share_prompt_forward else 1
+
+
 def _ref_logprobs(ref_params, graphdef, cfg: TrainConfig, seqs: dict, num_prompt: int):
   if ref_params is None:
     return None
   logp_NxT, _ = _completion_logprobs(nnx.merge(graphdef, ref_params), seqs["tokens_NxS"], seqs["pad_NxS"], num_prompt,
-                                     cfg.temperature, False, cfg.logprob_chunk)
+                                     cfg.temperature, False, cfg.logprob_chunk, _prompt_group(cfg))
   return jax.lax.stop_gradient(logp_NxT)
 
 
@@ -252,7 +274,7 @@ def _micro_batched_grads(params, ref_params, graphdef, cfg: TrainConfig, seqs: d
     mb = {"y_NxT": None, "answered_N": None, **x}
     ref_logp_NxT = _ref_logprobs(ref_params, graphdef, cfg, mb, num_prompt)
     logp_NxT, entropy_NxT = _completion_logprobs(nnx.merge(graphdef, p), mb["tokens_NxS"], mb["pad_NxS"], num_prompt,
-                                                 cfg.temperature, True, cfg.logprob_chunk)
+                                                 cfg.temperature, True, cfg.logprob_chunk, _prompt_group(cfg))
     loss, _ = _estimator_loss(cfg, q, mb["keys_B"], mb, logp_NxT, entropy_NxT, ref_logp_NxT, kl_tokens=kl_tokens,
                               loss_scale=m / B)
     return loss, {"logp": jax.lax.stop_gradient(logp_NxT), "entropy": entropy_NxT, "ref": ref_logp_NxT}
@@ -320,7 +342,7 @@ def loss_and_metrics(params, ref_params, graphdef, cfg: TrainConfig, ids: TokenI
 
     def loss_fn(p):
       logp_NxT, entropy_NxT = _completion_logprobs(nnx.merge(graphdef, p), tokens_NxS, pad_NxS, P, cfg.temperature,
-                                                   True, cfg.logprob_chunk)
+                                                   True, cfg.logprob_chunk, _prompt_group(cfg))
       return _estimator_loss(cfg, q, keys_B, seqs, logp_NxT, entropy_NxT, ref_logp_NxT)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
