@@ -62,3 +62,25 @@ def test_an_exported_setting_or_an_accelerator_wins():
   assert _probe("on", MALLOC_ARENA_MAX="4")["applied"] == {"MALLOC_MMAP_MAX_": 0,
                                                            "MALLOC_TRIM_THRESHOLD_": 2**31 - 1}
   assert _probe("on", JAX_PLATFORMS="cpu,cuda")["applied"] == {}
+
+
+_TRIM_PROBE = textwrap.dedent("""
+    import json, sys
+    from tsallis_jax import host_memory
+    host_memory.keep_freed_memory()
+    import jax, jax.numpy as jnp
+    jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()  # a compile far shorter than 1 s
+    quick = host_memory.compile_trims
+    host_memory.TRIM_AFTER_COMPILE_S = 0.0
+    jax.jit(lambda x: jnp.cos(x) + 1)(jnp.ones(3)).block_until_ready()
+    print("PROBE " + json.dumps({"quick": quick, "after": host_memory.compile_trims}))
+""")
+
+
+def test_a_long_compile_is_followed_by_a_heap_trim():
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  env.update({"JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+  out = subprocess.run([sys.executable, "-c", _TRIM_PROBE], env=env, capture_output=True, text=True, timeout=300,
+                       check=True).stdout
+  probe = json.loads(next(line for line in out.splitlines() if line.startswith("PROBE "))[len("PROBE "):])
+  assert probe["quick"] == 0 and probe["after"] >= 1, probe
