@@ -140,7 +140,13 @@ def test_update_flop_rate_counts_the_flops_the_shared_prompt_update_executes():
   step = rows["GRPO step / fastest peer's"]
   assert step["value"] == 0.5 and "share_prompt_forward=False): 0.750" in step["note"]
   assert "FLOP floor 0.6 s" in step["note"]  # the least work, 60 G
+  whole = rows["GRPO step FLOP/s (executed) / matmul peak"]
+  chex.assert_trees_all_close(whole["value"], 60e9 / 2.0 / 1e9 / 100.0)  # total_shared, not the workload's 100 G
+  assert "0.500 (a throughput" in whole["note"]
   text = report.markdown(agg, model_flops, report.matmul_peak(runs))
+  assert "| 30.0 (30%) |" in text  # our GRPO row: 60 G executed in 2 s
+  assert "| 33.3 (33%) |" in text  # the ablation: 60 - 40 + 80 = 100 G (prefill shared, update full) in 3 s
+  assert "| 25.0 (25%) |" in text  # tunix: the workload's 100 G in 4 s
   assert "update at 40.0 GFLOP/s = 40% of peak, on the 40.0 GFLOP it executes" in text
   assert "update at 40.0 GFLOP/s = 40% of peak, on the 80.0 GFLOP it executes" in text  # the ablation: 80 G / 2 s
 

@@ -81,6 +81,14 @@ def update_flops(model_flops: Mapping[str, float], mode: str) -> float:
   return model_flops["update_shared"]
 
 
+def executed_flops(model_flops: Mapping[str, float], system: str, mode: str) -> float:
+  """The FLOPs one step of (system, mode) executes: the peers every full sequence (the workload's 'total'); ours
+  each prompt's prefill and update once per group ('total_shared'), the ablation grpo_full_prompt only the prefill."""
+  if system != "ours" or "total_shared" not in model_flops:
+    return model_flops["total"]
+  return model_flops["total_shared"] - model_flops["update_shared"] + update_flops(model_flops, mode)
+
+
 def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[str, float]],
             peak: Mapping[str, Any] | None) -> list[dict[str, Any]]:
   """The targets (issue 17's goals where it set one) as measured ratios: [{'target', 'workload', 'value', 'goal',
@@ -148,9 +156,14 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
                           "value": mine["median_s"] / ours["median_s"], "goal": "<= 1.05",
                           "met": mine["median_s"] / ours["median_s"] <= 1.05}, mine, ours))
     if ours and peak and w in flops and w != "tiny":
-      whole = flops[w]["total"] / ours["median_s"] / 1e9 / peak["peak_gflops"]
-      rows.append(flag({"target": "GRPO step model FLOP/s / matmul peak", "workload": w, "value": whole,
-                        "goal": ">= 0.5", "met": whole >= 0.5}, ours))
+      whole = executed_flops(flops[w], "ours", "grpo") / ours["median_s"] / 1e9 / peak["peak_gflops"]
+      row = {"target": "GRPO step FLOP/s (executed) / matmul peak", "workload": w, "value": whole, "goal": ">= 0.5",
+             "met": whole >= 0.5}
+      if "total_shared" in flops[w]:
+        row["note"] = (f"the workload's {flops[w]['total'] / 1e9:.1f} GFLOP in the same time: "
+                       f"{flops[w]['total'] / ours['median_s'] / 1e9 / peak['peak_gflops']:.3f} (a throughput, "
+                       f"not the hardware's use)")
+      rows.append(flag(row, ours))
       upd = next((v for k, v in ours["phases_median_s"].items() if k.startswith("update")), None)
       if upd:
         frac = update_flops(flops[w], "grpo") / upd / 1e9 / peak["peak_gflops"]
@@ -209,13 +222,14 @@ def markdown(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping
     if w in flops:
       f = flops[w]
       lines += [f"Model FLOPs per step: {f['total'] / 1e9:.1f} G (rollout {f['rollout'] / 1e9:.1f}, reference "
-                f"{f['reference'] / 1e9:.1f}, policy fwd+bwd {f['policy'] / 1e9:.1f}): the workload's count, the same "
-                "for every system, so the GFLOP/s column is a throughput in those units."
-                + (f" This project's update runs each prompt's forward and backward once per group "
-                   f"(`share_prompt_forward`): it executes {f['update_shared'] / 1e9:.1f} G of the update's "
-                   f"{f['update'] / 1e9:.1f} G, and its update FLOP rates below are on what it executes."
-                   if "update_shared" in f else ""), ""]
-    lines += ["| system | s/step | tokens/s | first step (compile) s | peak RSS MB | GFLOP/s (% peak) | runs "
+                f"{f['reference'] / 1e9:.1f}, policy fwd+bwd {f['policy'] / 1e9:.1f}), the workload's count: what the "
+                "peers execute."
+                + (f" This project prefills each prompt once and runs each prompt's forward and backward once per "
+                   f"group (`share_prompt_forward`): it executes {f['total_shared'] / 1e9:.1f} G per step "
+                   f"({f['update_shared'] / 1e9:.1f} G of the update's {f['update'] / 1e9:.1f} G). The GFLOP/s "
+                   "column and the FLOP rates below divide the FLOPs each system executes."
+                   if "total_shared" in f else ""), ""]
+    lines += ["| system | s/step | tokens/s | first step (compile) s | peak RSS MB | GFLOP/s executed (% peak) | runs "
               "(quiet) | foreign cores |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for system, mode in [*(("ours", m) for m in GRPO_MODES), ("tunix", "grpo"), ("trl", "grpo")]:
       a = agg.get((w, system, mode))
@@ -223,7 +237,7 @@ def markdown(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping
         continue
       rate = ""
       if w in flops:
-        g = flops[w]["total"] / a["median_s"] / 1e9
+        g = executed_flops(flops[w], system, mode) / a["median_s"] / 1e9
         rate = f"{g:.1f}" + (f" ({100 * g / peak_g:.0f}%)" if peak_g else "")
       loaded = " (loaded)" if a["loaded"] else ""
       lines.append(f"| {LABELS[(system, mode)]} | {_fmt(a['median_s'])}{loaded} | {a['tokens_per_s']:.0f} | "
