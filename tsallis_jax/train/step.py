@@ -19,6 +19,11 @@ whose gradient is the estimator; optax (global-norm clip, AdamW, warm-up schedul
 the step inside jit (`schedules.q_schedule`), from a traced (q_start, q_end) pair, so runs that differ only in q share
 one compiled step. The state is donated; shardings are explicit (`state.state_shardings`, batch over data x fsdp).
 
+Compute (`TrainConfig.share_prompt_forward`, on by default): a group's G rows share their prompt, so each forward
+pass (reference and policy, and the backward) runs the prompt once and the G completions after it
+(`tsallis_jax.model.shared_prompt`); the same loss and gradient as one pass over every full row, for B*P + N*T token
+positions instead of N*(P+T). Rows b*G + g must continue prompt b, as the rollout makes them.
+
 Memory (`TrainConfig.micro_batch_prompts`, `logprob_chunk`): the gradient can be accumulated over micro-batches of
 prompt groups (`accumulate_gradients`, a `lax.scan`), and log-probs and the entropy metric computed from hidden
 states in chunks of positions, without the N x T x V logits; both leave the gradient unchanged in exact arithmetic.
