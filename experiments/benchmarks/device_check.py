@@ -204,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     counts = flops.step_flops(hf, num_sequences=args.batch * args.samples, prompt_len=args.prompt_len,
                               max_new=cfg.rollout_len(len(prompts.close_tag_ids(tokenizer))), beta=0.0,
                               num_prompts=args.batch)
-    # The FLOPs the step executes: the trainer prefills and runs each prompt's forward and backward once per group
-    # (`share_prompt_forward`), so the workload's full count would overstate the MFU.
-    out[estimator] = time_step(cfg, counts["total_shared" if cfg.share_prompt_forward else "total"], peak)
+    # The FLOPs the step executes (the trainer prefills each prompt once, and with `share_prompt_forward` runs its
+    # forward and backward once per group): the workload's full count would overstate the MFU.
+    out[estimator] = time_step(cfg, flops.executed_flops(counts, cfg.share_prompt_forward), peak)
     out[estimator]["workload_tflops_per_step"] = counts["total"] / 1e12
     print(estimator, json.dumps(out[estimator]), flush=True)
   out["sampler"] = time_sampler(check_config(args.model, "grpo", 1, args.dtype, batch=args.batch,

@@ -75,7 +75,8 @@ def step_flops(hf: Mapping[str, Any], *, num_sequences: int, prompt_len: int, ma
   if min(num_sequences, prompt_len, max_new) <= 0:
     raise ValueError(f"step_flops needs positive sizes, got N={num_sequences}, P={prompt_len}, T={max_new}.")
   n, p, t = num_sequences, prompt_len, max_new
-  prefill = n * sum(token_flops(hf, i + 1, lm_head=False) for i in range(p - 1))
+  prefill_one = sum(token_flops(hf, i + 1, lm_head=False) for i in range(p - 1))
+  prefill = n * prefill_one
   decode = n * sum(token_flops(hf, p + i, lm_head=True) for i in range(t))
   forward = n * sequence_forward_flops(hf, p + t, head_positions=t)
   out = {"rollout": prefill + decode, "reference": forward if beta > 0 else 0.0, "policy": 3 * forward}
@@ -87,8 +88,19 @@ def step_flops(hf: Mapping[str, Any], *, num_sequences: int, prompt_len: int, ma
     shared = shared_prompt_forward_flops(hf, num_prompts=num_prompts, num_sequences=n, prompt_len=p, max_new=t)
     out["update_shared"] = (shared if beta > 0 else 0.0) + 3 * shared
     # the least work of the whole step: the rollout's prefill once per prompt too
-    out["total_shared"] = out["total"] - out["update"] + out["update_shared"] - prefill * (1 - num_prompts / n)
+    out["total_shared"] = num_prompts * prefill_one + decode + out["update_shared"]
   return out
+
+
+def executed_flops(counts: Mapping[str, float], share_prompt_forward: bool = True) -> float:
+  """The FLOPs one step of this project's trainer executes, from `step_flops(..., num_prompts=B)`: its rollout
+  prefills each prompt once, and with `share_prompt_forward` its update runs each prompt once per group
+  ('total_shared'); without, the update runs every full sequence. Counts without 'total_shared' give 'total'."""
+  if "total_shared" not in counts:
+    return counts["total"]
+  if share_prompt_forward:
+    return counts["total_shared"]
+  return counts["total_shared"] - counts["update_shared"] + counts["update"]
 
 
 def sample_flops(hf: Mapping[str, Any], *, batch: int, prompt_len: int, max_new: int) -> float:

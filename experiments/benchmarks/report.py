@@ -83,10 +83,15 @@ def update_flops(model_flops: Mapping[str, float], mode: str) -> float:
 
 def executed_flops(model_flops: Mapping[str, float], system: str, mode: str) -> float:
   """The FLOPs one step of (system, mode) executes: the peers every full sequence (the workload's 'total'); ours
-  each prompt's prefill and update once per group ('total_shared'), the ablation grpo_full_prompt only the prefill."""
-  if system != "ours" or "total_shared" not in model_flops:
+  `flops.executed_flops` (the ablation grpo_full_prompt without `share_prompt_forward`)."""
+  if system != "ours":
     return model_flops["total"]
-  return model_flops["total_shared"] - model_flops["update_shared"] + update_flops(model_flops, mode)
+  return flops_lib.executed_flops(model_flops, share_prompt_forward=mode != "grpo_full_prompt")
+
+
+def update_phase_s(summary: Mapping[str, Any]) -> float | None:
+  """The median update phase of an aggregated run (the phase named "update ..."), None when it has none."""
+  return next((v for k, v in summary["phases_median_s"].items() if k.startswith("update")), None)
 
 
 def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[str, float]],
@@ -164,7 +169,7 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
                        f"{flops[w]['total'] / ours['median_s'] / 1e9 / peak['peak_gflops']:.3f} (a throughput, "
                        f"not the hardware's use)")
       rows.append(flag(row, ours))
-      upd = next((v for k, v in ours["phases_median_s"].items() if k.startswith("update")), None)
+      upd = update_phase_s(ours)
       if upd:
         frac = update_flops(flops[w], "grpo") / upd / 1e9 / peak["peak_gflops"]
         row = {"target": "train update (ref fwd + fwd/bwd + AdamW) FLOP/s / matmul peak", "workload": w,
@@ -173,8 +178,7 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
           row["note"] = (f"the FLOPs it executes: {flops[w]['update_shared'] / 1e9:.1f} G, each prompt once per "
                          f"group (the workload's count {flops[w]['update'] / 1e9:.1f} G)")
         full_prompt = agg.get((w, "ours", "grpo_full_prompt"))
-        full_upd = full_prompt and next((v for k, v in full_prompt["phases_median_s"].items()
-                                         if k.startswith("update")), None)
+        full_upd = full_prompt and update_phase_s(full_prompt)
         if full_upd:
           row["note"] = (row.get("note", "") + f"; ablation share_prompt_forward=False: "
                          f"{flops[w]['update'] / full_upd / 1e9 / peak['peak_gflops']:.3f}").strip("; ")
@@ -260,7 +264,7 @@ def markdown(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping
       if ww == w and a["phases_median_s"]:
         parts = ", ".join(f"{k} {v:.3g} s" for k, v in a["phases_median_s"].items())
         extra = ""
-        upd = next((v for k, v in a["phases_median_s"].items() if k.startswith("update")), None)
+        upd = update_phase_s(a)
         if system == "ours" and upd and w in flops and peak_g:
           executed = update_flops(flops[w], mode)
           extra = f" (update at {executed / upd / 1e9:.1f} GFLOP/s = " \
