@@ -37,10 +37,12 @@ def _sequences(seed: int = 0):
 
 
 def _full_hidden(model, prompt_BxP, prompt_mask_BxP, comp_NxT, comp_mask_NxT):
-  tokens_NxS = jnp.concatenate([jnp.repeat(prompt_BxP, G, 0), comp_NxT], 1)
-  pad_NxS = jnp.concatenate([jnp.repeat(prompt_mask_BxP, G, 0), comp_mask_NxT], 1)
+  """The reference: one forward over every full sequence [prompt b, completion b*G + g], positions P-1 on."""
+  p, g = prompt_BxP.shape[1], comp_NxT.shape[0] // prompt_BxP.shape[0]
+  tokens_NxS = jnp.concatenate([jnp.repeat(prompt_BxP, g, 0), comp_NxT], 1)
+  pad_NxS = jnp.concatenate([jnp.repeat(prompt_mask_BxP, g, 0), comp_mask_NxT], 1)
   hidden_NxSxD, _ = model.hidden(tokens_NxS, make_positions(pad_NxS), make_attention_mask(pad_NxS))
-  return hidden_NxSxD[:, P - 1:]
+  return hidden_NxSxD[:, p - 1:]
 
 
 def _model(**overrides):
@@ -123,13 +125,9 @@ def test_under_scan_the_shared_backward_needs_no_more_memory_than_the_full_one()
   seqs = (jnp.asarray(rng.integers(3, 60, (b, p)), jnp.int32), jnp.ones((b, p), bool),
           jnp.asarray(rng.integers(3, 60, (b * g, t)), jnp.int32), jnp.ones((b * g, t), bool))
 
-  def full(m, prompt_BxP, prompt_mask_BxP, comp_NxT, comp_mask_NxT):
-    tokens_NxS = jnp.concatenate([jnp.repeat(prompt_BxP, g, 0), comp_NxT], 1)
-    pad_NxS = jnp.concatenate([jnp.repeat(prompt_mask_BxP, g, 0), comp_mask_NxT], 1)
-    return m.hidden(tokens_NxS, make_positions(pad_NxS), make_attention_mask(pad_NxS))[0][:, p - 1:]
 
   def temp_bytes(fn):
     loss = lambda q: jnp.sum(jnp.tanh(fn(nnx.merge(graphdef, q), *seqs)))  # noqa: E731
     return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
-  shared, whole = temp_bytes(completion_hidden), temp_bytes(full)
+  shared, whole = temp_bytes(completion_hidden), temp_bytes(_full_hidden)
   assert shared < whole, (shared, whole)
