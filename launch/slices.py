@@ -168,7 +168,7 @@ class MemoryEstimate:
     (H x T x T per row and layer, or one block of H x chunk x T with query-chunked attention), and the float32
     logits (T x V per row, or chunk x V with `logprob_chunk`). It counts every row's full sequence, as with
     `share_prompt_forward=False`; the default runs each prompt once for its G rows and needs less (XLA's analysis
-    of `paper_finqa_1gpu`'s train step: 62.6 GiB with it, 73.2 GiB without), so the estimate is an upper bound there.
+    of `paper_finqa_1gpu`'s train step: 60.4 GiB with it, 73.2 GiB without), so the estimate is an upper bound there.
   """
   state: float
   rollout_kv: float

@@ -15,7 +15,7 @@ from tests.test_scan import _random_params
 from tests.test_train_microbatch import _one_step
 from tests.test_train_step import BASE
 from tsallis_jax import distributed
-from tsallis_jax.model import ModelConfig, Transformer, make_attention_mask, make_positions
+from tsallis_jax.model import ModelConfig, PromptGroupMask, Transformer, make_attention_mask, make_positions
 from tsallis_jax.model.shared_prompt import completion_hidden
 
 B, G, P, T = 2, 3, 5, 4
@@ -49,7 +49,8 @@ def _model(**overrides):
   return _random_params(Transformer(ModelConfig.tiny(num_layers=2, **overrides), rngs=nnx.Rngs(0)))
 
 
-@pytest.mark.parametrize("overrides", [{}, {"remat": "full"}, {"scan_layers": True, "remat": "dots_saveable"}])
+@pytest.mark.parametrize("overrides", [{}, {"remat": "full"}, {"scan_layers": True, "remat": "dots_saveable"},
+                                       {"attention_query_chunk": 2}])
 def test_completion_hidden_equals_the_full_forward_and_its_gradient(overrides):
   model = _model(**overrides)
   seqs = _sequences()
@@ -78,6 +79,29 @@ def test_completion_hidden_needs_whole_groups():
     completion_hidden(model, prompt_BxP, prompt_mask_BxP, comp_NxT[:5], comp_mask_NxT[:5])
   with pytest.raises(ValueError, match="differ in shape"):
     completion_hidden(model, prompt_BxP, prompt_mask_BxP[:, 1:], comp_NxT, comp_mask_NxT)
+
+
+def test_a_prompt_group_mask_of_the_wrong_shape_is_refused():
+  model = _model()
+  mask = PromptGroupMask(prompt_BxPxP=jnp.ones((B, P, P), bool), comp_NxTxS=jnp.ones((B * G, T, P + T), bool))
+  tokens_BxL = jnp.zeros((B, P + G * T), jnp.int32)
+  model.hidden(tokens_BxL, tokens_BxL, mask)  # the right shapes run
+  with pytest.raises(ValueError, match=r"needs tokens of shape \(B, P \+ G\*T\) = \(2, 17\)"):
+    model.hidden(tokens_BxL[:, 1:], tokens_BxL[:, 1:], mask)
+  bad = PromptGroupMask(prompt_BxPxP=mask.prompt_BxPxP, comp_NxTxS=mask.comp_NxTxS[:, :, 1:])
+  with pytest.raises(ValueError, match=r"B\*G x T x P\+T"):
+    model.hidden(tokens_BxL, tokens_BxL, bad)
+
+
+def test_each_projection_is_one_product_over_the_packed_rows():
+  """The packed pass multiplies every weight once per layer, as one pass over the full sequences does (only the
+  attention's score and value products come twice: prompt and completions); a prompt pass followed by a completion
+  pass (the first design) multiplied every weight twice, in shorter products."""
+  model = _model()
+  seqs = tuple(map(jnp.asarray, _sequences()))
+  dots = lambda fn: jax.jit(lambda *s: fn(model, *s)).lower(*seqs).as_text().count("stablehlo.dot_general")  # noqa: E731
+  layers = model.config.num_layers
+  assert dots(completion_hidden) == dots(_full_hidden) + 2 * layers, (dots(completion_hidden), dots(_full_hidden))
 
 
 def test_the_shared_forward_runs_fewer_flops():
@@ -114,8 +138,8 @@ def test_the_train_step_is_the_same_with_and_without_prompt_sharing(estimator, d
 
 
 def test_under_scan_the_shared_backward_needs_no_more_memory_than_the_full_one():
-  """The prefix is scanned in per layer and repeated inside the layer: a carried cache (every layer's copy kept for
-  the backward) or a repeat of all layers at once made the paper config's train step 1558 and 83 GiB instead of 63
+  """The prompt's keys and values are repeated inside each layer: a carried cache (every layer's copy kept for the
+  backward) or a repeat of all layers at once made the paper config's train step 1558 and 83 GiB instead of 63
   (`paper_finqa_1gpu`'s record). XLA's temporaries of the gradient, 6 layers under scan with remat, G = 8."""
   model = _random_params(Transformer(ModelConfig.tiny(num_layers=6, scan_layers=True, remat="full"),
                                      rngs=nnx.Rngs(0)))

@@ -13,8 +13,8 @@ What makes it fit one device: the rollout samples its 1024 rows 64 at a time (`r
 Memory (XLA's `memory_analysis()` of the compiled rollout and train step on abstract shapes, the full 28-layer
   model compiled for CPU in ~15 s, since the layers run under scan; `python -m tsallis_jax.train.memory
   paper_finqa_1gpu qwen3_0_6b`; experiments/benchmarks/README.md "Memory"): rollout peak 47.2 GiB, train step peak
-  62.6 GiB (each micro-batch's prompt run once for its 32 rollouts, `share_prompt_forward`; 73.2 GiB with every
-  full sequence), so the device peak is 62.6 GiB of the H200's 131 GiB (141 GB). CPU XLA assigns buffers
+  60.4 GiB (each micro-batch's prompt run once for its 32 rollouts, packed with them, `share_prompt_forward`; 73.2
+  GiB with every full sequence), so the device peak is 60.4 GiB of the H200's 131 GiB (141 GB). CPU XLA assigns buffers
   differently from GPU XLA, so these are estimates of the H200's peak, not measurements. The scan matters: with the
   layers unrolled, the same analysis gave a 779 GiB train step (1- and 2-layer compiles extrapolated), because the
   per-layer remat was undone (tests/test_memory.py `test_remat_bounds_the_backward_only_under_scan`).
@@ -25,12 +25,13 @@ Expected: the paper's FinQA numbers (see `paper_finqa`); this config changes mem
 from experiments.configs._paper import paper_config
 
 # GiB on one device, XLA's memory_analysis() compiled for CPU (28 layers under scan, remat full), 2026-11-30, with the
-# default share_prompt_forward (the train step was temp 66.48 / peak 73.19 with every full sequence, before it).
+# default share_prompt_forward, packed prompt groups (the train step was temp 66.48 / peak 73.19 with every full
+# sequence, and temp 55.86 / peak 62.57 with a prompt pass followed by a completion pass).
 # tests/test_memory.py::test_paper_finqa_1gpu_analysis_matches_its_record recomputes it (slow).
 MEMORY = {
     "rollout": {"argument": 2.22, "output": 0.07, "temp": 44.94, "peak": 47.23},
-    "train_step": {"argument": 6.71, "output": 6.66, "temp": 55.86, "alias": 6.66, "peak": 62.57},
-    "peak_gib": 62.57,
+    "train_step": {"argument": 6.71, "output": 6.66, "temp": 53.66, "alias": 6.66, "peak": 60.37},
+    "peak_gib": 60.37,
 }
 
 

@@ -13,7 +13,7 @@ L per-layer NxKxSxE buffers `cache.k[l]`. Either way `cache.k[l]` is layer l's N
 `cache.max_len`, `cache.batch_size`, `cache.num_layers`, `cache.batch_axis`, `cache.logical_axes` describe it;
 `init_cache(cfg, ...)` builds the layout of `cfg`.
 """
-from tsallis_jax.model.cache import (CACHE_LOGICAL_AXES, KVCache, empty_prefix, init_cache, make_attention_mask,
+from tsallis_jax.model.cache import (CACHE_LOGICAL_AXES, KVCache, PromptGroupMask, init_cache, make_attention_mask,
                                      make_positions)
 from tsallis_jax.model.config import DEFAULT_SHARDING_RULES, ModelConfig
 from tsallis_jax.model.sharding import constrain, logical_to_spec, param_shardings
@@ -24,8 +24,8 @@ from tsallis_jax.model.hf_io import CheckpointError, load_hf_checkpoint, load_to
 from tsallis_jax.model.gguf_io import load_gguf, load_smollm2
 
 __all__ = [
-  "CACHE_LOGICAL_AXES", "DEFAULT_SHARDING_RULES", "CheckpointError", "KVCache", "ModelConfig", "Transformer",
-  "abstract_model", "constrain", "create_model", "empty_prefix", "init_cache", "load_gguf", "load_hf_checkpoint",
+  "CACHE_LOGICAL_AXES", "DEFAULT_SHARDING_RULES", "CheckpointError", "KVCache", "ModelConfig", "PromptGroupMask",
+  "Transformer", "abstract_model", "constrain", "create_model", "init_cache", "load_gguf", "load_hf_checkpoint",
   "load_smollm2",
   "load_tokenizer", "logical_to_spec", "make_attention_mask", "make_positions", "param_shardings",
   "save_hf_checkpoint", "segment_logprob", "sequence_logprobs", "token_logprobs", "token_logprobs_from_hidden",

@@ -1,4 +1,5 @@
-"""The key/value cache the sampler threads through decoding, and the mask/position helpers for padded batches.
+"""The key/value cache the sampler threads through decoding, and the mask/position helpers for padded batches
+(with the attention pattern of packed prompt groups, `PromptGroupMask`).
 
 Buffers are aligned across rows: a call writes its T new tokens at slots [i, i + T) of every row, with the same
 int32 `cache_index` i for all rows. Left padding keeps prompts aligned; pad slots are masked out by the caller's
@@ -66,20 +67,33 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float3
   return _zero_buffers(cfg, batch_size, max_len, dtype)
 
 
-def empty_prefix(cfg: ModelConfig, batch_size: int, dtype=jnp.float32) -> KVCache:
-  """A `prefix` of no positions for `Transformer.hidden(..., prefix=...)`: the call attends over its own tokens only
-  and returns their keys and values (the prompt pass of `shared_prompt.completion_hidden`)."""
-  if batch_size <= 0:
-    raise ValueError(f"empty_prefix needs batch_size > 0, got {batch_size}.")
-  return _zero_buffers(cfg, batch_size, 0, dtype)
-
-
 def _zero_buffers(cfg: ModelConfig, batch_size: int, max_len: int, dtype) -> KVCache:
   shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
   if cfg.scan_layers:
     return KVCache(k=jnp.zeros((cfg.num_layers, *shape), dtype), v=jnp.zeros((cfg.num_layers, *shape), dtype))
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
   return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptGroupMask:
+  """The attention pattern of B packed rows [prompt b, its G completions] (`shared_prompt.completion_hidden`).
+
+  Packed row b holds L = P + G*T tokens: prompt b's P tokens, then completions b*G .. b*G + G-1 (T tokens each).
+  Passed to `Transformer.hidden` as the attention mask of tokens BxL, it makes every projection one product over the
+  B*L rows, while attention runs per part: the prompt over itself (`prompt_BxPxP`), and completion n = b*G + g over
+  [prompt b, itself] (`comp_NxTxS`, S = P + T, the full sequence's mask rows P..P+T-1), never over the group's
+  other completions. B, P, G and T are read from the two masks' shapes.
+  """
+  prompt_BxPxP: jax.Array
+  comp_NxTxS: jax.Array
+
+  @property
+  def shape_BxPxGxT(self) -> tuple[int, int, int, int]:
+    b, p = self.prompt_BxPxP.shape[:2]
+    n, t = self.comp_NxTxS.shape[:2]
+    return b, p, n // b, t
 
 
 def make_attention_mask(pad_mask_NxT: jax.Array) -> jax.Array:

@@ -3,24 +3,26 @@
 A GRPO / GARL / PAFT batch scores G sampled completions of each of B prompts: rows n = b*G + g of the N = B*G
 sequences [prompt b, completion n] share their first P tokens. Under causal attention the prompt positions' hidden
 states, keys and values do not depend on what follows them, so one forward pass over the N full sequences computes
-every prompt G times. `completion_hidden` runs the B prompts once, keeping every layer's prompt keys and values,
-and runs the N completions attending over [their prompt, themselves] (`Transformer.hidden(..., prefix=...)`: read-only
-keys and values, repeated G times one layer at a time, nothing written in place, so the backward pass holds neither a
-per-layer copy of a carried cache under `scan_layers` nor the G-fold repeat of every layer's prompt keys at once).
+every prompt G times. `completion_hidden` packs each group into one row [prompt b, completion b*G, ..., completion
+b*G + G-1] of L = P + G*T tokens and runs the B packed rows through the model once, with a `PromptGroupMask`: every
+projection and MLP is one product over the B*L = B*P + N*T tokens, and attention runs per part, the prompt over
+itself and each completion over [its prompt, itself] (`transformer.attend_prompt_groups`, which repeats the prompt's
+keys and values G times one layer at a time).
 
 It is the same function of the parameters as the full forward pass. Under `jax.grad` the G copies' key/value
-gradients sum back into the one prompt pass (the transpose of the repeat), so the gradient is the full pass's too.
+gradients sum back into the one prompt (the transpose of the repeat), so the gradient is the full pass's too.
 Only the float32 summation order differs (`tests/test_shared_prompt.py` compares both). The layers' work falls from
 N * (P + T) token positions to B * P + N * T: on the `smollm2` benchmark (B 2, G 4, P 32, T 17) from 392 to 200
 positions per forward; in the paper's setting (G = 32 rationales per prompt, prompts with long contexts) nearly all
-of the prompts' cost is saved.
+of the prompts' cost is saved. One packed pass instead of a prompt pass and a completion pass (the first design)
+keeps the products as tall as possible (200 rows instead of 64 and 136) and the compiled program one pass long.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from tsallis_jax.model.cache import empty_prefix, make_attention_mask, make_positions
+from tsallis_jax.model.cache import PromptGroupMask, make_attention_mask, make_positions
 
 
 def completion_hidden(model, prompt_tokens_BxP: jax.Array, prompt_mask_BxP: jax.Array, comp_tokens_NxT: jax.Array,
@@ -49,17 +51,15 @@ def completion_hidden(model, prompt_tokens_BxP: jax.Array, prompt_mask_BxP: jax.
     raise ValueError(f"completion_hidden: {n} completion rows are not a whole number of samples for each of {b} "
                      "prompts; rows b*G + g must continue prompt b.")
   g = n // b
-  cfg = model.config
   prompt_mask_BxP = prompt_mask_BxP.astype(bool)
-  # The prompt pass: causal over its own P positions; it returns every layer's prompt keys and values.
-  prompt_hidden_BxPxD, prompt_kv = model.hidden(prompt_tokens_BxP, make_positions(prompt_mask_BxP),
-                                                make_attention_mask(prompt_mask_BxP),
-                                                prefix=empty_prefix(cfg, b, cfg.compute_dtype))
-  # The completion pass: the positions and mask rows of the full sequences' completion part; row b*G + g attends
-  # over [prompt b's keys and values, itself] (the model repeats the B prompt rows one layer at a time).
+  # Positions and mask rows of the full sequences [prompt b, completion n]; the prompt's are the same for its G rows.
   pad_NxS = jnp.concatenate([jnp.repeat(prompt_mask_BxP, g, axis=0), comp_mask_NxT.astype(bool)], axis=1)
-  positions_NxT = make_positions(pad_NxS)[:, p:]
-  attn_NxTxS = make_attention_mask(pad_NxS)[:, p:]
-  comp_hidden_NxTxD, _ = model.hidden(comp_tokens_NxT, positions_NxT, attn_NxTxS, prefix=prompt_kv)
-  last_prompt_Nx1xD = jnp.repeat(prompt_hidden_BxPxD[:, p - 1:], g, axis=0)
-  return jnp.concatenate([last_prompt_Nx1xD, comp_hidden_NxTxD], axis=1)
+  packed = lambda x_NxT: x_NxT.reshape(b, g * t)  # noqa: E731  rows b*G .. b*G + G-1 side by side
+  tokens_BxL = jnp.concatenate([prompt_tokens_BxP, packed(comp_tokens_NxT).astype(prompt_tokens_BxP.dtype)], axis=1)
+  positions_BxL = jnp.concatenate([make_positions(prompt_mask_BxP), packed(make_positions(pad_NxS)[:, p:])], axis=1)
+  mask = PromptGroupMask(prompt_BxPxP=make_attention_mask(prompt_mask_BxP),
+                         comp_NxTxS=make_attention_mask(pad_NxS)[:, p:])
+  hidden_BxLxD, _ = model.hidden(tokens_BxL, positions_BxL, mask)
+  d = hidden_BxLxD.shape[-1]
+  last_prompt_Nx1xD = jnp.repeat(hidden_BxLxD[:, p - 1:p], g, axis=0)
+  return jnp.concatenate([last_prompt_Nx1xD, hidden_BxLxD[:, p:].reshape(n, t, d)], axis=1)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tsallis_jax.model.cache import CACHE_LOGICAL_AXES, KVCache
+from tsallis_jax.model.cache import CACHE_LOGICAL_AXES, KVCache, PromptGroupMask
 from tsallis_jax.model.config import ModelConfig
 from tsallis_jax.model.sharding import constrain, param_shardings
 
@@ -244,25 +244,44 @@ def attend_in_query_chunks(q_NxTxHxE: jax.Array, k_NxKxSxE: jax.Array, v_NxKxSxE
   return out_ZxNxWxHxE.transpose(1, 0, 2, 3, 4).reshape(n, blocks * chunk, h, e)[:, :t]
 
 
-def write_layer_cache(layer_cache: tuple, k_NxKxTxE: jax.Array, v_NxKxTxE: jax.Array, rules=None
+def attend_prompt_groups(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array, mask: PromptGroupMask,
+                         attend_fn, rules=None) -> jax.Array:
+  """Attention of B packed rows [prompt b (P tokens), completions b*G .. b*G + G-1 (T tokens each)], L = P + G*T
+  (`PromptGroupMask`): the prompt attends over itself, completion n = b*G + g over [prompt b, itself]; BxLxHxE out.
+
+  The completions' queries, keys and values are a free reshape of the packed rows (N = B*G rows of T); the prompt's
+  keys and values are repeated G times here, one layer at a time (`rules` keeps the repeat batch-sharded), so the
+  work is the unpacked sequences' (N*T*(P+T) + B*P*P scores) and the group's completions never see one another.
+  `attend_fn(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, mask_NxTxS)` is the layer's attention (`Attention._attend`).
+  """
+  b, p, g, t = mask.shape_BxPxGxT
+  _, l, h, e = q_BxLxHxE.shape
+  kv = k_BxLxKxE.shape[2]
+  if l != p + g * t:
+    raise ValueError(f"attend_prompt_groups: packed rows of {l} tokens, but the mask describes P + G*T = "
+                     f"{p} + {g}*{t} = {p + g * t}.")
+  kv_heads_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  NxTxKxE -> NxKxTxE
+  k_BxKxPxE, v_BxKxPxE = kv_heads_major(k_BxLxKxE[:, :p]), kv_heads_major(v_BxLxKxE[:, :p])
+  prompt_BxPxHxE = attend_fn(q_BxLxHxE[:, :p], k_BxKxPxE, v_BxKxPxE, mask.prompt_BxPxP)
+
+  def repeat(x_BxKxPxE):
+    x_NxKxPxE = jnp.repeat(x_BxKxPxE, g, axis=0)
+    return x_NxKxPxE if rules is None else constrain(x_NxKxPxE, CACHE_LOGICAL_AXES, rules)
+  completions = lambda x_BxLxZxE, z: x_BxLxZxE[:, p:].reshape(b * g, t, z, e)  # noqa: E731  N = B*G rows of T
+  k_NxKxSxE = jnp.concatenate([repeat(k_BxKxPxE), kv_heads_major(completions(k_BxLxKxE, kv))], axis=2)
+  v_NxKxSxE = jnp.concatenate([repeat(v_BxKxPxE), kv_heads_major(completions(v_BxLxKxE, kv))], axis=2)
+  comp_NxTxHxE = attend_fn(completions(q_BxLxHxE, h), k_NxKxSxE, v_NxKxSxE, mask.comp_NxTxS)
+  return jnp.concatenate([prompt_BxPxHxE, comp_NxTxHxE.reshape(b, g * t, h, e)], axis=1)
+
+
+def write_layer_cache(layer_cache: tuple, k_NxKxTxE: jax.Array, v_NxKxTxE: jax.Array
                       ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
   """Writes one layer's T new keys/values at slot `index`; returns (k_NxKxSxE, v_NxKxSxE, new buffers).
 
   `layer_cache` is `(k_NxKxSxE, v_NxKxSxE, index)` for one layer's own buffers (unrolled layers), or
   `(k_LxNxKxSxE, v_LxNxKxSxE, index, layer)` for the stacked buffers of all layers carried through the scan: the
   write goes to layer `layer` in place (`dynamic_update_slice` on the carry) and that layer's slab is read back.
-  A pair `(k_BxKxPxE, v_BxKxPxE)` is a read-only prefix (`Transformer.hidden(..., prefix=...)`) of B rows, B
-  dividing N: row n attends over [prefix row n // (N / B), itself], the prefix repeated here, one layer at a time
-  (`rules` keeps the repeat batch-sharded), and the "new buffers" are the new tokens' own keys and values, NxKxTxE.
   """
-  if len(layer_cache) == 2:
-    group = k_NxKxTxE.shape[0] // layer_cache[0].shape[0]
-    repeat = lambda x: jnp.repeat(x.astype(k_NxKxTxE.dtype), group, axis=0)  # noqa: E731
-    k_NxKxPxE, v_NxKxPxE = (repeat(x) if rules is None else constrain(repeat(x), CACHE_LOGICAL_AXES, rules)
-                            for x in layer_cache)
-    k_NxKxSxE = jnp.concatenate([k_NxKxPxE, k_NxKxTxE], axis=2)
-    v_NxKxSxE = jnp.concatenate([v_NxKxPxE, v_NxKxTxE], axis=2)
-    return k_NxKxSxE, v_NxKxSxE, (k_NxKxTxE, v_NxKxTxE)
   if len(layer_cache) == 3:
     k_buf, v_buf, index = layer_cache
     k_NxKxSxE = jax.lax.dynamic_update_slice(k_buf, k_NxKxTxE.astype(k_buf.dtype), (0, 0, index, 0))
@@ -319,26 +338,36 @@ class Attention(nnx.Module):
     k_NxTxKxE = rope(k_NxTxKxE, positions_NxT, inv_freq)
     q_NxTxHxE = constrain(q_NxTxHxE, ("batch", "length", "heads", "head_dim"), cfg.sharding_rules)
 
+    if isinstance(attn_mask_NxTxS, PromptGroupMask):
+      out_NxTxHxE = attend_prompt_groups(q_NxTxHxE, k_NxTxKxE, v_NxTxKxE, attn_mask_NxTxS,
+                                         functools.partial(self._attend, cfg), cfg.sharding_rules)
+      return self._output(out_NxTxHxE), None
     k_NxKxTxE = k_NxTxKxE.transpose(0, 2, 1, 3)
     v_NxKxTxE = v_NxTxKxE.transpose(0, 2, 1, 3)
     if layer_cache is None:
       k_NxKxSxE, v_NxKxSxE, new_layer_cache = k_NxKxTxE, v_NxKxTxE, None
     else:
-      k_NxKxSxE, v_NxKxSxE, new_layer_cache = write_layer_cache(layer_cache, k_NxKxTxE, v_NxKxTxE,
-                                                                cfg.sharding_rules)
+      k_NxKxSxE, v_NxKxSxE, new_layer_cache = write_layer_cache(layer_cache, k_NxKxTxE, v_NxKxTxE)
       k_NxKxSxE, v_NxKxSxE = k_NxKxSxE.astype(dt), v_NxKxSxE.astype(dt)
 
+    out_NxTxHxE = self._attend(cfg, q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS)
+    return self._output(out_NxTxHxE), new_layer_cache
+
+  @staticmethod
+  def _attend(cfg: ModelConfig, q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS):
+    """`attend`, in blocks of `cfg.attention_query_chunk` queries when T is longer."""
     chunk, impl = cfg.attention_query_chunk, cfg.attention_impl
     if chunk is None or q_NxTxHxE.shape[1] <= chunk:
-      out_NxTxHxE = attend(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, impl=impl)
-    else:
-      out_NxTxHxE = attend_in_query_chunks(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, chunk, impl=impl)
+      return attend(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, impl=impl)
+    return attend_in_query_chunks(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, chunk, impl=impl)
+
+  def _output(self, out_NxTxHxE):
+    """The output projection, NxTxHxE -> NxTxD."""
     # One contracting axis of H*E (a free reshape of both operands): contracting (h, e) as two axes let XLA CPU
     # pick an (e, h) order and copy o_proj transposed at every decode step.
-    h, e = out_NxTxHxE.shape[2:]
-    o_proj_DxF = self.o_proj[...].astype(dt).reshape(d, h * e)
-    out_NxTxD = linear(out_NxTxHxE.reshape(n, t, h * e), o_proj_DxF)
-    return out_NxTxD, new_layer_cache
+    n, t, h, e = out_NxTxHxE.shape
+    o_proj_DxF = self.o_proj[...].astype(self.cfg.compute_dtype).reshape(-1, h * e)
+    return linear(out_NxTxHxE.reshape(n, t, h * e), o_proj_DxF)
 
 
 class MLP(nnx.Module):
@@ -403,25 +432,25 @@ def remat_block(fn, policy: str, *, prevent_cse: bool, checkpoint=nnx.remat):
   return checkpoint(fn, policy=policies[policy], prevent_cse=prevent_cse)
 
 
-def _check_inputs(cfg: ModelConfig, tokens_NxT, positions_NxT, attn_mask_NxTxS, cache, cache_index, prefix=None):
+def _check_inputs(cfg: ModelConfig, tokens_NxT, positions_NxT, attn_mask_NxTxS, cache, cache_index):
   if tokens_NxT.ndim != 2:
     raise ValueError(f"tokens must be rank 2 (rows x tokens), got shape {tokens_NxT.shape}.")
   n, t = tokens_NxT.shape
   if positions_NxT.shape != (n, t):
     raise ValueError(f"positions have shape {positions_NxT.shape}; expected {(n, t)} like the tokens.")
+  if isinstance(attn_mask_NxTxS, PromptGroupMask):
+    prompt_shape, comp_shape = attn_mask_NxTxS.prompt_BxPxP.shape, attn_mask_NxTxS.comp_NxTxS.shape
+    b, p, g, t_comp = attn_mask_NxTxS.shape_BxPxGxT
+    if (cache is not None or prompt_shape != (b, p, p) or comp_shape != (b * g, t_comp, p + t_comp)
+        or (n, t) != (b, p + g * t_comp)):
+      raise ValueError(f"A PromptGroupMask of prompt mask {prompt_shape} (B x P x P) and completion mask "
+                       f"{comp_shape} (B*G x T x P+T) needs tokens of shape (B, P + G*T) = {(b, p + g * t_comp)} "
+                       f"and no cache; got tokens {(n, t)}{' and a cache' if cache is not None else ''}.")
+    return
   s = t if cache is None else cache.max_len
-  if prefix is not None:
-    s = prefix.max_len + t
   if attn_mask_NxTxS.shape != (n, t, s):
-    where = ("T (no cache)" if cache is None and prefix is None else "the cache's max_len" if prefix is None
-             else "the prefix's P + T")
+    where = "T (no cache)" if cache is None else "the cache's max_len"
     raise ValueError(f"attn_mask has shape {attn_mask_NxTxS.shape}; expected {(n, t, s)} with S = {where}.")
-  if prefix is not None:
-    if n % prefix.batch_size or prefix.stacked != cfg.scan_layers or prefix.num_layers != cfg.num_layers:
-      raise ValueError(f"The prefix holds {prefix.batch_size} rows of {prefix.num_layers} layers (stacked: "
-                       f"{prefix.stacked}) but the call has {n} rows (a multiple of the prefix's is needed) and the "
-                       f"model {cfg.num_layers} layers (scan_layers={cfg.scan_layers}); build it with the model's "
-                       "own call or empty_prefix.")
   if cache is not None:
     if cache_index is None:
       raise ValueError("A cache was given without cache_index; pass the slot where the new tokens go (0 for prefill).")
@@ -462,46 +491,39 @@ class Transformer(nnx.Module):
       self.lm_head = _param(head_key, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.weight_dtype)
 
   def hidden(self, tokens_NxT: jax.Array, positions_NxT: jax.Array, attn_mask_NxTxS: jax.Array, *,
-             cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
-             prefix: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+             cache: KVCache | None = None, cache_index: jax.Array | int | None = None
+             ) -> tuple[jax.Array, KVCache | None]:
     """The final-normed hidden states (compute dtype) and the updated cache; `logits` maps them to the vocabulary.
 
-    `prefix` (instead of a cache): the keys and values of P earlier positions (a `KVCache` of P slots and B rows,
-    B dividing N; `empty_prefix` for none), read only: row n's T tokens attend over [prefix row n // (N / B),
-    themselves] through the NxTx(P+T) mask, and the call returns their own keys and values as a `KVCache` of T
-    slots. Nothing is written in place and the B rows are repeated one layer at a time, so it differentiates
-    without carrying buffers through the layers or holding the repeat for all of them (`shared_prompt`).
+    `attn_mask_NxTxS` may be a `PromptGroupMask` (no cache): the B rows are then packed [prompt b, its G
+    completions], every projection runs once over all B*L tokens, and each completion attends over its own prompt
+    and itself only (`attend_prompt_groups`; `shared_prompt.completion_hidden`).
     """
     cfg = self.config
-    if cache is not None and prefix is not None:
-      raise ValueError("Transformer.hidden takes a cache (decoding) or a prefix (shared-prompt scoring), not both.")
-    _check_inputs(cfg, tokens_NxT, positions_NxT, attn_mask_NxTxS, cache, cache_index, prefix)
+    _check_inputs(cfg, tokens_NxT, positions_NxT, attn_mask_NxTxS, cache, cache_index)
     x_NxTxD = jnp.take(self.embed[...], tokens_NxT, axis=0).astype(cfg.compute_dtype)
     x_NxTxD = constrain(x_NxTxD, ("batch", "length", "act_embed"), cfg.sharding_rules)
-    attn_mask_NxTxS = attn_mask_NxTxS.astype(bool)
+    attn_mask_NxTxS = jax.tree.map(lambda m: m.astype(bool), attn_mask_NxTxS)
     if cfg.scan_layers:
-      x_NxTxD, new_cache = self._scan_blocks(x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index, prefix)
+      x_NxTxD, new_cache = self._scan_blocks(x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index)
     else:
-      x_NxTxD, new_cache = self._loop_blocks(x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index, prefix)
+      x_NxTxD, new_cache = self._loop_blocks(x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index)
     hidden_NxTxD = rms_norm(x_NxTxD, self.final_norm[...], cfg.norm_eps)
     return hidden_NxTxD, new_cache
 
-  def _loop_blocks(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index, prefix=None):
+  def _loop_blocks(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index):
     """The unrolled form (`scan_layers=False`): a Python loop over the `nnx.List` of blocks."""
     call = remat_block(Block.__call__, self.config.remat, prevent_cse=True)
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
-      if prefix is not None:
-        layer_cache = (prefix.k[i], prefix.v[i])
-      else:
-        layer_cache = None if cache is None else (cache.k[i], cache.v[i], jnp.asarray(cache_index, jnp.int32))
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i], jnp.asarray(cache_index, jnp.int32))
       x_NxTxD, new_layer_cache = call(block, x_NxTxD, positions_NxT, attn_mask_NxTxS, layer_cache)
       if new_layer_cache is not None:
         new_k.append(new_layer_cache[0])
         new_v.append(new_layer_cache[1])
-    return x_NxTxD, None if cache is None and prefix is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+    return x_NxTxD, None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
 
-  def _scan_blocks(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index, prefix=None):
+  def _scan_blocks(self, x_NxTxD, positions_NxT, attn_mask_NxTxS, cache, cache_index):
     """The scanned form (`scan_layers=True`): one `jax.lax.scan` over the stacked blocks' split state.
 
     Each step merges one layer's slice of the parameters into a `Block` and calls it. The carry is the residual
@@ -519,15 +541,6 @@ class Transformer(nnx.Module):
     # prevent_cse=False: the scan already keeps the recomputation from being merged with the forward.
     block_fn = remat_block(block_fn, self.config.remat, prevent_cse=False, checkpoint=jax.checkpoint)
     layers_L = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-
-    if prefix is not None:
-      # Each layer's prefix slab is scanned in (read only) and its new keys / values scanned out: nothing but the
-      # residual stream is carried, so the backward pass keeps no per-layer copy of the whole stack.
-      def body_prefix(x_NxTxD, xs):
-        state_l, k_NxKxPxE, v_NxKxPxE = xs
-        return block_fn(state_l, x_NxTxD, (k_NxKxPxE, v_NxKxPxE))
-      x_NxTxD, (k_LxNxKxTxE, v_LxNxKxTxE) = jax.lax.scan(body_prefix, x_NxTxD, (state, prefix.k, prefix.v))
-      return x_NxTxD, KVCache(k=k_LxNxKxTxE, v=v_LxNxKxTxE)
 
     if cache is None:
       def body(x_NxTxD, xs):

@@ -155,8 +155,8 @@ class TrainConfig:
   # positions of the vocabulary projection at a time (`token_logprobs_from_hidden`).
   micro_batch_prompts: int = 0
   logprob_chunk: int = 0
-  # share_prompt_forward: the forward (and backward) passes of the step run each prompt once for its G samples
-  # and the G completions against its keys and values (`tsallis_jax.model.shared_prompt`): the same loss and
+  # share_prompt_forward: the forward (and backward) passes of the step run each prompt once, packed with its G
+  # completions, which attend over its keys and values (`tsallis_jax.model.shared_prompt`): the same loss and
   # gradient as one pass over every full sequence (float32 summation order aside) for B*P + N*T token positions
   # instead of N*(P+T). False: one pass over every full sequence (the peers' way; the benchmark's ablation).
   share_prompt_forward: bool = True

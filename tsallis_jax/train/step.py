@@ -20,7 +20,7 @@ the step inside jit (`schedules.q_schedule`), from a traced (q_start, q_end) pai
 one compiled step. The state is donated; shardings are explicit (`state.state_shardings`, batch over data x fsdp).
 
 Compute (`TrainConfig.share_prompt_forward`, on by default): a group's G rows share their prompt, so each forward
-pass (reference and policy, and the backward) runs the prompt once and the G completions after it
+pass (reference and policy, and the backward) runs each prompt once, packed with its G completions into one row
 (`tsallis_jax.model.shared_prompt`); the same loss and gradient as one pass over every full row, for B*P + N*T token
 positions instead of N*(P+T). Rows b*G + g must continue prompt b, as the rollout makes them.
 
