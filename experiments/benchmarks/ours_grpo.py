@@ -22,6 +22,9 @@ A step is what `tsallis_jax.train.train_and_evaluate` runs per step, with the tr
             optax (global-norm clip 1.0, AdamW: lr from the workload, betas 0.9/0.999, eps 1e-8, no decay)
 
 Each phase is waited for, so every step's time splits into `rollout`, `reward` and `update` (`phases_median_s`).
+As the trainer's first step, step 0 starts compiling the update in a background thread before its rollout
+(`tsallis_jax.train.compile_ahead`; `--no-compile-ahead` compiles it at the first update, the ablation); the
+compile is inside step 0's time either way.
 
 Host allocator: `main` calls `tsallis_jax.host_memory.keep_freed_memory()` first, as the training command line
 does, so the step's scratch memory stays mapped between steps (no page faults per step).
@@ -151,8 +154,10 @@ def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, se
 
 
 def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: float | None = None,
-              seed: int = 0, compile_cache_dir: str = "", share_prompt: bool = True) -> dict[str, Any]:
-  """Times `steps` trainer steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict."""
+              seed: int = 0, compile_cache_dir: str = "", share_prompt: bool = True,
+              compile_ahead: bool = True) -> dict[str, Any]:
+  """Times `steps` trainer steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict.
+  `compile_ahead=False` compiles the update at its first call, after the rollout (`train.compile_ahead`)."""
   cache_entries = len(os.listdir(compile_cache_dir)) if compile_cache_dir and os.path.isdir(compile_cache_dir) else 0
   compile_cache.enable(compile_cache_dir)
   built = build(folder, mode, q, beta, seed, share_prompt)
@@ -171,6 +176,8 @@ def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: flo
   for i in range(steps):
     rollout_key, step_key = jax.random.split(jax.random.fold_in(key, i))
     t0 = time.perf_counter()
+    if i == 0 and compile_ahead:  # as the trainer's first step (loop.py): the update compiles beside the rollout
+      train_step.compile_ahead(state, built.abstract_batch, step_key, q_range)
     rollout = jax.block_until_ready(rollout_fn(state.params, *prompts, rollout_key))
     t1 = time.perf_counter()
     rewards_BxG = jax.block_until_ready(scoring.rollout_rewards(reward_funcs, rollout, records, tokenizer, mesh, B))
@@ -188,7 +195,7 @@ def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: flo
   return common.emit(system="ours", version=version(), spec=spec.to_json(), mode=mode, times_s=times,
                      tokens_per_step=spec.generated_slots, phases=phases, sanity=built.sanity,
                      extra={"beta": cfg.kl_coef, "q": cfg.q, "rewards_per_step": rewards,
-                            "share_prompt_forward": cfg.share_prompt_forward,
+                            "share_prompt_forward": cfg.share_prompt_forward, "compile_ahead": compile_ahead,
                             "compile_cache": {"dir": compile_cache_dir, "entries_before": cache_entries},
                             "step": "jit(sampler.generate_impl), host rewards (train.scoring), then the trainer's "
                                     "jitted step (train.step.make_train_step)"})
@@ -219,6 +226,9 @@ def main(argv=None):
   p.add_argument("--no-share-prompt", action="store_true",
                  help="ablation (run.py mode grpo_full_prompt): share_prompt_forward=False, every full sequence "
                       "through the forward and backward passes")
+  p.add_argument("--no-compile-ahead", action="store_true",
+                 help="ablation: compile the update at its first call instead of beside the first rollout "
+                      "(train.compile_ahead)")
   p.add_argument("--no-cpu-linear-backward", action="store_true",
                  help="ablation (cpu_paths.py): autodiff's backward for every projection (transformer.linear)")
   args = p.parse_args(argv)
@@ -236,7 +246,7 @@ def main(argv=None):
                    check=True, stdout=subprocess.DEVNULL)
   print("ours runner:", version(), "devices", jax.devices(), "host allocator", allocator, flush=True)
   run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, compile_cache_dir=args.compile_cache,
-            share_prompt=not args.no_share_prompt)
+            share_prompt=not args.no_share_prompt, compile_ahead=not args.no_compile_ahead)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Per step s (keys: k_s = fold_in(key, s); rollout and estimator keys split from k
   1. the next prompt batch from the grain loader (each process reads its rows; global arrays over data x fsdp);
   2. one jitted rollout (the sampler; one compiled program per prompt-shape bucket) of G completions per prompt,
      then the rewards on the host: each process decodes its rows and runs `reward_funcs` (`scoring.py`);
-  3. one jitted train step (`step.py`): weights, estimator, optax update; the state is donated;
+  3. one jitted train step (`step.py`): weights, estimator, optax update; the state is donated (at the first step
+     its compile starts in a background thread before the rollout, `compile_ahead.py`, and runs beside it);
   4. the metrics of step s-1 are fetched (never those of the step just dispatched), checked for NaN/inf on the host
      and written (JSONL, TensorBoard, progress bar);
   5. every `eval_every` steps: validation p@1 / pass@16 / maj@16, and the best checkpoint by validation maj@16;
@@ -181,6 +182,18 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | os.PathLike, *, task: Ta
     return _train(cfg, workdir, task, programs, watcher, observe)
 
 
+def _compile_update_ahead(mesh, programs: Programs, state, batch, rollout_key, step_key, q_range,
+                          cfg: TrainConfig):
+  """Starts compiling the train step for the first batch's shapes in a background thread (`compile_ahead`)."""
+  with jax.set_mesh(mesh):  # as the rollout runs (programs.py), so its trace is the one the call then reuses
+    rollout = jax.eval_shape(programs.train_rollout.jitted, state.params, batch["prompt_tokens_BxP"],
+                             batch["prompt_mask_BxP"], rollout_key)
+  train_batch = {"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
+                 "answer_mask_BxA": batch["answer_mask_BxA"],
+                 "rewards_BxG": jax.ShapeDtypeStruct((cfg.batch_size, cfg.num_samples), jnp.float32)}
+  programs.train_step.compile_ahead(state, train_batch, step_key, q_range)
+
+
 def _train(cfg: TrainConfig, workdir, task: Task | None, programs: Programs | None, watcher: preemption.Watcher,
            observe: Callable[[int, Any], None] | None) -> dict[str, Any]:
   s, pretrained = setup(cfg, task, programs)
@@ -276,6 +289,8 @@ def _train(cfg: TrainConfig, workdir, task: Task | None, programs: Programs | No
     batch_np = next(data_iter)
     batch = _put_rows(mesh, {k: v for k, v in batch_np.items() if k != "index_B"}, cfg.batch_size)
     rollout_key, step_key = _step_keys(state.key, step)
+    if step == start_step:  # the update's compile runs beside the first rollout's (compile_ahead.py)
+      _compile_update_ahead(mesh, programs, state, batch, rollout_key, step_key, q_range, cfg)
     rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"], rollout_key)
     rewards_BxG, per_func_BxGxF = scoring.rollout_reward_table(
         reward_funcs, rollout, [task.train[i] for i in batch_np["index_B"]], task.tokenizer, mesh, cfg.batch_size)

@@ -47,6 +47,7 @@ from tsallis_jax.model import make_attention_mask, make_positions, shared_prompt
 from tsallis_jax.model.logprobs import aligned_token_logprobs, token_logprobs_from_hidden
 from tsallis_jax.sampler import Rollout
 from tsallis_jax.train import completions as completions_lib
+from tsallis_jax.train.compile_ahead import AheadOfTime
 from tsallis_jax.train.config import TrainConfig
 from tsallis_jax.train.schedules import learning_rate_schedule, q_schedule_from_config
 from tsallis_jax.train.state import TrainState, replicated
@@ -375,7 +376,10 @@ def loss_and_metrics(params, ref_params, graphdef, cfg: TrainConfig, ids: TokenI
 
 def make_train_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ids: TokenIds,
                     mesh: Mesh, state_sh: TrainState, abstract_batch: Any) -> Callable:
-  """The jitted step `(state, batch, key, q_range) -> (state, metrics)`; `q_range` = float32 (q_start, q_end)."""
+  """The jitted step `(state, batch, key, q_range) -> (state, metrics)`; `q_range` = float32 (q_start, q_end).
+
+  `.jitted` is the `jax.jit` function; `.compile_ahead(state, batch, key, q_range)` (arrays or shapes) starts its
+  compile for those shapes in a background thread, which the first matching call then uses (`compile_ahead`)."""
   lr_fn = learning_rate_schedule(cfg)
 
   def step_fn(state: TrainState, batch: dict, key: jax.Array, q_range: jax.Array):
@@ -393,9 +397,11 @@ def make_train_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.Gradient
   jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding(mesh, abstract_batch), rep, rep),
                    out_shardings=(state_sh, rep), donate_argnums=(0,))
 
+  ahead = AheadOfTime(jitted, mesh)
+
   def run(state, batch, key, q_range):
-    with jax.set_mesh(mesh):
-      return jitted(state, batch, key, q_range)
+    return ahead(state, batch, key, q_range)
 
   run.jitted = jitted
+  run.compile_ahead = ahead.start
   return run
