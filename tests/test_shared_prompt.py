@@ -155,3 +155,26 @@ def test_under_scan_the_shared_backward_needs_no_more_memory_than_the_full_one()
     return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
   shared, whole = temp_bytes(completion_hidden), temp_bytes(_full_hidden)
   assert shared < whole, (shared, whole)
+
+
+def test_teacher_forced_scores_with_each_prompt_once_per_group_equal_the_full_rows():
+  """The scorer of `success.make_scorer` and `rationale_scores` (GARL / PAFT with likelihood weights): log p(z|x) and
+  log w = log p(y*|x, z) of G sampled rationales per prompt, the gold answer spliced after the closing tag, with each
+  prompt's forward once per group, equal the full rows'."""
+  from tsallis_jax.sampler import SamplingConfig, generate_impl
+  from tsallis_jax.train.step import TokenIds, teacher_forced_scores
+  model = _model()
+  graphdef, params = nnx.split(model)
+  prompt_BxP, prompt_mask_BxP, _, _ = map(jnp.asarray, _sequences())
+  eos, pad, close = 1, 0, 2
+  sampling = SamplingConfig(num_samples=G, max_new_tokens=3 + 1 + 3, stop_ids=(eos,), pad_id=pad,
+                            close_tag_ids=(close,), rationale_budget=3, answer_budget=3)
+  rollout = generate_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, jax.random.key(0), sampling)
+  gold_NxA = jnp.repeat(jnp.asarray([[5, eos, pad], [6, 7, eos]], jnp.int32), G, axis=0)
+  gold_mask_NxA = jnp.repeat(jnp.asarray([[1, 1, 0], [1, 1, 1]], bool), G, axis=0)
+  ids = TokenIds(stop_ids=(eos,), pad_id=pad, close_tag_ids=(close,))
+  shared = teacher_forced_scores(model, rollout, gold_NxA, gold_mask_NxA, ids, group=G)
+  full = teacher_forced_scores(model, rollout, gold_NxA, gold_mask_NxA, ids)
+  for got, want in zip(shared, full):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)  # -inf where no answer
+  assert np.isfinite(np.asarray(full[1])).sum() >= B * G // 2  # most rows answer (the tag is forced)

@@ -305,16 +305,18 @@ def _batch_sequences(cfg: TrainConfig, ids: TokenIds, batch: dict) -> dict:
 
 
 def teacher_forced_scores(model, rollout: Rollout, gold_NxA, gold_mask_NxA, ids: TokenIds, *,
-                          temperature: float = 1.0, chunk: int = 0):
+                          temperature: float = 1.0, chunk: int = 0, group: int = 1):
   """(logp_z_N, logw_N): log p(z|x) of each sampled rationale and log w = log p(y*|x, z) of the gold answer
   teacher-forced after it (-inf when the rollout never answers), from one forward at `temperature` (spec eq. 7).
-  The one teacher-forced scorer: the train step, `rationale_scores` and `success.make_scorer` all use it."""
+  The one teacher-forced scorer: the train step, `rationale_scores` and `success.make_scorer` all use it.
+  `group` > 1: rows b*G + g (G = group) continue prompt b, which then runs once for its G rows
+  (`_predicting_hidden`)."""
   comp_NxT, z_NxT, y_NxT, valid_NxT, answered_N = completions_lib.teacher_forced_completion(
       rollout, gold_NxA, gold_mask_NxA, ids.close_tag_ids, ids.stop_ids, ids.pad_id)
   tokens_NxS = jnp.concatenate([rollout.prompt_tokens_NxP, comp_NxT], axis=1)
   pad_NxS = jnp.concatenate([rollout.prompt_mask_NxP, valid_NxT], axis=1)
   logp_NxT, _ = _completion_logprobs(model, tokens_NxS, pad_NxS, rollout.prompt_tokens_NxP.shape[1], temperature,
-                                     False, chunk)
+                                     False, chunk, group)
   return _teacher_forced_pair(logp_NxT, z_NxT, y_NxT, answered_N)
 
 
@@ -324,7 +326,8 @@ def rationale_scores(params, graphdef, cfg: TrainConfig, ids: TokenIds, batch: d
   G = cfg.num_samples
   logp_z_N, logw_N = teacher_forced_scores(
       nnx.merge(graphdef, params), batch["rollout"], jnp.repeat(batch["answer_tokens_BxA"], G, axis=0),
-      jnp.repeat(batch["answer_mask_BxA"], G, axis=0), ids, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
+      jnp.repeat(batch["answer_mask_BxA"], G, axis=0), ids, temperature=cfg.temperature, chunk=cfg.logprob_chunk,
+      group=_prompt_group(cfg))
   return logp_z_N.reshape(-1, G), logw_N.reshape(-1, G)
 
 

@@ -49,7 +49,9 @@ def make_scorer(graphdef: nnx.GraphDef, *, num_samples: int, rationale_budget: i
     rollout = generate_impl(graphdef, params, prompt_BxP, prompt_mask_BxP, key, sampling)
     gold_NxA = jnp.repeat(answer_BxA, num_samples, axis=0)
     gold_mask_NxA = jnp.repeat(answer_mask_BxA, num_samples, axis=0)
-    _, logw_N = step_lib.teacher_forced_scores(nnx.merge(graphdef, params), rollout, gold_NxA, gold_mask_NxA, ids)
+    # rows b*G + g continue prompt b: each prompt's forward runs once for its G rationales (model.shared_prompt)
+    _, logw_N = step_lib.teacher_forced_scores(nnx.merge(graphdef, params), rollout, gold_NxA, gold_mask_NxA, ids,
+                                               group=num_samples)
     reward_N = completions_lib.exact_match_reward(rollout, gold_NxA, gold_mask_NxA)
     w_N = jnp.exp(logw_N)  # EOS inside the rationale: no answer, log w = -inf, w = 0
     return w_N.reshape(B, num_samples), reward_N.reshape(B, num_samples)
