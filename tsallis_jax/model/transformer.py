@@ -339,8 +339,8 @@ class Attention(nnx.Module):
     q_NxTxHxE = constrain(q_NxTxHxE, ("batch", "length", "heads", "head_dim"), cfg.sharding_rules)
 
     if isinstance(attn_mask_NxTxS, PromptGroupMask):
-      out_NxTxHxE = attend_prompt_groups(q_NxTxHxE, k_NxTxKxE, v_NxTxKxE, attn_mask_NxTxS,
-                                         functools.partial(self._attend, cfg), cfg.sharding_rules)
+      out_NxTxHxE = attend_prompt_groups(q_NxTxHxE, k_NxTxKxE, v_NxTxKxE, attn_mask_NxTxS, self._attend,
+                                         cfg.sharding_rules)
       return self._output(out_NxTxHxE), None
     k_NxKxTxE = k_NxTxKxE.transpose(0, 2, 1, 3)
     v_NxKxTxE = v_NxTxKxE.transpose(0, 2, 1, 3)
@@ -350,13 +350,12 @@ class Attention(nnx.Module):
       k_NxKxSxE, v_NxKxSxE, new_layer_cache = write_layer_cache(layer_cache, k_NxKxTxE, v_NxKxTxE)
       k_NxKxSxE, v_NxKxSxE = k_NxKxSxE.astype(dt), v_NxKxSxE.astype(dt)
 
-    out_NxTxHxE = self._attend(cfg, q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS)
+    out_NxTxHxE = self._attend(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS)
     return self._output(out_NxTxHxE), new_layer_cache
 
-  @staticmethod
-  def _attend(cfg: ModelConfig, q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS):
+  def _attend(self, q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS):
     """`attend`, in blocks of `cfg.attention_query_chunk` queries when T is longer."""
-    chunk, impl = cfg.attention_query_chunk, cfg.attention_impl
+    chunk, impl = self.cfg.attention_query_chunk, self.cfg.attention_impl
     if chunk is None or q_NxTxHxE.shape[1] <= chunk:
       return attend(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, impl=impl)
     return attend_in_query_chunks(q_NxTxHxE, k_NxKxSxE, v_NxKxSxE, attn_mask_NxTxS, chunk, impl=impl)

@@ -1,4 +1,4 @@
-"""Compiling the train step in a background thread while the first rollout runs (`TrainConfig.compile_ahead`).
+"""Compiling the train step in a background thread while the first rollout runs (the trainer's first step, `loop.py`).
 
 A run's first step compiles two large programs one after the other: the sampler (traced and compiled at the first
 rollout) and the train step (at the first update). XLA:CPU compiles a program on about one core, so on a machine

@@ -188,10 +188,14 @@ def _compile_update_ahead(mesh, programs: Programs, state, batch, rollout_key, s
   with jax.set_mesh(mesh):  # as the rollout runs (programs.py), so its trace is the one the call then reuses
     rollout = jax.eval_shape(programs.train_rollout.jitted, state.params, batch["prompt_tokens_BxP"],
                              batch["prompt_mask_BxP"], rollout_key)
-  train_batch = {"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
-                 "answer_mask_BxA": batch["answer_mask_BxA"],
-                 "rewards_BxG": jax.ShapeDtypeStruct((cfg.batch_size, cfg.num_samples), jnp.float32)}
-  programs.train_step.compile_ahead(state, train_batch, step_key, q_range)
+  rewards_BxG = jax.ShapeDtypeStruct((cfg.batch_size, cfg.num_samples), jnp.float32)
+  programs.train_step.compile_ahead(state, _train_batch(rollout, batch, rewards_BxG), step_key, q_range)
+
+
+def _train_batch(rollout, batch: dict, rewards_BxG) -> dict:
+  """The train step's batch: the rollout, the prompt batch's gold answers and the rewards (arrays or shapes)."""
+  return {"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
+          "answer_mask_BxA": batch["answer_mask_BxA"], "rewards_BxG": rewards_BxG}
 
 
 def _train(cfg: TrainConfig, workdir, task: Task | None, programs: Programs | None, watcher: preemption.Watcher,
@@ -294,9 +298,7 @@ def _train(cfg: TrainConfig, workdir, task: Task | None, programs: Programs | No
     rollout = programs.train_rollout(state.params, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"], rollout_key)
     rewards_BxG, per_func_BxGxF = scoring.rollout_reward_table(
         reward_funcs, rollout, [task.train[i] for i in batch_np["index_B"]], task.tokenizer, mesh, cfg.batch_size)
-    train_batch = {"rollout": rollout, "answer_tokens_BxA": batch["answer_tokens_BxA"],
-                   "answer_mask_BxA": batch["answer_mask_BxA"], "rewards_BxG": rewards_BxG}
-    state, metrics_dev = programs.train_step(state, train_batch, step_key, q_range)
+    state, metrics_dev = programs.train_step(state, _train_batch(rollout, batch, rewards_BxG), step_key, q_range)
     metrics_dev = {**metrics_dev, **scoring.reward_func_metrics(per_func_BxGxF, reward_funcs.names)}
     if pending is not None:
       flush(pending)
