@@ -73,10 +73,16 @@ def matmul_peak(runs: Iterable[Mapping[str, Any]], quiet_cores: float = QUIET_CO
           "foreign_cores": [r["foreign_cores"] for r in peaks]}
 
 
+def shares_prompt_forward(mode: str) -> bool:
+  """Whether our step in `mode` runs `share_prompt_forward` (the default): all modes but the ablation
+  grpo_full_prompt (every full sequence)."""
+  return mode != "grpo_full_prompt"
+
+
 def update_flops(model_flops: Mapping[str, float], mode: str) -> float:
   """The FLOPs our update executes in `mode`: each prompt's forward once per group ('update_shared', the default
   `share_prompt_forward`) except in the ablation mode grpo_full_prompt (every full sequence, 'update')."""
-  if mode == "grpo_full_prompt" or "update_shared" not in model_flops:
+  if not shares_prompt_forward(mode) or "update_shared" not in model_flops:
     return model_flops["update"]
   return model_flops["update_shared"]
 
@@ -86,7 +92,7 @@ def executed_flops(model_flops: Mapping[str, float], system: str, mode: str) -> 
   `flops.executed_flops` (the ablation grpo_full_prompt without `share_prompt_forward`)."""
   if system != "ours":
     return model_flops["total"]
-  return flops_lib.executed_flops(model_flops, share_prompt_forward=mode != "grpo_full_prompt")
+  return flops_lib.executed_flops(model_flops, share_prompt_forward=shares_prompt_forward(mode))
 
 
 def update_phase_s(summary: Mapping[str, Any]) -> float | None:
