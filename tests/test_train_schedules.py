@@ -57,7 +57,9 @@ PARAMS = {"w": jnp.linspace(-1.0, 1.0, 64 * 48).reshape(64, 48), "b": jnp.linspa
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1e3], ids=["below_max_norm", "clipped"])
-def test_scalar_choice_clip_is_bit_identical_to_optax(scale):
+def test_scalar_choice_clip_equals_optax(scale):
+  """Below the threshold the gradients come back bit for bit; clipped, g * (max_norm / norm) equals optax's
+  g / norm * max_norm to rounding: within 2 ulp of each dtype (float32, bfloat16)."""
   grads = _grads(PARAMS, scale, jax.random.key(0))
   norm = float(optax.tree.norm(grads))
   assert (norm > 1.0) == (scale > 1.0)  # the two cases really sit on either side of the threshold
@@ -65,8 +67,13 @@ def test_scalar_choice_clip_is_bit_identical_to_optax(scale):
   ours = jax.jit(lambda g: clip_by_global_norm(1.0).update(g, optax.EmptyState())[0])(grads)
   for name in PARAMS:
     assert ours[name].dtype == theirs[name].dtype == PARAMS[name].dtype
-    np.testing.assert_array_equal(np.asarray(ours[name].astype(jnp.float32)),
-                                  np.asarray(theirs[name].astype(jnp.float32)), err_msg=name)
+    got, want = np.asarray(ours[name].astype(jnp.float32)), np.asarray(theirs[name].astype(jnp.float32))
+    if scale < 1.0:
+      np.testing.assert_array_equal(got, want, err_msg=name)
+    else:
+      np.testing.assert_allclose(got, want, rtol=2 * float(jnp.finfo(PARAMS[name].dtype).eps), atol=0, err_msg=name)
+  if scale > 1.0:  # and it did clip, to the global norm 1
+    assert float(optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), ours))) == pytest.approx(1.0, rel=1e-2)
 
 
 def _clip_then_adamw(clip):
@@ -81,8 +88,10 @@ def _clip_then_adamw(clip):
 
 @pytest.mark.parametrize("scale", [1e-3, 1e3], ids=["below_max_norm", "clipped"])
 def test_scalar_choice_clip_trains_as_optax(scale):
-  """Three jitted AdamW steps after each clip. The programs fuse differently, so XLA may contract a multiply-add
-  of the second moment into one FMA in one and not the other: agreement to float32 rounding, not bit for bit."""
+  """Three jitted AdamW steps after each clip. The clipped gradients differ by rounding (`g * (m / n)` against
+  `g / n * m`), and the programs fuse differently, so XLA may contract a multiply-add of the second moment into one
+  FMA in one and not the other: agreement to the rounding of each leaf's dtype (float32; one ulp of a bfloat16
+  parameter), not bit for bit."""
   results = []
   for clip in (optax.clip_by_global_norm(1.0), clip_by_global_norm(1.0)):
     tx, step = _clip_then_adamw(clip)
@@ -93,7 +102,12 @@ def test_scalar_choice_clip_trains_as_optax(scale):
     results.append(jax.tree.leaves((p, s)))
   for ours, theirs in zip(*results, strict=True):
     assert ours.dtype == theirs.dtype
-    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32), rtol=1e-6, atol=0)
+    # A moment sums gradients of both signs, so an entry near zero carries the last-bit differences of the clipped
+    # gradients at the scale of the leaf's largest entries: a few ulp of the leaf's dtype at that scale. The step
+    # count (int32) is exact.
+    want = np.asarray(theirs, np.float32)
+    eps = float(jnp.finfo(ours.dtype).eps) if jnp.issubdtype(ours.dtype, jnp.floating) else 0.0
+    np.testing.assert_allclose(np.asarray(ours, np.float32), want, rtol=2 * eps, atol=8 * eps * np.abs(want).max())
 
 
 def test_scalar_choice_clip_needs_less_scratch_than_optax():
