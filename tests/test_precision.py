@@ -106,7 +106,7 @@ def test_bfloat16_compute_gradient_agrees_with_float32(fixed, case):
 def test_bfloat16_train_step_updates_float32_params(fixed):
   """The whole jitted step (AdamW, clipping) under bfloat16 compute: params and optimizer state stay float32."""
   params, batch, key = fixed
-  cfg = BASE.replace(estimator="garl", q=0.75)
+  cfg = BASE.replace(estimator="garl", q=0.75, update_norm_metric=True)
   mesh = distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   graphdef, abstract_vars = nnx.split(abstract_model(_model_config("bfloat16")))
   programs = build_programs(cfg, graphdef, abstract_vars, mesh, IDS, _model_config("bfloat16").sharding_rules)

@@ -285,7 +285,7 @@ def test_update_on_8_devices_equals_one_device(estimator):
   # adam_eps 1e-6: Adam's first step is lr * g / (|g| + eps), a sign function on coordinates with |g| << eps, and
   # the 8-shard reductions run in another float order; with eps 1e-8 a 1e-7 gradient's rounding noise moved a
   # parameter by a few % of lr. 1e-6 keeps the check about sharding, not about amplified rounding.
-  cfg = BASE.replace(estimator=estimator, adam_eps=1e-6)
+  cfg = BASE.replace(estimator=estimator, adam_eps=1e-6, update_norm_metric=True)
   assert jax.device_count() == 8
   mesh_8 = distributed.make_mesh({"data": 4, "fsdp": 2})
   mesh_1 = distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
@@ -299,6 +299,29 @@ def test_update_on_8_devices_equals_one_device(estimator):
     np.testing.assert_allclose(metrics_8[k], metrics_1[k], rtol=1e-4, atol=1e-6)
   chex.assert_tree_all_finite(metrics_8)
   assert metrics_8["grad_norm"] > 0
+
+
+def test_update_norm_is_the_norm_of_the_parameter_change_and_only_logged_when_asked():
+  """`update_norm_metric` adds the global norm of the optimizer's update, ||theta' - theta||, and changes nothing
+  else: the same parameters (to float32 rounding: the program fuses differently) and the same other metrics."""
+  mesh = distributed.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+  out = {}
+  for flag in (False, True):
+    cfg = BASE.replace(estimator="garl", update_norm_metric=flag)
+    programs, state = _setup(cfg, mesh)
+    before = jax.device_get(state.params)
+    train_batch, step_key = _sampled_batch(programs, state, cfg, mesh)
+    state, metrics = programs.train_step(state, train_batch, step_key, jnp.asarray([0.75, 0.75], jnp.float32))
+    out[flag] = before, jax.device_get(state.params), jax.device_get(metrics)
+  (before, after_off, metrics_off), (_, after_on, metrics_on) = out[False], out[True]
+  assert "update_norm" not in metrics_off
+  change = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), after_on, before)
+  np.testing.assert_allclose(metrics_on["update_norm"], float(optax.tree.norm(change)), rtol=1e-4)
+  assert metrics_on["update_norm"] > 0
+  chex.assert_trees_all_close(after_on, after_off, rtol=1e-6, atol=1e-9)
+  assert set(metrics_on) - set(metrics_off) == {"update_norm"}
+  for k in metrics_off:
+    np.testing.assert_allclose(metrics_on[k], metrics_off[k], rtol=1e-6, atol=1e-9, err_msg=k)
 
 
 def test_runs_differing_in_q_share_one_compiled_step():

@@ -167,6 +167,10 @@ class TrainConfig:
 
   # -- bookkeeping ---------------------------------------------------------------------------------------------
   log_every: int = 1  # metrics are computed every step; this is the JSONL/TensorBoard write period
+  # Log `update_norm` (the global norm of the optimizer's update). Off by default: it makes XLA write the update out
+  # and read it back, one more pass of the parameters' size per step (75 ms of the `smollm2` benchmark's 1.47 s
+  # update on 2 CPU cores, measured; issue 17), and TRL, verl and tunix do not log it. `grad_norm` is always logged.
+  update_norm_metric: bool = False
   checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
   max_to_keep: int = 3  # latest checkpoints kept (the best-by-validation checkpoint is kept separately)
   progress_bar: str = "auto"  # auto (only on a TTY) | on | off

@@ -391,7 +391,8 @@ def make_train_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.Gradient
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["update_norm"] = optax.tree.norm(updates)
+    if cfg.update_norm_metric:  # one more pass over the update (`TrainConfig.update_norm_metric`)
+      metrics["update_norm"] = optax.tree.norm(updates)
     metrics["learning_rate"] = jnp.asarray(lr_fn(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
