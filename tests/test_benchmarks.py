@@ -376,8 +376,13 @@ def test_gemm_ceiling_times_a_small_step_and_renders_its_table(tmp_path):
   result = gemm_ceiling.run(str(folder), "grpo", reps=1, steps=1)
   assert result["matmul_gflop"] > 0 and result["gemm_ceiling_s"] > 0 and result["update_s"] > 0
   assert result["update_over_ceiling"] == pytest.approx(result["update_s"] / result["gemm_ceiling_s"], rel=1e-2)
+  # The optimizer's time tightens the bound: matmul FLOPs over (ceiling + optimizer), below the GEMM-only ceiling.
+  assert result["optimizer_s"] > 0
+  assert result["bound_fraction_of_peak"] == pytest.approx(
+    result["matmul_gflop"] / (result["gemm_ceiling_s"] + result["optimizer_s"]) / result["peak_gflops"], rel=2e-2)
+  assert result["bound_fraction_of_peak"] < result["ceiling_fraction_of_peak"]
   layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
   # 7 projections per layer: policy forward, reference forward (beta > 0), and two backward products each
   assert sum(m["count"] for m in result["matmuls"]) >= 4 * 7 * layers
   text = gemm_ceiling.render(result)
-  assert "GEMM ceiling" in text and text.count("\n|") >= 3
+  assert "GEMM ceiling" in text and "ceiling + optimizer" in text and text.count("\n|") >= 3
