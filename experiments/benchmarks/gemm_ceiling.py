@@ -204,7 +204,8 @@ def render(result: dict[str, Any], top: int = 12) -> str:
   if "optimizer_s" in r:  # results written before the optimizer was timed lack it
     lines.append(f"- the step's optimizer alone (clip, AdamW, apply, logged norms): {r['optimizer_s']} s; ceiling + "
                  f"optimizer = {_sig(r['gemm_ceiling_s'] + r['optimizer_s'])} s = "
-                 f"**{r['bound_fraction_of_peak']:.0%} of the peak**: the most the update FLOP rate can be with these GEMMs and this optimizer")
+                 f"**{r['bound_fraction_of_peak']:.0%} of the peak**: the most the update FLOP rate can be with these "
+                 "GEMMs and this optimizer")
   lines += ["",
            "| lhs | rhs | contracting / batch dims | count | GFLOP / step | ms each | GFLOP/s alone | % of peak |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
