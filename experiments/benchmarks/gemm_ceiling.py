@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 from experiments.benchmarks import matmul_peak, ours_grpo  # noqa: E402
 from tsallis_jax import host_memory  # noqa: E402
 from tsallis_jax.train.schedules import make_optimizer  # noqa: E402
+from tsallis_jax.train.step import optimizer_update  # noqa: E402
 
 #: Operand bytes a timed batch of copies spans at least (larger than this machine's last-level cache).
 SPAN_BYTES = 96 * 2**20
@@ -126,18 +127,12 @@ def step_seconds(built: ours_grpo.Built, steps: int) -> float:
 
 
 def optimizer_seconds(built: ours_grpo.Built, steps: int) -> float:
-  """Median of `steps` warm calls of the step's optimizer alone (`optax` update + apply + the norms the step logs:
-  `grad_norm`, and `update_norm` with `TrainConfig.update_norm_metric`) on random gradients of the parameters'
-  shapes; parameters and optimizer state donated, as in the step."""
-  import optax
+  """Median of `steps` warm calls of the step's optimizer alone (`step.optimizer_update`: the optax update, applied,
+  and the norms the step logs) on random gradients of the parameters' shapes; parameters and optimizer state
+  donated, as in the step."""
   tx = make_optimizer(built.cfg)
-
-  def update(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    norms = (optax.tree.norm(grads),) + ((optax.tree.norm(updates),) if built.cfg.update_norm_metric else ())
-    return optax.apply_updates(params, updates), opt_state, norms
-
-  fn = jax.jit(update, donate_argnums=(0, 1))
+  fn = jax.jit(lambda params, opt_state, grads: optimizer_update(built.cfg, tx, grads, opt_state, params),
+               donate_argnums=(0, 1))
   leaves, treedef = jax.tree.flatten(built.state.params)
   keys = jax.random.split(jax.random.key(3), 2 * len(leaves))
 

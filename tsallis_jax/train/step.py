@@ -377,6 +377,19 @@ def loss_and_metrics(params, ref_params, graphdef, cfg: TrainConfig, ids: TokenI
   return grads, metrics
 
 
+def optimizer_update(cfg: TrainConfig, tx: optax.GradientTransformation, grads, opt_state, params
+                     ) -> tuple[Any, Any, dict[str, jax.Array]]:
+  """The step's optimizer part: `tx`'s update applied to the params, and the norms the step logs (`grad_norm`;
+  `update_norm` with `TrainConfig.update_norm_metric`, one more pass over the update). Returns
+  `(params, opt_state, metrics)`; `experiments/benchmarks/gemm_ceiling.py` times it alone."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  metrics = {"grad_norm": optax.tree.norm(grads)}
+  if cfg.update_norm_metric:
+    metrics["update_norm"] = optax.tree.norm(updates)
+  return params, opt_state, metrics
+
+
 def make_train_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ids: TokenIds,
                     mesh: Mesh, state_sh: TrainState, abstract_batch: Any) -> Callable:
   """The jitted step `(state, batch, key, q_range) -> (state, metrics)`; `q_range` = float32 (q_start, q_end).
@@ -388,11 +401,8 @@ def make_train_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.Gradient
   def step_fn(state: TrainState, batch: dict, key: jax.Array, q_range: jax.Array):
     q = q_schedule_from_config(cfg, q_range[0], q_range[1])(state.step)
     grads, metrics = loss_and_metrics(state.params, state.ref_params, graphdef, cfg, ids, batch, key, q)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    if cfg.update_norm_metric:  # one more pass over the update (`TrainConfig.update_norm_metric`)
-      metrics["update_norm"] = optax.tree.norm(updates)
+    params, opt_state, optimizer_metrics = optimizer_update(cfg, tx, grads, state.opt_state, state.params)
+    metrics.update(optimizer_metrics)
     metrics["learning_rate"] = jnp.asarray(lr_fn(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
