@@ -20,7 +20,9 @@ Attention (`attention_parity`, seconds): at the preset's head shapes in `--dtype
 query rows), each `attention_impl` ("einsum", "xla", and "cudnn" on a GPU) against a float32 einsum reference:
 output and gradient max errors, finiteness, and the median time of forward + backward. A cuDNN failure is recorded
 in the JSON, not raised. `--attention-impl` picks the implementation the trainer's steps use.
-Everything goes into one JSON (and is printed).
+Everything goes into one JSON (and is printed), rewritten after each part: a part that fails records its error
+there and the later parts still run (exit status 1), and a run stopped by a time limit keeps the parts it finished.
+`peak_memory_bytes` is the process's peak so far (after each part), so a later part's includes the earlier ones'.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any
 
 
@@ -104,7 +107,8 @@ def check_config(model: str, estimator: str, steps: int, dtype: str, *, batch: i
   overrides += f"attention_impl={attention_impl}"
   return TrainConfig(
       name=f"device_check_{estimator}", model=model, model_overrides=overrides, dtype=dtype, task="synthetic",
-      task_options="p0=0.01,train=512,val=8,test=8", max_prompt_len=prompt_len, rationale_budget=rationale,
+      task_options="p0=0.01,train=512,val=8,test=0",  # no test split: no evaluation after the timed steps
+      max_prompt_len=prompt_len, rationale_budget=rationale,
       max_answer_len=answer, estimator=estimator, q=0.75, batch_size=batch, num_samples=samples, num_steps=steps,
       learning_rate=1e-6, eval_every=0, eval_num_samples=2, eval_batch_size=8, checkpoint_every=0, max_to_keep=1,
       progress_bar="off", tensorboard=False, log_ref_kl=False)
@@ -120,9 +124,16 @@ def time_step(cfg, flops_per_step: float, peak_tflops: float) -> dict[str, Any]:
   """The trainer's step: first-step and median step time, tokens/s, MFU, peak memory."""
   from tsallis_jax.train import train_and_evaluate
   from tsallis_jax.train.writers import read_metrics
+  error = None
   with tempfile.TemporaryDirectory() as workdir:
-    train_and_evaluate(cfg, workdir)
-    rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "perf/step_s" in r]
+    try:
+      train_and_evaluate(cfg, workdir)
+    except Exception as err:  # noqa: BLE001 -- e.g. the final checkpoint's save: the timed steps still count
+      error = f"{type(err).__name__}: {err}"[:500]
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = [r for r in read_metrics(path) if "perf/step_s" in r] if os.path.exists(path) else []
+  if not rows:
+    raise RuntimeError(f"no step finished: {error}")
   step_s = [r["perf/step_s"] for r in rows]
   later = step_s[1:] or step_s
   median = statistics.median(later)
@@ -130,7 +141,8 @@ def time_step(cfg, flops_per_step: float, peak_tflops: float) -> dict[str, Any]:
   return {"first_step_s": step_s[0], "step_s": median, "steps_timed": len(later),
           "generated_tokens_per_step": tokens, "tokens_per_s": tokens / median,
           "model_tflops_per_step": flops_per_step / 1e12,
-          "mfu": flops_per_step / median / (peak_tflops * 1e12), "peak_memory_bytes": peak_memory_bytes()}
+          "mfu": flops_per_step / median / (peak_tflops * 1e12), "peak_memory_bytes": peak_memory_bytes(),
+          **({"error_after_steps": error} if error else {})}
 
 
 def time_sampler(cfg, reps: int) -> dict[str, Any]:
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="the JSON file to write")
   parser.add_argument("--model", default="qwen3_0_6b", choices=("qwen3_0_6b", "smollm2_135m", "tiny"))
   parser.add_argument("--dtype", default="bfloat16", help="activation / compute dtype (params stay float32)")
-  parser.add_argument("--steps", type=int, default=6)
+  parser.add_argument("--steps", type=int, default=4, help="train steps per estimator (the first is compile)")
   parser.add_argument("--batch", type=int, default=8, help="prompts per step (B)")
   parser.add_argument("--samples", type=int, default=8, help="rollouts per prompt (G, the paper's M)")
   parser.add_argument("--prompt-len", type=int, default=128)
@@ -175,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--attention-len", type=int, default=0, help="attention parity check length (0 = the "
                       "prompt length + rationale budget + answer, rounded up to even)")
   parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak; 0 = measure a bf16 matmul")
+  parser.add_argument("--no-attention", action="store_true", help="skip the attention check (a quick smoke run)")
   args = parser.parse_args(argv)
 
   import jax
@@ -192,9 +205,27 @@ def main(argv: list[str] | None = None) -> int:
                          "shapes": {"B": args.batch, "G": args.samples, "P": args.prompt_len,
                                     "rationale": args.rationale, "answer": args.answer},
                          "peak_tflops": peak, "peak_measured": not args.peak_tflops}
+  failed = []
+
+  def section(name: str, run) -> None:
+    """One part of the check; a failure is recorded in the JSON and the later parts still run. The JSON is written
+    after every part, so a run stopped by its time limit keeps what it measured."""
+    try:
+      out[name] = run()
+    except Exception as err:  # noqa: BLE001 -- a failing part is a result here
+      traceback.print_exc()
+      out[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+      failed.append(name)
+    out["peak_memory_bytes"] = peak_memory_bytes()
+    print(name, json.dumps(out[name]), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+      json.dump(out, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+
   length = args.attention_len or 2 * (-(-(args.prompt_len + args.rationale + args.answer) // 2))
-  out["attention"] = attention_parity(args.model, args.dtype, rows=args.batch, length=length)
-  print("attention", json.dumps(out["attention"]), flush=True)
+  if not args.no_attention:
+    section("attention", lambda: attention_parity(args.model, args.dtype, rows=args.batch, length=length))
   for estimator in ("grpo", "garl"):
     cfg = check_config(args.model, estimator, args.steps, args.dtype, batch=args.batch, samples=args.samples,
                        prompt_len=args.prompt_len, rationale=args.rationale, answer=args.answer,
@@ -206,19 +237,16 @@ def main(argv: list[str] | None = None) -> int:
                               num_prompts=args.batch)
     # The FLOPs the step executes (the trainer prefills each prompt once, and with `share_prompt_forward` runs its
     # forward and backward once per group): the workload's full count would overstate the MFU.
-    out[estimator] = time_step(cfg, flops.executed_flops(counts, cfg.share_prompt_forward), peak)
-    out[estimator]["workload_tflops_per_step"] = counts["total"] / 1e12
-    print(estimator, json.dumps(out[estimator]), flush=True)
-  out["sampler"] = time_sampler(check_config(args.model, "grpo", 1, args.dtype, batch=args.batch,
-                                             samples=args.samples, prompt_len=args.prompt_len,
-                                             rationale=args.rationale, answer=args.answer,
-                                             attention_impl=args.attention_impl), args.sampler_reps)
-  out["peak_memory_bytes"] = peak_memory_bytes()
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=1)
+    executed = flops.executed_flops(counts, cfg.share_prompt_forward)
+    section(estimator, lambda cfg=cfg, executed=executed, counts=counts: {
+        **time_step(cfg, executed, peak), "workload_tflops_per_step": counts["total"] / 1e12})
+  section("sampler", lambda: time_sampler(check_config(
+      args.model, "grpo", 1, args.dtype, batch=args.batch, samples=args.samples, prompt_len=args.prompt_len,
+      rationale=args.rationale, answer=args.answer, attention_impl=args.attention_impl), args.sampler_reps))
   print(json.dumps(out, indent=1))
-  return 0
+  if failed:
+    print(f"device_check: these parts failed: {failed} (their errors are in {args.out})", file=sys.stderr)
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

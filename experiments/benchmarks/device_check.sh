@@ -1,35 +1,94 @@
 #!/usr/bin/env bash
-# The prepared accelerator check of issue 17, for a GPU machine (about 8 minutes; run from the repository root):
+# The prepared accelerator check of issue 17, for a GPU machine (under 10 minutes; run from the repository root):
 #
 #   OUT=/tmp/device_check bash experiments/benchmarks/device_check.sh
 #
-# 1. Python packages. Where a package index is reachable, INSTALL=1 installs requirements.txt with JAX's CUDA 12
+# Every part has its own time limit and its own lines in $OUT/stages.txt (exit status, seconds); a part that fails
+# does not stop the later ones, and every JSON is written as it goes, so a cut-off run keeps what it measured.
+# 0. Python packages. Where a package index is reachable, INSTALL=1 installs requirements.txt with JAX's CUDA 12
 #    wheels at the pinned JAX version (`jax[cuda12]==<pin>`). This workplace's H200 machines reach no index and carry
-#    at most 64 MiB, so there the image's own JAX (0.11.x with the CUDA 13 plugin, flax, optax, orbax, transformers)
-#    is used and only what it lacks travels as wheels in .whl/ (prepare them on the CPU machine with the `pip
-#    download` line in /work/.library/device/README.md: grain and its dependencies, and whatever `pip check` names).
-# 2. The model's logit parity tests against transformers (PyTorch is in the image), on the accelerator.
-# 3. `python -m experiments.benchmarks.device_check`: the trainer's GRPO and GARL steps and its sampler on
-#    Qwen3-0.6B shapes: step time, tokens/s, MFU against a measured bf16 matmul, peak device memory -> $OUT/*.json.
+#    at most 64 MiB, so there the image's own JAX (0.11.x with the CUDA 13 plugin; jaxlib alone is 85 MB, too big to
+#    carry) is used, and what the image lacks travels as wheels in .whl/ (prepared on the CPU machine with the `pip
+#    download` line in /work/.library/device/README.md: grain 0.2.18, array_record 0.8.6, portpicker). The pinned
+#    pure-Python flax / optax / orbax-checkpoint / chex go in .whl/pinned/ as a fallback (step 2).
+# 1. The environment: versions and the GPU.
+# 2. A smoke run of the check on the tiny preset (seconds of work): the gate. If it fails with the image's flax /
+#    optax / orbax / chex, the pinned versions from .whl/pinned/ are put first on the path and it runs again; the
+#    rest runs with whichever passed (stages.txt says which).
+# 3. `python -m experiments.benchmarks.device_check` on Qwen3-0.6B shapes (random weights): attention parity, the
+#    trainer's GRPO and GARL steps and its sampler: step time, tokens/s, MFU against a measured bf16 matmul, peak
+#    device memory -> $OUT/device_check.json.
+# 4. On the accelerator: the model's logit parity against transformers (PyTorch is in the image), the bf16-compute
+#    precision tests and the attention tests (float32 matmuls at full precision, not TF32, for the tolerances).
+# 5. XLA's memory_analysis() of paper_finqa_1gpu's rollout and train step compiled for this GPU (GEMM autotuning off
+#    to bound the compile time; it picks kernels, not buffers)
+#    -> $OUT/memory_gpu.json (the committed record in experiments/configs/paper_finqa_1gpu.py is CPU XLA's).
 set -uo pipefail
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LOG="$OUT/log.txt"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TF_CPP_MIN_LOG_LEVEL=2
+# A RAM-backed temporary folder (the timed runs save a checkpoint at their end) where it has room.
+if [ -d /dev/shm ] && [ "$(df -Pk /dev/shm | awk 'NR==2 {print $4}')" -gt 30000000 ]; then export TMPDIR=/dev/shm; fi
+
+stage() {  # stage NAME SECONDS COMMAND...: runs it under a time limit, its output into the log, a line in stages.txt
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" >> "$LOG"
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$OUT/stages.txt"
+  return $rc
+}
+
 if [ "${INSTALL:-0}" = 1 ]; then
   pin=$(grep -E '^jax==' requirements.txt | cut -d= -f3)
-  $PY -m pip install -q -r requirements.txt "jax[cuda12]==$pin" || exit 1
+  stage install 600 $PY -m pip install -q -r requirements.txt "jax[cuda12]==$pin" || exit 1
 elif compgen -G ".whl/*.whl" > /dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="$PYTHONPATH:/tmp/site"  # after the repo, and after the image's packages on sys.path
+  stage install 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-{
-  $PY -c "import jax, flax, optax, orbax.checkpoint, transformers; print('jax', jax.__version__, jax.devices())"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-} 2>&1 | tee "$OUT/env.txt"
-# On the accelerator (conftest.py defaults to CPU), float32 matmuls at full precision (not TF32) for the tolerance.
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 \
-  $PY -m pytest -q -p no:cacheprovider tests/test_loaders.py -k "logits_match_transformers" \
-  2>&1 | tee "$OUT/parity.txt"
-echo "parity tests exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/parity.txt"
-timeout 420 $PY -m experiments.benchmarks.device_check --out "$OUT/device_check.json" 2>&1 | tee "$OUT/device_check.log"
+
+VERSIONS_PY='
+import importlib.metadata as m
+for p in ("jax", "jaxlib", "jax-cuda13-plugin", "flax", "optax", "orbax-checkpoint", "chex", "transformers", "torch",
+          "numpy", "grain"):
+  try:
+    print(p, m.version(p))
+  except m.PackageNotFoundError:
+    print(p, "not installed")
+import flax, optax, jax
+print("flax from", flax.__file__, "| optax from", optax.__file__)
+print("devices", jax.devices())'
+stage env 60 $PY -c "$VERSIONS_PY"
+stage gpu 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+
+smoke() {
+  stage "smoke$1" 150 $PY -m experiments.benchmarks.device_check --model tiny --dtype bfloat16 --steps 2 --batch 2 \
+    --samples 2 --prompt-len 16 --rationale 8 --answer 4 --sampler-reps 1 --peak-tflops 1 --no-attention \
+    --out "$OUT/smoke$1.json"
+}
+if ! smoke ""; then
+  if compgen -G ".whl/pinned/*.whl" > /dev/null; then
+    stage install_pinned 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site_pinned .whl/pinned/*.whl
+    export PYTHONPATH="$PWD:/tmp/site_pinned:/tmp/site"  # the pinned flax / optax / orbax / chex before the image's
+    stage env_pinned 60 $PY -c "$VERSIONS_PY"
+    smoke "_pinned" || echo "the smoke run failed with the image's and with the pinned packages" | tee -a "$LOG"
+  fi
+fi
+
+stage device_check "${DEVICE_CHECK_S:-270}" $PY -m experiments.benchmarks.device_check --out "$OUT/device_check.json"
+
+JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest stage gpu_tests "${GPU_TESTS_S:-120}" \
+  $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+  tests/test_loaders.py::test_logits_match_transformers_with_and_without_padding tests/test_precision.py \
+  tests/test_attention.py
+
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" stage memory_gpu "${MEMORY_S:-100}" bash -c \
+  "$PY -m tsallis_jax.train.memory paper_finqa_1gpu qwen3_0_6b > '$OUT/memory_gpu.json'"
+tail -n 40 "$LOG"
+cat "$OUT/stages.txt"
