@@ -51,3 +51,34 @@ def test_the_trainer_s_first_update_runs_the_program_compiled_beside_its_rollout
   programs = loop.setup(cfg)[0].programs
   train_and_evaluate(cfg, str(tmp_path), programs=programs)
   assert programs.train_step.jitted._cache_size() == 0
+
+
+def test_a_process_that_exits_during_a_compile_ahead_waits_for_it(tmp_path):
+  """The first step can raise while the update still compiles in its daemon thread; a thread killed inside XLA's
+  compiler at interpreter exit can abort the process after the real error. The exit handler joins it first: the
+  stand-in compile (one second, then a file) finishes before the process ends, which returns 0."""
+  import subprocess
+  import sys
+  import textwrap
+  done = tmp_path / "compiled"
+  script = textwrap.dedent(f"""
+      import pathlib, time
+      import jax, jax.numpy as jnp
+      from tsallis_jax import distributed
+      from tsallis_jax.train.compile_ahead import AheadOfTime
+
+      class SlowCompile:
+        def lower(self, *args):
+          return self
+        def compile(self):
+          time.sleep(1.0)
+          pathlib.Path({str(done)!r}).write_text("done")
+          return lambda *args: None
+
+      mesh = distributed.make_mesh({{"data": 1, "fsdp": 1}}, devices=jax.devices()[:1])
+      AheadOfTime(SlowCompile(), mesh).start(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), jnp.zeros(2))
+      print("exiting")  # at once: the compile is still running
+  """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "exiting" in result.stdout and done.read_text() == "done"

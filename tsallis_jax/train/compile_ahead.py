@@ -11,14 +11,30 @@ Calls with other shapes (another prompt bucket) go through the jitted function a
 The compiled program is the one the jitted call would compile (same function, shardings and donation; the
 persistent compilation cache is read and written the same way), so results are bit-identical
 (`tests/test_compile_ahead.py`). A compile that fails in the thread raises its error at that first call.
+
+A process that ends while such a compile is still running (the first step raised, e.g. a device out of memory, or
+the script returned early) first waits for it, up to `EXIT_WAIT_S` (an exit handler): a daemon thread killed inside
+XLA's compiler aborts the interpreter ("terminate called after throwing an instance of ...") after the real error.
 """
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import threading
 from typing import Any, Callable
 
 import jax
+
+#: Seconds an exiting process waits for a compile still running in the background (`_wait_at_exit`).
+EXIT_WAIT_S = 600.0
+_running: set[threading.Thread] = set()
+
+
+@atexit.register
+def _wait_at_exit() -> None:
+  """Joins the compiles still running (atexit handlers run before daemon threads are stopped)."""
+  for thread in list(_running):
+    thread.join(EXIT_WAIT_S)
 
 
 def _abstract(x: Any) -> Any:
@@ -64,7 +80,11 @@ class AheadOfTime:
           future.set_result(self._jitted.lower(*args).compile())
       except BaseException as err:  # noqa: BLE001  handed to the caller at its first call
         future.set_exception(err)
-    threading.Thread(target=compile_step, name="tsallis_jax-compile-ahead", daemon=True).start()
+      finally:
+        _running.discard(threading.current_thread())
+    thread = threading.Thread(target=compile_step, name="tsallis_jax-compile-ahead", daemon=True)
+    _running.add(thread)
+    thread.start()
     return future
 
   def __call__(self, state, batch, key, q_range):
