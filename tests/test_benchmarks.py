@@ -290,6 +290,24 @@ def test_device_check_runs_the_trainer_step_and_writes_its_json(tmp_path):
   assert "cudnn" not in result["attention"]
 
 
+def test_device_check_default_step_fits_one_h200_by_xla_memory_analysis():
+  """The device check's Qwen3-0.6B GRPO step (B 8 x G 8 x 657 tokens, the 151936 vocabulary) with its default memory
+  knobs fits an H200 (131 GiB) by XLA's memory_analysis() (CPU XLA; GPU XLA gave 0.8x of CPU's on paper_finqa_1gpu),
+  and the same step without remat does not: on the H200 it asked for a 103 GiB buffer (2026-11-30)."""
+  from experiments.benchmarks import device_check
+  from tsallis_jax.train import memory
+
+  def peak_gib(model_overrides):
+    cfg = device_check.check_config("qwen3_0_6b", "grpo", 4, "bfloat16", batch=8, samples=8, prompt_len=128,
+                                    rationale=512, answer=16, model_overrides=model_overrides)
+    result = memory.analyse(cfg)
+    return {name: m.peak / memory.GIB for name, m in result.items()}
+
+  fits = peak_gib(device_check.DEFAULT_MODEL_OVERRIDES)
+  assert fits["train_step"] < 80 and fits["rollout"] < 20, fits
+  assert peak_gib("remat=none,scan_layers=true")["train_step"] > 131
+
+
 def test_warm_compile_cache_runs_one_step_first_into_the_folder(tmp_path, capsys, monkeypatch):
   """--warm-compile-cache: a child process runs two untimed steps with the same cache folder, which then holds the
   compiled programs before the timed run starts (its result records how many)."""

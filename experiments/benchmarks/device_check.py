@@ -8,12 +8,14 @@ prompts (their token ids are a handful of the vocabulary: only the shapes matter
 weights almost never sample EOS or `</think>`, so budget forcing makes nearly every completion rationale_budget + 1
 + max_answer_len tokens and every step does about the same work (the JSON has the generated token count).
 
-For each estimator (GRPO, GARL q = 0.75):
+For each estimator (GRPO, GARL q = 0.75), with the paper configs' memory knobs (`--model-overrides`, default
+"remat=full,scan_layers=true", and `--logprob-chunk 512`; without them the step asked for a 103 GiB buffer on the H200):
 - the trainer's jitted step through `train_and_evaluate` for `--steps` steps. `first_step_s` is compile + warm-up;
   `step_s` is the median of the later steps; tokens/s is generated tokens per step time;
 - MFU = the FLOPs the step executes (`flops.step_flops`'s 'total_shared', counted from the shapes: the trainer
   prefills and runs each prompt once per group) / step_s / the device's matmul peak (`--peak-tflops`, default: a
-  measured bf16 8192^3 product on this device); `workload_tflops_per_step` is the count without that sharing;
+  measured bf16 8192^3 product on this device); `workload_tflops_per_step` is the count without that sharing.
+  Model FLOPs: the forward that remat recomputes is not counted (MFU, not hardware FLOP utilisation);
 - peak device memory (`memory_stats()['peak_bytes_in_use']`, where the backend reports it).
 The sampler alone: the trainer's jitted rollout on one batch, median of `--sampler-reps` calls, tokens/s.
 Attention (`attention_parity`, seconds): at the preset's head shapes in `--dtype`, with left padding (fully masked
@@ -100,18 +102,25 @@ def attention_parity(model: str, dtype: str, *, rows: int, length: int, reps: in
   return out
 
 
+# The train step's memory knobs, as the paper configs set them (experiments/configs/_paper.py). Without them the step
+# did not fit the H200 (2026-11-30): unrolled layers with no remat asked XLA's GPU allocator for one 103 GiB buffer
+# (CPU XLA's memory_analysis() of that step: 283 GiB; with remat=full under scan: 52 GiB, tests/test_benchmarks.py).
+DEFAULT_MODEL_OVERRIDES = "remat=full,scan_layers=true"
+
+
 def check_config(model: str, estimator: str, steps: int, dtype: str, *, batch: int, samples: int, prompt_len: int,
-                 rationale: int, answer: int, attention_impl: str = "auto"):
+                 rationale: int, answer: int, attention_impl: str = "auto", logprob_chunk: int = 512,
+                 model_overrides: str = DEFAULT_MODEL_OVERRIDES):
   from tsallis_jax.train.config import TrainConfig
   overrides = "vocab_size=151936," if model == "qwen3_0_6b" else ""  # the real vocabulary, not the task's 90 words
-  overrides += f"attention_impl={attention_impl}"
+  overrides += f"attention_impl={attention_impl}" + (f",{model_overrides}" if model_overrides else "")
   return TrainConfig(
       name=f"device_check_{estimator}", model=model, model_overrides=overrides, dtype=dtype, task="synthetic",
       task_options="p0=0.01,train=512,val=8,test=0",  # no test split: no evaluation after the timed steps
       max_prompt_len=prompt_len, rationale_budget=rationale,
       max_answer_len=answer, estimator=estimator, q=0.75, batch_size=batch, num_samples=samples, num_steps=steps,
       learning_rate=1e-6, eval_every=0, eval_num_samples=2, eval_batch_size=8, checkpoint_every=0, max_to_keep=1,
-      progress_bar="off", tensorboard=False, log_ref_kl=False)
+      progress_bar="off", tensorboard=False, log_ref_kl=False, logprob_chunk=logprob_chunk)
 
 
 def peak_memory_bytes() -> int | None:
@@ -187,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--attention-len", type=int, default=0, help="attention parity check length (0 = the "
                       "prompt length + rationale budget + answer, rounded up to even)")
   parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak; 0 = measure a bf16 matmul")
+  parser.add_argument("--logprob-chunk", type=int, default=512, help="TrainConfig.logprob_chunk of the steps (0 = "
+                      "full N x T x V float32 logits: 64 x 657 x 151936 asked for a 103.65 GiB buffer on an H200)")
+  parser.add_argument("--model-overrides", default=DEFAULT_MODEL_OVERRIDES,
+                      help="more ModelConfig overrides of the steps (k=v,...; '' = the preset's own: unrolled, "
+                      "no remat)")
+  parser.add_argument("--parts", default="attention,grpo,garl,sampler", help="which parts to run (comma-separated)")
   parser.add_argument("--no-attention", action="store_true", help="skip the attention check (a quick smoke run)")
   args = parser.parse_args(argv)
 
@@ -224,12 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(args.out + ".tmp", args.out)
 
   length = args.attention_len or 2 * (-(-(args.prompt_len + args.rationale + args.answer) // 2))
-  if not args.no_attention:
+  parts = set(args.parts.split(",")) - ({"attention"} if args.no_attention else set())
+  if unknown := parts - {"attention", "grpo", "garl", "sampler"}:
+    parser.error(f"--parts {sorted(unknown)} unknown; the parts are attention, grpo, garl, sampler")
+  out["logprob_chunk"], out["model_overrides"] = args.logprob_chunk, args.model_overrides
+  if "attention" in parts:
     section("attention", lambda: attention_parity(args.model, args.dtype, rows=args.batch, length=length))
-  for estimator in ("grpo", "garl"):
+  for estimator in [e for e in ("grpo", "garl") if e in parts]:
     cfg = check_config(args.model, estimator, args.steps, args.dtype, batch=args.batch, samples=args.samples,
                        prompt_len=args.prompt_len, rationale=args.rationale, answer=args.answer,
-                       attention_impl=args.attention_impl)
+                       attention_impl=args.attention_impl, logprob_chunk=args.logprob_chunk,
+                       model_overrides=args.model_overrides)
     tokenizer = synthetic.make_tokenizer()
     hf = preset_config(model_spec(cfg), vocab_size=len(tokenizer)).to_hf_config()
     counts = flops.step_flops(hf, num_sequences=args.batch * args.samples, prompt_len=args.prompt_len,
@@ -240,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     executed = flops.executed_flops(counts, cfg.share_prompt_forward)
     section(estimator, lambda cfg=cfg, executed=executed, counts=counts: {
         **time_step(cfg, executed, peak), "workload_tflops_per_step": counts["total"] / 1e12})
-  section("sampler", lambda: time_sampler(check_config(
-      args.model, "grpo", 1, args.dtype, batch=args.batch, samples=args.samples, prompt_len=args.prompt_len,
-      rationale=args.rationale, answer=args.answer, attention_impl=args.attention_impl), args.sampler_reps))
+  if "sampler" in parts:
+    section("sampler", lambda: time_sampler(check_config(
+        args.model, "grpo", 1, args.dtype, batch=args.batch, samples=args.samples, prompt_len=args.prompt_len,
+        rationale=args.rationale, answer=args.answer, attention_impl=args.attention_impl,
+        logprob_chunk=args.logprob_chunk, model_overrides=args.model_overrides), args.sampler_reps))
   print(json.dumps(out, indent=1))
   if failed:
     print(f"device_check: these parts failed: {failed} (their errors are in {args.out})", file=sys.stderr)
