@@ -3,6 +3,8 @@
 #
 #   OUT=/tmp/device_check bash experiments/benchmarks/device_check.sh
 #
+# Run once on an H200 (2026-11-30, with .whl/ carried): experiments/benchmarks/results/device_h200_2026-11-30/ and the
+# benchmarks README ("On an accelerator"). That run's steps did not fit the device; their memory knobs are now set.
 # Every part has its own time limit and its own lines in $OUT/stages.txt (exit status, seconds); a part that fails
 # does not stop the later ones, and every JSON is written as it goes, so a cut-off run keeps what it measured.
 # 0. Python packages. Where a package index is reachable, INSTALL=1 installs requirements.txt with JAX's CUDA 12
@@ -67,7 +69,7 @@ stage env 60 $PY -c "$VERSIONS_PY"
 stage gpu 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 
 smoke() {
-  stage "smoke$1" 150 $PY -m experiments.benchmarks.device_check --model tiny --dtype bfloat16 --steps 2 --batch 2 \
+  stage "smoke$1" 100 $PY -m experiments.benchmarks.device_check --model tiny --dtype bfloat16 --steps 2 --batch 2 \
     --samples 2 --prompt-len 16 --rationale 8 --answer 4 --sampler-reps 1 --peak-tflops 1 --no-attention \
     --out "$OUT/smoke$1.json"
 }
@@ -88,7 +90,7 @@ JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest stage gpu_tests "${GPU_T
   tests/test_loaders.py::test_logits_match_transformers_with_and_without_padding tests/test_precision.py \
   tests/test_attention.py
 
-XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" stage memory_gpu "${MEMORY_S:-100}" bash -c \
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" stage memory_gpu "${MEMORY_S:-60}" bash -c \
   "$PY -m tsallis_jax.train.memory paper_finqa_1gpu qwen3_0_6b > '$OUT/memory_gpu.json'"
 tail -n 40 "$LOG"
 cat "$OUT/stages.txt"

@@ -15,10 +15,12 @@ Memory (XLA's `memory_analysis()` of the compiled rollout and train step on abst
   paper_finqa_1gpu qwen3_0_6b`; experiments/benchmarks/README.md "Memory"): rollout peak 47.2 GiB, train step peak
   60.4 GiB (each micro-batch's prompt run once for its 32 rollouts, packed with them, `share_prompt_forward`; 73.2
   GiB with every full sequence), so the device peak is 60.4 GiB of the H200's 131 GiB (141 GB). CPU XLA assigns buffers
-  differently from GPU XLA, so these are estimates of the H200's peak, not measurements. The scan matters: with the
-  layers unrolled, the same analysis gave a 779 GiB train step (1- and 2-layer compiles extrapolated), because the
-  per-layer remat was undone (tests/test_memory.py `test_remat_bounds_the_backward_only_under_scan`).
-Runtime: not measured (no accelerator lent when this was written); 400 steps of 1024 rollouts of ~4k tokens on one
+  differently from GPU XLA: the same analysis compiled for an H200 (JAX 0.11.2, 2026-11-30, `MEMORY_H200` below) gives
+  a 45.9 GiB rollout and a 48.6 GiB train step. Both are XLA's buffer assignments, not a measured run. The scan
+  matters: with the layers unrolled, the same analysis gave a 779 GiB train step (1- and 2-layer compiles
+  extrapolated), because the per-layer remat was undone (tests/test_memory.py
+  `test_remat_bounds_the_backward_only_under_scan`).
+Runtime: not measured (no step of this config has run on a GPU); 400 steps of 1024 rollouts of ~4k tokens on one
   GPU is days, not hours.
 Expected: the paper's FinQA numbers (see `paper_finqa`); this config changes memory, not the samples or the gradient.
 """
@@ -32,6 +34,14 @@ MEMORY = {
     "rollout": {"argument": 2.22, "output": 0.07, "temp": 44.94, "peak": 47.23},
     "train_step": {"argument": 6.71, "output": 6.66, "temp": 53.66, "alias": 6.66, "peak": 60.37},
     "peak_gib": 60.37,
+}
+
+# The same analysis compiled for one NVIDIA H200 (GPU XLA, JAX 0.11.2 with CUDA 13, GEMM autotuning off), 2026-11-30:
+# experiments/benchmarks/results/device_h200_2026-11-30/memory_gpu.json (`device_check.sh`, part 5).
+MEMORY_H200 = {
+    "rollout": {"argument": 2.22, "output": 0.07, "temp": 43.58, "peak": 45.88},
+    "train_step": {"argument": 6.71, "output": 6.66, "temp": 41.87, "alias": 6.66, "peak": 48.58},
+    "peak_gib": 48.58,
 }
 
 
