@@ -128,6 +128,7 @@ def test_auto_is_the_default_and_configs_validate_the_impl():
     ModelConfig.tiny(attention_impl="cudnn", dtype="bfloat16", head_dim=12)
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN is there on a GPU (device_check.sh runs this file)")
 def test_cudnn_on_cpu_raises_a_clear_error():
   cfg = ModelConfig.tiny(attention_impl="cudnn", dtype="bfloat16")
   model = Transformer(cfg, rngs=nnx.Rngs(0))
