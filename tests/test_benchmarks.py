@@ -288,6 +288,26 @@ def test_device_check_runs_the_trainer_step_and_writes_its_json(tmp_path):
   for impl in ("einsum", "xla"):  # no GPU: no cudnn entry
     assert result["attention"][impl]["finite"] and result["attention"][impl]["grad_max_rel_err"] < 1e-5
   assert "cudnn" not in result["attention"]
+  assert set(result["part_s"]) == {"attention", "grpo", "garl", "sampler"} and min(result["part_s"].values()) > 0
+
+
+def test_device_check_records_a_failing_part_and_runs_the_next(tmp_path, monkeypatch):
+  """A part that raises (the H200's out-of-memory) is an error entry in the JSON and exit status 1; the parts after
+  it still run and are written."""
+  import json
+
+  from experiments.benchmarks import device_check
+
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: planted")
+  monkeypatch.setattr(device_check, "time_step", out_of_memory)
+  out = tmp_path / "dc.json"
+  assert device_check.main(["--model", "tiny", "--dtype", "float32", "--batch", "8", "--samples", "2",
+                            "--prompt-len", "16", "--rationale", "4", "--answer", "4", "--sampler-reps", "1",
+                            "--peak-tflops", "1.0", "--parts", "grpo,sampler", "--out", str(out)]) == 1
+  result = json.loads(out.read_text())
+  assert result["grpo"] == {"error": "RuntimeError: RESOURCE_EXHAUSTED: planted"} and "garl" not in result
+  assert result["sampler"]["rows"] == 16 and set(result["part_s"]) == {"grpo", "sampler"}
 
 
 def test_device_check_default_step_fits_one_h200_by_xla_memory_analysis():

@@ -224,13 +224,16 @@ def main(argv: list[str] | None = None) -> int:
 
   def section(name: str, run) -> None:
     """One part of the check; a failure is recorded in the JSON and the later parts still run. The JSON is written
-    after every part, so a run stopped by its time limit keeps what it measured."""
+    after every part, so a run stopped by its time limit keeps what it measured. `part_s` (wall seconds of each
+    part, compiles included) is what a device session's time limits are planned from."""
+    start = time.perf_counter()
     try:
       out[name] = run()
     except Exception as err:  # noqa: BLE001 -- a failing part is a result here
       traceback.print_exc()
       out[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
       failed.append(name)
+    out.setdefault("part_s", {})[name] = round(time.perf_counter() - start, 1)
     out["peak_memory_bytes"] = peak_memory_bytes()
     print(name, json.dumps(out[name]), flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
