@@ -23,7 +23,8 @@ def paper_config(task: str) -> TrainConfig:
   scan (`scan_layers=true`): XLA's memory analysis of the unrolled form shows the per-layer remat undone (the
   recomputations are scheduled together, temporaries grow by a whole layer's activations per layer), while under
   scan the train step's temporaries are flat in depth (experiments/benchmarks/README.md, "Memory"). None of this
-  was run at paper scale here (no accelerator); the memory numbers are shape estimates.
+  was run at paper scale here (one short H200 check only, benchmarks README); the memory numbers are XLA's
+  analyses and shape estimates.
   """
   return TrainConfig(
       name=f"paper_{task}", model="hf", model_path="/path/to/Qwen3-0.6B", dtype="bfloat16", task=task,

@@ -6,7 +6,7 @@ Command (one run; every host of a pod runs the same line with a workdir all host
       --set estimator=garl --set q=0.75 --set prompt_style=cold
 The sweep: estimator in {grpo, garl, paft}, q in {0, 0.25, 0.5, 0.75, 1}, prompt_style in {cold, warm}.
 Rationale budget 3072-128 tokens before `</think>` is forced, 128 answer tokens (spec 1.7).
-Runtime: not measured (this project has no accelerator); 400 steps x 32 prompts x 32 rollouts of up to the
+Runtime: not measured (no run at paper scale on an accelerator yet); 400 steps x 32 prompts x 32 rollouts of up to the
   budget in tokens is a multi-host TPU job, not a CPU one.
 Expected (the paper's numbers, x100):
   cold q=0.75: p@1 53.5, p@16 74.1, m@16 57.2 (Table 2);
