@@ -197,12 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                       "prompt length + rationale budget + answer, rounded up to even)")
   parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak; 0 = measure a bf16 matmul")
   parser.add_argument("--logprob-chunk", type=int, default=512, help="TrainConfig.logprob_chunk of the steps (0 = "
-                      "full N x T x V float32 logits: 64 x 657 x 151936 asked for a 103.65 GiB buffer on an H200)")
+                      "full N x T x V float32 logits: 24 GiB at 64 x 657 x 151936)")
   parser.add_argument("--model-overrides", default=DEFAULT_MODEL_OVERRIDES,
                       help="more ModelConfig overrides of the steps (k=v,...; '' = the preset's own: unrolled, "
                       "no remat)")
   parser.add_argument("--parts", default="attention,grpo,garl,sampler", help="which parts to run (comma-separated)")
-  parser.add_argument("--no-attention", action="store_true", help="skip the attention check (a quick smoke run)")
   args = parser.parse_args(argv)
 
   import jax
@@ -242,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(args.out + ".tmp", args.out)
 
   length = args.attention_len or 2 * (-(-(args.prompt_len + args.rationale + args.answer) // 2))
-  parts = set(args.parts.split(",")) - ({"attention"} if args.no_attention else set())
+  parts = set(args.parts.split(","))
   if unknown := parts - {"attention", "grpo", "garl", "sampler"}:
     parser.error(f"--parts {sorted(unknown)} unknown; the parts are attention, grpo, garl, sampler")
   out["logprob_chunk"], out["model_overrides"] = args.logprob_chunk, args.model_overrides

@@ -70,7 +70,7 @@ stage gpu 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.
 
 smoke() {
   stage "smoke$1" 100 $PY -m experiments.benchmarks.device_check --model tiny --dtype bfloat16 --steps 2 --batch 2 \
-    --samples 2 --prompt-len 16 --rationale 8 --answer 4 --sampler-reps 1 --peak-tflops 1 --no-attention \
+    --samples 2 --prompt-len 16 --rationale 8 --answer 4 --sampler-reps 1 --peak-tflops 1 --parts grpo,garl,sampler \
     --out "$OUT/smoke$1.json"
 }
 if ! smoke ""; then
