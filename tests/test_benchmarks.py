@@ -317,15 +317,14 @@ def test_device_check_default_step_fits_one_h200_by_xla_memory_analysis():
   from experiments.benchmarks import device_check
   from tsallis_jax.train import memory
 
-  def peak_gib(model_overrides):
-    cfg = device_check.check_config("qwen3_0_6b", "grpo", 4, "bfloat16", batch=8, samples=8, prompt_len=128,
-                                    rationale=512, answer=16, model_overrides=model_overrides)
-    result = memory.analyse(cfg)
-    return {name: m.peak / memory.GIB for name, m in result.items()}
+  def gib(model_overrides):  # per program, GiB (memory.summary)
+    return memory.summary(device_check.check_config(
+        "qwen3_0_6b", "grpo", 4, "bfloat16", batch=8, samples=8, prompt_len=128, rationale=512, answer=16,
+        model_overrides=model_overrides))
 
-  fits = peak_gib(device_check.DEFAULT_MODEL_OVERRIDES)
-  assert fits["train_step"] < 80 and fits["rollout"] < 20, fits
-  assert peak_gib("remat=none,scan_layers=true")["train_step"] > 131
+  fits = gib(device_check.DEFAULT_MODEL_OVERRIDES)
+  assert fits["train_step"]["peak"] < 80 and fits["rollout"]["peak"] < 20, fits
+  assert gib("remat=none,scan_layers=true")["train_step"]["peak"] > 131
 
 
 def test_warm_compile_cache_runs_one_step_first_into_the_folder(tmp_path, capsys, monkeypatch):
