@@ -86,6 +86,31 @@ def test_first_step_and_rss_targets_compare_with_trl():
   assert "| this project, GRPO, re-run (compile cache warm) | 0.2 |" in report.markdown(report.aggregate(runs), {}, None)
 
 
+def test_first_step_targets_include_the_layers_under_scan_form():
+  """The scanned model's first step (cold and re-run) is compared with TRL's, and its step appears in the note of
+  the step target beside the default (unrolled) one."""
+  runs = [dict(_fake_run("ours", "grpo", 0.2, 0.0), first_s=9.0), dict(_fake_run("ours", "grpo_scan", 0.25, 0.0),
+                                                                         first_s=7.0),
+          dict(_fake_run("ours", "grpo_scan_rerun", 0.25, 0.0), first_s=2.0),
+          dict(_fake_run("trl", "grpo", 0.5, 0.0), first_s=6.0)]
+  agg = report.aggregate(runs)
+  rows = {r["target"]: r for r in report.targets(agg, {}, None)}
+  cold = rows["first step (GRPO, layers under scan (scan_layers=True)) / TRL's"]
+  warm = rows["first step (GRPO, layers under scan, re-run (compile cache warm)) / TRL's"]
+  chex.assert_trees_all_close((cold["value"], warm["value"]), (7.0 / 6.0, 2.0 / 6.0))
+  assert (cold["met"], warm["met"]) == (False, True)
+  assert rows["GRPO step / fastest peer's"]["note"].startswith("layers under scan (scan_layers=True): 0.500")
+  assert "| this project, GRPO, layers under scan (scan_layers=True) | 0.25 |" in report.markdown(agg, {}, None)
+
+
+def test_our_grpo_variants_pass_their_flags_to_the_runner(tmp_path):
+  for mode, flags in (("grpo_scan", ["--scan-layers"]), ("grpo_scan_rerun", ["--scan-layers", "--warm-compile-cache"]),
+                      ("grpo_full_prompt", ["--no-share-prompt"])):
+    cmd = run.job_command("ours", mode, tmp_path, {}, 0, compile_cache=str(tmp_path / "c"))
+    assert cmd[cmd.index("--mode") + 1] == "grpo" and all(f in cmd for f in flags), (mode, cmd)
+  assert "--scan-layers" not in run.job_command("ours", "grpo", tmp_path, {}, 0)
+
+
 def test_our_train_jobs_get_a_compile_cache_and_the_rerun_warms_it(tmp_path):
   cmd = run.job_command("ours", "grpo_rerun", tmp_path, {}, 3, compile_cache=str(tmp_path / "c"))
   assert cmd[cmd.index("--mode") + 1] == "grpo" and "--warm-compile-cache" in cmd
@@ -151,8 +176,8 @@ def test_update_flop_rate_counts_the_flops_the_shared_prompt_update_executes():
   assert "update at 40.0 GFLOP/s = 40% of peak, on the 80.0 GFLOP it executes" in text  # the ablation: 80 G / 2 s
 
 
-TRAIN_JOBS_OURS_TUNIX = ("ours grpo", "ours grpo_rerun", "ours grpo_full_prompt", "ours garl", "ours paft",
-                         "tunix grpo")
+TRAIN_JOBS_OURS_TUNIX = ("ours grpo", "ours grpo_rerun", "ours grpo_full_prompt", "ours grpo_scan",
+                         "ours grpo_scan_rerun", "ours garl", "ours paft", "tunix grpo")
 
 
 def test_plan_alternates_systems_between_rounds():
@@ -216,6 +241,20 @@ def test_ours_step_runs_on_a_shrunken_workload(tmp_path, capsys):
   assert all(r in (0.0, 1.0, 2.0, 3.0, 4.0) for r in result["extra"]["rewards_per_step"])
   assert harness.parse_result(capsys.readouterr().out)["mode"] == "garl"
   assert set(result["phases_median_s"]) == {"rollout", ours_grpo.REWARD_PHASE, ours_grpo.UPDATE_PHASE}
+
+
+def test_ours_step_runs_with_layers_under_scan_on_the_same_weights(tmp_path):
+  """run.py's grpo_scan mode: the same checkpoint loaded stacked under one scan; its sanity logits equal the unrolled
+  load's (the benchmark's same-weights check), and the step runs."""
+  from experiments.benchmarks import ours_grpo
+  spec = dataclasses.replace(workloads.TINY, num_prompts=2, group_size=2, prompt_len=4, max_new=3, sample_batch=4)
+  folder = workloads.build_tiny(tmp_path / "mini", spec)
+  result = ours_grpo.run_train(str(folder), "grpo", steps=2, scan_layers=True)
+  assert result["extra"]["scan_layers"] and np.all(np.isfinite(result["times_s"]))
+  model = ours_grpo.load_workload(str(folder))[1]
+  np.testing.assert_allclose(result["sanity_logits"], ours_grpo.sanity_logits(model), rtol=1e-5, atol=1e-5)
+  stacked = ours_grpo.build(str(folder), "grpo", scan_layers=True).state.params["layers"]["attn"]["k_proj"]
+  assert stacked.shape[0] == model.config.num_layers  # one array for all layers: the scanned form
 
 
 def test_our_sampler_runner_times_shared_unshared_and_grouped_calls(tmp_path, capsys):

@@ -76,10 +76,11 @@ def train_config(spec: workloads.WorkloadSpec, mode: str, q: float, beta: float,
       grpo_scale_rewards="group", grpo_clip_eps=0.2, progress_bar="off", tensorboard=False)
 
 
-def load_workload(folder: str):
-  """(spec, model, tokenizer, prompt_tokens_BxP, prompt_mask_BxP) of a built workload (float32)."""
+def load_workload(folder: str, scan_layers: bool = False):
+  """(spec, model, tokenizer, prompt_tokens_BxP, prompt_mask_BxP) of a built workload (float32); `scan_layers`:
+  the model's layers stacked under one scan (`ModelConfig.scan_layers`) instead of the default unrolled form."""
   spec = workloads.read_spec(folder)
-  model = hf_io.load_hf_checkpoint(folder, dtype="float32", param_dtype="float32")
+  model = hf_io.load_hf_checkpoint(folder, dtype="float32", param_dtype="float32", scan_layers=scan_layers)
   from transformers import PreTrainedTokenizerFast
   tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
   prompts, _ = workloads.read_prompts(folder)
@@ -119,12 +120,13 @@ class Built:
 
 
 def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, seed: int = 0,
-          share_prompt: bool = True) -> Built:
+          share_prompt: bool = True, scan_layers: bool = False) -> Built:
   """Loads the workload and builds the trainer's state, jitted rollout and train step for it (nothing compiled);
-  `share_prompt=False` is the ablation of `TrainConfig.share_prompt_forward`."""
+  `share_prompt=False` is the ablation of `TrainConfig.share_prompt_forward`, `scan_layers=True` the layers-under-
+  scan form of the model (`ModelConfig.scan_layers`: compile time flat in depth)."""
   if mode not in ESTIMATORS:
     raise ValueError(f"mode={mode!r}; choose one of {ESTIMATORS}.")
-  spec, model, tokenizer, prompt_tokens_BxP, prompt_mask_BxP = load_workload(folder)
+  spec, model, tokenizer, prompt_tokens_BxP, prompt_mask_BxP = load_workload(folder, scan_layers)
   beta = spec.beta if beta is None else beta
   cfg = train_config(spec, mode, q, beta, share_prompt)
   sanity = sanity_logits(model)
@@ -155,12 +157,13 @@ def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, se
 
 def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: float | None = None,
               seed: int = 0, compile_cache_dir: str = "", share_prompt: bool = True,
-              compile_ahead: bool = True) -> dict[str, Any]:
+              compile_ahead: bool = True, scan_layers: bool = False) -> dict[str, Any]:
   """Times `steps` trainer steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict.
-  `compile_ahead=False` compiles the update at its first call, after the rollout (`train.compile_ahead`)."""
+  `compile_ahead=False` compiles the update at its first call, after the rollout (`train.compile_ahead`);
+  `scan_layers=True` runs the model's layers under scan (`ModelConfig.scan_layers`)."""
   cache_entries = len(os.listdir(compile_cache_dir)) if compile_cache_dir and os.path.isdir(compile_cache_dir) else 0
   compile_cache.enable(compile_cache_dir)
-  built = build(folder, mode, q, beta, seed, share_prompt)
+  built = build(folder, mode, q, beta, seed, share_prompt, scan_layers)
   spec, cfg, tokenizer, mesh, state = built.spec, built.cfg, built.tokenizer, built.mesh, built.state
   rollout_fn, prompts, answers, train_step = built.rollout_fn, built.prompts, built.answers, built.train_step
   steps = steps or spec.grpo_steps
@@ -196,6 +199,7 @@ def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: flo
                      tokens_per_step=spec.generated_slots, phases=phases, sanity=built.sanity,
                      extra={"beta": cfg.kl_coef, "q": cfg.q, "rewards_per_step": rewards,
                             "share_prompt_forward": cfg.share_prompt_forward, "compile_ahead": compile_ahead,
+                            "scan_layers": scan_layers,
                             "compile_cache": {"dir": compile_cache_dir, "entries_before": cache_entries},
                             "step": "jit(sampler.generate_impl), host rewards (train.scoring), then the trainer's "
                                     "jitted step (train.step.make_train_step)"})
@@ -226,6 +230,9 @@ def main(argv=None):
   p.add_argument("--no-share-prompt", action="store_true",
                  help="ablation (run.py mode grpo_full_prompt): share_prompt_forward=False, every full sequence "
                       "through the forward and backward passes")
+  p.add_argument("--scan-layers", action="store_true",
+                 help="run.py mode grpo_scan: the model's layers stacked under one scan (ModelConfig.scan_layers; "
+                      "compile time flat in depth) instead of the default unrolled form")
   p.add_argument("--no-compile-ahead", action="store_true",
                  help="ablation: compile the update at its first call instead of beside the first rollout "
                       "(train.compile_ahead)")
@@ -242,11 +249,13 @@ def main(argv=None):
     subprocess.run([sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", args.workload, "--mode",
                     args.mode, "--steps", "2", "--q", str(args.q), "--compile-cache", args.compile_cache]
                    + ([] if args.beta is None else ["--beta", str(args.beta)])
-                   + (["--no-share-prompt"] if args.no_share_prompt else []),
+                   + (["--no-share-prompt"] if args.no_share_prompt else [])
+                   + (["--scan-layers"] if args.scan_layers else []),
                    check=True, stdout=subprocess.DEVNULL)
   print("ours runner:", version(), "devices", jax.devices(), "host allocator", allocator, flush=True)
   run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, compile_cache_dir=args.compile_cache,
-            share_prompt=not args.no_share_prompt, compile_ahead=not args.no_compile_ahead)
+            share_prompt=not args.no_share_prompt, compile_ahead=not args.no_compile_ahead,
+            scan_layers=args.scan_layers)
 
 
 if __name__ == "__main__":

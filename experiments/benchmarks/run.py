@@ -50,9 +50,14 @@ PEER_INSTALL = {
 RUNNERS = {"tunix": PEERS_DIR / "tunix_runner.py", "trl": PEERS_DIR / "trl_runner.py"}
 # ours: every run gets a fresh, empty persistent compilation cache (the trainer's default turns one on, so this is a
 # user's first run); grpo_rerun fills its cache with two untimed steps first (the first step of a re-run);
-# grpo_full_prompt is the ablation of `share_prompt_forward` (every full sequence through the forward, as the peers).
-TRAIN_MODES = {"ours": ("grpo", "grpo_rerun", "grpo_full_prompt", "garl", "paft"), "tunix": ("grpo",),
-               "trl": ("grpo",)}
+# grpo_full_prompt is the ablation of `share_prompt_forward` (every full sequence through the forward, as the peers);
+# grpo_scan / grpo_scan_rerun run the model's layers under one scan (`ModelConfig.scan_layers`: compile time flat in
+# depth), cold and re-run, beside the default unrolled form.
+TRAIN_MODES = {"ours": ("grpo", "grpo_rerun", "grpo_full_prompt", "grpo_scan", "grpo_scan_rerun", "garl", "paft"),
+               "tunix": ("grpo",), "trl": ("grpo",)}
+# our GRPO variants: mode -> the runner's flags (with --mode grpo)
+OURS_GRPO_VARIANTS = {"grpo_rerun": ("--warm-compile-cache",), "grpo_full_prompt": ("--no-share-prompt",),
+                      "grpo_scan": ("--scan-layers",), "grpo_scan_rerun": ("--scan-layers", "--warm-compile-cache")}
 SAMPLE_MODES = {"ours": ("sample",), "tunix": ("sample",), "trl": ("sample",)}
 
 
@@ -125,12 +130,9 @@ def job_command(system: str, mode: str, folder: pathlib.Path, pythons: dict[str,
     return [sys.executable, "-m", "experiments.benchmarks.sampler_ours", "--workload", str(folder), *extra]
   if system == "ours":
     cache = ["--compile-cache", compile_cache] if compile_cache else []
-    if mode == "grpo_rerun":
+    if mode in OURS_GRPO_VARIANTS:
       return [sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", str(folder), "--mode", "grpo",
-              *cache, "--warm-compile-cache", *extra]
-    if mode == "grpo_full_prompt":
-      return [sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", str(folder), "--mode", "grpo",
-              *cache, "--no-share-prompt", *extra]
+              *cache, *OURS_GRPO_VARIANTS[mode], *extra]
     return [sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", str(folder), "--mode", mode,
             *cache, *extra]
   if system == "matmul":
