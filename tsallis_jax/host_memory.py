@@ -17,6 +17,12 @@ exits.
 The cost: one arena for all threads serialises their small allocations, which slows XLA's multi-threaded compile,
 so the first step is longer (`tiny` 4.3 -> 5.7 s, `smollm2` 18.8 -> 22.4 s in that ablation); a training run of
 more than a few dozen steps gains it back on `tiny`-like, latency-bound models, and the RSS on large ones.
+The ablation re-run at 85ed33f (after the optimizer stopped copying the gradients): `tiny` step 0.166 -> 0.146 s;
+`smollm2` update unchanged (1.463 / 1.457 s), step 2.092 -> 2.211 s and first step 18.9 -> 21.7 s, peak RSS 4042 ->
+3363 MB. The `smollm2` loss is the decode loop's: the runtime's worker threads allocate each matmul's scratch
+(YNNPACK, Eigen / oneDNN) from the one heap, which the compile has fragmented (`_int_malloc` 8% of a rollout's perf
+samples after an in-process compile, absent without these settings; a re-run, which loads its programs from the
+persistent cache, rolls out in 0.634 s against a cold run's 0.847 s in the side-by-side benchmark).
 
 What a compile frees is the one thing worth giving back: XLA's compiler allocates hundreds of MB for a train step and
 frees them before the program first runs, and kept mapped they sit under the step's scratch, which the heap's
