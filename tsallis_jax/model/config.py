@@ -96,8 +96,10 @@ class ModelConfig:
     scan_layers: the L decoder blocks' parameters are stacked along a leading "layers" axis and the forward is one
       scan over them (the compiled program holds one block whatever L; the KV cache is stacked LxNxKxSxE too).
       False (the default) keeps one module per layer, looped in Python (unrolled under jit), which measured faster
-      at run time on CPU (SmolLM2-135M widths: scan 1.2x slower sampling, 1.05-1.8x slower train step, and no
-      faster first train step up to 30 layers; `experiments/benchmarks/README.md`, compile time). Both
+      at run time on CPU; scan's program is smaller and starts sooner. The trainer's GRPO step on SmolLM2-135M
+      (30 layers), side by side at 85ed33f: scan 1.38x slower per step (XLA:CPU copies each layer's weights out of
+      the stack per decode step and pass), first step 12.2 s instead of 27.3 s cold and 4.1 s instead of 13.8 s
+      re-run from the compile cache (`experiments/benchmarks/README.md`, results and compile time). Both
       compute the same function; their parameter trees (and so their Orbax checkpoints) differ, their Hugging Face
       files do not.
     attention_query_chunk: if set, attention runs over blocks of this many queries (exact; peak score memory
