@@ -383,6 +383,21 @@ def test_warm_compile_cache_runs_one_step_first_into_the_folder(tmp_path, capsys
     ours_grpo.main(["--workload", str(folder), "--warm-compile-cache"])
 
 
+def test_scan_layers_reaches_the_warming_child_and_the_timed_run(tmp_path, monkeypatch):
+  """grpo_scan_rerun: the child that fills the cache must compile the same (scanned) programs as the timed run, or the
+  timed run's first step would compile cold."""
+  import subprocess
+  from experiments.benchmarks import ours_grpo
+  children, timed = [], []
+  monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: children.append(cmd))
+  monkeypatch.setattr(ours_grpo, "run_train", lambda *a, **kw: timed.append(kw))
+  ours_grpo.main(["--workload", str(tmp_path), "--compile-cache", str(tmp_path / "xla"), "--warm-compile-cache",
+                  "--scan-layers"])
+  assert len(children) == 1 and "--scan-layers" in children[0] and timed[0]["scan_layers"] is True
+  ours_grpo.main(["--workload", str(tmp_path), "--compile-cache", str(tmp_path / "xla"), "--warm-compile-cache"])
+  assert "--scan-layers" not in children[1] and timed[1]["scan_layers"] is False
+
+
 def test_roofline_is_flops_at_the_peak_or_weight_reads_at_the_bandwidth(tiny_folder):
   """flops.step_floor_s / sample_floor_s in their two limits: unbounded bandwidth leaves the FLOPs at the peak (the
   rollout prefilling each prompt once), an unbounded peak leaves one read of the float32 weights per decode step
