@@ -394,6 +394,7 @@ def test_scan_layers_reaches_the_warming_child_and_the_timed_run(tmp_path, monke
   ours_grpo.main(["--workload", str(tmp_path), "--compile-cache", str(tmp_path / "xla"), "--warm-compile-cache",
                   "--scan-layers"])
   assert len(children) == 1 and "--scan-layers" in children[0] and timed[0]["scan_layers"] is True
+  assert "--warm-compile-cache" not in children[0] and children[0][-2:] == ["--steps", "2"]  # the child, two steps
   ours_grpo.main(["--workload", str(tmp_path), "--compile-cache", str(tmp_path / "xla"), "--warm-compile-cache"])
   assert "--scan-layers" not in children[1] and timed[1]["scan_layers"] is False
 

@@ -212,9 +212,9 @@ def version() -> str:
 
 def main(argv=None):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  argv = sys.argv[1:] if argv is None else list(argv)
   # As `python -m experiments.train` does, before the backend starts (`--no-host-allocator`: the ablation).
-  allocator = ({} if "--no-host-allocator" in (sys.argv[1:] if argv is None else argv)
-               else host_memory.keep_freed_memory())
+  allocator = {} if "--no-host-allocator" in argv else host_memory.keep_freed_memory()
   import argparse
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workload", required=True)
@@ -246,11 +246,9 @@ def main(argv=None):
     if not args.compile_cache:
       p.error("--warm-compile-cache needs --compile-cache DIR")
     import subprocess
-    subprocess.run([sys.executable, "-m", "experiments.benchmarks.ours_grpo", "--workload", args.workload, "--mode",
-                    args.mode, "--steps", "2", "--q", str(args.q), "--compile-cache", args.compile_cache]
-                   + ([] if args.beta is None else ["--beta", str(args.beta)])
-                   + (["--no-share-prompt"] if args.no_share_prompt else [])
-                   + (["--scan-layers"] if args.scan_layers else []),
+    # The child runs this same command line (every flag that changes what is compiled reaches it), two steps long.
+    subprocess.run([sys.executable, "-m", "experiments.benchmarks.ours_grpo",
+                    *[a for a in argv if a != "--warm-compile-cache"], "--steps", "2"],
                    check=True, stdout=subprocess.DEVNULL)
   print("ours runner:", version(), "devices", jax.devices(), "host allocator", allocator, flush=True)
   run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, compile_cache_dir=args.compile_cache,
