@@ -319,15 +319,17 @@ def test_device_check_runs_the_trainer_step_and_writes_its_json(tmp_path):
                             "--prompt-len", "16", "--rationale", "6", "--answer", "4", "--sampler-reps", "1",
                             "--peak-tflops", "1.0", "--out", str(out)]) == 0
   result = json.loads(out.read_text())
-  for estimator in ("grpo", "garl"):
-    r = result[estimator]
+  for part in ("grpo", "garl", "grpo_unrolled"):
+    r = result[part]
     assert r["steps_timed"] == 2 and r["step_s"] > 0 and 0 < r["mfu"] < 1
     assert 0 < r["generated_tokens_per_step"] <= 8 * 2 * (6 + 1 + 4)  # a tiny vocabulary's random model hits EOS
   assert result["sampler"]["rows"] == 16 and result["sampler"]["tokens_per_s"] > 0
   for impl in ("einsum", "xla"):  # no GPU: no cudnn entry
     assert result["attention"][impl]["finite"] and result["attention"][impl]["grad_max_rel_err"] < 1e-5
   assert "cudnn" not in result["attention"]
-  assert set(result["part_s"]) == {"attention", "grpo", "garl", "sampler"} and min(result["part_s"].values()) > 0
+  assert set(result["part_s"]) == set(device_check.PARTS) and min(result["part_s"].values()) > 0
+  assert result["grpo"]["model_overrides"] == "remat=full,scan_layers=true"
+  assert result["grpo_unrolled"]["model_overrides"] == "remat=full,scan_layers=false"
 
 
 def test_device_check_records_a_failing_part_and_runs_the_next(tmp_path, monkeypatch):

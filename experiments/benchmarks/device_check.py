@@ -16,7 +16,10 @@ For each estimator (GRPO, GARL q = 0.75), with the paper configs' memory knobs (
   prefills and runs each prompt once per group) / step_s / the device's matmul peak (`--peak-tflops`, default: a
   measured bf16 8192^3 product on this device); `workload_tflops_per_step` is the count without that sharing.
   Model FLOPs: the forward that remat recomputes is not counted (MFU, not hardware FLOP utilisation);
-- peak device memory (`memory_stats()['peak_bytes_in_use']`, where the backend reports it).
+- peak device memory (`memory_stats()['peak_bytes_in_use']`, where the backend reports it). A step that does not run
+  records the allocator's pool with its error (`bytes_limit` is the pool XLA may use: XLA_PYTHON_CLIENT_MEM_FRACTION).
+The part `grpo_unrolled` (last) is the GRPO step again with the layers unrolled (`--unrolled-overrides`, default
+"remat=full,scan_layers=false"): scan against the unrolled loop at run time and at the first step on this device.
 The sampler alone: the trainer's jitted rollout on one batch, median of `--sampler-reps` calls, tokens/s.
 Attention (`attention_parity`, seconds): at the preset's head shapes in `--dtype`, with left padding (fully masked
 query rows), each `attention_impl` ("einsum", "xla", and "cudnn" on a GPU) against a float32 einsum reference:
@@ -106,6 +109,10 @@ def attention_parity(model: str, dtype: str, *, rows: int, length: int, reps: in
 # did not fit the H200 (2026-11-30): unrolled layers with no remat asked XLA's GPU allocator for one 103 GiB buffer
 # (CPU XLA's memory_analysis() of that step: 283 GiB; with remat=full under scan: 52 GiB, tests/test_benchmarks.py).
 DEFAULT_MODEL_OVERRIDES = "remat=full,scan_layers=true"
+# The part grpo_unrolled: the same GRPO step with the layers unrolled (issue 17: keep the unrolled form only if it is
+# faster at run time on some device), run last so that a time limit cuts it first.
+UNROLLED_MODEL_OVERRIDES = "remat=full,scan_layers=false"
+PARTS = ("attention", "grpo", "garl", "sampler", "grpo_unrolled")
 
 
 def check_config(model: str, estimator: str, steps: int, dtype: str, *, batch: int, samples: int, prompt_len: int,
@@ -129,6 +136,14 @@ def peak_memory_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
+def allocator_stats() -> dict[str, int]:
+  """The device allocator's pool: its limit (the memory fraction of the device), in use, largest block handed out."""
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  return {k: stats[k] for k in ("bytes_limit", "bytes_in_use", "peak_bytes_in_use", "largest_alloc_size")
+          if k in stats}
+
+
 def time_step(cfg, flops_per_step: float, peak_tflops: float) -> dict[str, Any]:
   """The trainer's step: first-step and median step time, tokens/s, MFU, peak memory."""
   from tsallis_jax.train import train_and_evaluate
@@ -141,8 +156,8 @@ def time_step(cfg, flops_per_step: float, peak_tflops: float) -> dict[str, Any]:
       error = f"{type(err).__name__}: {err}"[:500]
     path = os.path.join(workdir, "metrics.jsonl")
     rows = [r for r in read_metrics(path) if "perf/step_s" in r] if os.path.exists(path) else []
-  if not rows:
-    raise RuntimeError(f"no step finished: {error}")
+  if not rows:  # with the allocator's pool, to tell a program too big from a pool already taken
+    raise RuntimeError(f"no step finished: {error} | allocator: {allocator_stats()}")
   step_s = [r["perf/step_s"] for r in rows]
   later = step_s[1:] or step_s
   median = statistics.median(later)
@@ -201,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--model-overrides", default=DEFAULT_MODEL_OVERRIDES,
                       help="more ModelConfig overrides of the steps (k=v,...; '' = the preset's own: unrolled, "
                       "no remat)")
-  parser.add_argument("--parts", default="attention,grpo,garl,sampler", help="which parts to run (comma-separated)")
+  parser.add_argument("--unrolled-overrides", default=UNROLLED_MODEL_OVERRIDES,
+                      help="the ModelConfig overrides of the part grpo_unrolled (the same step, layers not under scan)")
+  parser.add_argument("--parts", default=",".join(PARTS), help="which parts to run (comma-separated)")
   args = parser.parse_args(argv)
 
   import jax
@@ -242,16 +259,17 @@ def main(argv: list[str] | None = None) -> int:
 
   length = args.attention_len or 2 * (-(-(args.prompt_len + args.rationale + args.answer) // 2))
   parts = set(args.parts.split(","))
-  if unknown := parts - {"attention", "grpo", "garl", "sampler"}:
-    parser.error(f"--parts {sorted(unknown)} unknown; the parts are attention, grpo, garl, sampler")
+  if unknown := parts - set(PARTS):
+    parser.error(f"--parts {sorted(unknown)} unknown; the parts are {', '.join(PARTS)}")
   out["logprob_chunk"], out["model_overrides"] = args.logprob_chunk, args.model_overrides
   if "attention" in parts:
     section("attention", lambda: attention_parity(args.model, args.dtype, rows=args.batch, length=length))
-  for estimator in [e for e in ("grpo", "garl") if e in parts]:
+
+  def timed_step(estimator: str, model_overrides: str) -> dict[str, Any]:
     cfg = check_config(args.model, estimator, args.steps, args.dtype, batch=args.batch, samples=args.samples,
                        prompt_len=args.prompt_len, rationale=args.rationale, answer=args.answer,
                        attention_impl=args.attention_impl, logprob_chunk=args.logprob_chunk,
-                       model_overrides=args.model_overrides)
+                       model_overrides=model_overrides)
     tokenizer = synthetic.make_tokenizer()
     hf = preset_config(model_spec(cfg), vocab_size=len(tokenizer)).to_hf_config()
     counts = flops.step_flops(hf, num_sequences=args.batch * args.samples, prompt_len=args.prompt_len,
@@ -260,13 +278,18 @@ def main(argv: list[str] | None = None) -> int:
     # The FLOPs the step executes (the trainer prefills each prompt once, and with `share_prompt_forward` runs its
     # forward and backward once per group): the workload's full count would overstate the MFU.
     executed = flops.executed_flops(counts, cfg.share_prompt_forward)
-    section(estimator, lambda cfg=cfg, executed=executed, counts=counts: {
-        **time_step(cfg, executed, peak), "workload_tflops_per_step": counts["total"] / 1e12})
+    return {**time_step(cfg, executed, peak), "workload_tflops_per_step": counts["total"] / 1e12,
+            "model_overrides": model_overrides}
+
+  for estimator in [e for e in ("grpo", "garl") if e in parts]:
+    section(estimator, lambda estimator=estimator: timed_step(estimator, args.model_overrides))
   if "sampler" in parts:
     section("sampler", lambda: time_sampler(check_config(
         args.model, "grpo", 1, args.dtype, batch=args.batch, samples=args.samples, prompt_len=args.prompt_len,
         rationale=args.rationale, answer=args.answer, attention_impl=args.attention_impl,
         logprob_chunk=args.logprob_chunk, model_overrides=args.model_overrides), args.sampler_reps))
+  if "grpo_unrolled" in parts:  # last: the comparison that a short device session can best do without
+    section("grpo_unrolled", lambda: timed_step("grpo", args.unrolled_overrides))
   print(json.dumps(out, indent=1))
   if failed:
     print(f"device_check: these parts failed: {failed} (their errors are in {args.out})", file=sys.stderr)

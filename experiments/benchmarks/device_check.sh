@@ -31,6 +31,13 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TF_CPP_MIN_LOG_LEVEL=2
+# The pool JAX's GPU allocator takes (default 75% of the free memory: 103.65 GiB on the H200, the exact size of the
+# buffer whose request failed on 2026-11-30 -- XLA fits a program's temporaries to the pool, so a step that did not
+# fit asked for all of it). 0.92 leaves room for cuDNN / cuBLAS workspaces outside the pool.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+# Which stages run after the environment (a short device session can leave out what an earlier run measured).
+STAGES=${STAGES:-smoke device_check gpu_tests memory_gpu}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 # A RAM-backed temporary folder (the timed runs save a checkpoint at their end) where it has room.
 if [ -d /dev/shm ] && [ "$(df -Pk /dev/shm | awk 'NR==2 {print $4}')" -gt 30000000 ]; then export TMPDIR=/dev/shm; fi
 
@@ -70,10 +77,10 @@ stage gpu 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.
 
 smoke() {
   stage "smoke$1" 100 $PY -m experiments.benchmarks.device_check --model tiny --dtype bfloat16 --steps 2 --batch 2 \
-    --samples 2 --prompt-len 16 --rationale 8 --answer 4 --sampler-reps 1 --peak-tflops 1 --parts grpo,garl,sampler \
+    --samples 2 --prompt-len 16 --rationale 8 --answer 4 --sampler-reps 1 --peak-tflops 1 --parts grpo \
     --out "$OUT/smoke$1.json"
 }
-if ! smoke ""; then
+if want smoke && ! smoke ""; then
   if compgen -G ".whl/pinned/*.whl" > /dev/null; then
     stage install_pinned 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site_pinned .whl/pinned/*.whl
@@ -83,14 +90,16 @@ if ! smoke ""; then
   fi
 fi
 
-stage device_check "${DEVICE_CHECK_S:-270}" $PY -m experiments.benchmarks.device_check --out "$OUT/device_check.json"
+want device_check && stage device_check "${DEVICE_CHECK_S:-330}" $PY -m experiments.benchmarks.device_check \
+  --parts "${DEVICE_PARTS:-attention,grpo,garl,sampler,grpo_unrolled}" --out "$OUT/device_check.json"
 
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest stage gpu_tests "${GPU_TESTS_S:-120}" \
-  $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-  tests/test_loaders.py::test_logits_match_transformers_with_and_without_padding tests/test_precision.py \
-  tests/test_attention.py
+GPU_TESTS=${GPU_TESTS:-tests/test_loaders.py::test_logits_match_transformers_with_and_without_padding \
+  tests/test_precision.py tests/test_attention.py}
+# shellcheck disable=SC2086  # GPU_TESTS is a list of test ids
+want gpu_tests && JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest stage gpu_tests "${GPU_TESTS_S:-120}" \
+  $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE $GPU_TESTS
 
-XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" stage memory_gpu "${MEMORY_S:-60}" bash -c \
+want memory_gpu && XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" stage memory_gpu "${MEMORY_S:-60}" bash -c \
   "$PY -m tsallis_jax.train.memory paper_finqa_1gpu qwen3_0_6b > '$OUT/memory_gpu.json'"
 tail -n 40 "$LOG"
 cat "$OUT/stages.txt"
