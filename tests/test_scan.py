@@ -189,3 +189,50 @@ def test_export_rebuilds_the_layout_the_checkpoint_was_written_in(tmp_path):
   assert export._with_stored_layout(TrainConfig(model="tiny"), state_dir).model_overrides == "scan_layers=true"
   same = TrainConfig(model="tiny", model_overrides="scan_layers=true")
   assert export._with_stored_layout(same, state_dir) is same
+
+
+def test_unrolled_view_of_a_scanned_model_has_its_weights_and_logits():
+  """`model.unrolled`: a scanned model as the unrolled form, layer l's weights the stacked arrays' slice l."""
+  from tsallis_jax.model import unrolled
+  scanned, reference = _pair()
+  view = unrolled(scanned)
+  assert not view.config.scan_layers and len(view.layers) == CFG.num_layers
+  chex.assert_trees_all_equal(nnx.state(view), nnx.state(reference))
+  tokens_NxT, pad_NxT = _batch()
+  args = (tokens_NxT, make_positions(pad_NxT), make_attention_mask(pad_NxT))
+  np.testing.assert_allclose(view(*args)[0], scanned(*args)[0], atol=1e-5)
+  assert unrolled(reference) is reference
+
+
+def _scan_lengths(jaxpr) -> list[int]:
+  """The lengths of every scan in a jaxpr, nested ones included."""
+  from jax.extend.core import jaxprs_in_params
+  lengths = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      lengths.append(eqn.params["length"])
+    for sub in jaxprs_in_params(eqn.params):
+      lengths += _scan_lengths(sub)
+  return lengths
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 2])
+def test_a_scanned_model_samples_the_same_with_its_layers_unrolled(chunk_rows):
+  """SamplingConfig.unroll_layers: the scanned model's rollout runs without a scan over its layers (no scan of length
+  L in the jaxpr; chunking's own loop is one of length 2), and draws the same samples as the scanned decode for the
+  same key."""
+  from tsallis_jax import sampler as sampler_lib
+  from tsallis_jax.sampler import SamplingConfig
+  scanned, _ = _pair()
+  graphdef, params = nnx.split(scanned)
+  tokens_BxP = jnp.array([[0, 5, 9, 3], [4, 8, 6, 10]], jnp.int32)
+  config = SamplingConfig(num_samples=2, max_new_tokens=5, temperature=1.0, stop_ids=(1,), chunk_rows=chunk_rows)
+  runs = {}
+  for unroll in (True, False):
+    cfg = SamplingConfig(**{**config.__dict__, "unroll_layers": unroll})
+    fn = lambda p, cfg=cfg: sampler_lib.generate_impl(graphdef, p, tokens_BxP, tokens_BxP != 0, jax.random.key(3), cfg)
+    assert (CFG.num_layers in _scan_lengths(jax.make_jaxpr(fn)(params).jaxpr)) == (not unroll)
+    runs[unroll] = fn(params)
+  for name in ("tokens_NxT", "mask_NxT", "lengths_N"):
+    np.testing.assert_array_equal(getattr(runs[True], name), getattr(runs[False], name), err_msg=name)
+  np.testing.assert_allclose(runs[True].logp_NxT, runs[False].logp_NxT, atol=1e-5)

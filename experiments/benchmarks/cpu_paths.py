@@ -33,7 +33,15 @@ VARIANTS = {"default": [], "host off": ["--no-host-allocator"], "linear off": ["
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  return run_ablation(VARIANTS, "cpu_paths", "CPU-only code paths: ablation on the GRPO step", argv,
+                      __doc__.splitlines()[0])
+
+
+def run_ablation(variants: dict[str, list[str]], name: str, title: str, argv, description: str) -> int:
+  """Runs `ours_grpo.py` GRPO once per variant (its extra flags) per round and workload, alternating the variants'
+  order between rounds, each in its own process with a fresh compile cache; writes results/{name}.json and .md with
+  the first variant as the base of the ratios."""
+  p = argparse.ArgumentParser(description=description)
   p.add_argument("--peers-home", default=os.environ.get("PEERS_HOME", os.path.expanduser("~/.cache/peers")))
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--workloads", nargs="+", default=["tiny", "smollm2"])
@@ -45,54 +53,59 @@ def main(argv=None) -> int:
   runs = []
   for r in range(args.rounds):
     for w in args.workloads:
-      names = list(VARIANTS)
+      names = list(variants)
       names = names[r % len(names):] + names[:r % len(names)]  # rotate the order between rounds
-      for name in names:
+      for variant in names:
         load = run_lib.wait_for_quiet(args.quiet_wait)
         with run_lib.fresh_compile_cache() as cache:
-          cmd = [*run_lib.job_command("ours", "grpo", home / "workloads" / w, {}, 0, cache), *VARIANTS[name]]
-          result = harness.run(cmd, str(home / "logs" / f"cpu_paths.r{r}.{w}.{name.replace(' ', '_')}.log"),
-                               env=env, cwd=str(run_lib.REPO), timeout_s=1800)
-        result.update({"round": r, "workload": w, "variant": name, "load_before": load})
+          cmd = [*run_lib.job_command("ours", "grpo", home / "workloads" / w, {}, 0, cache), *variants[variant]]
+          log_name = f"{name}.r{r}.{w}.{variant.replace(' ', '_').replace(',', '')}.log"
+          result = harness.run(cmd, str(home / "logs" / log_name), env=env, cwd=str(run_lib.REPO), timeout_s=1800)
+        result.update({"round": r, "workload": w, "variant": variant, "load_before": load})
         runs.append(result)
-        run_lib.log(f"round {r} {w} {name}: " + (f"median {result['median_s']:.3f}s, foreign "
-                                                  f"{result['foreign_cores']:.2f}" if result["ok"] else "FAILED"))
-  write(pathlib.Path(args.out), runs, " ".join(argv if argv is not None else sys.argv[1:]))
+        run_lib.log(f"round {r} {w} {variant}: " + (f"median {result['median_s']:.3f}s, foreign "
+                                                     f"{result['foreign_cores']:.2f}" if result["ok"] else "FAILED"))
+  write(pathlib.Path(args.out), runs, " ".join(argv if argv is not None else sys.argv[1:]), variants, name, title)
   return 0 if all(r["ok"] for r in runs) else 1
 
 
-def summary(runs: list[dict]) -> dict[tuple[str, str], dict]:
+def summary(runs: list[dict], variants=VARIANTS) -> dict[tuple[str, str], dict]:
   out = {}
   for w in sorted({r["workload"] for r in runs}):
-    for name in VARIANTS:
+    for name in variants:
       rs = [r for r in runs if r["ok"] and r["workload"] == w and r["variant"] == name]
       if not rs:
         continue
       update = [v for r in rs for k, v in r["phases_median_s"].items() if k.startswith("update")]
+      rollout = [r["phases_median_s"]["rollout"] for r in rs if "rollout" in r["phases_median_s"]]
       out[(w, name)] = {"median_s": statistics.median(r["median_s"] for r in rs),
                         "update_s": statistics.median(update) if update else None,
+                        "rollout_s": statistics.median(rollout) if rollout else None,
                         "first_s": statistics.median(r["first_s"] for r in rs),
                         "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
                         "foreign_cores": [r["foreign_cores"] for r in rs], "runs": len(rs)}
   return out
 
 
-def write(out: pathlib.Path, runs: list[dict], args: str) -> None:
-  agg = summary(runs)
-  lines = ["# CPU-only code paths: ablation on the GRPO step", "",
+def write(out: pathlib.Path, runs: list[dict], args: str, variants=VARIANTS, name: str = "cpu_paths",
+          title: str = "CPU-only code paths: ablation on the GRPO step") -> None:
+  agg = summary(runs, variants)
+  first = next(iter(variants))
+  fmt = lambda x: f"{x:.3f}" if x is not None else ""  # noqa: E731
+  lines = [f"# {title}", "",
            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {run_lib.git_commit()}",
-           f"- command: `python -m experiments.benchmarks.cpu_paths {args}`".rstrip(), "",
-           "| workload | variant | s/step | update s | first step s | peak RSS MB | default / this (step) | runs | "
-           "foreign cores |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for (w, name), a in agg.items():
-    base = agg.get((w, "default"))
+           f"- command: `python -m experiments.benchmarks.{name} {args}`".rstrip(), "",
+           f"| workload | variant | s/step | rollout s | update s | first step s | peak RSS MB | {first} / this (step) "
+           "| runs | foreign cores |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for (w, variant), a in agg.items():
+    base = agg.get((w, first))
     ratio = f"{base['median_s'] / a['median_s']:.3f}" if base else ""
-    update = f"{a['update_s']:.3f}" if a["update_s"] is not None else ""
-    lines.append(f"| {w} | {name} | {a['median_s']:.3f} | {update} | {a['first_s']:.1f} | {a['peak_rss_mb']:.0f} | "
-                 f"{ratio} | {a['runs']} | {', '.join(f'{x:.2f}' for x in a['foreign_cores'])} |")
+    lines.append(f"| {w} | {variant} | {a['median_s']:.3f} | {fmt(a['rollout_s'])} | {fmt(a['update_s'])} | "
+                 f"{a['first_s']:.1f} | {a['peak_rss_mb']:.0f} | {ratio} | {a['runs']} | "
+                 f"{', '.join(f'{x:.2f}' for x in a['foreign_cores'])} |")
   out.mkdir(parents=True, exist_ok=True)
-  (out / "cpu_paths.md").write_text("\n".join(lines) + "\n")
-  (out / "cpu_paths.json").write_text(json.dumps(
+  (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+  (out / f"{name}.json").write_text(json.dumps(
       {"summary": [{"workload": w, "variant": n, **a} for (w, n), a in agg.items()], "runs": runs}, indent=1))
 
 

@@ -98,9 +98,9 @@ def sanity_logits(model) -> np.ndarray:
   return np.asarray(logits[0, -1, :5])
 
 
-def sampling_config(spec: workloads.WorkloadSpec, num_samples: int) -> SamplingConfig:
+def sampling_config(spec: workloads.WorkloadSpec, num_samples: int, unroll_layers: bool = True) -> SamplingConfig:
   return SamplingConfig(num_samples=num_samples, max_new_tokens=spec.max_new, temperature=1.0,
-                        stop_ids=(spec.eos_id,), pad_id=spec.pad_id)
+                        stop_ids=(spec.eos_id,), pad_id=spec.pad_id, unroll_layers=unroll_layers)
 
 
 @dataclasses.dataclass
@@ -120,10 +120,11 @@ class Built:
 
 
 def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, seed: int = 0,
-          share_prompt: bool = True, scan_layers: bool = False) -> Built:
+          share_prompt: bool = True, scan_layers: bool = False, unroll_decode: bool = True) -> Built:
   """Loads the workload and builds the trainer's state, jitted rollout and train step for it (nothing compiled);
   `share_prompt=False` is the ablation of `TrainConfig.share_prompt_forward`, `scan_layers=True` the layers-under-
-  scan form of the model (`ModelConfig.scan_layers`: compile time flat in depth)."""
+  scan form of the model (`ModelConfig.scan_layers`: compile time flat in depth), which decodes with its layers
+  unrolled unless `unroll_decode=False` (`SamplingConfig.unroll_layers`)."""
   if mode not in ESTIMATORS:
     raise ValueError(f"mode={mode!r}; choose one of {ESTIMATORS}.")
   spec, model, tokenizer, prompt_tokens_BxP, prompt_mask_BxP = load_workload(folder, scan_layers)
@@ -141,7 +142,7 @@ def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, se
   # as the trainer (loop.py): the loaded weights are donated to the state, not copied twice
   state = state_lib.init_state(state_lib.pure(abstract_vars), tx, seed, state_sh, with_ref, donate=True)
   del model, abstract_vars
-  sampling = sampling_config(spec, spec.group_size)
+  sampling = sampling_config(spec, spec.group_size, unroll_decode)
   rollout_fn = jax.jit(lambda params, tokens, mask, key: generate_impl(graphdef, params, tokens, mask, key, sampling))
   prompts = (jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_mask_BxP))
   B = spec.num_prompts
@@ -157,13 +158,14 @@ def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, se
 
 def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: float | None = None,
               seed: int = 0, compile_cache_dir: str = "", share_prompt: bool = True,
-              compile_ahead: bool = True, scan_layers: bool = False) -> dict[str, Any]:
+              compile_ahead: bool = True, scan_layers: bool = False, unroll_decode: bool = True) -> dict[str, Any]:
   """Times `steps` trainer steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict.
   `compile_ahead=False` compiles the update at its first call, after the rollout (`train.compile_ahead`);
-  `scan_layers=True` runs the model's layers under scan (`ModelConfig.scan_layers`)."""
+  `scan_layers=True` runs the model's layers under scan (`ModelConfig.scan_layers`), its rollout unrolled unless
+  `unroll_decode=False`."""
   cache_entries = len(os.listdir(compile_cache_dir)) if compile_cache_dir and os.path.isdir(compile_cache_dir) else 0
   compile_cache.enable(compile_cache_dir)
-  built = build(folder, mode, q, beta, seed, share_prompt, scan_layers)
+  built = build(folder, mode, q, beta, seed, share_prompt, scan_layers, unroll_decode)
   spec, cfg, tokenizer, mesh, state = built.spec, built.cfg, built.tokenizer, built.mesh, built.state
   rollout_fn, prompts, answers, train_step = built.rollout_fn, built.prompts, built.answers, built.train_step
   steps = steps or spec.grpo_steps
@@ -199,7 +201,7 @@ def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: flo
                      tokens_per_step=spec.generated_slots, phases=phases, sanity=built.sanity,
                      extra={"beta": cfg.kl_coef, "q": cfg.q, "rewards_per_step": rewards,
                             "share_prompt_forward": cfg.share_prompt_forward, "compile_ahead": compile_ahead,
-                            "scan_layers": scan_layers,
+                            "scan_layers": scan_layers, "unroll_decode": unroll_decode,
                             "compile_cache": {"dir": compile_cache_dir, "entries_before": cache_entries},
                             "step": "jit(sampler.generate_impl), host rewards (train.scoring), then the trainer's "
                                     "jitted step (train.step.make_train_step)"})
@@ -233,6 +235,9 @@ def main(argv=None):
   p.add_argument("--scan-layers", action="store_true",
                  help="run.py mode grpo_scan: the model's layers stacked under one scan (ModelConfig.scan_layers; "
                       "compile time flat in depth) instead of the default unrolled form")
+  p.add_argument("--scan-decode", action="store_true",
+                 help="with --scan-layers, the rollout decodes under the scan too (SamplingConfig.unroll_layers="
+                      "False; the decode_layers.py A/B) instead of with the layers unrolled")
   p.add_argument("--no-compile-ahead", action="store_true",
                  help="ablation: compile the update at its first call instead of beside the first rollout "
                       "(train.compile_ahead)")
@@ -253,7 +258,7 @@ def main(argv=None):
   print("ours runner:", version(), "devices", jax.devices(), "host allocator", allocator, flush=True)
   run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, compile_cache_dir=args.compile_cache,
             share_prompt=not args.no_share_prompt, compile_ahead=not args.no_compile_ahead,
-            scan_layers=args.scan_layers)
+            scan_layers=args.scan_layers, unroll_decode=not args.scan_decode)
 
 
 if __name__ == "__main__":

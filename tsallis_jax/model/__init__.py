@@ -17,7 +17,7 @@ from tsallis_jax.model.cache import (CACHE_LOGICAL_AXES, KVCache, PromptGroupMas
                                      make_positions)
 from tsallis_jax.model.config import DEFAULT_SHARDING_RULES, ModelConfig
 from tsallis_jax.model.sharding import constrain, logical_to_spec, param_shardings
-from tsallis_jax.model.transformer import Transformer, abstract_model, create_model
+from tsallis_jax.model.transformer import Transformer, abstract_model, create_model, unrolled
 from tsallis_jax.model.logprobs import (segment_logprob, sequence_logprobs, token_logprobs,
                                         token_logprobs_from_hidden)
 from tsallis_jax.model.hf_io import CheckpointError, load_hf_checkpoint, load_tokenizer, save_hf_checkpoint
@@ -29,4 +29,5 @@ __all__ = [
   "load_smollm2",
   "load_tokenizer", "logical_to_spec", "make_attention_mask", "make_positions", "param_shardings",
   "save_hf_checkpoint", "segment_logprob", "sequence_logprobs", "token_logprobs", "token_logprobs_from_hidden",
+  "unrolled",
 ]

@@ -291,6 +291,8 @@ def generate_impl(graphdef: nnx.GraphDef, params: Any, prompt_tokens_UxP: Array,
     # Sampling never differentiates, so remat saves nothing here, and its `nnx.remat` refuses the module inside the
     # decode loop (a Variable from the outer trace): sample with the same weights, remat off.
     model.config = model.config.replace(remat="none")
+  if config.unroll_layers:
+    model = model_lib.unrolled(model)  # a scanned model decodes unrolled (SamplingConfig.unroll_layers)
   _check_inputs(model.config, prompt_tokens_UxP, prompt_mask_UxP, config, prompt_of_B)
   B = prompt_tokens_UxP.shape[0] if prompt_of_B is None else prompt_of_B.shape[0]
   G, T = config.num_samples, config.completion_len

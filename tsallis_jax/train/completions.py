@@ -23,7 +23,8 @@ from tsallis_jax.train.config import TrainConfig
 def sampling_config(cfg: TrainConfig, *, stop_ids: tuple[int, ...], pad_id: int, close_tag_ids: tuple[int, ...],
                     evaluation: bool = False) -> SamplingConfig:
   """The sampler settings of training rollouts or (with `evaluation`) of evaluation rollouts (both chunked by
-  `rollout_chunk_rows`, with the KV cache in `kv_cache_dtype`)."""
+  `rollout_chunk_rows`, with the KV cache in `kv_cache_dtype`, a scanned model decoding unrolled by
+  `rollout_unroll_layers`)."""
   if not close_tag_ids:
     raise ValueError("close_tag_ids is empty: training needs the rationale's closing tag (`</think>`) to separate"
                      " the rationale from the answer; use a tokenizer that has it")
@@ -36,7 +37,7 @@ def sampling_config(cfg: TrainConfig, *, stop_ids: tuple[int, ...], pad_id: int,
                         stop_ids=tuple(int(t) for t in stop_ids), pad_id=int(pad_id),
                         close_tag_ids=tuple(int(t) for t in close_tag_ids), rationale_budget=cfg.rationale_budget,
                         answer_budget=cfg.max_answer_len, cache_dtype=cfg.kv_cache_dtype or None,
-                        chunk_rows=cfg.rollout_chunk_rows or None)
+                        chunk_rows=cfg.rollout_chunk_rows or None, unroll_layers=cfg.rollout_unroll_layers)
 
 
 def rationale_extent(rollout: Rollout, stop_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
