@@ -315,13 +315,13 @@ def test_device_check_runs_the_trainer_step_and_writes_its_json(tmp_path):
 
   from experiments.benchmarks import device_check
   out = tmp_path / "dc.json"
-  assert device_check.main(["--model", "tiny", "--dtype", "float32", "--steps", "3", "--batch", "8", "--samples", "2",
+  assert device_check.main(["--model", "tiny", "--dtype", "float32", "--steps", "4", "--batch", "8", "--samples", "2",
                             "--prompt-len", "16", "--rationale", "6", "--answer", "4", "--sampler-reps", "1",
                             "--peak-tflops", "1.0", "--out", str(out)]) == 0
   result = json.loads(out.read_text())
   for part in ("grpo", "garl", "grpo_unrolled"):
     r = result[part]
-    assert r["steps_timed"] == 2 and r["step_s"] > 0 and 0 < r["mfu"] < 1
+    assert r["steps_timed"] == 2 and r["step_s"] > 0 and 0 < r["mfu"] < 1 and r["update_s"] > 0
     assert 0 < r["generated_tokens_per_step"] <= 8 * 2 * (6 + 1 + 4)  # a tiny vocabulary's random model hits EOS
   assert result["sampler"]["rows"] == 16 and result["sampler"]["tokens_per_s"] > 0
   for impl in ("einsum", "xla"):  # no GPU: no cudnn entry
@@ -330,6 +330,24 @@ def test_device_check_runs_the_trainer_step_and_writes_its_json(tmp_path):
   assert set(result["part_s"]) == set(device_check.PARTS) and min(result["part_s"].values()) > 0
   assert result["grpo"]["model_overrides"] == "remat=full,scan_layers=true"
   assert result["grpo_unrolled"]["model_overrides"] == "remat=full,scan_layers=false"
+
+
+def test_device_check_splits_the_trainers_step_intervals(monkeypatch):
+  """The trainer fetches a step's metrics after the next rollout: the middle intervals are whole steps, the last is
+  the final update alone, the first holds the compiles and one extra rollout."""
+  import tsallis_jax.train
+  from experiments.benchmarks import device_check
+
+  def fake_run(cfg, workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      for step, seconds in enumerate([10.0, 3.0, 3.4, 3.2, 1.0], 1):
+        f.write(json.dumps({"step": step, "perf/step_s": seconds, "gen/tokens": 100}) + "\n")
+  monkeypatch.setattr(tsallis_jax.train, "train_and_evaluate", fake_run)
+  monkeypatch.setattr(device_check, "peak_memory_bytes", lambda: None)
+  got = device_check.time_step(None, flops_per_step=3.2e12, peak_tflops=2.0)
+  chex.assert_trees_all_close({k: got[k] for k in ("step_s", "update_s", "rollout_s", "first_step_s", "mfu")},
+                              {"step_s": 3.2, "update_s": 1.0, "rollout_s": 2.2, "first_step_s": 7.8, "mfu": 0.5})
+  assert got["steps_timed"] == 3 and got["first_interval_s"] == 10.0 and got["tokens_per_s"] == 100 / 3.2
 
 
 def test_device_check_records_a_failing_part_and_runs_the_next(tmp_path, monkeypatch):

@@ -10,8 +10,12 @@ weights almost never sample EOS or `</think>`, so budget forcing makes nearly ev
 
 For each estimator (GRPO, GARL q = 0.75), with the paper configs' memory knobs (`--model-overrides`, default
 "remat=full,scan_layers=true", and `--logprob-chunk 512`; without them the step asked for a 103 GiB buffer on the H200):
-- the trainer's jitted step through `train_and_evaluate` for `--steps` steps. `first_step_s` is compile + warm-up;
-  `step_s` is the median of the later steps; tokens/s is generated tokens per step time;
+- the trainer's jitted step through `train_and_evaluate` for `--steps` steps, timed by the trainer's own
+  `perf/step_s`. The trainer fetches a step's metrics after the next step's rollout, so a middle step's interval is
+  one update + one rollout; the first interval (`first_interval_s`) also holds the compiles and the second rollout,
+  and the last one is the final update alone (`update_s`). `step_s` is the median of the middle intervals,
+  `rollout_s` = step_s - update_s, `first_step_s` = first_interval_s - rollout_s (compile + warm-up + one step);
+  tokens/s is generated tokens per step_s;
 - MFU = the FLOPs the step executes (`flops.step_flops`'s 'total_shared', counted from the shapes: the trainer
   prefills and runs each prompt once per group) / step_s / the device's matmul peak (`--peak-tflops`, default: a
   measured bf16 8192^3 product on this device); `workload_tflops_per_step` is the count without that sharing.
@@ -117,7 +121,7 @@ PARTS = ("attention", "grpo", "garl", "sampler", "grpo_unrolled")
 
 def check_config(model: str, estimator: str, steps: int, dtype: str, *, batch: int, samples: int, prompt_len: int,
                  rationale: int, answer: int, attention_impl: str = "auto", logprob_chunk: int = 512,
-                 model_overrides: str = DEFAULT_MODEL_OVERRIDES):
+                 model_overrides: str = DEFAULT_MODEL_OVERRIDES, unroll_decode: bool = True):
   from tsallis_jax.train.config import TrainConfig
   overrides = "vocab_size=151936," if model == "qwen3_0_6b" else ""  # the real vocabulary, not the task's 90 words
   overrides += f"attention_impl={attention_impl}" + (f",{model_overrides}" if model_overrides else "")
@@ -127,7 +131,8 @@ def check_config(model: str, estimator: str, steps: int, dtype: str, *, batch: i
       max_prompt_len=prompt_len, rationale_budget=rationale,
       max_answer_len=answer, estimator=estimator, q=0.75, batch_size=batch, num_samples=samples, num_steps=steps,
       learning_rate=1e-6, eval_every=0, eval_num_samples=2, eval_batch_size=8, checkpoint_every=0, max_to_keep=1,
-      progress_bar="off", tensorboard=False, log_ref_kl=False, logprob_chunk=logprob_chunk)
+      progress_bar="off", tensorboard=False, log_ref_kl=False, logprob_chunk=logprob_chunk,
+      rollout_unroll_layers=unroll_decode)
 
 
 def peak_memory_bytes() -> int | None:
@@ -158,11 +163,17 @@ def time_step(cfg, flops_per_step: float, peak_tflops: float) -> dict[str, Any]:
     rows = [r for r in read_metrics(path) if "perf/step_s" in r] if os.path.exists(path) else []
   if not rows:  # with the allocator's pool, to tell a program too big from a pool already taken
     raise RuntimeError(f"no step finished: {error} | allocator: {allocator_stats()}")
+  # The trainer fetches a step's metrics after the next step's rollout (loop.py), so `perf/step_s` of a middle step
+  # is one update + one rollout (a whole step), the first also holds the compiles and a second rollout, and the last
+  # (fetched straight after its dispatch: the run ends) is the final update alone.
   step_s = [r["perf/step_s"] for r in rows]
-  later = step_s[1:] or step_s
-  median = statistics.median(later)
+  middle = step_s[1:-1] or step_s[1:] or step_s
+  median = statistics.median(middle)
+  update = step_s[-1] if len(step_s) >= 3 else None
   tokens = statistics.median(r["gen/tokens"] for r in rows)
-  return {"first_step_s": step_s[0], "step_s": median, "steps_timed": len(later),
+  return {"first_step_s": step_s[0] - (median - update) if update is not None else step_s[0],
+          "first_interval_s": step_s[0], "step_s": median, "steps_timed": len(middle),
+          **({"update_s": update, "rollout_s": median - update} if update is not None else {}),
           "generated_tokens_per_step": tokens, "tokens_per_s": tokens / median,
           "model_tflops_per_step": flops_per_step / 1e12,
           "mfu": flops_per_step / median / (peak_tflops * 1e12), "peak_memory_bytes": peak_memory_bytes(),
@@ -218,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                       "no remat)")
   parser.add_argument("--unrolled-overrides", default=UNROLLED_MODEL_OVERRIDES,
                       help="the ModelConfig overrides of the part grpo_unrolled (the same step, layers not under scan)")
+  parser.add_argument("--scan-decode", action="store_true",
+                      help="a scanned model's rollouts decode under the scan too (rollout_unroll_layers=False; "
+                      "default: unrolled, as the paper configs)")
   parser.add_argument("--parts", default=",".join(PARTS), help="which parts to run (comma-separated)")
   args = parser.parse_args(argv)
 
@@ -262,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
   if unknown := parts - set(PARTS):
     parser.error(f"--parts {sorted(unknown)} unknown; the parts are {', '.join(PARTS)}")
   out["logprob_chunk"], out["model_overrides"] = args.logprob_chunk, args.model_overrides
+  out["rollout_unroll_layers"] = not args.scan_decode
   if "attention" in parts:
     section("attention", lambda: attention_parity(args.model, args.dtype, rows=args.batch, length=length))
 
@@ -269,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = check_config(args.model, estimator, args.steps, args.dtype, batch=args.batch, samples=args.samples,
                        prompt_len=args.prompt_len, rationale=args.rationale, answer=args.answer,
                        attention_impl=args.attention_impl, logprob_chunk=args.logprob_chunk,
-                       model_overrides=model_overrides)
+                       model_overrides=model_overrides, unroll_decode=not args.scan_decode)
     tokenizer = synthetic.make_tokenizer()
     hf = preset_config(model_spec(cfg), vocab_size=len(tokenizer)).to_hf_config()
     counts = flops.step_flops(hf, num_sequences=args.batch * args.samples, prompt_len=args.prompt_len,
@@ -287,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     section("sampler", lambda: time_sampler(check_config(
         args.model, "grpo", 1, args.dtype, batch=args.batch, samples=args.samples, prompt_len=args.prompt_len,
         rationale=args.rationale, answer=args.answer, attention_impl=args.attention_impl,
-        logprob_chunk=args.logprob_chunk, model_overrides=args.model_overrides), args.sampler_reps))
+        logprob_chunk=args.logprob_chunk, model_overrides=args.model_overrides, unroll_decode=not args.scan_decode),
+        args.sampler_reps))
   if "grpo_unrolled" in parts:  # last: the comparison that a short device session can best do without
     section("grpo_unrolled", lambda: timed_step("grpo", args.unrolled_overrides))
   print(json.dumps(out, indent=1))

@@ -98,7 +98,7 @@ def sanity_logits(model) -> np.ndarray:
   return np.asarray(logits[0, -1, :5])
 
 
-def sampling_config(spec: workloads.WorkloadSpec, num_samples: int, unroll_layers: bool = True) -> SamplingConfig:
+def sampling_config(spec: workloads.WorkloadSpec, num_samples: int, unroll_layers: bool = False) -> SamplingConfig:
   return SamplingConfig(num_samples=num_samples, max_new_tokens=spec.max_new, temperature=1.0,
                         stop_ids=(spec.eos_id,), pad_id=spec.pad_id, unroll_layers=unroll_layers)
 
@@ -120,11 +120,11 @@ class Built:
 
 
 def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, seed: int = 0,
-          share_prompt: bool = True, scan_layers: bool = False, unroll_decode: bool = True) -> Built:
+          share_prompt: bool = True, scan_layers: bool = False, unroll_decode: bool = False) -> Built:
   """Loads the workload and builds the trainer's state, jitted rollout and train step for it (nothing compiled);
   `share_prompt=False` is the ablation of `TrainConfig.share_prompt_forward`, `scan_layers=True` the layers-under-
   scan form of the model (`ModelConfig.scan_layers`: compile time flat in depth), which decodes with its layers
-  unrolled unless `unroll_decode=False` (`SamplingConfig.unroll_layers`)."""
+  unrolled with `unroll_decode=True` (`SamplingConfig.unroll_layers`)."""
   if mode not in ESTIMATORS:
     raise ValueError(f"mode={mode!r}; choose one of {ESTIMATORS}.")
   spec, model, tokenizer, prompt_tokens_BxP, prompt_mask_BxP = load_workload(folder, scan_layers)
@@ -158,11 +158,11 @@ def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, se
 
 def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: float | None = None,
               seed: int = 0, compile_cache_dir: str = "", share_prompt: bool = True,
-              compile_ahead: bool = True, scan_layers: bool = False, unroll_decode: bool = True) -> dict[str, Any]:
+              compile_ahead: bool = True, scan_layers: bool = False, unroll_decode: bool = False) -> dict[str, Any]:
   """Times `steps` trainer steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict.
   `compile_ahead=False` compiles the update at its first call, after the rollout (`train.compile_ahead`);
-  `scan_layers=True` runs the model's layers under scan (`ModelConfig.scan_layers`), its rollout unrolled unless
-  `unroll_decode=False`."""
+  `scan_layers=True` runs the model's layers under scan (`ModelConfig.scan_layers`), its rollout unrolled with
+  `unroll_decode=True`."""
   cache_entries = len(os.listdir(compile_cache_dir)) if compile_cache_dir and os.path.isdir(compile_cache_dir) else 0
   compile_cache.enable(compile_cache_dir)
   built = build(folder, mode, q, beta, seed, share_prompt, scan_layers, unroll_decode)
@@ -235,9 +235,9 @@ def main(argv=None):
   p.add_argument("--scan-layers", action="store_true",
                  help="run.py mode grpo_scan: the model's layers stacked under one scan (ModelConfig.scan_layers; "
                       "compile time flat in depth) instead of the default unrolled form")
-  p.add_argument("--scan-decode", action="store_true",
-                 help="with --scan-layers, the rollout decodes under the scan too (SamplingConfig.unroll_layers="
-                      "False; the decode_layers.py A/B) instead of with the layers unrolled")
+  p.add_argument("--unroll-decode", action="store_true",
+                 help="with --scan-layers, the rollout decodes with the layers unrolled (SamplingConfig.unroll_layers;"
+                      " the decode_layers.py A/B) instead of under the scan")
   p.add_argument("--no-compile-ahead", action="store_true",
                  help="ablation: compile the update at its first call instead of beside the first rollout "
                       "(train.compile_ahead)")
@@ -258,7 +258,7 @@ def main(argv=None):
   print("ours runner:", version(), "devices", jax.devices(), "host allocator", allocator, flush=True)
   run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, compile_cache_dir=args.compile_cache,
             share_prompt=not args.no_share_prompt, compile_ahead=not args.no_compile_ahead,
-            scan_layers=args.scan_layers, unroll_decode=not args.scan_decode)
+            scan_layers=args.scan_layers, unroll_decode=args.unroll_decode)
 
 
 if __name__ == "__main__":

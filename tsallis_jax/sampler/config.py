@@ -35,9 +35,11 @@ class SamplingConfig:
       chunk_rows rows instead of N. The samples equal the unchunked ones for the same key.
     unroll_layers: a model with its layers under scan (`ModelConfig.scan_layers`) decodes with them unrolled: its
       stacked weights are sliced into per-layer blocks once per call, before the decode loop
-      (`model.transformer.unrolled`). Under scan each decode step copies every layer's weights out of the stacked
-      arrays (H200, Qwen3-0.6B, 64 rows x 529 tokens: 3.30 s against 1.90 s per rollout). The same samples; the
-      cost is the unrolled decode loop's compile, which grows with depth. No effect on an unrolled model.
+      (`model.transformer.unrolled`). The same samples. Off by default: on CPU it does not pay (`smollm2`,
+      `experiments/benchmarks/decode_layers.py`: rollout 0.89 s against 1.05 s in the trainer's step, but the
+      rollout compiles in 5.9 s against 1.3 s, and the first step takes 18.4 s against 10.7 s). It is for
+      accelerators, where the scanned decode was the whole of the scanned step's extra time (H200, Qwen3-0.6B, 64
+      rows x 529 tokens: rollout 3.30 s scanned, 1.90 s with an unrolled model). No effect on an unrolled model.
   """
   num_samples: int = 1
   max_new_tokens: int = 256
@@ -51,7 +53,7 @@ class SamplingConfig:
   answer_budget: int = 0
   cache_dtype: str | None = None
   chunk_rows: int | None = None
-  unroll_layers: bool = True
+  unroll_layers: bool = False
 
   def __post_init__(self):
     for name in ("num_samples", "max_new_tokens"):

@@ -133,10 +133,10 @@ class TrainConfig:
   # cache under float32 compute halves it; keys and values rounded to bfloat16 when written).
   rollout_chunk_rows: int = 0
   kv_cache_dtype: str = ""
-  # With model_overrides "scan_layers=true", rollouts decode with the layers unrolled (the stacked weights sliced
-  # once per rollout; SamplingConfig.unroll_layers): the same samples, a faster decode (H200: 1.90 s instead of 3.30
-  # s per Qwen3-0.6B rollout), a longer rollout compile. False keeps the decode under scan.
-  rollout_unroll_layers: bool = True
+  # rollout_unroll_layers: with model_overrides "scan_layers=true", rollouts decode with the layers unrolled (the
+  # stacked weights sliced once per rollout; SamplingConfig.unroll_layers, which gives the CPU and H200 numbers): the
+  # same samples, a longer rollout compile; for accelerators. False (default): the decode runs under the scan too.
+  rollout_unroll_layers: bool = False
 
   # -- optimisation ------------------------------------------------------------------------------------------
   batch_size: int = 4  # B, prompts per step (global, over all processes)
