@@ -372,7 +372,8 @@ def test_device_check_records_a_failing_part_and_runs_the_next(tmp_path, monkeyp
 def test_device_check_default_step_fits_one_h200_by_xla_memory_analysis():
   """The device check's Qwen3-0.6B GRPO step (B 8 x G 8 x 657 tokens, the 151936 vocabulary) with its default memory
   knobs fits an H200 (131 GiB) by XLA's memory_analysis() (CPU XLA; GPU XLA gave 0.8x of CPU's on paper_finqa_1gpu),
-  and the same step without remat does not: on the H200 it asked for a 103 GiB buffer (2026-11-30)."""
+  and the same step without remat does not: on the H200 it asked for the allocator's whole default pool, 103.65 GiB
+  (2026-11-30)."""
   from experiments.benchmarks import device_check
   from tsallis_jax.train import memory
 

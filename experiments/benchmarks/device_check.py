@@ -9,7 +9,9 @@ weights almost never sample EOS or `</think>`, so budget forcing makes nearly ev
 + max_answer_len tokens and every step does about the same work (the JSON has the generated token count).
 
 For each estimator (GRPO, GARL q = 0.75), with the paper configs' memory knobs (`--model-overrides`, default
-"remat=full,scan_layers=true", and `--logprob-chunk 512`; without them the step asked for a 103 GiB buffer on the H200):
+"remat=full,scan_layers=true", and `--logprob-chunk 512`; without them the step did not fit the H200's default 103.65
+GiB allocator pool), its rollouts decoding the layers unrolled (`rollout_unroll_layers`, as the paper configs;
+`--scan-decode` to not):
 - the trainer's jitted step through `train_and_evaluate` for `--steps` steps, timed by the trainer's own
   `perf/step_s`. The trainer fetches a step's metrics after the next step's rollout, so a middle step's interval is
   one update + one rollout; the first interval (`first_interval_s`) also holds the compiles and the second rollout,
@@ -110,8 +112,9 @@ def attention_parity(model: str, dtype: str, *, rows: int, length: int, reps: in
 
 
 # The train step's memory knobs, as the paper configs set them (experiments/configs/_paper.py). Without them the step
-# did not fit the H200 (2026-11-30): unrolled layers with no remat asked XLA's GPU allocator for one 103 GiB buffer
-# (CPU XLA's memory_analysis() of that step: 283 GiB; with remat=full under scan: 52 GiB, tests/test_benchmarks.py).
+# did not fit the H200 (2026-11-30): unrolled layers with no remat asked XLA's GPU allocator for all of its default
+# 103.65 GiB pool (CPU XLA's memory_analysis() of that step: 283 GiB; with remat=full under scan: 52 GiB,
+# tests/test_benchmarks.py; on the H200 both forms with remat=full ran in 50 GB).
 DEFAULT_MODEL_OVERRIDES = "remat=full,scan_layers=true"
 # The part grpo_unrolled: the same GRPO step with the layers unrolled (issue 17: keep the unrolled form only if it is
 # faster at run time on some device), run last so that a time limit cuts it first.

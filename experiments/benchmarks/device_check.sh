@@ -3,8 +3,9 @@
 #
 #   OUT=/tmp/device_check bash experiments/benchmarks/device_check.sh
 #
-# Run once on an H200 (2026-11-30, with .whl/ carried): experiments/benchmarks/results/device_h200_2026-11-30/ and the
-# benchmarks README ("On an accelerator"). That run's steps did not fit the device; their memory knobs are now set.
+# Run on an H200 in two sessions (2026-11-30, with .whl/ carried): experiments/benchmarks/results/device_h200_2026-11-30*/
+# and the benchmarks README ("On an accelerator"). The first session's steps did not fit the allocator's default pool;
+# the second ran them with the paper configs' memory knobs and the pool below.
 # Every part has its own time limit and its own lines in $OUT/stages.txt (exit status, seconds); a part that fails
 # does not stop the later ones, and every JSON is written as it goes, so a cut-off run keeps what it measured.
 # 0. Python packages. Where a package index is reachable, INSTALL=1 installs requirements.txt with JAX's CUDA 12

@@ -22,9 +22,13 @@ def paper_config(task: str) -> TrainConfig:
   attention scores of a 6k-token rollout are never held for all queries and layers at once. The layers run under
   scan (`scan_layers=true`): XLA's memory analysis of the unrolled form shows the per-layer remat undone (the
   recomputations are scheduled together, temporaries grow by a whole layer's activations per layer), while under
-  scan the train step's temporaries are flat in depth (experiments/benchmarks/README.md, "Memory"). None of this
-  was run at paper scale here (one short H200 check only, benchmarks README); the memory numbers are XLA's
-  analyses and shape estimates.
+  scan the train step's temporaries are flat in depth (experiments/benchmarks/README.md, "Memory"). That analysis is
+  CPU XLA's: on the H200 the device check's unrolled step with remat ran in the same 50 GB as the scanned one
+  (benchmarks README, "On an accelerator"), so GPU XLA keeps the remat in both forms. Rollouts decode with the
+  layers unrolled (`rollout_unroll_layers`): on the H200 the scanned GRPO step took 4.18 s with the decode under
+  scan and 2.77 s with it unrolled, as fast as the unrolled model's 2.73 s (device check shapes, 2026-11-30). None
+  of this was run at paper scale here (short H200 checks only); the memory numbers are XLA's analyses and shape
+  estimates.
   """
   return TrainConfig(
       name=f"paper_{task}", model="hf", model_path="/path/to/Qwen3-0.6B", dtype="bfloat16", task=task,
@@ -33,4 +37,4 @@ def paper_config(task: str) -> TrainConfig:
       batch_size=32, num_steps=400, learning_rate=1e-6, warmup_steps=20, grad_clip=1.0, temperature=1.0,
       eval_temperature=1.0, eval_num_samples=16, eval_every=50, eval_batch_size=32, checkpoint_every=25,
       max_to_keep=3, log_ref_kl=False, micro_batch_prompts=1, logprob_chunk=512,
-      model_overrides="remat=full,scan_layers=true,attention_query_chunk=512")
+      model_overrides="remat=full,scan_layers=true,attention_query_chunk=512", rollout_unroll_layers=True)
