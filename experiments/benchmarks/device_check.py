@@ -283,11 +283,15 @@ def main(argv: list[str] | None = None) -> int:
   if "attention" in parts:
     section("attention", lambda: attention_parity(args.model, args.dtype, rows=args.batch, length=length))
 
+  def config(estimator: str, steps: int, model_overrides: str):
+    """The check's TrainConfig with this command line's shapes and knobs."""
+    return check_config(args.model, estimator, steps, args.dtype, batch=args.batch, samples=args.samples,
+                        prompt_len=args.prompt_len, rationale=args.rationale, answer=args.answer,
+                        attention_impl=args.attention_impl, logprob_chunk=args.logprob_chunk,
+                        model_overrides=model_overrides, unroll_decode=not args.scan_decode)
+
   def timed_step(estimator: str, model_overrides: str) -> dict[str, Any]:
-    cfg = check_config(args.model, estimator, args.steps, args.dtype, batch=args.batch, samples=args.samples,
-                       prompt_len=args.prompt_len, rationale=args.rationale, answer=args.answer,
-                       attention_impl=args.attention_impl, logprob_chunk=args.logprob_chunk,
-                       model_overrides=model_overrides, unroll_decode=not args.scan_decode)
+    cfg = config(estimator, args.steps, model_overrides)
     tokenizer = synthetic.make_tokenizer()
     hf = preset_config(model_spec(cfg), vocab_size=len(tokenizer)).to_hf_config()
     counts = flops.step_flops(hf, num_sequences=args.batch * args.samples, prompt_len=args.prompt_len,
@@ -302,11 +306,7 @@ def main(argv: list[str] | None = None) -> int:
   for estimator in [e for e in ("grpo", "garl") if e in parts]:
     section(estimator, lambda estimator=estimator: timed_step(estimator, args.model_overrides))
   if "sampler" in parts:
-    section("sampler", lambda: time_sampler(check_config(
-        args.model, "grpo", 1, args.dtype, batch=args.batch, samples=args.samples, prompt_len=args.prompt_len,
-        rationale=args.rationale, answer=args.answer, attention_impl=args.attention_impl,
-        logprob_chunk=args.logprob_chunk, model_overrides=args.model_overrides, unroll_decode=not args.scan_decode),
-        args.sampler_reps))
+    section("sampler", lambda: time_sampler(config("grpo", 1, args.model_overrides), args.sampler_reps))
   if "grpo_unrolled" in parts:  # last: the comparison that a short device session can best do without
     section("grpo_unrolled", lambda: timed_step("grpo", args.unrolled_overrides))
   print(json.dumps(out, indent=1))

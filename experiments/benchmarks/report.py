@@ -131,14 +131,12 @@ def targets(agg: Mapping[tuple, Mapping[str, Any]], flops: Mapping[str, Mapping[
           row["note"] += (f"; roofline {roof['step']['total']:.3g} s = {roof['step']['total'] / fastest:.2f} x "
                           f"(decode steps bound by weight reads at {peak['read_gbs']:.1f} GB/s, AdamW's 7 passes "
                           f"over the parameters)")
-      full_prompt = agg.get((w, "ours", "grpo_full_prompt"))
-      if full_prompt:
-        row["note"] = (f"ablation, every full sequence through the update (share_prompt_forward=False): "
-                       f"{full_prompt['median_s'] / fastest:.3f}; " + row.get("note", "")).strip("; ")
-      scanned = agg.get((w, "ours", "grpo_scan"))
-      if scanned:
-        row["note"] = (f"layers under scan (scan_layers=True): {scanned['median_s'] / fastest:.3f}; "
-                       + row.get("note", "")).strip("; ")
+      for mode, label in (("grpo_full_prompt", "ablation, every full sequence through the update "
+                                                "(share_prompt_forward=False)"),
+                          ("grpo_scan", "layers under scan (scan_layers=True)")):  # each prepended: scan first
+        variant = agg.get((w, "ours", mode))
+        if variant:
+          row["note"] = (f"{label}: {variant['median_s'] / fastest:.3f}; " + row.get("note", "")).strip("; ")
       rows.append(flag(row, ours, min(peers, key=lambda p: p["median_s"])))
     # First step and peak RSS: issue 17 sets these goals on the compute-bound workload (on `tiny` an eager framework's
     # first step is a fraction of a second, which no compiled one meets; the tables still show both).
