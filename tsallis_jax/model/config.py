@@ -98,8 +98,10 @@ class ModelConfig:
       False (the default) keeps one module per layer, looped in Python (unrolled under jit), which measured faster
       at run time on CPU; scan's program is smaller and starts sooner. The trainer's GRPO step on SmolLM2-135M
       (30 layers), side by side at 85ed33f: scan 1.38x slower per step (XLA:CPU copies each layer's weights out of
-      the stack per decode step and pass), first step 12.2 s instead of 27.3 s cold and 4.1 s instead of 13.8 s
-      re-run from the compile cache (`experiments/benchmarks/README.md`, results and compile time). Both
+      the stack per pass; for the rollout inside the step the cause is not settled), first step 12.2 s instead of
+      27.3 s cold and 4.1 s instead of 13.8 s re-run from the compile cache (`experiments/benchmarks/README.md`,
+      results and compile time). On one H200 (Qwen3-0.6B shapes), with rollouts decoding the layers unrolled
+      (`SamplingConfig.unroll_layers`), the scanned step ran as fast as the unrolled one (2.77 s against 2.73 s). Both
       compute the same function; their parameter trees (and so their Orbax checkpoints) differ, their Hugging Face
       files do not.
     attention_query_chunk: if set, attention runs over blocks of this many queries (exact; peak score memory
