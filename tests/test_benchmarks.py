@@ -257,6 +257,26 @@ def test_ours_step_runs_with_layers_under_scan_on_the_same_weights(tmp_path):
   assert stacked.shape[0] == model.config.num_layers  # one array for all layers: the scanned form
 
 
+def test_first_step_timeline_orders_its_events_and_writes_medians(tmp_path):
+  """first_step.py: each run is a fresh process; step 0's events happen in causal order (the update is lowered before
+  it compiles, the rewards follow the rollout, the first update runs after both), and the page gives their medians."""
+  from experiments.benchmarks import first_step
+  spec = dataclasses.replace(workloads.TINY, num_prompts=2, group_size=2, prompt_len=4, max_new=3, sample_batch=4)
+  folder = workloads.build_tiny(tmp_path / "mini", spec)
+  out = tmp_path / "first_step"
+  assert first_step.main(["--workload", str(folder), "--forms", "unrolled", "scan", "--runs", "1",
+                          "--out", str(out)]) == 0
+  runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+  assert [(r["form"], r["scan_layers"]) for r in runs] == [("unrolled", False), ("scan", True)]
+  for r in runs:
+    assert 0 < r["update_lowered"] < r["update_compiled"] < r["update_done"]
+    assert 0 < r["rollout_done"] <= r["reward_done"] < r["update_done"]
+    assert r["rollout_warm_s"] > 0 and r["update_warm_s"] > 0 and r["built_s"] > 0
+  page = out.with_suffix(".md").read_text()
+  assert "| unrolled | 1 |" in page and "| scan | 1 |" in page
+  assert f"**{runs[0]['update_done']:.2f}**" in page
+
+
 def test_our_sampler_runner_times_shared_unshared_and_grouped_calls(tmp_path, capsys):
   from experiments.benchmarks import sampler_ours
   spec = dataclasses.replace(workloads.TINY, num_prompts=2, group_size=2, prompt_len=4, max_new=3, sample_batch=4)
