@@ -23,6 +23,10 @@ The ablation re-run at 85ed33f (after the optimizer stopped copying the gradient
 (YNNPACK, Eigen / oneDNN) from the one heap, which the compile has fragmented (`_int_malloc` 8% of a rollout's perf
 samples after an in-process compile, absent without these settings; a re-run, which loads its programs from the
 persistent cache, rolls out in 0.634 s against a cold run's 0.847 s in the side-by-side benchmark).
+On a second CPU kind (an AVX-512 EPYC, 2026-12-01; `results/cpu_avx512_2026-12-01/`, 3 rounds): `smollm2` step
+1.210 s with these settings against 1.220 s without (within spread), first step 15.8 against 13.4 s, peak RSS 3358
+against 3881 MB; and with the layers under scan the warm update takes 0.855 s against 1.467 s without them, since the
+scanned step otherwise faults its temporaries in on every step.
 
 What a compile frees is the one thing worth giving back: XLA's compiler allocates hundreds of MB for a train step and
 frees them before the program first runs, and kept mapped they sit under the step's scratch, which the heap's
