@@ -271,10 +271,24 @@ def test_first_step_timeline_orders_its_events_and_writes_medians(tmp_path):
   for r in runs:
     assert 0 < r["update_lowered"] < r["update_compiled"] < r["update_done"]
     assert 0 < r["rollout_done"] <= r["reward_done"] < r["update_done"]
-    assert r["rollout_warm_s"] > 0 and r["update_warm_s"] > 0 and r["built_s"] > 0
+    assert r["rollout_step1_s"] > 0 and r["update_step1_s"] > 0 and r["built_s"] > 0
+    assert 0 < r["first_update_s"] <= r["update_done"] - r["update_compiled"]
   page = out.with_suffix(".md").read_text()
   assert "| unrolled | 1 |" in page and "| scan | 1 |" in page
   assert f"**{runs[0]['update_done']:.2f}**" in page
+
+
+def test_first_step_summary_takes_medians_of_each_runs_own_times():
+  """The page's per-form numbers are medians over runs of each run's own values; the first update's run alone is
+  the median of the per-run differences, which a difference of the two medians would not give."""
+  from experiments.benchmarks import first_step
+  base = {"form": "unrolled", "built_s": 1.0, "update_lowered": 1.0, "rollout_done": 2.0, "reward_done": 2.1,
+          "rollout_step1_s": 0.5, "update_step1_s": 0.7}
+  runs = [{**base, "update_compiled": c, "update_done": d, "first_update_s": d - c}
+          for c, d in ((10.0, 12.8), (11.0, 14.0), (12.0, 14.7))]  # differences 2.8, 3.0, 2.7
+  agg = first_step.summary(runs)["unrolled"]
+  assert agg["runs"] == 3 and agg["update_compiled"] == 11.0 and agg["update_done"] == 14.0
+  assert agg["first_update_s"] == pytest.approx(2.8)  # not 14.0 - 11.0
 
 
 def test_our_sampler_runner_times_shared_unshared_and_grouped_calls(tmp_path, capsys):

@@ -6,13 +6,16 @@ Step 0 runs as `ours_grpo.run_train` and the trainer's first step run it: the up
 background thread (what `tsallis_jax.train.compile_ahead` does, here inline so that each phase gets a timestamp), the
 main thread traces, compiles and runs the rollout, scores the rewards on the host, waits for the compile, then runs the
 first update. Step 1 follows (a second rollout and update, both compiled), so the first runs' one-time costs show
-beside the warm ones. No persistent compilation cache: a user's first run. Each run is a fresh process (`--child`),
-the forms alternate (`--forms unrolled scan`: the default model and `ModelConfig.scan_layers`).
+beside step 1's. No persistent compilation cache (the children run with `JAX_ENABLE_COMPILATION_CACHE=false`): a
+user's first run. Each run is a fresh process (`--child`, from the repository root), the forms alternate
+(`--forms unrolled scan`: the default model and `ModelConfig.scan_layers`).
 
 Events, in seconds from the start of step 0: `update_lowered` (trace + lowering of the update, in the thread),
 `rollout_done` (the rollout's trace, compile and first run), `reward_done`, `update_compiled`, `update_done` (= the
-first step); plus `built_s` (weights loaded and the train state made, before step 0), `rollout_warm_s` and
-`update_warm_s` (step 1's phases). Writes OUT.json (every run) and OUT.md (medians per form).
+first step). Derived per run: `first_update_s`, the first update's run alone (`update_done` minus the later of
+`update_compiled` and `reward_done`). Plus `built_s` (from entering `timeline`, imports included, to the weights
+loaded and the train state made) and step 1's phases, one sample each: `rollout_step1_s`, `update_step1_s`.
+Writes OUT.json (every run) and OUT.md (per form, the median over runs of each of these).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 EVENTS = ("update_lowered", "rollout_done", "reward_done", "update_compiled", "update_done")
 FORMS = {"unrolled": [], "scan": ["--scan-layers"]}
+CHILD_TIMEOUT_S = 1800
 
 
 def timeline(folder: str, scan_layers: bool = False) -> dict:
@@ -77,14 +81,17 @@ def timeline(folder: str, scan_layers: bool = False) -> dict:
       args = jax.tree.map(abstract, (state, built.abstract_batch, step_key, q_range))
       thread = threading.Thread(target=compile_update, args=(args,), daemon=True)
       thread.start()
-    rollout = jax.block_until_ready(built.rollout_fn(state.params, *built.prompts, rollout_key))
-    t1 = time.perf_counter()
-    rewards_BxG = jax.block_until_ready(scoring.rollout_rewards(reward_funcs, rollout, records, built.tokenizer,
-                                                                mesh, B))
-    t2 = time.perf_counter()
+    try:
+      rollout = jax.block_until_ready(built.rollout_fn(state.params, *built.prompts, rollout_key))
+      t1 = time.perf_counter()
+      rewards_BxG = jax.block_until_ready(scoring.rollout_rewards(reward_funcs, rollout, records, built.tokenizer,
+                                                                  mesh, B))
+      t2 = time.perf_counter()
+    finally:
+      if step == 0:
+        thread.join()  # step 0's t0 stays the thread's reference; an interpreter exiting mid-compile would abort
     if step == 0:
       events["rollout_done"], events["reward_done"] = t1 - t0, t2 - t0
-      thread.join()
       if "error" in compiled:
         raise compiled["error"]
     state, _ = compiled["update"](state, {"rollout": rollout, **built.answers, "rewards_BxG": rewards_BxG},
@@ -94,17 +101,19 @@ def timeline(folder: str, scan_layers: bool = False) -> dict:
     if step == 0:
       events["update_done"] = t3 - t0
     else:
-      phases = {"rollout_warm_s": t1 - t0, "update_warm_s": t3 - t2}
-  return {"scan_layers": scan_layers, "built_s": built_s, **{e: events[e] for e in EVENTS}, **phases}
+      phases = {"rollout_step1_s": t1 - t0, "update_step1_s": t3 - t2}
+  first_update_s = events["update_done"] - max(events["update_compiled"], events["reward_done"])
+  return {"scan_layers": scan_layers, "built_s": built_s, **{e: events[e] for e in EVENTS},
+          "first_update_s": first_update_s, **phases}
 
 
 def summary(runs: list[dict]) -> dict[str, dict[str, float]]:
-  """Per form: the median of each event over its runs."""
+  """Per form: the median over its runs of each event and each derived time (never a difference of medians)."""
   out = {}
   for form in FORMS:
     rs = [r for r in runs if r["form"] == form]
     if rs:
-      keys = ("built_s", *EVENTS, "rollout_warm_s", "update_warm_s")
+      keys = ("built_s", *EVENTS, "first_update_s", "rollout_step1_s", "update_step1_s")
       out[form] = {k: statistics.median(r[k] for r in rs) for k in keys} | {"runs": len(rs)}
   return out
 
@@ -113,21 +122,25 @@ def write(out: pathlib.Path, runs: list[dict], command: str) -> None:
   from experiments.benchmarks import run as run_lib
   agg = summary(runs)
   m = run_lib.machine()
-  flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
-  isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line for line in f if line.startswith("flags")), "").split()
+    isa = " (AVX-512)" if "avx512f" in flags else " (AVX2)" if "avx2" in flags else ""
+  except OSError:  # not Linux
+    isa = ""
   lines = ["# The first step's timeline: the benchmark's GRPO step 0 in fresh processes", "",
            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit "
-           f"{run_lib.git_commit()}; machine: {m['cpu']} ({isa}), {m['cores']} cores, {m['memory_gib']} GiB",
+           f"{run_lib.git_commit()}; machine: {m['cpu']}{isa}, {m['cores']} cores, {m['memory_gib']} GiB",
            f"- command: `{command}`", "- seconds from the start of step 0 (medians over runs); the update compiles in "
            "a background thread while the rollout compiles and runs; no persistent compilation cache", "",
            "| form | runs | update lowered | rollout done | update compiled | first step (update done) | first update "
-           "run | warm update | warm rollout | load + state (before step 0) |",
+           "run alone | update, step 1 | rollout, step 1 | imports + load + state (before step 0) |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for form, a in agg.items():
     lines.append(f"| {form} | {a['runs']} | {a['update_lowered']:.2f} | {a['rollout_done']:.2f} | "
                  f"{a['update_compiled']:.2f} | **{a['update_done']:.2f}** | "
-                 f"{a['update_done'] - a['update_compiled']:.2f} | {a['update_warm_s']:.3f} | "
-                 f"{a['rollout_warm_s']:.3f} | {a['built_s']:.2f} |")
+                 f"{a['first_update_s']:.2f} | {a['update_step1_s']:.3f} | "
+                 f"{a['rollout_step1_s']:.3f} | {a['built_s']:.2f} |")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.with_suffix(".md").write_text("\n".join(lines) + "\n")
   out.with_suffix(".json").write_text(json.dumps({"command": command, "summary": agg, "runs": runs}, indent=1))
@@ -147,19 +160,29 @@ def main(argv=None) -> int:
     host_memory.keep_freed_memory()  # as the command lines and ours_grpo.py: before JAX starts
     print("FIRST_STEP " + json.dumps(timeline(args.workload, args.scan_layers)), flush=True)
     return 0
-  env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+  from experiments.benchmarks import run as run_lib
+  env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TF_CPP_MIN_LOG_LEVEL": "3",
+         "JAX_ENABLE_COMPILATION_CACHE": "false",
+         "PYTHONPATH": os.pathsep.join(p for p in (str(run_lib.REPO), os.environ.get("PYTHONPATH", "")) if p)}
+  command = "python -m experiments.benchmarks.first_step " + " ".join(argv if argv is not None else sys.argv[1:])
   runs = []
   for r in range(args.runs):
     for form in args.forms:
       cmd = [sys.executable, "-m", "experiments.benchmarks.first_step", "--child", "--workload", args.workload,
              *FORMS[form]]
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-      line = next((s for s in proc.stdout.splitlines() if s.startswith("FIRST_STEP ")), None)
+      try:
+        proc = subprocess.run(cmd, env=env, cwd=str(run_lib.REPO), capture_output=True, text=True, check=False,
+                              timeout=CHILD_TIMEOUT_S)
+      except subprocess.TimeoutExpired as e:
+        proc = subprocess.CompletedProcess(cmd, "timeout", e.stdout or "", f"no result after {CHILD_TIMEOUT_S} s")
+      line = next((s for s in (proc.stdout or "").splitlines() if s.startswith("FIRST_STEP ")), None)
       if proc.returncode or line is None:
-        raise RuntimeError(f"first_step child failed ({form}, run {r}, exit {proc.returncode}): {proc.stderr[-2000:]}")
+        if runs:
+          write(pathlib.Path(args.out), runs, command + "  (stopped early: a run failed)")
+        raise RuntimeError(f"first_step child failed ({form}, run {r}, exit {proc.returncode}; the runs before it "
+                           f"are in {args.out}.json): {(proc.stderr or '')[-2000:]}")
       runs.append({"form": form, "run": r, **json.loads(line[len("FIRST_STEP "):])})
       print(f"run {r} {form}: first step {runs[-1]['update_done']:.2f} s", flush=True)
-  command = "python -m experiments.benchmarks.first_step " + " ".join(argv if argv is not None else sys.argv[1:])
   write(pathlib.Path(args.out), runs, command)
   return 0
 
