@@ -265,7 +265,7 @@ def test_first_step_timeline_orders_its_events_and_writes_medians(tmp_path):
   folder = workloads.build_tiny(tmp_path / "mini", spec)
   out = tmp_path / "first_step"
   assert first_step.main(["--workload", str(folder), "--forms", "unrolled", "scan", "--runs", "1",
-                          "--out", str(out)]) == 0
+                          "--quiet-wait", "0", "--out", str(out)]) == 0
   runs = json.loads(out.with_suffix(".json").read_text())["runs"]
   assert [(r["form"], r["scan_layers"]) for r in runs] == [("unrolled", False), ("scan", True)]
   for r in runs:

@@ -1,13 +1,15 @@
 """Where the first step's time goes: a timeline of the benchmark's GRPO step 0 in fresh processes (issue 17).
 
   python -m experiments.benchmarks.first_step --workload DIR [--forms unrolled scan] [--runs 3] [--out OUT]
+                                             [--quiet-wait 45]
 
 Step 0 runs as `ours_grpo.run_train` and the trainer's first step run it: the update's lowering and compile start in a
 background thread (what `tsallis_jax.train.compile_ahead` does, here inline so that each phase gets a timestamp), the
 main thread traces, compiles and runs the rollout, scores the rewards on the host, waits for the compile, then runs the
 first update. Step 1 follows (a second rollout and update, both compiled), so the first runs' one-time costs show
 beside step 1's. No persistent compilation cache (the children run with `JAX_ENABLE_COMPILATION_CACHE=false`): a
-user's first run. Each run is a fresh process (`--child`, from the repository root), the forms alternate
+user's first run. Each run is a fresh process (`--child`, from the repository root), started once other processes
+use under 0.25 cores (up to `--quiet-wait` seconds, as `run.py`; the load is recorded), the forms alternate
 (`--forms unrolled scan`: the default model and `ModelConfig.scan_layers`).
 
 Events, in seconds from the start of step 0: `update_lowered` (trace + lowering of the update, in the thread),
@@ -132,7 +134,10 @@ def write(out: pathlib.Path, runs: list[dict], command: str) -> None:
            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit "
            f"{run_lib.git_commit()}; machine: {m['cpu']}{isa}, {m['cores']} cores, {m['memory_gib']} GiB",
            f"- command: `{command}`", "- seconds from the start of step 0 (medians over runs); the update compiles in "
-           "a background thread while the rollout compiles and runs; no persistent compilation cache", "",
+           "a background thread while the rollout compiles and runs; no persistent compilation cache",
+           "- other processes' load (cores) before each run: " + ", ".join(
+               f"{r['form']} " + ("-" if r.get("load_before") is None else f"{r['load_before']:.2f}") for r in runs),
+           "",
            "| form | runs | update lowered | rollout done | update compiled | first step (update done) | first update "
            "run alone | update, step 1 | rollout, step 1 | imports + load + state (before step 0) |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -152,6 +157,8 @@ def main(argv=None) -> int:
   p.add_argument("--forms", nargs="+", choices=sorted(FORMS), default=["unrolled", "scan"])
   p.add_argument("--runs", type=int, default=3, help="fresh processes per form")
   p.add_argument("--out", default=str(HERE / "results" / "first_step"), help="writes OUT.json and OUT.md")
+  p.add_argument("--quiet-wait", type=float, default=45.0,
+                 help="max seconds to wait before each run for other processes to use under 0.25 cores")
   p.add_argument("--scan-layers", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -170,6 +177,7 @@ def main(argv=None) -> int:
     for form in args.forms:
       cmd = [sys.executable, "-m", "experiments.benchmarks.first_step", "--child", "--workload", args.workload,
              *FORMS[form]]
+      load = run_lib.wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else None  # None: not measured
       try:
         proc = subprocess.run(cmd, env=env, cwd=str(run_lib.REPO), capture_output=True, text=True, check=False,
                               timeout=CHILD_TIMEOUT_S)
@@ -181,8 +189,9 @@ def main(argv=None) -> int:
           write(pathlib.Path(args.out), runs, command + "  (stopped early: a run failed)")
         raise RuntimeError(f"first_step child failed ({form}, run {r}, exit {proc.returncode}; the runs before it "
                            f"are in {args.out}.json): {(proc.stderr or '')[-2000:]}")
-      runs.append({"form": form, "run": r, **json.loads(line[len("FIRST_STEP "):])})
-      print(f"run {r} {form}: first step {runs[-1]['update_done']:.2f} s", flush=True)
+      runs.append({"form": form, "run": r, "load_before": load, **json.loads(line[len("FIRST_STEP "):])})
+      print(f"run {r} {form}: first step {runs[-1]['update_done']:.2f} s (other processes before it: "
+            f"{'not measured' if load is None else f'{load:.2f} cores'})", flush=True)
   write(pathlib.Path(args.out), runs, command)
   return 0
 
