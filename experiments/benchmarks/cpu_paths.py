@@ -30,11 +30,11 @@ from experiments.benchmarks import harness, run as run_lib
 
 HERE = pathlib.Path(__file__).resolve().parent
 VARIANTS = {"default": [], "host off": ["--no-host-allocator"], "linear off": ["--no-cpu-linear-backward"]}
+TITLE = "CPU-only code paths: ablation on the GRPO step"
 
 
 def main(argv=None) -> int:
-  return run_ablation(VARIANTS, "cpu_paths", "CPU-only code paths: ablation on the GRPO step", argv,
-                      __doc__.splitlines()[0])
+  return run_ablation(VARIANTS, "cpu_paths", TITLE, argv, __doc__.splitlines()[0])
 
 
 def run_ablation(variants: dict[str, list[str]], name: str, title: str, argv, description: str) -> int:
@@ -88,7 +88,7 @@ def summary(runs: list[dict], variants=VARIANTS) -> dict[tuple[str, str], dict]:
 
 
 def write(out: pathlib.Path, runs: list[dict], args: str, variants=VARIANTS, name: str = "cpu_paths",
-          title: str = "CPU-only code paths: ablation on the GRPO step") -> None:
+          title: str = TITLE) -> None:
   agg = summary(runs, variants)
   first = next(iter(variants))
   fmt = lambda x: f"{x:.3f}" if x is not None else ""  # noqa: E731

@@ -46,22 +46,16 @@ def timeline(folder: str, scan_layers: bool = False) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from experiments.benchmarks import ours_grpo, workloads
-  from experiments.benchmarks.peers import common
-  from tsallis_jax.data.records import Record
-  from tsallis_jax.train import scoring
+  from experiments.benchmarks import ours_grpo
+  from tsallis_jax.train import compile_ahead, scoring
 
   built = ours_grpo.build(folder, "grpo", scan_layers=scan_layers)
   built_s = time.perf_counter() - t_start
   spec, mesh, state = built.spec, built.mesh, built.state
   B = spec.num_prompts
-  reward_funcs = scoring.RewardFuncs((lambda completions, records, **_: common.reward_contains(
-      spec.reward_token, completions),), (1.0,))
-  records = [Record(id=f"bench-{i}", question=text, answer="", source=folder, index=i)
-             for i, text in enumerate(workloads.read_prompts(folder)[0][:B])]
+  reward_funcs, records = ours_grpo.host_rewards(spec, folder)
   q_range = jnp.asarray([built.cfg.q, built.cfg.q], jnp.float32)
   key = jax.random.key(0)
-  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
   events: dict[str, float] = {}
   compiled: dict = {}
 
@@ -80,7 +74,7 @@ def timeline(folder: str, scan_layers: bool = False) -> dict:
     rollout_key, step_key = jax.random.split(jax.random.fold_in(key, step))
     t0 = time.perf_counter()
     if step == 0:
-      args = jax.tree.map(abstract, (state, built.abstract_batch, step_key, q_range))
+      args = jax.tree.map(compile_ahead.abstract, (state, built.abstract_batch, step_key, q_range))
       thread = threading.Thread(target=compile_update, args=(args,), daemon=True)
       thread.start()
     try:

@@ -156,6 +156,16 @@ def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, se
   return Built(spec, cfg, tokenizer, sanity, mesh, state, rollout_fn, prompts, answers, abstract_batch, train_step)
 
 
+def host_rewards(spec: workloads.WorkloadSpec, folder: str) -> tuple[scoring.RewardFuncs, list[Record]]:
+  """The step's reward through the trainer's interface: the peers' function (1.0 when the completion contains the
+  workload's reward token) as `reward_funcs`, and a record per prompt of the batch."""
+  reward_token = spec.reward_token
+  contains = lambda completions, records, **columns: common.reward_contains(reward_token, completions)  # noqa: E731
+  records = [Record(id=f"bench-{i}", question=text, answer="", source=folder, index=i)
+             for i, text in enumerate(workloads.read_prompts(folder)[0][:spec.num_prompts])]
+  return scoring.RewardFuncs((contains,), (1.0,)), records
+
+
 def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: float | None = None,
               seed: int = 0, compile_cache_dir: str = "", share_prompt: bool = True,
               compile_ahead: bool = True, scan_layers: bool = False, unroll_decode: bool = False) -> dict[str, Any]:
@@ -170,11 +180,7 @@ def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: flo
   rollout_fn, prompts, answers, train_step = built.rollout_fn, built.prompts, built.answers, built.train_step
   steps = steps or spec.grpo_steps
   B = spec.num_prompts
-  reward_token = spec.reward_token
-  contains = lambda completions, records, **columns: common.reward_contains(reward_token, completions)  # noqa: E731
-  reward_funcs = scoring.RewardFuncs((contains,), (1.0,))
-  records = [Record(id=f"bench-{i}", question=text, answer="", source=folder, index=i)
-             for i, text in enumerate(workloads.read_prompts(folder)[0][:B])]
+  reward_funcs, records = host_rewards(spec, folder)
   q_range = jnp.asarray([cfg.q, cfg.q], jnp.float32)
   key = jax.random.key(seed)
   times, rewards, phases = [], [], {"rollout": [], REWARD_PHASE: [], UPDATE_PHASE: []}

@@ -37,7 +37,8 @@ def _wait_at_exit() -> None:
     thread.join(EXIT_WAIT_S)
 
 
-def _abstract(x: Any) -> Any:
+def abstract(x: Any) -> Any:
+  """The shape, dtype and weak type a compile fixes of an array (a `jax.ShapeDtypeStruct` is returned as it is)."""
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
   return jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=bool(getattr(x, "weak_type", False)))
@@ -72,7 +73,7 @@ class AheadOfTime:
         return self._compiled[sig]
       future: concurrent.futures.Future = concurrent.futures.Future()
       self._compiled[sig] = future
-    args = jax.tree.map(_abstract, (state, batch, key, q_range))
+    args = jax.tree.map(abstract, (state, batch, key, q_range))
 
     def compile_step():
       try:
