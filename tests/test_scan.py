@@ -1,5 +1,7 @@
 """Layers under scan (`ModelConfig.scan_layers`) against the unrolled loop, remat policies, and both layouts through
 the HF loader and Orbax checkpoints."""
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -229,7 +231,7 @@ def test_a_scanned_model_samples_the_same_with_its_layers_unrolled(chunk_rows):
   config = SamplingConfig(num_samples=2, max_new_tokens=5, temperature=1.0, stop_ids=(1,), chunk_rows=chunk_rows)
   runs = {}
   for unroll in (True, False):
-    cfg = SamplingConfig(**{**config.__dict__, "unroll_layers": unroll})
+    cfg = dataclasses.replace(config, unroll_layers=unroll)
     fn = lambda p, cfg=cfg: sampler_lib.generate_impl(graphdef, p, tokens_BxP, tokens_BxP != 0, jax.random.key(3), cfg)
     assert (CFG.num_layers in _scan_lengths(jax.make_jaxpr(fn)(params).jaxpr)) == (not unroll)
     runs[unroll] = fn(params)
