@@ -10,7 +10,8 @@ first update. Step 1 follows (a second rollout and update, both compiled), so th
 beside step 1's. No persistent compilation cache (the children run with `JAX_ENABLE_COMPILATION_CACHE=false`): a
 user's first run. Each run is a fresh process (`--child`, from the repository root), started once other processes
 use under 0.25 cores (up to `--quiet-wait` seconds, as `run.py`; the load is recorded), the forms alternate
-(`--forms unrolled scan`: the default model and `ModelConfig.scan_layers`).
+(`--forms unrolled scan`: the default model and `ModelConfig.scan_layers`; `scan_xla` and `scan_quick_compile`: the
+scanned form under those `TrainConfig.cpu_emitters` choices, `tsallis_jax.xla_cpu`).
 
 Events, in seconds from the start of step 0: `update_lowered` (trace + lowering of the update, in the thread),
 `rollout_done` (the rollout's trace, compile and first run), `reward_done`, `update_compiled`, `update_done` (= the
@@ -33,11 +34,14 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 EVENTS = ("update_lowered", "rollout_done", "reward_done", "update_compiled", "update_done")
-FORMS = {"unrolled": [], "scan": ["--scan-layers"]}
+FORMS = {"unrolled": [], "scan": ["--scan-layers"],
+         # the scanned form under the other `TrainConfig.cpu_emitters` choices (`tsallis_jax.xla_cpu`; "scan" is "auto")
+         "scan_xla": ["--scan-layers", "--cpu-emitters", "xla"],
+         "scan_quick_compile": ["--scan-layers", "--cpu-emitters", "quick_compile"]}
 CHILD_TIMEOUT_S = 1800
 
 
-def timeline(folder: str, scan_layers: bool = False) -> dict:
+def timeline(folder: str, scan_layers: bool = False, cpu_emitters: str = "auto") -> dict:
   """Runs steps 0 and 1 of the benchmark's GRPO step in this process; returns the events (see the module docstring).
   Call it in a fresh process for a cold first step."""
   t_start = time.perf_counter()
@@ -49,7 +53,7 @@ def timeline(folder: str, scan_layers: bool = False) -> dict:
   from experiments.benchmarks import ours_grpo
   from tsallis_jax.train import compile_ahead, scoring
 
-  built = ours_grpo.build(folder, "grpo", scan_layers=scan_layers)
+  built = ours_grpo.build(folder, "grpo", scan_layers=scan_layers, cpu_emitters=cpu_emitters)
   built_s = time.perf_counter() - t_start
   spec, mesh, state = built.spec, built.mesh, built.state
   B = spec.num_prompts
@@ -99,7 +103,7 @@ def timeline(folder: str, scan_layers: bool = False) -> dict:
     else:
       phases = {"rollout_step1_s": t1 - t0, "update_step1_s": t3 - t2}
   first_update_s = events["update_done"] - max(events["update_compiled"], events["reward_done"])
-  return {"scan_layers": scan_layers, "built_s": built_s, **{e: events[e] for e in EVENTS},
+  return {"scan_layers": scan_layers, "cpu_emitters": cpu_emitters, "built_s": built_s, **{e: events[e] for e in EVENTS},
           "first_update_s": first_update_s, **phases}
 
 
@@ -154,12 +158,13 @@ def main(argv=None) -> int:
   p.add_argument("--quiet-wait", type=float, default=45.0,
                  help="max seconds to wait before each run for other processes to use under 0.25 cores")
   p.add_argument("--scan-layers", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--cpu-emitters", default="auto", help=argparse.SUPPRESS)
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
     from tsallis_jax import host_memory
     host_memory.keep_freed_memory()  # as the command lines and ours_grpo.py: before JAX starts
-    print("FIRST_STEP " + json.dumps(timeline(args.workload, args.scan_layers)), flush=True)
+    print("FIRST_STEP " + json.dumps(timeline(args.workload, args.scan_layers, args.cpu_emitters)), flush=True)
     return 0
   from experiments.benchmarks import run as run_lib
   env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TF_CPP_MIN_LOG_LEVEL": "3",

@@ -50,7 +50,7 @@ from flax import nnx
 
 from experiments.benchmarks import workloads
 from experiments.benchmarks.peers import common
-from tsallis_jax import distributed, host_memory
+from tsallis_jax import distributed, host_memory, xla_cpu
 from tsallis_jax.data.records import Record
 from tsallis_jax.model import hf_io
 from tsallis_jax.sampler import SamplingConfig, generate_impl
@@ -66,9 +66,9 @@ REWARD_PHASE = "reward (host: decode + reward_funcs)"
 
 
 def train_config(spec: workloads.WorkloadSpec, mode: str, q: float, beta: float,
-                 share_prompt: bool = True) -> TrainConfig:
+                 share_prompt: bool = True, cpu_emitters: str = "auto") -> TrainConfig:
   """The trainer's config for the workload's step (the peers' GRPO settings; TRL / tunix names in comments)."""
-  return TrainConfig(share_prompt_forward=share_prompt,
+  return TrainConfig(share_prompt_forward=share_prompt, cpu_emitters=cpu_emitters,
       name=f"bench-{spec.name}-{mode}", estimator=mode, q=q if mode != "grpo" else 0.0, weights="reward",
       baseline="rloo", num_samples=spec.group_size, batch_size=spec.num_prompts, eval_batch_size=spec.num_prompts,
       max_prompt_len=spec.prompt_len, rationale_budget=spec.max_new, max_answer_len=1, temperature=1.0,
@@ -120,16 +120,18 @@ class Built:
 
 
 def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, seed: int = 0,
-          share_prompt: bool = True, scan_layers: bool = False, unroll_decode: bool = False) -> Built:
+          share_prompt: bool = True, scan_layers: bool = False, unroll_decode: bool = False,
+          cpu_emitters: str = "auto") -> Built:
   """Loads the workload and builds the trainer's state, jitted rollout and train step for it (nothing compiled);
   `share_prompt=False` is the ablation of `TrainConfig.share_prompt_forward`, `scan_layers=True` the layers-under-
   scan form of the model (`ModelConfig.scan_layers`: compile time flat in depth), which decodes with its layers
-  unrolled with `unroll_decode=True` (`SamplingConfig.unroll_layers`)."""
+  unrolled with `unroll_decode=True` (`SamplingConfig.unroll_layers`); both programs get the trainer's XLA:CPU
+  compile options for `cpu_emitters` (`TrainConfig.cpu_emitters`, `tsallis_jax.xla_cpu`)."""
   if mode not in ESTIMATORS:
     raise ValueError(f"mode={mode!r}; choose one of {ESTIMATORS}.")
   spec, model, tokenizer, prompt_tokens_BxP, prompt_mask_BxP = load_workload(folder, scan_layers)
   beta = spec.beta if beta is None else beta
-  cfg = train_config(spec, mode, q, beta, share_prompt)
+  cfg = train_config(spec, mode, q, beta, share_prompt, cpu_emitters)
   sanity = sanity_logits(model)
   # The eager sanity forward leaves ~100 one-op executables in JAX's caches (0.1 GB on smollm2), which the trainer
   # never builds: dropped before anything the trainer does is compiled.
@@ -143,7 +145,10 @@ def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, se
   state = state_lib.init_state(state_lib.pure(abstract_vars), tx, seed, state_sh, with_ref, donate=True)
   del model, abstract_vars
   sampling = sampling_config(spec, spec.group_size, unroll_decode)
-  rollout_fn = jax.jit(lambda params, tokens, mask, key: generate_impl(graphdef, params, tokens, mask, key, sampling))
+  platform = xla_cpu.platform_of(mesh)  # as `train.programs.build_programs`
+  rollout_fn = jax.jit(lambda params, tokens, mask, key: generate_impl(graphdef, params, tokens, mask, key, sampling),
+                       compiler_options=xla_cpu.compiler_options(cpu_emitters, "rollout", platform=platform,
+                                                                 layers_scanned=scan_layers and not unroll_decode))
   prompts = (jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_mask_BxP))
   B = spec.num_prompts
   answers = {"answer_tokens_BxA": jnp.full((B, 1), spec.pad_id, jnp.int32), "answer_mask_BxA": jnp.zeros((B, 1), bool)}
@@ -152,7 +157,9 @@ def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, se
                                                                 answers),
                     "rewards_BxG": jax.ShapeDtypeStruct((B, spec.group_size), jnp.float32)}
   ids = TokenIds(stop_ids=(spec.eos_id,), pad_id=spec.pad_id, close_tag_ids=())
-  train_step = make_train_step(cfg, graphdef, tx, ids, mesh, state_sh, abstract_batch)
+  train_step = make_train_step(cfg, graphdef, tx, ids, mesh, state_sh, abstract_batch,
+                               compiler_options=xla_cpu.compiler_options(cpu_emitters, "train_step",
+                                                                         layers_scanned=scan_layers, platform=platform))
   return Built(spec, cfg, tokenizer, sanity, mesh, state, rollout_fn, prompts, answers, abstract_batch, train_step)
 
 
@@ -168,14 +175,15 @@ def host_rewards(spec: workloads.WorkloadSpec, folder: str) -> tuple[scoring.Rew
 
 def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: float | None = None,
               seed: int = 0, compile_cache_dir: str = "", share_prompt: bool = True,
-              compile_ahead: bool = True, scan_layers: bool = False, unroll_decode: bool = False) -> dict[str, Any]:
+              compile_ahead: bool = True, scan_layers: bool = False, unroll_decode: bool = False,
+              cpu_emitters: str = "auto") -> dict[str, Any]:
   """Times `steps` trainer steps (step 0 = compile) and emits the BENCH_RESULT line; returns the result dict.
   `compile_ahead=False` compiles the update at its first call, after the rollout (`train.compile_ahead`);
   `scan_layers=True` runs the model's layers under scan (`ModelConfig.scan_layers`), its rollout unrolled with
-  `unroll_decode=True`."""
+  `unroll_decode=True`; `cpu_emitters` is `TrainConfig.cpu_emitters`."""
   cache_entries = len(os.listdir(compile_cache_dir)) if compile_cache_dir and os.path.isdir(compile_cache_dir) else 0
   compile_cache.enable(compile_cache_dir)
-  built = build(folder, mode, q, beta, seed, share_prompt, scan_layers, unroll_decode)
+  built = build(folder, mode, q, beta, seed, share_prompt, scan_layers, unroll_decode, cpu_emitters)
   spec, cfg, tokenizer, mesh, state = built.spec, built.cfg, built.tokenizer, built.mesh, built.state
   rollout_fn, prompts, answers, train_step = built.rollout_fn, built.prompts, built.answers, built.train_step
   steps = steps or spec.grpo_steps
@@ -207,7 +215,7 @@ def run_train(folder: str, mode: str, steps: int = 0, q: float = 0.75, beta: flo
                      tokens_per_step=spec.generated_slots, phases=phases, sanity=built.sanity,
                      extra={"beta": cfg.kl_coef, "q": cfg.q, "rewards_per_step": rewards,
                             "share_prompt_forward": cfg.share_prompt_forward, "compile_ahead": compile_ahead,
-                            "scan_layers": scan_layers, "unroll_decode": unroll_decode,
+                            "scan_layers": scan_layers, "unroll_decode": unroll_decode, "cpu_emitters": cpu_emitters,
                             "compile_cache": {"dir": compile_cache_dir, "entries_before": cache_entries},
                             "step": "jit(sampler.generate_impl), host rewards (train.scoring), then the trainer's "
                                     "jitted step (train.step.make_train_step)"})
@@ -249,6 +257,9 @@ def main(argv=None):
                       "(train.compile_ahead)")
   p.add_argument("--no-cpu-linear-backward", action="store_true",
                  help="ablation (cpu_paths.py): autodiff's backward for every projection (transformer.linear)")
+  p.add_argument("--cpu-emitters", choices=xla_cpu.CPU_EMITTERS, default="auto",
+                 help="TrainConfig.cpu_emitters (tsallis_jax.xla_cpu): XLA:CPU's emitters for programs under scan; "
+                      "'xla' is cpu_paths.py's ablation")
   args = p.parse_args(argv)
   if args.no_cpu_linear_backward:
     from tsallis_jax.model import transformer
@@ -264,7 +275,7 @@ def main(argv=None):
   print("ours runner:", version(), "devices", jax.devices(), "host allocator", allocator, flush=True)
   run_train(args.workload, args.mode, args.steps, q=args.q, beta=args.beta, compile_cache_dir=args.compile_cache,
             share_prompt=not args.no_share_prompt, compile_ahead=not args.no_compile_ahead,
-            scan_layers=args.scan_layers, unroll_decode=args.unroll_decode)
+            scan_layers=args.scan_layers, unroll_decode=args.unroll_decode, cpu_emitters=args.cpu_emitters)
 
 
 if __name__ == "__main__":

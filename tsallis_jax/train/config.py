@@ -18,6 +18,7 @@ import pathlib
 from typing import Any
 
 from tsallis_jax.errors import ConfigError, InputError  # noqa: F401 (ConfigError is re-exported here)
+from tsallis_jax.xla_cpu import CPU_EMITTERS
 
 ESTIMATORS = ("grpo", "garl", "paft")
 Q_SCHEDULES = ("constant", "linear", "step", "cosine")
@@ -137,6 +138,11 @@ class TrainConfig:
   # stacked weights sliced once per rollout; SamplingConfig.unroll_layers, which gives the CPU and H200 numbers): the
   # same samples, a longer rollout compile; for accelerators. False (default): the decode runs under the scan too.
   rollout_unroll_layers: bool = False
+  # cpu_emitters: XLA:CPU's code generator for programs whose layers run under scan (`tsallis_jax.xla_cpu`; no effect
+  # off CPU or for unrolled programs). auto = its older IR emitters for rollouts decoding under the scan (a shorter
+  # compile, no slower run), XLA's default otherwise; xla = XLA's default everywhere; quick_compile = the older
+  # emitters for the train step too (the shortest first step, a slower update every step: short CPU runs only).
+  cpu_emitters: str = "auto"
 
   # -- optimisation ------------------------------------------------------------------------------------------
   batch_size: int = 4  # B, prompts per step (global, over all processes)
@@ -319,6 +325,7 @@ def _validate(cfg: TrainConfig) -> None:
   _require(cfg.rationale_budget >= 1, f"rationale_budget={cfg.rationale_budget}: budget forcing needs at least one"
            " rationale token before `</think>` is forced; set rationale_budget >= 1")
   _choice(cfg, "kv_cache_dtype", ("",) + DTYPES)
+  _choice(cfg, "cpu_emitters", CPU_EMITTERS)
   if cfg.rollout_chunk_rows:
     r = cfg.rollout_chunk_rows
     _require(r > 0, f"rollout_chunk_rows={r} must be >= 0 (0 = all rows at once)")

@@ -13,8 +13,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tsallis_jax import xla_cpu
 from tsallis_jax.sampler import generate_impl
 from tsallis_jax.train import completions as completions_lib
 from tsallis_jax.train import state as state_lib
@@ -65,14 +67,14 @@ class Programs:
                      "for this config (loop.setup(cfg).programs) or pass none")
 
 
-def _rollout_program(graphdef, sampling, mesh, params_sh):
+def _rollout_program(graphdef, sampling, mesh, params_sh, compiler_options):
   row = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
   rep = state_lib.replicated(mesh)
 
   def fn(params, prompt_tokens_BxP, prompt_mask_BxP, key):
     return generate_impl(graphdef, params, prompt_tokens_BxP, prompt_mask_BxP, key, sampling)
 
-  jitted = jax.jit(fn, in_shardings=(params_sh, row, row, rep))
+  jitted = jax.jit(fn, in_shardings=(params_sh, row, row, rep), compiler_options=compiler_options)
 
   def run(params, prompt_tokens_BxP, prompt_mask_BxP, key):
     with jax.set_mesh(mesh):
@@ -83,10 +85,17 @@ def _rollout_program(graphdef, sampling, mesh, params_sh):
 
 
 def build_programs(cfg: TrainConfig, graphdef, abstract_vars, mesh, ids: TokenIds, rules) -> Programs:
-  """Jits the run's rollouts and train step with explicit shardings (compiled on first call).
+  """Jits the run's rollouts and train step with explicit shardings (compiled on first call), with XLA:CPU's
+  compile options for each (`TrainConfig.cpu_emitters`, `tsallis_jax.xla_cpu`).
 
   `abstract_vars` is the model's nnx.State of Variables (their logical-axis metadata gives the shardings)."""
   tx = make_optimizer(cfg)
+  scan_layers = nnx.merge(graphdef, abstract_vars).config.scan_layers
+  platform = xla_cpu.platform_of(mesh)
+  rollout_options = xla_cpu.compiler_options(cfg.cpu_emitters, "rollout", platform=platform,
+                                             layers_scanned=scan_layers and not cfg.rollout_unroll_layers)
+  step_options = xla_cpu.compiler_options(cfg.cpu_emitters, "train_step", layers_scanned=scan_layers,
+                                          platform=platform)
   with_ref = cfg.kl_coef > 0 or cfg.log_ref_kl
   state_sh = state_lib.state_shardings(abstract_vars, tx, mesh, rules, with_ref)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_lib.pure(abstract_vars))
@@ -94,8 +103,8 @@ def build_programs(cfg: TrainConfig, graphdef, abstract_vars, mesh, ids: TokenId
                                                    close_tag_ids=ids.close_tag_ids)
   eval_sampling = completions_lib.sampling_config(cfg, stop_ids=ids.stop_ids, pad_id=ids.pad_id,
                                                   close_tag_ids=ids.close_tag_ids, evaluation=True)
-  train_rollout = _rollout_program(graphdef, train_sampling, mesh, state_sh.params)
-  eval_rollout = _rollout_program(graphdef, eval_sampling, mesh, state_sh.params)
+  train_rollout = _rollout_program(graphdef, train_sampling, mesh, state_sh.params, rollout_options)
+  eval_rollout = _rollout_program(graphdef, eval_sampling, mesh, state_sh.params, rollout_options)
   # The batch's structure (shapes vary by prompt bucket; shardings depend on ranks only).
   b, p, a = cfg.batch_size, cfg.max_prompt_len, cfg.max_answer_len
   abstract_rollout = jax.eval_shape(
@@ -104,5 +113,5 @@ def build_programs(cfg: TrainConfig, graphdef, abstract_vars, mesh, ids: TokenId
   abstract_batch = {"rollout": abstract_rollout, "answer_tokens_BxA": jax.ShapeDtypeStruct((b, a), jnp.int32),
                     "answer_mask_BxA": jax.ShapeDtypeStruct((b, a), bool),
                     "rewards_BxG": jax.ShapeDtypeStruct((b, cfg.num_samples), jnp.float32)}
-  step = make_train_step(cfg, graphdef, tx, ids, mesh, state_sh, abstract_batch)
+  step = make_train_step(cfg, graphdef, tx, ids, mesh, state_sh, abstract_batch, compiler_options=step_options)
   return Programs(train_rollout, eval_rollout, step, state_sh, tx, key=program_key(cfg, graphdef, mesh, ids))

@@ -391,11 +391,13 @@ def optimizer_update(cfg: TrainConfig, tx: optax.GradientTransformation, grads, 
 
 
 def make_train_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ids: TokenIds,
-                    mesh: Mesh, state_sh: TrainState, abstract_batch: Any) -> Callable:
+                    mesh: Mesh, state_sh: TrainState, abstract_batch: Any,
+                    compiler_options: dict[str, Any] | None = None) -> Callable:
   """The jitted step `(state, batch, key, q_range) -> (state, metrics)`; `q_range` = float32 (q_start, q_end).
 
   `.jitted` is the `jax.jit` function; `.compile_ahead(state, batch, key, q_range)` (arrays or shapes) starts its
-  compile for those shapes in a background thread, which the first matching call then uses (`compile_ahead`)."""
+  compile for those shapes in a background thread, which the first matching call then uses (`compile_ahead`).
+  `compiler_options`: XLA's options for its compile (`jax.jit`'s; `build_programs` passes `tsallis_jax.xla_cpu`'s)."""
   lr_fn = learning_rate_schedule(cfg)
 
   def step_fn(state: TrainState, batch: dict, key: jax.Array, q_range: jax.Array):
@@ -409,7 +411,7 @@ def make_train_step(cfg: TrainConfig, graphdef: nnx.GraphDef, tx: optax.Gradient
 
   rep = replicated(mesh)
   jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding(mesh, abstract_batch), rep, rep),
-                   out_shardings=(state_sh, rep), donate_argnums=(0,))
+                   out_shardings=(state_sh, rep), donate_argnums=(0,), compiler_options=compiler_options)
 
   ahead = AheadOfTime(jitted, mesh)
 
