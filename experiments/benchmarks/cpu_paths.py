@@ -46,6 +46,7 @@ def run_ablation(variants: dict[str, list[str]], name: str, title: str, argv, de
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--workloads", nargs="+", default=["tiny", "smollm2"])
   p.add_argument("--quiet-wait", type=float, default=45.0)
+  p.add_argument("--steps", type=int, default=0, help="steps per run (0 = each workload's grpo_steps)")
   p.add_argument("--out", default=str(HERE / "results"))
   args = p.parse_args(argv)
   home = pathlib.Path(args.peers_home).expanduser()
@@ -58,7 +59,7 @@ def run_ablation(variants: dict[str, list[str]], name: str, title: str, argv, de
       for variant in names:
         load = run_lib.wait_for_quiet(args.quiet_wait)
         with run_lib.fresh_compile_cache() as cache:
-          cmd = [*run_lib.job_command("ours", "grpo", home / "workloads" / w, {}, 0, cache), *variants[variant]]
+          cmd = [*run_lib.job_command("ours", "grpo", home / "workloads" / w, {}, args.steps, cache), *variants[variant]]
           log_name = f"{name}.r{r}.{w}.{variant.replace(' ', '_').replace(',', '')}.log"
           result = harness.run(cmd, str(home / "logs" / log_name), env=env, cwd=str(run_lib.REPO), timeout_s=1800)
         result.update({"round": r, "workload": w, "variant": variant, "load_before": load})
