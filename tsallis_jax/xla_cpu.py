@@ -14,6 +14,11 @@ elementwise loops run slower on large arrays (measured on 2 cores of an AVX-512 
   unrolled rollout             2.1-2.3 s / 6.4-6.7 s                0.42-0.44 s / 0.43-0.45 s
   unrolled train step          8.9-9.5 s / 30-31 s                  0.71 s / 0.87 s
 
+In the trainer's step (`experiments/benchmarks/cpu_emitters.py`, 4 rounds of fresh processes): "auto" against "xla",
+the `smollm2` first step 6.6 against 7.5 s with the rollout 3% faster, `tiny` 4.8 against 5.3 s with the rollout
+within 1%; "quick_compile" gives the shortest first step (`smollm2` 5.7 s, `tiny` 3.5 s) and a 16% slower `smollm2`
+update (a 12% faster `tiny` one).
+
 `TrainConfig.cpu_emitters` chooses (`CPU_EMITTERS`):
 
   "auto"           (default) the older emitters for rollouts that decode under the scan (a scanned model without

@@ -10,6 +10,9 @@ The paths (each documented where it lives):
   than their input on CPU (`_linear_input_transposed_grad`), which keeps XLA from fusing the SwiGLU derivative into
   a strided transposing copy.
 
+(A third, `tsallis_jax.xla_cpu`'s older emitters for a scanned model's rollout, acts only under `--scan-layers`; its
+A/B is `cpu_emitters.py`, with these functions.)
+
 Each round runs `ours_grpo.py` (GRPO, the workload's steps) three ways, alternating, each in its own process through
 `harness.run`: everything on (the default), `host` off (`--no-host-allocator`), `linear` off
 (`--no-cpu-linear-backward`). Writes `results/cpu_paths.json` and `results/cpu_paths.md`: per variant the median
