@@ -105,6 +105,7 @@ def test_first_step_targets_include_the_layers_under_scan_form():
 
 def test_our_grpo_variants_pass_their_flags_to_the_runner(tmp_path):
   for mode, flags in (("grpo_scan", ["--scan-layers"]), ("grpo_scan_rerun", ["--scan-layers", "--warm-compile-cache"]),
+                      ("grpo_scan_quick", ["--scan-layers", "--cpu-emitters", "quick_compile"]),
                       ("grpo_full_prompt", ["--no-share-prompt"])):
     cmd = run.job_command("ours", mode, tmp_path, {}, 0, compile_cache=str(tmp_path / "c"))
     assert cmd[cmd.index("--mode") + 1] == "grpo" and all(f in cmd for f in flags), (mode, cmd)
@@ -177,7 +178,7 @@ def test_update_flop_rate_counts_the_flops_the_shared_prompt_update_executes():
 
 
 TRAIN_JOBS_OURS_TUNIX = ("ours grpo", "ours grpo_rerun", "ours grpo_full_prompt", "ours grpo_scan",
-                         "ours grpo_scan_rerun", "ours garl", "ours paft", "tunix grpo")
+                         "ours grpo_scan_rerun", "ours grpo_scan_quick", "ours garl", "ours paft", "tunix grpo")
 
 
 def test_plan_alternates_systems_between_rounds():
@@ -188,6 +189,10 @@ def test_plan_alternates_systems_between_rounds():
   assert all(r[0] == ("matmul", "machine", "peak") for r in rounds)
   capped = run.plan(2, ["tiny", "smollm2"], ["ours", "tunix"], [], {"smollm2": 1})
   assert [sum(j[1] == "smollm2" for j in r) for r in capped] == [len(TRAIN_JOBS_OURS_TUNIX), 0]
+  only = run.plan(2, ["smollm2"], ["ours", "trl"], ["smollm2"], modes=("grpo", "grpo_scan_quick"))
+  assert [sorted(f"{s} {m}" for s, w, m in r[1:] if m != "sample") for r in only] == [
+      ["ours grpo", "ours grpo_scan_quick", "trl grpo"]] * 2
+  assert sum(m == "sample" for r in only for s, w, m in r) == 4  # --modes leaves the sampler jobs as they are
 
 
 def test_token_flops_is_twice_the_matmul_parameters(tiny_folder):

@@ -52,12 +52,15 @@ RUNNERS = {"tunix": PEERS_DIR / "tunix_runner.py", "trl": PEERS_DIR / "trl_runne
 # user's first run); grpo_rerun fills its cache with two untimed steps first (the first step of a re-run);
 # grpo_full_prompt is the ablation of `share_prompt_forward` (every full sequence through the forward, as the peers);
 # grpo_scan / grpo_scan_rerun run the model's layers under one scan (`ModelConfig.scan_layers`: compile time flat in
-# depth), cold and re-run, beside the default unrolled form.
-TRAIN_MODES = {"ours": ("grpo", "grpo_rerun", "grpo_full_prompt", "grpo_scan", "grpo_scan_rerun", "garl", "paft"),
+# depth), cold and re-run, beside the default unrolled form; grpo_scan_quick is grpo_scan with
+# `TrainConfig.cpu_emitters="quick_compile"` (`tsallis_jax.xla_cpu`: the train step on XLA:CPU's older emitters too).
+TRAIN_MODES = {"ours": ("grpo", "grpo_rerun", "grpo_full_prompt", "grpo_scan", "grpo_scan_rerun", "grpo_scan_quick",
+                        "garl", "paft"),
                "tunix": ("grpo",), "trl": ("grpo",)}
 # our GRPO variants: mode -> the runner's flags (with --mode grpo)
 OURS_GRPO_VARIANTS = {"grpo_rerun": ("--warm-compile-cache",), "grpo_full_prompt": ("--no-share-prompt",),
-                      "grpo_scan": ("--scan-layers",), "grpo_scan_rerun": ("--scan-layers", "--warm-compile-cache")}
+                      "grpo_scan": ("--scan-layers",), "grpo_scan_rerun": ("--scan-layers", "--warm-compile-cache"),
+                      "grpo_scan_quick": ("--scan-layers", "--cpu-emitters", "quick_compile")}
 SAMPLE_MODES = {"ours": ("sample",), "tunix": ("sample",), "trl": ("sample",)}
 
 
@@ -141,11 +144,13 @@ def job_command(system: str, mode: str, folder: pathlib.Path, pythons: dict[str,
 
 
 def plan(rounds: int, names: list[str], systems: list[str], sample_names: list[str],
-         rounds_for: dict[str, int] | None = None, start: int = 0) -> list[list[tuple]]:
+         rounds_for: dict[str, int] | None = None, start: int = 0,
+         modes: tuple[str, ...] | None = None) -> list[list[tuple]]:
   """Per round: [(system, workload, mode), ...], each group's systems in an order rotated by the round index.
 
   `rounds_for` caps the rounds of some workloads (e.g. {'smollm2': 1}); the others run `rounds` times. `start` is
-  the index of the first round (for --append), which sets the rotation.
+  the index of the first round (for --append), which sets the rotation. `modes`: only these train modes (every
+  system's; None = all of `TRAIN_MODES`).
   """
   out = []
   for i in range(rounds):
@@ -154,7 +159,7 @@ def plan(rounds: int, names: list[str], systems: list[str], sample_names: list[s
     for w in names:
       if i >= (rounds_for or {}).get(w, rounds):
         continue
-      groups = [[(s, w, m) for s in systems for m in TRAIN_MODES[s]]]
+      groups = [[(s, w, m) for s in systems for m in TRAIN_MODES[s] if modes is None or m in modes]]
       if w in sample_names:
         groups.append([(s, w, m) for s in systems for m in SAMPLE_MODES[s]])
       for g in groups:
@@ -223,6 +228,9 @@ def main(argv=None) -> int:
   p.add_argument("--sample-workloads", nargs="*", default=["tiny", "smollm2"], choices=sorted(workloads.WORKLOADS))
   p.add_argument("--systems", nargs="+", default=["ours", "tunix", "trl"], choices=["ours", "tunix", "trl"])
   p.add_argument("--steps", type=int, default=0, help="override every run's step count (0: the workload's)")
+  train_modes = sorted({m for ms in TRAIN_MODES.values() for m in ms})
+  p.add_argument("--modes", nargs="+", default=None, choices=train_modes,
+                 help="run only these train modes (e.g. grpo grpo_scan grpo_scan_quick); default: all")
   p.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for a quiet machine per run")
   p.add_argument("--out", default=str(HERE / "results"))
   p.add_argument("--skip-setup", action="store_true", help="use the peer venvs as they are")
@@ -273,7 +281,8 @@ def main(argv=None) -> int:
     meta["rounds"] = f"{previous['meta']['rounds']} + {args.rounds}"
   rounds_for = {} if args.smollm2_rounds is None else {"smollm2": args.smollm2_rounds}
   schedule = plan(max([args.rounds, *rounds_for.values()]), list(args.workloads), args.systems,
-                  [w for w in args.sample_workloads if w in args.workloads], rounds_for, start=first_round)
+                  [w for w in args.sample_workloads if w in args.workloads], rounds_for, start=first_round,
+                  modes=tuple(args.modes) if args.modes else None)
   total = sum(len(r) for r in schedule)
   done = 0
   for r, jobs in enumerate(schedule, start=first_round):
