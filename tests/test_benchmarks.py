@@ -538,3 +538,21 @@ def test_gemm_ceiling_times_a_small_step_and_renders_its_table(tmp_path):
   assert sum(m["count"] for m in result["matmuls"]) >= 4 * 7 * layers
   text = gemm_ceiling.render(result)
   assert "GEMM ceiling" in text and "ceiling + optimizer" in text and text.count("\n|") >= 3
+
+
+def test_program_emitters_times_each_program_under_each_emitter(tmp_path):
+  """program_emitters.py: one fresh process per (form, emitters), the rollout and the train step compiled and run
+  under XLA's default and the older emitters; the page gives each pair's medians."""
+  from experiments.benchmarks import program_emitters
+  spec = dataclasses.replace(workloads.TINY, num_prompts=2, group_size=2, prompt_len=4, max_new=3, sample_batch=4)
+  folder = workloads.build_tiny(tmp_path / "mini", spec)
+  out = tmp_path / "program_emitters"
+  assert program_emitters.main(["--workload", str(folder), "--forms", "scan", "--rounds", "1", "--quiet-wait", "0",
+                                "--out", str(out)]) == 0
+  runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+  assert [(r["form"], r["emitters"]) for r in runs] == [("scan", "default"), ("scan", "older")]
+  for r in runs:
+    assert all(r[k] > 0 for k in program_emitters.KEYS) and r["step_first_s"] > 0 and r["rollout_first_s"] > 0
+  page = out.with_suffix(".md").read_text()
+  assert "| scan | default | 1 |" in page and "| scan | older | 1 |" in page
+  assert f"{runs[1]['step_compile_s']:.3f} ({runs[1]['step_compile_s']:.3f}-" in page

@@ -63,7 +63,9 @@ def _programs(cfg, scan_layers):
 
 
 def _options(jitted, *args):
-  """The compile options a jitted program's lowering carries (`jax.jit(..., compiler_options=...)`)."""
+  """The compile options a jitted program's lowering carries (`jax.jit(..., compiler_options=...)`). JAX 0.10's
+  `jax.stages.Lowered` has no public accessor for them (`compile(compiler_options=...)` only adds more), so this reads
+  the lowering's own field; the pinned JAX version (requirements.txt) keeps it stable."""
   return dict(jitted.lower(*args)._lowering._compiler_options_kvs)
 
 
@@ -96,11 +98,33 @@ def test_build_programs_jits_each_program_with_its_options(choice, scan_layers, 
 def test_the_older_emitters_sample_the_same_tokens():
   """The scanned rollout compiled with the older emitters (`auto`) and with XLA's default (`xla`): the same tokens
   for the same key, log-probabilities equal to float32 rounding (another code generator, the same arithmetic)."""
-  out = {}
+  out, options = {}, {}
   for choice in ("auto", "xla"):
-    programs, params, _ = _programs(CFG.replace(cpu_emitters=choice, num_samples=8), scan_layers=True)
+    programs, params, mesh = _programs(CFG.replace(cpu_emitters=choice, num_samples=8), scan_layers=True)
     tokens = jnp.asarray(np.random.default_rng(0).integers(5, 32, (2, CFG.max_prompt_len)), jnp.int32)
-    out[choice] = jax.device_get(programs.train_rollout(params, tokens, jnp.ones(tokens.shape, bool),
-                                                        jax.random.key(3)))
+    mask = jnp.ones(tokens.shape, bool)
+    with jax.set_mesh(mesh):
+      options[choice] = _options(programs.train_rollout.jitted, params, tokens, mask, jax.random.key(3))
+    out[choice] = jax.device_get(programs.train_rollout(params, tokens, mask, jax.random.key(3)))
+  assert options == {"auto": OLDER, "xla": {}}  # two different compiles, not one program twice
   np.testing.assert_array_equal(out["auto"].tokens_NxT, out["xla"].tokens_NxT)
   np.testing.assert_allclose(out["auto"].logp_NxT, out["xla"].logp_NxT, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("choice, rollout_older, step_older", [("auto", True, False), ("xla", False, False),
+                                                               ("quick_compile", True, True)])
+def test_the_benchmark_runner_compiles_as_the_trainer(tmp_path, choice, rollout_older, step_older):
+  """`ours_grpo.build` (what the benchmarks time) gives its scanned rollout and train step the options
+  `build_programs` would (`experiments/benchmarks/cpu_emitters.py` compares the choices through it)."""
+  import dataclasses
+
+  from experiments.benchmarks import ours_grpo, workloads
+  from tsallis_jax.train import compile_ahead
+  spec = dataclasses.replace(workloads.TINY, num_prompts=2, group_size=2, prompt_len=4, max_new=3, sample_batch=4)
+  folder = workloads.build_tiny(tmp_path / "mini", spec)
+  built = ours_grpo.build(str(folder), "grpo", scan_layers=True, cpu_emitters=choice)
+  key, q_range = jax.random.key(0), jnp.zeros((2,), jnp.float32)
+  assert _options(built.rollout_fn, built.state.params, *built.prompts, key) == (OLDER if rollout_older else {})
+  with jax.set_mesh(built.mesh):
+    args = jax.tree.map(compile_ahead.abstract, (built.state, built.abstract_batch, key, q_range))
+    assert _options(built.train_step.jitted, *args) == (OLDER if step_older else {})

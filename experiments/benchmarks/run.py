@@ -230,7 +230,9 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=0, help="override every run's step count (0: the workload's)")
   train_modes = sorted({m for ms in TRAIN_MODES.values() for m in ms})
   p.add_argument("--modes", nargs="+", default=None, choices=train_modes,
-                 help="run only these train modes (e.g. grpo grpo_scan grpo_scan_quick); default: all")
+                 help="run only these train modes, by name for every system (e.g. grpo grpo_scan_quick: ours "
+                      "and the peers' grpo, our grpo_scan_quick; grpo_scan alone drops the peers' train jobs); "
+                      "default: all, grpo_scan_quick included (one more cold run per round)")
   p.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for a quiet machine per run")
   p.add_argument("--out", default=str(HERE / "results"))
   p.add_argument("--skip-setup", action="store_true", help="use the peer venvs as they are")
