@@ -2,34 +2,38 @@
 
 A CPU-only code path (on other backends no option is set). XLA:CPU compiles its elementwise and reduction fusions
 with one of two code generators: the MLIR fusion emitters (its default, `xla_cpu_use_fusion_emitters=true`) or its
-older IR emitters (`false`). Code generation is most of a compile: the `smollm2` benchmark's scanned train step
-(`ModelConfig.scan_layers`) spends 1.9 of its 3.4 s compiling 257 fusion kernels, about 15 ms each on the MLIR path.
-The older emitters compile a scanned program's kernels faster but an unrolled program's much slower, and their
-elementwise loops run slower on large arrays (measured on 2 cores of an AVX-512 EPYC, one fresh process per compile;
-`experiments/benchmarks/README.md`, "XLA:CPU's older emitters for programs under scan"):
+older IR emitters (`false`). Code generation is most of a compile: in a profile of the `smollm2` benchmark's scanned
+train step (`ModelConfig.scan_layers`; a `/tmp` probe, `experiments/benchmarks/README.md`, "XLA:CPU's older emitters
+for programs under scan") it took 1.9 of the compile's 3.4 s, about 15 ms for each of 257 fusion kernels. The older
+emitters compile a scanned program's kernels faster and an unrolled program's much slower, and their elementwise
+loops run slower on large arrays. Each `smollm2` program alone, compiled then run, one fresh process per form and
+emitter, 2 rounds, on 2 cores of an AVX-512 EPYC (`experiments/benchmarks/program_emitters.py`,
+`results/cpu_avx512_2026-12-01/program_emitters.md`; seconds, medians):
 
-  program (`smollm2`)          compile: fusion / older emitters     warm run: fusion / older emitters
-  scanned rollout              1.37 s / 0.91 s                      0.48-0.53 s / 0.46 s
-  scanned train step           3.8-3.9 s / 2.4 s                    0.86-1.00 s / 0.97-1.10 s (the optimizer's loops)
-  unrolled rollout             2.1-2.3 s / 6.4-6.7 s                0.42-0.44 s / 0.43-0.45 s
-  unrolled train step          8.9-9.5 s / 30-31 s                  0.71 s / 0.87 s
+  program (`smollm2`)          compile: default / older     warm run: default / older
+  scanned rollout              1.39 / 0.94                  0.53 / 0.47
+  scanned train step           4.07 / 2.61                  0.91 / 1.07
+  unrolled rollout             2.53 / 7.15                  0.45 / 0.44
+  unrolled train step          10.8 / 33.9                  0.76 / 0.89
 
 In the trainer's step (`experiments/benchmarks/cpu_emitters.py`, 4 rounds of fresh processes): "auto" against "xla",
-the `smollm2` first step 6.6 against 7.5 s with the rollout 3% faster, `tiny` 4.8 against 5.3 s with the rollout
-within 1%; "quick_compile" gives the shortest first step (`smollm2` 5.7 s, `tiny` 3.5 s) and a 16% slower `smollm2`
-update (a 12% faster `tiny` one).
+the `smollm2` first step 6.6 against 7.5 s, `tiny` 4.8 against 5.3 s, the rollout phase within the spread (3.1%
+faster, 0.8% slower); "quick_compile" gives the shortest first step (`smollm2` 5.7 s, `tiny` 3.5 s) and a 16% slower
+`smollm2` update (an 11% faster `tiny` one).
 
 `TrainConfig.cpu_emitters` chooses (`CPU_EMITTERS`):
 
   "auto"           (default) the older emitters for rollouts that decode under the scan (a scanned model without
-                   `rollout_unroll_layers`): a shorter compile and no slower run; XLA's default for everything else.
-  "xla"            XLA's default for every program (the ablation, `experiments/benchmarks/cpu_paths.py`).
+                   `rollout_unroll_layers`): a shorter compile, the run within the spread; XLA's default for
+                   everything else.
+  "xla"            XLA's default for every program (the ablation, `experiments/benchmarks/cpu_emitters.py`).
   "quick_compile"  the older emitters for the train step of a scanned model as well: the shortest first step, a
-                   slower update every step after it. For short CPU runs (a smoke test, a debugging session); a run
-                   of more than about 15 steps loses more per step than the compile saves.
+                   slower update every step after it on `smollm2`. For short CPU runs (a smoke test, a debugging
+                   session): on `smollm2` a run of more than about 10 steps loses more than the compile saves.
 
-Unrolled programs always keep XLA's default. This module imports nothing heavy (`TrainConfig` validates against
-`CPU_EMITTERS`).
+Unrolled programs always keep XLA's default. These are the trainer's programs (`train.programs.build_programs`);
+the `tsallis_jax.sampler.Sampler` class compiles with XLA's default. This module imports nothing heavy
+(`TrainConfig` validates against `CPU_EMITTERS`).
 """
 from __future__ import annotations
 
