@@ -556,3 +556,15 @@ def test_program_emitters_times_each_program_under_each_emitter(tmp_path):
   page = out.with_suffix(".md").read_text()
   assert "| scan | default | 1 |" in page and "| scan | older | 1 |" in page
   assert f"{runs[1]['step_compile_s']:.3f} ({runs[1]['step_compile_s']:.3f}-" in page
+
+
+def test_compile_depth_records_the_emitter_choice_in_its_own_files(tmp_path):
+  """compile_depth.py --cpu-emitters: the scanned form compiled as that choice; results under their own name, with
+  the choice recorded (the default run's files untouched)."""
+  from experiments.benchmarks import compile_depth
+  compile_depth.main(["--depths", "1", "--reps", "1", "--no-sampler", "--no-warmup", "--cpu-emitters",
+                      "quick_compile", "--out", str(tmp_path)])
+  result = json.loads((tmp_path / "compile_depth_quick_compile.json").read_text())
+  assert result["cpu_emitters"] == "quick_compile" and not (tmp_path / "compile_depth.json").exists()
+  assert {r["form"] for r in result["rows"]} == {"scan", "unrolled"}
+  assert "`cpu_emitters=quick_compile`" in (tmp_path / "compile_depth_quick_compile.md").read_text()

@@ -1,6 +1,6 @@
 """First-step (compile) time and warm run time against depth: layers under `nnx.scan` vs the unrolled loop.
 
-  python -m experiments.benchmarks.compile_depth [--depths 2 8 30] [--reps 3] [--no-sampler]
+  python -m experiments.benchmarks.compile_depth [--depths 2 8 30] [--reps 3] [--no-sampler] [--cpu-emitters xla]
 
 SmolLM2-135M widths (`ModelConfig.smollm2_135m(num_layers=L)`: D 576, F 1536, 9/3 heads of 64, V 49152, tied),
 random weights, float32, on the default backend (CPU unless told otherwise), for each depth L and both forms
@@ -18,7 +18,10 @@ XLA compile). Each measurement builds a fresh `jax.jit` after `jax.clear_caches(
 cache off, and
 times lowering (trace), XLA compilation and the first run separately; `first` is their sum (what a first call costs).
 `warm` is the median of `--reps` further calls of the compiled function, the two forms' calls interleaved.
-Writes `results/compile_depth.json` and `results/compile_depth.md`.
+`--cpu-emitters` compiles the scanned form's programs as `TrainConfig.cpu_emitters` would on CPU (`tsallis_jax.xla_cpu`:
+`train` as the train step, `sample` as the rollout; unrolled programs keep XLA's default under every choice); the
+default, `xla`, is XLA's default everywhere, as before the option existed.
+Writes `results/compile_depth.json` and `results/compile_depth.md` (`compile_depth_<choice>.*` for another choice).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from tsallis_jax import xla_cpu  # noqa: E402
 from tsallis_jax.model import ModelConfig, create_model, make_attention_mask, make_positions  # noqa: E402
 from tsallis_jax.sampler import SamplingConfig, generate_impl  # noqa: E402
 
@@ -73,13 +77,14 @@ def _sample_fn():
   return jax.jit(generate_impl, static_argnames=("graphdef", "config"))
 
 
-def _timed_first(jitted, *args, **kwargs) -> tuple[dict, object]:
-  """Lower, compile, run once (a first call, split in three); returns the times and the compiled function."""
+def _timed_first(jitted, *args, compiler_options=None, **kwargs) -> tuple[dict, object]:
+  """Lower, compile (with `compiler_options`), run once (a first call, split in three); returns the times and the
+  compiled function."""
   jax.clear_caches()
   t0 = time.perf_counter()
   lowered = jitted.lower(*args, **kwargs)
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  compiled = lowered.compile(compiler_options=compiler_options)
   t2 = time.perf_counter()
   jax.block_until_ready(compiled(*_dynamic(args, kwargs)[0], **_dynamic(args, kwargs)[1]))
   t3 = time.perf_counter()
@@ -101,8 +106,10 @@ def _inputs(cfg: ModelConfig):
   return tokens_NxT, old_logp_NxC, ref_logp_NxC, reward_N
 
 
-def measure_depth(depth: int, reps: int, sampler: bool, order: tuple[str, ...]) -> list[dict]:
-  """Both forms at one depth: first-call times per form, then interleaved warm calls."""
+def measure_depth(depth: int, reps: int, sampler: bool, order: tuple[str, ...], cpu_emitters: str = "xla"
+                  ) -> list[dict]:
+  """Both forms at one depth: first-call times per form, then interleaved warm calls; `cpu_emitters` as
+  `TrainConfig.cpu_emitters` (`xla_cpu.compiler_options`)."""
   base = ModelConfig.smollm2_135m(num_layers=depth)
   tokens_NxT, old_logp_NxC, ref_logp_NxC, reward_N = _inputs(base)
   prompts_NxP, prompt_mask_NxP = tokens_NxT[:, :PROMPT_LEN], jnp.ones((ROWS, PROMPT_LEN), bool)
@@ -115,13 +122,17 @@ def measure_depth(depth: int, reps: int, sampler: bool, order: tuple[str, ...]) 
     graphdef, params = nnx.split(create_model(cfg, seed=0))
     params_by_form[form] = params
     row = {"depth": depth, "form": form}
-    times, train = _timed_first(_train_fn(), params, graphdef, tokens_NxT, old_logp_NxC, ref_logp_NxC, reward_N)
+    options = {program: xla_cpu.compiler_options(cpu_emitters, program, layers_scanned=FORMS[form],
+                                                 platform=jax.default_backend())
+               for program in xla_cpu.PROGRAMS}
+    times, train = _timed_first(_train_fn(), params, graphdef, tokens_NxT, old_logp_NxC, ref_logp_NxC, reward_N,
+                                compiler_options=options["train_step"])
     row["train"] = times
     calls = {"train": lambda train=train, params=params: train(params, tokens_NxT, old_logp_NxC, ref_logp_NxC,
                                                                reward_N)}
     if sampler:
       times, sample = _timed_first(_sample_fn(), graphdef, params, prompts_NxP, prompt_mask_NxP, key,
-                                   config=sampling)
+                                   config=sampling, compiler_options=options["rollout"])
       row["sample"] = times
       calls["sample"] = lambda sample=sample, params=params: sample(params, prompts_NxP, prompt_mask_NxP, key)
     rows[form], warm_calls[form] = row, calls
@@ -171,7 +182,8 @@ def markdown(result: dict) -> str:
            f"{result['date']}, commit {result['commit']}, {result['machine']}.", "",
            f"Command: `{result['command']}`. SmolLM2-135M widths, random float32 weights; `train` = jitted forward + "
            f"backward of a GRPO-like loss on 8 x 48 tokens, `sample` = jitted `generate` of 8 rows x (32 + 16) "
-           f"tokens. first = trace + compile + first run (fresh jit, caches cleared, no persistent cache); warm = "
+           f"tokens. XLA:CPU emitters: `cpu_emitters={result.get('cpu_emitters', 'xla')}` (`tsallis_jax.xla_cpu`). "
+           f"first = trace + compile + first run (fresh jit, caches cleared, no persistent cache); warm = "
            f"median (and fastest) of {result['reps']} interleaved calls. ratio = scan / unrolled.", "",
            "| depth | step | form | first s | (trace / compile / run) | warm s (fastest) | first ratio | warm ratio "
            "(fastest) |",
@@ -199,18 +211,21 @@ def main(argv=None):
   p.add_argument("--no-sampler", action="store_true", help="time only the train step")
   p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up compile of a tiny model")
   p.add_argument("--out", default=str(RESULTS))
+  p.add_argument("--cpu-emitters", choices=xla_cpu.CPU_EMITTERS, default="xla",
+                 help="compile the scanned form as TrainConfig.cpu_emitters would (default: XLA's default)")
   p.add_argument("--render", action="store_true", help="only rewrite the .md from the .json in --out")
   args = p.parse_args(argv)
+  name = "compile_depth" if args.cpu_emitters == "xla" else f"compile_depth_{args.cpu_emitters}"
   if args.render:
-    result = json.loads((pathlib.Path(args.out) / "compile_depth.json").read_text())
-    (pathlib.Path(args.out) / "compile_depth.md").write_text(markdown(result))
+    result = json.loads((pathlib.Path(args.out) / f"{name}.json").read_text())
+    (pathlib.Path(args.out) / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
     return
   jax.config.update("jax_enable_compilation_cache", False)  # every first call compiles for real
   result = {"benchmark": "compile_depth", "date": datetime.date.today().isoformat(), "commit": _commit(),
             "machine": _machine(), "command": " ".join(["python -m experiments.benchmarks.compile_depth",
                                                       *(sys.argv[1:] if argv is None else argv)]),
-            "depths": args.depths, "reps": args.reps, "rows": []}
+            "depths": args.depths, "reps": args.reps, "cpu_emitters": args.cpu_emitters, "rows": []}
   if not args.no_warmup:  # one-time process costs (backend start, first XLA compile) charged to neither form
     base = ModelConfig.tiny(vocab_size=256)
     for form in FORMS.values():
@@ -219,11 +234,11 @@ def main(argv=None):
       _timed_first(_train_fn(), params, graphdef, tokens_NxT, old_NxC, ref_NxC, reward_N)
   for i, depth in enumerate(args.depths):
     order = ("scan", "unrolled") if i % 2 == 0 else ("unrolled", "scan")  # alternate which form goes first
-    result["rows"] += measure_depth(depth, args.reps, not args.no_sampler, order)
+    result["rows"] += measure_depth(depth, args.reps, not args.no_sampler, order, args.cpu_emitters)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "compile_depth.json").write_text(json.dumps(result, indent=2) + "\n")
-  (out / "compile_depth.md").write_text(markdown(result))
+  (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+  (out / f"{name}.md").write_text(markdown(result))
   print(markdown(result))
 
 
