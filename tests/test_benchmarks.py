@@ -568,3 +568,16 @@ def test_compile_depth_records_the_emitter_choice_in_its_own_files(tmp_path):
   assert result["cpu_emitters"] == "quick_compile" and not (tmp_path / "compile_depth.json").exists()
   assert {r["form"] for r in result["rows"]} == {"scan", "unrolled"}
   assert "`cpu_emitters=quick_compile`" in (tmp_path / "compile_depth_quick_compile.md").read_text()
+
+
+def test_child_json_reads_the_marked_line_and_reports_failures():
+  """run.child_json: the JSON after the marker on a child's stdout; None (with the process, for its stderr) when the
+  child fails, prints no marked line or runs past its timeout."""
+  import sys
+  ok, _ = run.child_json([sys.executable, "-c", "print('noise'); print('MARK {\"a\": 1}')"], "MARK", 60)
+  assert ok == {"a": 1}
+  for code, timeout in (("print('MARK {}'); raise SystemExit(3)", 60), ("print('nothing')", 60),
+                        ("import time; time.sleep(30)", 1)):
+    result, proc = run.child_json([sys.executable, "-c", code], "MARK", timeout)
+    assert result is None and (proc.returncode or "MARK" not in proc.stdout)
+  assert "no result after 1 s" in proc.stderr

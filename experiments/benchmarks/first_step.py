@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -167,9 +165,6 @@ def main(argv=None) -> int:
     print("FIRST_STEP " + json.dumps(timeline(args.workload, args.scan_layers, args.cpu_emitters)), flush=True)
     return 0
   from experiments.benchmarks import run as run_lib
-  env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TF_CPP_MIN_LOG_LEVEL": "3",
-         "JAX_ENABLE_COMPILATION_CACHE": "false",
-         "PYTHONPATH": os.pathsep.join(p for p in (str(run_lib.REPO), os.environ.get("PYTHONPATH", "")) if p)}
   command = "python -m experiments.benchmarks.first_step " + " ".join(argv if argv is not None else sys.argv[1:])
   runs = []
   for r in range(args.runs):
@@ -177,18 +172,13 @@ def main(argv=None) -> int:
       cmd = [sys.executable, "-m", "experiments.benchmarks.first_step", "--child", "--workload", args.workload,
              *FORMS[form]]
       load = run_lib.wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else None  # None: not measured
-      try:
-        proc = subprocess.run(cmd, env=env, cwd=str(run_lib.REPO), capture_output=True, text=True, check=False,
-                              timeout=CHILD_TIMEOUT_S)
-      except subprocess.TimeoutExpired as e:
-        proc = subprocess.CompletedProcess(cmd, "timeout", e.stdout or "", f"no result after {CHILD_TIMEOUT_S} s")
-      line = next((s for s in (proc.stdout or "").splitlines() if s.startswith("FIRST_STEP ")), None)
-      if proc.returncode or line is None:
+      result, proc = run_lib.child_json(cmd, "FIRST_STEP", CHILD_TIMEOUT_S)
+      if result is None:
         if runs:
           write(pathlib.Path(args.out), runs, command + "  (stopped early: a run failed)")
         raise RuntimeError(f"first_step child failed ({form}, run {r}, exit {proc.returncode}; the runs before it "
                            f"are in {args.out}.json): {(proc.stderr or '')[-2000:]}")
-      runs.append({"form": form, "run": r, "load_before": load, **json.loads(line[len("FIRST_STEP "):])})
+      runs.append({"form": form, "run": r, "load_before": load, **result})
       print(f"run {r} {form}: first step {runs[-1]['update_done']:.2f} s (other processes before it: "
             f"{'not measured' if load is None else f'{load:.2f} cores'})", flush=True)
   write(pathlib.Path(args.out), runs, command)

@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -131,9 +129,6 @@ def main(argv=None) -> int:
     print("PROGRAMS " + json.dumps(measure(args.workload, form == "scan", emitters == "older")), flush=True)
     return 0
   from experiments.benchmarks import run as run_lib
-  env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TF_CPP_MIN_LOG_LEVEL": "3",
-         "JAX_ENABLE_COMPILATION_CACHE": "false",
-         "PYTHONPATH": os.pathsep.join(p for p in (str(run_lib.REPO), os.environ.get("PYTHONPATH", "")) if p)}
   command = "python -m experiments.benchmarks.program_emitters " + " ".join(argv if argv is not None else sys.argv[1:])
   pairs = [(f, e) for f in args.forms for e in EMITTERS]
   runs = []
@@ -142,19 +137,13 @@ def main(argv=None) -> int:
       load = run_lib.wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else None
       cmd = [sys.executable, "-m", "experiments.benchmarks.program_emitters", "--child", f"{form},{emitters}",
              "--workload", args.workload]
-      try:
-        proc = subprocess.run(cmd, env=env, cwd=str(run_lib.REPO), capture_output=True, text=True, check=False,
-                              timeout=CHILD_TIMEOUT_S)
-      except subprocess.TimeoutExpired as e:
-        proc = subprocess.CompletedProcess(cmd, "timeout", e.stdout or "", f"no result after {CHILD_TIMEOUT_S} s")
-      line = next((s for s in (proc.stdout or "").splitlines() if s.startswith("PROGRAMS ")), None)
-      if proc.returncode or line is None:
+      result, proc = run_lib.child_json(cmd, "PROGRAMS", CHILD_TIMEOUT_S)
+      if result is None:
         if runs:
           write(pathlib.Path(args.out), runs, command + "  (stopped early: a run failed)")
         raise RuntimeError(f"program_emitters child failed ({form}, {emitters}, round {r}, exit {proc.returncode}):"
                            f" {(proc.stderr or '')[-2000:]}")
-      runs.append({"form": form, "emitters": emitters, "round": r, "load_before": load,
-                   **json.loads(line[len("PROGRAMS "):])})
+      runs.append({"form": form, "emitters": emitters, "round": r, "load_before": load, **result})
       print(f"round {r} {form} {emitters}: " + ", ".join(f"{k} {runs[-1][k]:.3f}" for k in KEYS), flush=True)
   write(pathlib.Path(args.out), runs, command)
   return 0

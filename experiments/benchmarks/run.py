@@ -111,6 +111,29 @@ def wait_for_quiet(max_wait_s: float, threshold: float = report.QUIET_CORES, win
       return load
 
 
+def fresh_process_env() -> dict[str, str]:
+  """The environment of a timed fresh-process child (`first_step.py`, `program_emitters.py`): this one, on CPU unless
+  told otherwise, quiet logs, no persistent compilation cache (every compile is real), the repository importable."""
+  return {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TF_CPP_MIN_LOG_LEVEL": "3",
+          "JAX_ENABLE_COMPILATION_CACHE": "false",
+          "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+
+
+def child_json(cmd: list[str], marker: str, timeout_s: float) -> tuple[dict | None, subprocess.CompletedProcess]:
+  """Runs `cmd` from the repository root with `fresh_process_env()`; returns the JSON printed after `marker` on its
+  stdout (None when it failed, timed out or printed none) and the finished process (its stderr for the error)."""
+  try:
+    proc = subprocess.run(cmd, env=fresh_process_env(), cwd=str(REPO), capture_output=True, text=True, check=False,
+                          timeout=timeout_s)
+  except subprocess.TimeoutExpired as e:
+    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    proc = subprocess.CompletedProcess(cmd, "timeout", out, f"no result after {timeout_s} s")
+  line = next((s for s in (proc.stdout or "").splitlines() if s.startswith(marker + " ")), None)
+  if proc.returncode or line is None:
+    return None, proc
+  return json.loads(line[len(marker) + 1:]), proc
+
+
 @contextlib.contextmanager
 def fresh_compile_cache(enabled: bool = True):
   """A new, empty persistent-compilation-cache folder for one of our train runs (a user's first run), removed when
