@@ -43,6 +43,17 @@ def test_which_programs_get_the_older_emitters(choice, program, scanned, platfor
     assert "changed" not in xla_cpu.OLDER_EMITTERS
 
 
+@pytest.mark.parametrize("choice, scan_layers, unroll_decode, want", [
+    ("auto", True, False, {"rollout": OLDER, "train_step": None}),
+    ("auto", True, True, {"rollout": None, "train_step": None}),  # the decode is an unrolled program
+    ("quick_compile", True, True, {"rollout": None, "train_step": OLDER}),
+    ("quick_compile", False, False, {"rollout": None, "train_step": None}),
+])
+def test_program_options_scan_the_rollout_only_when_it_decodes_under_the_scan(choice, scan_layers, unroll_decode,
+                                                                               want):
+  assert xla_cpu.program_options(choice, scan_layers=scan_layers, unroll_decode=unroll_decode, platform="cpu") == want
+
+
 def test_bad_choices_are_named():
   with pytest.raises(ValueError, match=r"cpu_emitters='fast' is not one of \('auto', 'xla', 'quick_compile'\)"):
     xla_cpu.compiler_options("fast", "rollout", layers_scanned=True, platform="cpu")

@@ -67,3 +67,13 @@ def compiler_options(choice: str, program: str, *, layers_scanned: bool, platfor
   if program == "rollout" or choice == "quick_compile":
     return dict(OLDER_EMITTERS)
   return None
+
+
+def program_options(choice: str, *, scan_layers: bool, unroll_decode: bool, platform: str
+                    ) -> dict[str, dict[str, Any] | None]:
+  """`compiler_options` of each of `PROGRAMS` for a model with `scan_layers` (`ModelConfig.scan_layers`) whose
+  rollouts decode unrolled with `unroll_decode` (`TrainConfig.rollout_unroll_layers`): the rollout runs its layers
+  under the scan only when the model is scanned and does not decode unrolled."""
+  scanned = {"rollout": scan_layers and not unroll_decode, "train_step": scan_layers}
+  return {program: compiler_options(choice, program, layers_scanned=scanned[program], platform=platform)
+          for program in PROGRAMS}

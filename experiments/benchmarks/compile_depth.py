@@ -122,9 +122,8 @@ def measure_depth(depth: int, reps: int, sampler: bool, order: tuple[str, ...], 
     graphdef, params = nnx.split(create_model(cfg, seed=0))
     params_by_form[form] = params
     row = {"depth": depth, "form": form}
-    options = {program: xla_cpu.compiler_options(cpu_emitters, program, layers_scanned=FORMS[form],
-                                                 platform=jax.default_backend())
-               for program in xla_cpu.PROGRAMS}
+    options = xla_cpu.program_options(cpu_emitters, scan_layers=FORMS[form], unroll_decode=False,
+                                      platform=jax.default_backend())
     times, train = _timed_first(_train_fn(), params, graphdef, tokens_NxT, old_logp_NxC, ref_logp_NxC, reward_N,
                                 compiler_options=options["train_step"])
     row["train"] = times

@@ -145,10 +145,10 @@ def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, se
   state = state_lib.init_state(state_lib.pure(abstract_vars), tx, seed, state_sh, with_ref, donate=True)
   del model, abstract_vars
   sampling = sampling_config(spec, spec.group_size, unroll_decode)
-  platform = xla_cpu.platform_of(mesh)  # as `train.programs.build_programs`
+  options = xla_cpu.program_options(cpu_emitters, scan_layers=scan_layers, unroll_decode=unroll_decode,
+                                    platform=xla_cpu.platform_of(mesh))  # as `train.programs.build_programs`
   rollout_fn = jax.jit(lambda params, tokens, mask, key: generate_impl(graphdef, params, tokens, mask, key, sampling),
-                       compiler_options=xla_cpu.compiler_options(cpu_emitters, "rollout", platform=platform,
-                                                                 layers_scanned=scan_layers and not unroll_decode))
+                       compiler_options=options["rollout"])
   prompts = (jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_mask_BxP))
   B = spec.num_prompts
   answers = {"answer_tokens_BxA": jnp.full((B, 1), spec.pad_id, jnp.int32), "answer_mask_BxA": jnp.zeros((B, 1), bool)}
@@ -158,8 +158,7 @@ def build(folder: str, mode: str, q: float = 0.75, beta: float | None = None, se
                     "rewards_BxG": jax.ShapeDtypeStruct((B, spec.group_size), jnp.float32)}
   ids = TokenIds(stop_ids=(spec.eos_id,), pad_id=spec.pad_id, close_tag_ids=())
   train_step = make_train_step(cfg, graphdef, tx, ids, mesh, state_sh, abstract_batch,
-                               compiler_options=xla_cpu.compiler_options(cpu_emitters, "train_step",
-                                                                         layers_scanned=scan_layers, platform=platform))
+                               compiler_options=options["train_step"])
   return Built(spec, cfg, tokenizer, sanity, mesh, state, rollout_fn, prompts, answers, abstract_batch, train_step)
 
 

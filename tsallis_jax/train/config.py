@@ -140,8 +140,8 @@ class TrainConfig:
   rollout_unroll_layers: bool = False
   # cpu_emitters: XLA:CPU's code generator for programs whose layers run under scan (`tsallis_jax.xla_cpu`; no effect
   # off CPU or for unrolled programs). auto = its older IR emitters for rollouts decoding under the scan (a shorter
-  # compile, the run within the spread), XLA's default otherwise; xla = XLA's default everywhere; quick_compile = the older
-  # emitters for the train step too (the shortest first step, a slower update every step: short CPU runs only).
+  # compile, the run within the spread), XLA's default otherwise; xla = XLA's default everywhere; quick_compile = the
+  # older emitters for the train step too (the shortest first step, a slower update every step: short CPU runs only).
   cpu_emitters: str = "auto"
 
   # -- optimisation ------------------------------------------------------------------------------------------

@@ -91,11 +91,8 @@ def build_programs(cfg: TrainConfig, graphdef, abstract_vars, mesh, ids: TokenId
   `abstract_vars` is the model's nnx.State of Variables (their logical-axis metadata gives the shardings)."""
   tx = make_optimizer(cfg)
   scan_layers = nnx.merge(graphdef, abstract_vars).config.scan_layers
-  platform = xla_cpu.platform_of(mesh)
-  rollout_options = xla_cpu.compiler_options(cfg.cpu_emitters, "rollout", platform=platform,
-                                             layers_scanned=scan_layers and not cfg.rollout_unroll_layers)
-  step_options = xla_cpu.compiler_options(cfg.cpu_emitters, "train_step", layers_scanned=scan_layers,
-                                          platform=platform)
+  options = xla_cpu.program_options(cfg.cpu_emitters, scan_layers=scan_layers,
+                                    unroll_decode=cfg.rollout_unroll_layers, platform=xla_cpu.platform_of(mesh))
   with_ref = cfg.kl_coef > 0 or cfg.log_ref_kl
   state_sh = state_lib.state_shardings(abstract_vars, tx, mesh, rules, with_ref)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_lib.pure(abstract_vars))
@@ -103,8 +100,8 @@ def build_programs(cfg: TrainConfig, graphdef, abstract_vars, mesh, ids: TokenId
                                                    close_tag_ids=ids.close_tag_ids)
   eval_sampling = completions_lib.sampling_config(cfg, stop_ids=ids.stop_ids, pad_id=ids.pad_id,
                                                   close_tag_ids=ids.close_tag_ids, evaluation=True)
-  train_rollout = _rollout_program(graphdef, train_sampling, mesh, state_sh.params, rollout_options)
-  eval_rollout = _rollout_program(graphdef, eval_sampling, mesh, state_sh.params, rollout_options)
+  train_rollout = _rollout_program(graphdef, train_sampling, mesh, state_sh.params, options["rollout"])
+  eval_rollout = _rollout_program(graphdef, eval_sampling, mesh, state_sh.params, options["rollout"])
   # The batch's structure (shapes vary by prompt bucket; shardings depend on ranks only).
   b, p, a = cfg.batch_size, cfg.max_prompt_len, cfg.max_answer_len
   abstract_rollout = jax.eval_shape(
@@ -113,5 +110,5 @@ def build_programs(cfg: TrainConfig, graphdef, abstract_vars, mesh, ids: TokenId
   abstract_batch = {"rollout": abstract_rollout, "answer_tokens_BxA": jax.ShapeDtypeStruct((b, a), jnp.int32),
                     "answer_mask_BxA": jax.ShapeDtypeStruct((b, a), bool),
                     "rewards_BxG": jax.ShapeDtypeStruct((b, cfg.num_samples), jnp.float32)}
-  step = make_train_step(cfg, graphdef, tx, ids, mesh, state_sh, abstract_batch, compiler_options=step_options)
+  step = make_train_step(cfg, graphdef, tx, ids, mesh, state_sh, abstract_batch, compiler_options=options["train_step"])
   return Programs(train_rollout, eval_rollout, step, state_sh, tx, key=program_key(cfg, graphdef, mesh, ids))
