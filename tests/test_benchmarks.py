@@ -581,3 +581,23 @@ def test_child_json_reads_the_marked_line_and_reports_failures():
     result, proc = run.child_json([sys.executable, "-c", code], "MARK", timeout)
     assert result is None and (proc.returncode or "MARK" not in proc.stdout)
   assert "no result after 1 s" in proc.stderr
+
+
+def test_sampler_emitters_ab_runs_each_choice_in_a_fresh_process(tmp_path):
+  """sampler_ours.py --emitters-ab: the scanned model's Sampler under "auto" and "xla", one fresh process each; each
+  run records the options its Sampler compiled with, and the page gives every sampler call's medians."""
+  from experiments.benchmarks import sampler_ours
+  spec = dataclasses.replace(workloads.TINY, num_prompts=2, group_size=2, prompt_len=4, max_new=3, sample_batch=4)
+  folder = workloads.build_tiny(tmp_path / "mini", spec)
+  out = tmp_path / "sampler_emitters"
+  sampler_ours.main(["--emitters-ab", "--workload", str(folder), "--rounds", "1", "--quiet-wait", "0",
+                     "--out", str(out)])
+  saved = json.loads(out.with_suffix(".json").read_text())
+  assert [(r["choice"], r["compiler_options"]) for r in saved["runs"]] == [
+    ("auto", {"xla_cpu_use_fusion_emitters": False}), ("xla", None)]
+  page = out.with_suffix(".md").read_text()
+  for name in sampler_ours.AB_VARIANTS:
+    auto, xla = (next(r for r in saved["runs"] if r["choice"] == c)[name] for c in ("auto", "xla"))
+    assert auto["call0_s"] > auto["warm_s"] > 0 and xla["call0_s"] > xla["warm_s"] > 0
+    assert saved["summary"][name]["call0_ratio"] == pytest.approx(auto["call0_s"] / xla["call0_s"])
+    assert f"| {name} | {auto['call0_s']:.3f} ({auto['call0_s']:.3f}-" in page

@@ -139,3 +139,43 @@ def test_the_benchmark_runner_compiles_as_the_trainer(tmp_path, choice, rollout_
   with jax.set_mesh(built.mesh):
     args = jax.tree.map(compile_ahead.abstract, (built.state, built.abstract_batch, key, q_range))
     assert _options(built.train_step.jitted, *args) == (OLDER if step_older else {})
+
+
+def _sampler_model(scan_layers):
+  mcfg = ModelConfig.tiny(vocab_size=32, num_layers=2, embed_dim=32, mlp_dim=64, num_heads=2, num_kv_heads=2,
+                          scan_layers=scan_layers)
+  return create_model(mcfg, seed=0)
+
+
+@pytest.mark.parametrize("choice, scan_layers, unroll_layers, want", [
+    ("auto", True, False, OLDER),
+    ("quick_compile", True, False, OLDER),
+    ("xla", True, False, None),
+    ("auto", True, True, None),  # SamplingConfig.unroll_layers: the decode is an unrolled program
+    ("auto", False, False, None),
+])
+def test_the_sampler_takes_the_rollouts_options(choice, scan_layers, unroll_layers, want):
+  from tsallis_jax import sampler as sampler_lib
+  config = sampler_lib.SamplingConfig(max_new_tokens=3, unroll_layers=unroll_layers)
+  sampler = sampler_lib.Sampler(_sampler_model(scan_layers), None, config, cpu_emitters=choice)
+  assert sampler.compiler_options() == want
+  with pytest.raises(ValueError, match=r"cpu_emitters='fast' is not one of \('auto', 'xla', 'quick_compile'\)"):
+    sampler_lib.Sampler(_sampler_model(scan_layers), None, config, cpu_emitters="fast")
+
+
+def test_the_sampler_compiles_with_its_options_and_samples_the_same_tokens():
+  """A scanned model's `Sampler` under "auto" compiles through the older emitters' jitted `generate` (its compile cache
+  grows, plain `generate`'s does not) and draws the tokens "xla" draws, with log-probs equal to float32 rounding."""
+  from tsallis_jax import sampler as sampler_lib
+  model = _sampler_model(scan_layers=True)
+  config = sampler_lib.SamplingConfig(num_samples=4, max_new_tokens=5, temperature=1.0, stop_ids=(EOS,), pad_id=PAD)
+  prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
+  older, plain = sampler_lib.generate_with_options(OLDER), sampler_lib.generate
+  assert sampler_lib.generate_with_options(dict(OLDER)) is older and sampler_lib.generate_with_options(None) is plain
+  sizes = (older._cache_size(), plain._cache_size())
+  auto = sampler_lib.Sampler(model, None, config).sample_ids(prompts, jax.random.key(4))
+  assert (older._cache_size(), plain._cache_size()) == (sizes[0] + 1, sizes[1])
+  xla = sampler_lib.Sampler(model, None, config, cpu_emitters="xla").sample_ids(prompts, jax.random.key(4))
+  assert plain._cache_size() == sizes[1] + 1
+  np.testing.assert_array_equal(auto.tokens_NxT, xla.tokens_NxT)
+  np.testing.assert_allclose(auto.logp_NxT, xla.logp_NxT, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,8 @@
 """Decode tokens/s of OUR sampler (`tsallis_jax.sampler`) on a benchmark workload; prints one BENCH_RESULT line.
 
   python -m experiments.benchmarks.sampler_ours --workload DIR [--steps N] [--threads 0|1]
+                                               [--scan-layers] [--cpu-emitters auto|xla|quick_compile]
+  python -m experiments.benchmarks.sampler_ours --emitters-ab --workload DIR [--rounds 3] [--out OUT]
   python -m experiments.benchmarks.sampler_ours --profile-cache-layout
 
 DIR is a folder built by `python -m experiments.benchmarks.workloads OUT_ROOT` (`OUT_ROOT/tiny` is THE reference
@@ -22,14 +24,23 @@ out NxSxKxE (slot major, the layout before the model/sampler contract moved) and
 now), interleaved, at the tiny workload's shapes. With NxSxKxE, XLA CPU transposes the whole cache into a batch-major
 layout for the batched dots at every step.
 
+`--scan-layers` loads the model with its layers under one scan (`ModelConfig.scan_layers`) and `--cpu-emitters` sets
+`Sampler(cpu_emitters=...)` (`tsallis_jax.xla_cpu`; default "auto"). `--emitters-ab` is the A/B of the latter on the
+scanned model: each round runs this benchmark (`--steps 4`) once per choice, "auto" and "xla", alternating, each in a
+fresh process with no persistent compilation cache; it writes OUT.json and OUT.md: per choice and sampler variant the
+median over rounds of call 0 (compile + first call) and of the warm median.
+
 `--threads 1` sets single-threaded XLA CPU (as the peers' t1 runs). Tokens/s counts `sample_batch * max_new` slots
 per call, like the peers (a few rows stop early at `<eos>`; the loop stops only when all rows are done).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import pathlib
+import statistics
 import sys
 import time
 
@@ -46,6 +57,7 @@ import numpy as np  # noqa: E402
 from experiments.benchmarks import workloads  # noqa: E402
 from experiments.benchmarks.peers import common  # noqa: E402
 from tsallis_jax import sampler as sampler_lib  # noqa: E402
+from tsallis_jax import xla_cpu  # noqa: E402
 from tsallis_jax.model import hf_io, make_attention_mask, make_positions  # noqa: E402
 
 
@@ -76,11 +88,11 @@ def _time_calls(sampler: sampler_lib.Sampler, prompts: list[str], steps: int) ->
   return times, cpu_times, real_tokens
 
 
-def run(workload: str, steps: int = 0) -> dict:
+def run(workload: str, steps: int = 0, scan_layers: bool = False, cpu_emitters: str = "auto") -> dict:
   spec = workloads.read_spec(workload)
   prompts, _ = workloads.read_prompts(workload)
   tok = _tokenizer(workload)
-  model = hf_io.load_hf_checkpoint(workload)
+  model = hf_io.load_hf_checkpoint(workload, **({"scan_layers": True} if scan_layers else {}))
   steps = steps or spec.sample_steps
   if steps < 2:
     raise ValueError(f"--steps={steps}: need at least 2 (call 0 is compile / warm-up and is excluded).")
@@ -88,7 +100,7 @@ def run(workload: str, steps: int = 0) -> dict:
   def make(num_samples: int, share_prefill: bool = True) -> sampler_lib.Sampler:
     config = sampler_lib.SamplingConfig(num_samples=num_samples, max_new_tokens=spec.max_new, temperature=1.0,
                                         stop_ids=(spec.eos_id,), pad_id=spec.pad_id)
-    return sampler_lib.Sampler(model, tok, config, share_prefill=share_prefill)
+    return sampler_lib.Sampler(model, tok, config, share_prefill=share_prefill, cpu_emitters=cpu_emitters)
 
   flat = [prompts[i % len(prompts)] for i in range(spec.sample_batch)]
   times, cpu_times, real = _time_calls(make(1), flat, steps)
@@ -106,9 +118,74 @@ def run(workload: str, steps: int = 0) -> dict:
     sanity=_sanity_logits(model),
     extra={"sampler": "tsallis_jax.sampler.Sampler (prefill + lax.while_loop, KV cache)",
            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "real_tokens_last_call": real,
+           "scan_layers": scan_layers, "cpu_emitters": cpu_emitters,
+           "compiler_options": make(1).compiler_options(),
            "cpu_times_s": [round(t, 5) for t in cpu_times],
            "unshared": variant(unshared_times, unshared_cpu, share_prefill=False),
            "grouped": variant(grouped_times, grouped_cpu, num_prompts=len(prompts), group_size=group)})
+
+
+AB_CHOICES = ("auto", "xla")
+AB_VARIANTS = {"G=1, shared prefill": lambda r: r, "G=1, share_prefill=False": lambda r: r["extra"]["unshared"],
+               "prompts x G": lambda r: r["extra"]["grouped"]}
+AB_TIMEOUT_S = 1200
+
+
+def emitters_ab(workload: str, rounds: int, out: str, quiet_wait: float) -> list[dict]:
+  """The `--emitters-ab` A/B (module docstring); returns every run."""
+  from experiments.benchmarks import run as run_lib
+  command = f"python -m experiments.benchmarks.sampler_ours --emitters-ab --workload {workload} --rounds {rounds}"
+  runs = []
+  for r in range(rounds):
+    for choice in AB_CHOICES[r % 2:] + AB_CHOICES[:r % 2]:
+      load = run_lib.wait_for_quiet(quiet_wait) if quiet_wait > 0 else None
+      cmd = [sys.executable, "-m", "experiments.benchmarks.sampler_ours", "--workload", workload, "--steps", "4",
+             "--scan-layers", "--cpu-emitters", choice]
+      result, proc = run_lib.child_json(cmd, common.RESULT_PREFIX.strip(), AB_TIMEOUT_S)
+      if result is None:
+        raise RuntimeError(f"sampler_ours child failed ({choice}, round {r}, exit {proc.returncode}): "
+                           f"{(proc.stderr or '')[-2000:]}")
+      row = {"choice": choice, "round": r, "load_before": load,
+             "compiler_options": result["extra"]["compiler_options"]}
+      for name, pick in AB_VARIANTS.items():
+        v = pick(result)
+        row[name] = {"call0_s": v["times_s"][0], "warm_s": statistics.median(v["times_s"][1:])}
+      runs.append(row)
+      print(f"round {r} {choice}: " + ", ".join(f"{n} call 0 {row[n]['call0_s']:.3f} s, warm {row[n]['warm_s']:.4f} s"
+                                                for n in AB_VARIANTS), flush=True)
+  _write_ab(pathlib.Path(out), runs, command, run_lib)
+  return runs
+
+
+def _write_ab(out: pathlib.Path, runs: list[dict], command: str, run_lib) -> None:
+  m = run_lib.machine()
+  lines = ["# The Sampler's XLA:CPU emitters on a scanned model (`Sampler(cpu_emitters=...)`)", "",
+           f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit "
+           f"{run_lib.git_commit()}; machine: {m['cpu']}, {m['cores']} cores",
+           f"- command: `{command}`",
+           "- seconds, median over rounds (range); call 0 = compile + first call (each variant is its own prompt "
+           "shape, so its own compile); warm = the median of calls 1-3; fresh process per run, no persistent "
+           "compilation cache", "",
+           "| sampler call | auto: call 0 | xla: call 0 | auto / xla | auto: warm | xla: warm | auto / xla |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  summary = {}
+  for name in AB_VARIANTS:
+    med = {}
+    for choice in AB_CHOICES:
+      for key in ("call0_s", "warm_s"):
+        vals = [r[name][key] for r in runs if r["choice"] == choice]
+        med[(choice, key)] = (statistics.median(vals), min(vals), max(vals))
+    cell = lambda v: f"{v[0]:.3f} ({v[1]:.3f}-{v[2]:.3f})"  # noqa: E731
+    ratio = {key: med[("auto", key)][0] / med[("xla", key)][0] for key in ("call0_s", "warm_s")}
+    summary[name] = {"auto_call0_s": med[("auto", "call0_s")][0], "xla_call0_s": med[("xla", "call0_s")][0],
+                     "auto_warm_s": med[("auto", "warm_s")][0], "xla_warm_s": med[("xla", "warm_s")][0],
+                     "call0_ratio": ratio["call0_s"], "warm_ratio": ratio["warm_s"]}
+    lines.append(f"| {name} | {cell(med[('auto', 'call0_s')])} | {cell(med[('xla', 'call0_s')])} | "
+                 f"{ratio['call0_s']:.3f} | {cell(med[('auto', 'warm_s')])} | {cell(med[('xla', 'warm_s')])} | "
+                 f"{ratio['warm_s']:.3f} |")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+  out.with_suffix(".json").write_text(json.dumps({"command": command, "summary": summary, "runs": runs}, indent=1))
 
 
 def profile_cache_layout(reps: int = 15, n: int = 64, s: int = 48, k: int = 4, e: int = 32, steps: int = 32) -> dict:
@@ -157,13 +234,24 @@ def main(argv=None):
   p.add_argument("--profile-cache-layout", action="store_true", help="print the cache-layout profile note instead")
   p.add_argument("--steps", type=int, default=0, help="calls per run, call 0 excluded (0: the workload's)")
   p.add_argument("--threads", type=int, choices=(0, 1), default=0, help="1: single-threaded XLA CPU")
+  p.add_argument("--scan-layers", action="store_true", help="the model's layers under one scan")
+  p.add_argument("--cpu-emitters", choices=xla_cpu.CPU_EMITTERS, default="auto",
+                 help="Sampler(cpu_emitters=...), tsallis_jax.xla_cpu")
+  p.add_argument("--emitters-ab", action="store_true", help="the A/B of --cpu-emitters auto / xla, scanned model")
+  p.add_argument("--rounds", type=int, default=3, help="--emitters-ab rounds")
+  p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "sampler_emitters"),
+                 help="--emitters-ab writes OUT.json and OUT.md")
+  p.add_argument("--quiet-wait", type=float, default=45.0, help="--emitters-ab: wait up to this for a quiet machine")
   args = p.parse_args(argv)
   if args.profile_cache_layout:
     profile_cache_layout()
     return
   if not args.workload:
     p.error("--workload is required (or pass --profile-cache-layout)")
-  run(args.workload, args.steps)
+  if args.emitters_ab:
+    emitters_ab(args.workload, args.rounds, args.out, args.quiet_wait)
+    return
+  run(args.workload, args.steps, args.scan_layers, args.cpu_emitters)
 
 
 if __name__ == "__main__":

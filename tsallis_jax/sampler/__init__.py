@@ -33,12 +33,12 @@ samples, decode, assemble), `host` (`pad_prompts`, `unique_prompts`, the text-le
 """
 from tsallis_jax.sampler.config import Rollout, SamplingConfig
 from tsallis_jax.sampler.select import FLAT_CDF_MAX, inverse_cdf_sample, sample_from_logits, select_tokens
-from tsallis_jax.sampler.stages import generate, generate_impl
+from tsallis_jax.sampler.stages import generate, generate_impl, generate_with_options
 from tsallis_jax.sampler.host import (DEFAULT_PROMPT_BUCKETS, Sampler, TextSamples, bucket_length, pad_prompts,
                                       unique_prompts)
 
 __all__ = [
   "DEFAULT_PROMPT_BUCKETS", "FLAT_CDF_MAX", "Rollout", "Sampler", "SamplingConfig", "TextSamples", "bucket_length",
-  "generate", "generate_impl", "inverse_cdf_sample", "pad_prompts", "sample_from_logits", "select_tokens",
-  "unique_prompts",
+  "generate", "generate_impl", "generate_with_options", "inverse_cdf_sample", "pad_prompts", "sample_from_logits",
+  "select_tokens", "unique_prompts",
 ]

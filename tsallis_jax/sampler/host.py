@@ -8,9 +8,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from tsallis_jax import xla_cpu
 from tsallis_jax.data.prompts import pad_rows
 from tsallis_jax.sampler.config import Rollout, SamplingConfig
-from tsallis_jax.sampler.stages import generate
+from tsallis_jax.sampler.stages import generate_with_options
 
 Array = jax.Array
 
@@ -61,15 +62,26 @@ class Sampler:
   """Text-level convenience: prompts as strings (optionally through the chat template), completions as strings.
 
   The model's graph is split once; `params` can be swapped per call (the trainer passes its current params). Calls
-  go through the one jitted `generate`, which compiles once per prompt bucket. With `share_prefill` (default) a
-  prompt that occurs several times in one call is prefilled once and its KV cache shared by all its requests; the
-  distinct prompts are padded up to a power of two (a handful of compiled shapes). The samples are the same as
-  without sharing (same key, same rows).
+  go through one jitted `generate` (one per set of `compiler_options`), which compiles once per prompt bucket. With
+  `share_prefill` (default) a prompt that occurs several times in one call is prefilled once and its KV cache shared
+  by all its requests; the distinct prompts are padded up to a power of two (a handful of compiled shapes). The
+  samples are the same as without sharing (same key, same rows).
+
+  `cpu_emitters` (a `tsallis_jax.xla_cpu.CPU_EMITTERS` value, as `TrainConfig.cpu_emitters`) chooses XLA:CPU's
+  emitters for the sampling program as the trainer chooses them for its rollout: under "auto" (default) and
+  "quick_compile" a model whose layers decode under the scan (`ModelConfig.scan_layers` without
+  `SamplingConfig.unroll_layers`) compiles with the older emitters on CPU (a shorter compile); "xla" keeps XLA's
+  default. Unrolled models and other backends always keep XLA's default (`compiler_options`).
   """
 
   def __init__(self, model: nnx.Module, tokenizer: Any, config: SamplingConfig, *,
                prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, chat_template: bool = False,
-               padding_side: str = "left", share_prefill: bool = True):
+               padding_side: str = "left", share_prefill: bool = True, cpu_emitters: str = "auto"):
+    if cpu_emitters not in xla_cpu.CPU_EMITTERS:
+      raise ValueError(f"Sampler: cpu_emitters={cpu_emitters!r} is not one of {xla_cpu.CPU_EMITTERS}.")
+    self.cpu_emitters = cpu_emitters
+    model_config = getattr(model, "config", None)
+    self.layers_scanned = bool(getattr(model_config, "scan_layers", False)) and not config.unroll_layers
     self.share_prefill = share_prefill
     self.graphdef, self.params = nnx.split(model)
     self.tokenizer = tokenizer
@@ -99,7 +111,17 @@ class Sampler:
       rows, prompt_of_B = list(prompt_ids), None  # too few repeats to save prefill rows: the plain path
     tokens_UxP, mask_UxP = pad_prompts(rows, self.config.pad_id, buckets=self.prompt_buckets,
                                        side=self.padding_side)
+    generate = generate_with_options(self.compiler_options(params))
     return generate(self.graphdef, params, tokens_UxP, mask_UxP, key, self.config, prompt_of_B)
+
+  def compiler_options(self, params: Any = None) -> dict[str, Any] | None:
+    """The XLA options the sampling program compiles with for `params` (on their devices' platform; see the class
+    docstring): `xla_cpu.OLDER_EMITTERS` or None (XLA's default)."""
+    params = self.params if params is None else params
+    arrays = [x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)]
+    platform = next(iter(arrays[0].devices())).platform if arrays else jax.default_backend()
+    return xla_cpu.compiler_options(self.cpu_emitters, "rollout", layers_scanned=self.layers_scanned,
+                                    platform=platform)
 
   def decode(self, rollout: Rollout) -> list[list[str]]:
     """Completion strings per prompt, each cut at its length, special tokens skipped."""

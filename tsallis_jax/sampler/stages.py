@@ -381,3 +381,16 @@ def _sample_in_chunks(model: model_lib.Transformer, prompt_tokens_UxP: Array, pr
 
 
 generate = jax.jit(generate_impl, static_argnames=("graphdef", "config"))
+
+
+@functools.lru_cache(maxsize=None)
+def _generate_with(options: tuple[tuple[str, Any], ...]):
+  return jax.jit(generate_impl, static_argnames=("graphdef", "config"), compiler_options=dict(options))
+
+
+def generate_with_options(compiler_options: dict[str, Any] | None):
+  """`generate`, jitted with XLA `compiler_options` (`jax.jit`'s; `Sampler` passes `tsallis_jax.xla_cpu`'s): one
+  jitted function per distinct set of options, so each keeps its own compile cache; `generate` itself for none."""
+  if not compiler_options:
+    return generate
+  return _generate_with(tuple(sorted(compiler_options.items())))
