@@ -165,7 +165,8 @@ def test_the_sampler_takes_the_rollouts_options(choice, scan_layers, unroll_laye
 
 def test_the_sampler_compiles_with_its_options_and_samples_the_same_tokens():
   """A scanned model's `Sampler` under "auto" compiles through the older emitters' jitted `generate` (its compile cache
-  grows, plain `generate`'s does not) and draws the tokens "xla" draws, with log-probs equal to float32 rounding."""
+  grows, plain `generate`'s does not) and draws the tokens "xla" (the default) draws, with log-probs equal to float32
+  rounding."""
   from tsallis_jax import sampler as sampler_lib
   model = _sampler_model(scan_layers=True)
   config = sampler_lib.SamplingConfig(num_samples=4, max_new_tokens=5, temperature=1.0, stop_ids=(EOS,), pad_id=PAD)
@@ -173,7 +174,8 @@ def test_the_sampler_compiles_with_its_options_and_samples_the_same_tokens():
   older, plain = sampler_lib.generate_with_options(OLDER), sampler_lib.generate
   assert sampler_lib.generate_with_options(dict(OLDER)) is older and sampler_lib.generate_with_options(None) is plain
   sizes = (older._cache_size(), plain._cache_size())
-  auto = sampler_lib.Sampler(model, None, config).sample_ids(prompts, jax.random.key(4))
+  assert sampler_lib.Sampler(model, None, config).compiler_options() is None  # the Sampler's default is "xla"
+  auto = sampler_lib.Sampler(model, None, config, cpu_emitters="auto").sample_ids(prompts, jax.random.key(4))
   assert (older._cache_size(), plain._cache_size()) == (sizes[0] + 1, sizes[1])
   xla = sampler_lib.Sampler(model, None, config, cpu_emitters="xla").sample_ids(prompts, jax.random.key(4))
   assert plain._cache_size() == sizes[1] + 1

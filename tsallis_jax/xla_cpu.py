@@ -31,10 +31,11 @@ faster, 0.8% slower); "quick_compile" gives the shortest first step (`smollm2` 5
                    slower update every step after it on `smollm2`. For short CPU runs (a smoke test, a debugging
                    session): on `smollm2` a run of more than about 10 steps loses more than the compile saves.
 
-Unrolled programs always keep XLA's default. These are the trainer's programs (`train.programs.build_programs`)
-and the `tsallis_jax.sampler.Sampler`'s (its `cpu_emitters`: the rollout's rule); `sampler.generate` called directly
-compiles with XLA's default (`sampler.generate_with_options` takes options). This module imports nothing heavy
-(`TrainConfig` validates against `CPU_EMITTERS`).
+Unrolled programs always keep XLA's default. These are the trainer's programs (`train.programs.build_programs`);
+the `tsallis_jax.sampler.Sampler` applies the rollout's rule when asked (`Sampler(cpu_emitters="auto")`; its default
+is "xla", by its own A/B), and `sampler.generate` called directly compiles with XLA's default
+(`sampler.generate_with_options` takes options). This module imports nothing heavy (`TrainConfig` validates against
+`CPU_EMITTERS`).
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ now), interleaved, at the tiny workload's shapes. With NxSxKxE, XLA CPU transpos
 layout for the batched dots at every step.
 
 `--scan-layers` loads the model with its layers under one scan (`ModelConfig.scan_layers`) and `--cpu-emitters` sets
-`Sampler(cpu_emitters=...)` (`tsallis_jax.xla_cpu`; default "auto"). `--emitters-ab` is the A/B of the latter on the
+`Sampler(cpu_emitters=...)` (`tsallis_jax.xla_cpu`; default "xla"). `--emitters-ab` is the A/B of the latter on the
 scanned model: each round runs this benchmark (`--steps 4`) once per choice, "auto" and "xla", alternating, each in a
 fresh process with no persistent compilation cache; it writes OUT.json and OUT.md: per choice and sampler variant the
 median over rounds of call 0 (compile + first call) and of the warm median.
@@ -88,7 +88,7 @@ def _time_calls(sampler: sampler_lib.Sampler, prompts: list[str], steps: int) ->
   return times, cpu_times, real_tokens
 
 
-def run(workload: str, steps: int = 0, scan_layers: bool = False, cpu_emitters: str = "auto") -> dict:
+def run(workload: str, steps: int = 0, scan_layers: bool = False, cpu_emitters: str = "xla") -> dict:
   spec = workloads.read_spec(workload)
   prompts, _ = workloads.read_prompts(workload)
   tok = _tokenizer(workload)
@@ -235,7 +235,7 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=0, help="calls per run, call 0 excluded (0: the workload's)")
   p.add_argument("--threads", type=int, choices=(0, 1), default=0, help="1: single-threaded XLA CPU")
   p.add_argument("--scan-layers", action="store_true", help="the model's layers under one scan")
-  p.add_argument("--cpu-emitters", choices=xla_cpu.CPU_EMITTERS, default="auto",
+  p.add_argument("--cpu-emitters", choices=xla_cpu.CPU_EMITTERS, default="xla",
                  help="Sampler(cpu_emitters=...), tsallis_jax.xla_cpu")
   p.add_argument("--emitters-ab", action="store_true", help="the A/B of --cpu-emitters auto / xla, scanned model")
   p.add_argument("--rounds", type=int, default=3, help="--emitters-ab rounds")

@@ -67,16 +67,19 @@ class Sampler:
   by all its requests; the distinct prompts are padded up to a power of two (a handful of compiled shapes). The
   samples are the same as without sharing (same key, same rows).
 
-  `cpu_emitters` (a `tsallis_jax.xla_cpu.CPU_EMITTERS` value, as `TrainConfig.cpu_emitters`) chooses XLA:CPU's
-  emitters for the sampling program as the trainer chooses them for its rollout: under "auto" (default) and
-  "quick_compile" a model whose layers decode under the scan (`ModelConfig.scan_layers` without
-  `SamplingConfig.unroll_layers`) compiles with the older emitters on CPU (a shorter compile); "xla" keeps XLA's
-  default. Unrolled models and other backends always keep XLA's default (`compiler_options`).
+  `cpu_emitters` (a `tsallis_jax.xla_cpu.CPU_EMITTERS` value) chooses XLA:CPU's emitters for the sampling program:
+  "xla" (default) keeps XLA's default; "auto" and "quick_compile" apply the trainer's rule for its rollout
+  (`TrainConfig.cpu_emitters`): a model whose layers decode under the scan (`ModelConfig.scan_layers` without
+  `SamplingConfig.unroll_layers`) compiles with the older emitters on CPU. Unrolled models and other backends always
+  keep XLA's default (`compiler_options`). The default is "xla" by the rule written before its A/B
+  (`experiments/benchmarks/sampler_ours.py --emitters-ab`, 3 rounds): on a scanned `smollm2` "auto" shortened the
+  first call (compile included) by 1-5% only, and one warm call ran 5.4% slower (the bound was 5%); on `tiny` it
+  shortened the first call by 24-28% with the warm calls within 4%.
   """
 
   def __init__(self, model: nnx.Module, tokenizer: Any, config: SamplingConfig, *,
                prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, chat_template: bool = False,
-               padding_side: str = "left", share_prefill: bool = True, cpu_emitters: str = "auto"):
+               padding_side: str = "left", share_prefill: bool = True, cpu_emitters: str = "xla"):
     if cpu_emitters not in xla_cpu.CPU_EMITTERS:
       raise ValueError(f"Sampler: cpu_emitters={cpu_emitters!r} is not one of {xla_cpu.CPU_EMITTERS}.")
     self.cpu_emitters = cpu_emitters
