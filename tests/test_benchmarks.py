@@ -583,6 +583,20 @@ def test_child_json_reads_the_marked_line_and_reports_failures():
   assert "no result after 1 s" in proc.stderr
 
 
+def test_quiet_child_json_saves_the_runs_so_far_and_names_the_failed_child():
+  """run.quiet_child_json: the child's JSON and no load when not asked to wait; a failed child first calls
+  `save_partial`, then raises with the caller's description, the exit code and the child's stderr."""
+  import sys
+  result, load = run.quiet_child_json([sys.executable, "-c", "print('MARK {\"a\": 2}')"], "MARK", 60, 0,
+                                      failed="never")
+  assert (result, load) == ({"a": 2}, None)
+  saved = []
+  with pytest.raises(RuntimeError, match=r"^demo child failed \(x, round 0\) \(exit 3\): .*broke"):
+    run.quiet_child_json([sys.executable, "-c", "import sys; sys.stderr.write('broke'); raise SystemExit(3)"],
+                         "MARK", 60, 0, failed="demo child failed (x, round 0)", save_partial=lambda: saved.append(1))
+  assert saved == [1]
+
+
 def test_sampler_emitters_ab_runs_each_choice_in_a_fresh_process(tmp_path):
   """sampler_ours.py --emitters-ab: the scanned model's Sampler under "auto" and "xla", one fresh process each; each
   run records the options its Sampler compiled with, and the page gives every sampler call's medians."""

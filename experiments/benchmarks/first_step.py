@@ -167,17 +167,19 @@ def main(argv=None) -> int:
   from experiments.benchmarks import run as run_lib
   command = "python -m experiments.benchmarks.first_step " + " ".join(argv if argv is not None else sys.argv[1:])
   runs = []
+
+  def save_partial():  # a failed child: keep the runs before it
+    if runs:
+      write(pathlib.Path(args.out), runs, command + "  (stopped early: a run failed)")
+
   for r in range(args.runs):
     for form in args.forms:
       cmd = [sys.executable, "-m", "experiments.benchmarks.first_step", "--child", "--workload", args.workload,
              *FORMS[form]]
-      load = run_lib.wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else None  # None: not measured
-      result, proc = run_lib.child_json(cmd, "FIRST_STEP", CHILD_TIMEOUT_S)
-      if result is None:
-        if runs:
-          write(pathlib.Path(args.out), runs, command + "  (stopped early: a run failed)")
-        raise RuntimeError(f"first_step child failed ({form}, run {r}, exit {proc.returncode}; the runs before it "
-                           f"are in {args.out}.json): {(proc.stderr or '')[-2000:]}")
+      result, load = run_lib.quiet_child_json(
+          cmd, "FIRST_STEP", CHILD_TIMEOUT_S, args.quiet_wait,
+          failed=f"first_step child failed ({form}, run {r}; the runs before it are in {args.out}.json)",
+          save_partial=save_partial)
       runs.append({"form": form, "run": r, "load_before": load, **result})
       print(f"run {r} {form}: first step {runs[-1]['update_done']:.2f} s (other processes before it: "
             f"{'not measured' if load is None else f'{load:.2f} cores'})", flush=True)

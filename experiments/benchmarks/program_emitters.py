@@ -132,17 +132,19 @@ def main(argv=None) -> int:
   command = "python -m experiments.benchmarks.program_emitters " + " ".join(argv if argv is not None else sys.argv[1:])
   pairs = [(f, e) for f in args.forms for e in EMITTERS]
   runs = []
+
+  def save_partial():  # a failed child: keep the runs before it
+    if runs:
+      write(pathlib.Path(args.out), runs, command + "  (stopped early: a run failed)")
+
   for r in range(args.rounds):
     for form, emitters in pairs[r % len(pairs):] + pairs[:r % len(pairs)]:
-      load = run_lib.wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else None
       cmd = [sys.executable, "-m", "experiments.benchmarks.program_emitters", "--child", f"{form},{emitters}",
              "--workload", args.workload]
-      result, proc = run_lib.child_json(cmd, "PROGRAMS", CHILD_TIMEOUT_S)
-      if result is None:
-        if runs:
-          write(pathlib.Path(args.out), runs, command + "  (stopped early: a run failed)")
-        raise RuntimeError(f"program_emitters child failed ({form}, {emitters}, round {r}, exit {proc.returncode}):"
-                           f" {(proc.stderr or '')[-2000:]}")
+      result, load = run_lib.quiet_child_json(
+          cmd, "PROGRAMS", CHILD_TIMEOUT_S, args.quiet_wait,
+          failed=f"program_emitters child failed ({form}, {emitters}, round {r})",
+          save_partial=save_partial)
       runs.append({"form": form, "emitters": emitters, "round": r, "load_before": load, **result})
       print(f"round {r} {form} {emitters}: " + ", ".join(f"{k} {runs[-1][k]:.3f}" for k in KEYS), flush=True)
   write(pathlib.Path(args.out), runs, command)

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 from experiments.benchmarks import flops as flops_lib
 from experiments.benchmarks import harness, report, workloads
@@ -132,6 +132,21 @@ def child_json(cmd: list[str], marker: str, timeout_s: float) -> tuple[dict | No
   if proc.returncode or line is None:
     return None, proc
   return json.loads(line[len(marker) + 1:]), proc
+
+
+def quiet_child_json(cmd: list[str], marker: str, timeout_s: float, quiet_wait_s: float, *, failed: str,
+                     save_partial: Callable[[], Any] | None = None) -> tuple[dict, float | None]:
+  """One timed fresh-process run of an A/B script (`first_step.py`, `program_emitters.py`, `sampler_ours.py
+  --emitters-ab`): waits up to `quiet_wait_s` for a quiet machine (no wait when 0), then `child_json`. Returns the
+  child's JSON and the other processes' load seen before it (None: not measured). When the child fails it calls
+  `save_partial` first (the caller writes the runs so far) and raises a RuntimeError that starts with `failed`."""
+  load = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else None
+  result, proc = child_json(cmd, marker, timeout_s)
+  if result is None:
+    if save_partial is not None:
+      save_partial()
+    raise RuntimeError(f"{failed} (exit {proc.returncode}): {(proc.stderr or '')[-2000:]}")
+  return result, load
 
 
 @contextlib.contextmanager

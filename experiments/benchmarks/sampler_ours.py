@@ -138,13 +138,10 @@ def emitters_ab(workload: str, rounds: int, out: str, quiet_wait: float) -> list
   runs = []
   for r in range(rounds):
     for choice in AB_CHOICES[r % 2:] + AB_CHOICES[:r % 2]:
-      load = run_lib.wait_for_quiet(quiet_wait) if quiet_wait > 0 else None
       cmd = [sys.executable, "-m", "experiments.benchmarks.sampler_ours", "--workload", workload, "--steps", "4",
              "--scan-layers", "--cpu-emitters", choice]
-      result, proc = run_lib.child_json(cmd, common.RESULT_PREFIX.strip(), AB_TIMEOUT_S)
-      if result is None:
-        raise RuntimeError(f"sampler_ours child failed ({choice}, round {r}, exit {proc.returncode}): "
-                           f"{(proc.stderr or '')[-2000:]}")
+      result, load = run_lib.quiet_child_json(cmd, common.RESULT_PREFIX.strip(), AB_TIMEOUT_S, quiet_wait,
+                                              failed=f"sampler_ours child failed ({choice}, round {r})")
       row = {"choice": choice, "round": r, "load_before": load,
              "compiler_options": result["extra"]["compiler_options"]}
       for name, pick in AB_VARIANTS.items():
