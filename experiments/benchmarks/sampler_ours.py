@@ -103,7 +103,8 @@ def run(workload: str, steps: int = 0, scan_layers: bool = False, cpu_emitters: 
     return sampler_lib.Sampler(model, tok, config, share_prefill=share_prefill, cpu_emitters=cpu_emitters)
 
   flat = [prompts[i % len(prompts)] for i in range(spec.sample_batch)]
-  times, cpu_times, real = _time_calls(make(1), flat, steps)
+  headline = make(1)
+  times, cpu_times, real = _time_calls(headline, flat, steps)
   unshared_times, unshared_cpu, _ = _time_calls(make(1, share_prefill=False), flat, steps)
   group = spec.sample_batch // len(prompts)
   grouped_times, grouped_cpu, _ = _time_calls(make(group), list(prompts), steps)
@@ -119,7 +120,7 @@ def run(workload: str, steps: int = 0, scan_layers: bool = False, cpu_emitters: 
     extra={"sampler": "tsallis_jax.sampler.Sampler (prefill + lax.while_loop, KV cache)",
            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "real_tokens_last_call": real,
            "scan_layers": scan_layers, "cpu_emitters": cpu_emitters,
-           "compiler_options": make(1).compiler_options(),
+           "compiler_options": headline.compiler_options(),
            "cpu_times_s": [round(t, 5) for t in cpu_times],
            "unshared": variant(unshared_times, unshared_cpu, share_prefill=False),
            "grouped": variant(grouped_times, grouped_cpu, num_prompts=len(prompts), group_size=group)})
