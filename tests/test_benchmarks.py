@@ -615,3 +615,30 @@ def test_sampler_emitters_ab_runs_each_choice_in_a_fresh_process(tmp_path):
     assert auto["call0_s"] > auto["warm_s"] > 0 and xla["call0_s"] > xla["warm_s"] > 0
     assert saved["summary"][name]["call0_ratio"] == pytest.approx(auto["call0_s"] / xla["call0_s"])
     assert f"| {name} | {auto['call0_s']:.3f} ({auto['call0_s']:.3f}-" in page
+
+
+def test_sampler_emitters_ab_keeps_the_runs_before_a_failed_child(tmp_path, monkeypatch):
+  """sampler_ours.py --emitters-ab: when a child fails, the runs before it are written (no ratio: not every choice
+  ran) and the error names the child and where those runs are."""
+  from experiments.benchmarks import run as run_lib
+  from experiments.benchmarks import sampler_ours
+  times = {"times_s": [2.0, 1.0, 1.0, 1.0]}
+  calls = []
+
+  def fake_child(cmd, marker, timeout_s, quiet_wait_s, *, failed, save_partial=None):
+    calls.append(cmd[cmd.index("--cpu-emitters") + 1])
+    if len(calls) == 2:
+      save_partial()
+      raise RuntimeError(failed)
+    return {**times, "extra": {"compiler_options": {"xla_cpu_use_fusion_emitters": False},
+                               "unshared": times, "grouped": times}}, None
+
+  monkeypatch.setattr(run_lib, "quiet_child_json", fake_child)
+  out = tmp_path / "sampler_emitters"
+  with pytest.raises(RuntimeError, match=r"failed \(xla, round 0; the runs before it are in .*sampler_emitters"):
+    sampler_ours.main(["--emitters-ab", "--workload", "unused", "--rounds", "2", "--quiet-wait", "0",
+                       "--out", str(out)])
+  saved = json.loads(out.with_suffix(".json").read_text())
+  assert calls == ["auto", "xla"] and [r["choice"] for r in saved["runs"]] == ["auto"]
+  assert "stopped early" in saved["command"] and saved["summary"] == {}
+  assert "no ratio: not every choice ran" in out.with_suffix(".md").read_text()

@@ -137,12 +137,18 @@ def emitters_ab(workload: str, rounds: int, out: str, quiet_wait: float) -> list
   from experiments.benchmarks import run as run_lib
   command = f"python -m experiments.benchmarks.sampler_ours --emitters-ab --workload {workload} --rounds {rounds}"
   runs = []
+
+  def save_partial():  # a failed child: keep the runs before it
+    if runs:
+      _write_ab(pathlib.Path(out), runs, command + "  (stopped early: a run failed)", run_lib)
+
   for r in range(rounds):
     for choice in AB_CHOICES[r % 2:] + AB_CHOICES[:r % 2]:
       cmd = [sys.executable, "-m", "experiments.benchmarks.sampler_ours", "--workload", workload, "--steps", "4",
              "--scan-layers", "--cpu-emitters", choice]
       result, load = run_lib.quiet_child_json(cmd, common.RESULT_PREFIX.strip(), AB_TIMEOUT_S, quiet_wait,
-                                              failed=f"sampler_ours child failed ({choice}, round {r})")
+                                              failed=f"sampler_ours child failed ({choice}, round {r}; the runs "
+                                                     f"before it are in {out}.json)", save_partial=save_partial)
       row = {"choice": choice, "round": r, "load_before": load,
              "compiler_options": result["extra"]["compiler_options"]}
       for name, pick in AB_VARIANTS.items():
@@ -167,7 +173,10 @@ def _write_ab(out: pathlib.Path, runs: list[dict], command: str, run_lib) -> Non
            "| sampler call | auto: call 0 | xla: call 0 | auto / xla | auto: warm | xla: warm | auto / xla |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
   summary = {}
-  for name in AB_VARIANTS:
+  every_choice_ran = all(any(r["choice"] == c for r in runs) for c in AB_CHOICES)  # not so when stopped early
+  if not every_choice_ran:
+    lines.append("| (no ratio: not every choice ran; the runs are in the .json) | | | | | | |")
+  for name in (AB_VARIANTS if every_choice_ran else ()):
     med = {}
     for choice in AB_CHOICES:
       for key in ("call0_s", "warm_s"):
