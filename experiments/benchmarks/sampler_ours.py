@@ -140,7 +140,7 @@ def emitters_ab(workload: str, rounds: int, out: str, quiet_wait: float) -> list
 
   def save_partial():  # a failed child: keep the runs before it
     if runs:
-      _write_ab(pathlib.Path(out), runs, command + "  (stopped early: a run failed)", run_lib)
+      _write_ab(pathlib.Path(out), runs, command + "  (stopped early: a run failed)")
 
   for r in range(rounds):
     for choice in AB_CHOICES[r % 2:] + AB_CHOICES[:r % 2]:
@@ -157,11 +157,12 @@ def emitters_ab(workload: str, rounds: int, out: str, quiet_wait: float) -> list
       runs.append(row)
       print(f"round {r} {choice}: " + ", ".join(f"{n} call 0 {row[n]['call0_s']:.3f} s, warm {row[n]['warm_s']:.4f} s"
                                                 for n in AB_VARIANTS), flush=True)
-  _write_ab(pathlib.Path(out), runs, command, run_lib)
+  _write_ab(pathlib.Path(out), runs, command)
   return runs
 
 
-def _write_ab(out: pathlib.Path, runs: list[dict], command: str, run_lib) -> None:
+def _write_ab(out: pathlib.Path, runs: list[dict], command: str) -> None:
+  from experiments.benchmarks import run as run_lib
   m = run_lib.machine()
   lines = ["# The Sampler's XLA:CPU emitters on a scanned model (`Sampler(cpu_emitters=...)`)", "",
            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit "

@@ -84,7 +84,7 @@ class Sampler:
       raise ValueError(f"Sampler: cpu_emitters={cpu_emitters!r} is not one of {xla_cpu.CPU_EMITTERS}.")
     self.cpu_emitters = cpu_emitters
     model_config = getattr(model, "config", None)
-    self.layers_scanned = bool(getattr(model_config, "scan_layers", False)) and not config.unroll_layers
+    self.scan_layers = bool(getattr(model_config, "scan_layers", False))
     self.share_prefill = share_prefill
     self.graphdef, self.params = nnx.split(model)
     self.tokenizer = tokenizer
@@ -121,10 +121,10 @@ class Sampler:
     """The XLA options the sampling program compiles with for `params` (on their devices' platform; see the class
     docstring): `xla_cpu.OLDER_EMITTERS` or None (XLA's default)."""
     params = self.params if params is None else params
-    arrays = [x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)]
-    platform = next(iter(arrays[0].devices())).platform if arrays else jax.default_backend()
-    return xla_cpu.compiler_options(self.cpu_emitters, "rollout", layers_scanned=self.layers_scanned,
-                                    platform=platform)
+    array = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
+    platform = next(iter(array.devices())).platform if array is not None else jax.default_backend()
+    return xla_cpu.program_options(self.cpu_emitters, scan_layers=self.scan_layers,
+                                   unroll_decode=self.config.unroll_layers, platform=platform)["rollout"]
 
   def decode(self, rollout: Rollout) -> list[list[str]]:
     """Completion strings per prompt, each cut at its length, special tokens skipped."""
